@@ -1,0 +1,163 @@
+"""The Python API: save, load, open. The only module that converts between torch and bytes."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from . import backends, container, dtypes, tree as tree_mod
+from .cpu import EncodeItem, default_threads
+from .deltaplan import plan_deltas
+from .errors import UnsupportedValueError
+from .reader import MthFile, _alloc
+from .transforms import default_transform
+from .writer import write_mth
+
+
+def _is_tensor(x) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def tensor_bytes(t) -> np.ndarray:
+    """The little-endian bytes of a CPU tensor as a read-only uint8 view (a copy only if not contiguous).
+
+    The caller's tensor is never written to.
+    """
+    import torch
+
+    if t.layout != torch.strided:
+        raise UnsupportedValueError(f"cannot store a {t.layout} tensor: convert it to dense first")
+    if t.is_quantized or t.device.type == "meta":
+        raise UnsupportedValueError(f"cannot store a {'quantized' if t.is_quantized else 'meta'} tensor")
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    u8 = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    a = u8.numpy()
+    a.flags.writeable = False
+    return a
+
+
+def _source_for(t):
+    """Bytes of a tensor, or a callable that fetches them later (device tensors: one at a time)."""
+    if t.device.type == "cpu":
+        return tensor_bytes(t)
+    return lambda: tensor_bytes(t.detach().to("cpu"))
+
+
+def save(obj, path, *, level: int | None = None, threads: int | None = None,
+         chunk_elems: int = container.DEFAULT_CHUNK_ELEMS, metadata: dict | None = None,
+         base=None, device: str = "auto", progress=None) -> None:
+    """Compress a state dict (or any nest of dicts, lists, tuples, tensors and plain values) to ``path``.
+
+    Args:
+        obj: a ``{name: tensor}`` dict, or a training state such as
+            ``{"model": ..., "optimizer": ..., "step": 1200}``.
+        path: where to write; replaced atomically (an interrupted save leaves it as it was).
+        level: ``None`` (default, tuned for float planes) or a zstd level 1..22.
+        threads: CPU threads (default: all cores this process may use).
+        chunk_elems: elements per chunk (a power of two is best; default 131072).
+        metadata: optional ``{str: str}`` stored in the file.
+        base: a previous checkpoint of the same run (path or :class:`MthFile`); tensors that
+            match it by name, dtype and shape are stored as a delta against it.
+        device: ``"auto"`` (GPU when the tensors are on CUDA and the GPU backend can run),
+            ``"cpu"`` or ``"cuda"``.
+        progress: optional callable receiving the number of input bytes done, as work goes.
+    """
+    if not isinstance(chunk_elems, int) or not 1 <= chunk_elems <= (8 << 20):
+        raise ValueError(f"chunk_elems must be an int in [1, {8 << 20}], got {chunk_elems!r}")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata must map str to str")
+    tree, leaves = tree_mod.encode(obj, _is_tensor)
+    items = []
+    for name, t in leaves:
+        dt = dtypes.from_torch(t.dtype)
+        items.append(EncodeItem(name, dt, tuple(t.shape), _source_for(t), default_transform(dt), chunk_elems))
+    encoder = backends.choose_encoder(device, [t for _, t in leaves])
+    write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
+                progress=progress, encoder=encoder)
+
+
+def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None, level=None,
+                threads=None, progress=None, encoder=None, base_tensors: dict | None = None):
+    """Write prepared items (the common end of save() and the CLI), planning deltas against ``base``."""
+    threads = threads or default_threads()
+    base_file, base_record, same = None, None, {}
+    try:
+        if base is not None:
+            base_file = base if isinstance(base, MthFile) else MthFile(base, threads=threads)
+            base_record = {"xxh64": base_file.identity, "path": _relative(base_file.path, path)}
+            same = plan_deltas(items, base_file, base_tensors)
+        return write_mth(path, items, tree=tree, metadata=metadata, source=source, base=base_record, same=same,
+                         level=level, threads=threads, progress=progress, encode=encoder)
+    finally:
+        if base_file is not None and base_file is not base:
+            base_file.close()
+
+
+def _relative(base_path: str, path) -> str:
+    d = os.path.dirname(os.path.abspath(os.fspath(path)))
+    return os.path.relpath(os.path.abspath(base_path), d)
+
+
+def open(path, *, verify: bool = True, threads: int | None = None, base=None) -> MthFile:  # noqa: A001
+    """Open a .mth file for lazy access (``keys()``, ``info(name)``, ``get_tensor(name)``).
+
+    ``base`` (a path, a directory or an open :class:`MthFile`) is where a delta file's base is;
+    by default it is looked for where the file records it, relative to the file.
+    """
+    return MthFile(path, verify=verify, threads=threads, base=base)
+
+
+def load(path, device: str = "cpu", *, verify: bool = True, threads: int | None = None, base=None,
+         progress=None):
+    """Decompress a whole .mth file: the object given to :func:`save`, every tensor bit-exact.
+
+    ``device`` is where tensors go (``"cpu"``, ``"cuda"``, ``"cuda:1"``...). ``verify=False``
+    skips checksum checks (faster; a damaged file may then decode to wrong values).
+    """
+    with MthFile(path, verify=verify, threads=threads, base=base) as f:
+        return f.load(device, progress)
+
+
+def _torch_from_entries(f: MthFile, entries, progress=None) -> list:
+    import torch
+
+    outs, tensors = [], []
+    for e in entries:
+        try:
+            buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        except RuntimeError:
+            _alloc(e)   # raises the typed error
+            raise
+        outs.append(buf.numpy())
+        tensors.append(buf)
+    f.decode_into(entries, outs, progress)
+    result = []
+    for e, buf in zip(entries, tensors):
+        td = dtypes.to_torch(e.dtype)
+        result.append(buf.view(td).reshape(e.shape))
+    return result
+
+
+def _to_device(t, device):
+    if device in (None, "cpu"):
+        return t
+    return t.to(device)
+
+
+def _load_tree(f: MthFile, device: str, progress=None):
+    backends.check_load_device(device)
+    tensors = _torch_from_entries(f, f.index.tensors, progress)
+    tensors = [_to_device(t, device) for t in tensors]
+    return tree_mod.decode(f.index.tree, lambda i: tensors[i])
+
+
+def _warn(msg):
+    warnings.warn(msg, backends.BackendNote, stacklevel=3)

@@ -1,0 +1,43 @@
+"""Choosing a backend at run time. Importing this (or the package) never imports CUDA, CuPy or nvCOMP."""
+from __future__ import annotations
+
+import warnings
+
+from .errors import BackendUnavailableError
+
+
+class BackendNote(UserWarning):
+    """A one-line note that work ran on another backend than the data suggested, and why."""
+
+
+def gpu_status() -> tuple[bool, str]:
+    """(usable, reason) for the GPU backend; imports CuPy and nvCOMP only when called."""
+    from . import gpu
+
+    return gpu.status()
+
+
+def choose_encoder(device: str, tensors: list):
+    """The encode function for ``save``: None means the CPU backend."""
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device == "cpu":
+        return None
+    on_cuda = any(getattr(t, "is_cuda", False) for t in tensors)
+    if device == "auto" and not on_cuda:
+        return None
+    ok, why = gpu_status()
+    if ok:
+        from . import gpu
+
+        return gpu.encode_all
+    if device != "auto":
+        raise BackendUnavailableError(f"device={device!r} asked for the GPU backend, but {why}")
+    warnings.warn(f"mithril: compressing on the CPU: {why}", BackendNote, stacklevel=3)
+    return None
+
+
+def check_load_device(device: str) -> None:
+    if device in (None, "cpu") or str(device).startswith("cuda"):
+        return
+    raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")

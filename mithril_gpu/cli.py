@@ -1,0 +1,285 @@
+"""The `mithril` command: compress, decompress, info, verify."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import __version__, container
+from .errors import MithrilError
+
+EPILOG = """examples:
+  mithril compress model.safetensors model.mth       compress (byte-exact round trip)
+  mithril compress step2000.pt step2000.mth --base step1000.mth
+                                                     store only what changed since step1000
+  mithril decompress model.mth model.safetensors     back to safetensors (identical bytes)
+  mithril decompress ckpt.mth ckpt.pt                back to a torch checkpoint
+  mithril info model.mth                             tensors, dtypes, ratio per tensor
+  mithril verify model.mth                           decode everything, check checksums
+
+exit status: 0 success, 1 error (one line on stderr), 2 bad usage, 130 interrupted."""
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+class _Progress:
+    """A byte-count progress bar on stderr (tqdm; hidden when stderr is not a terminal or -q)."""
+
+    def __init__(self, total: int, desc: str, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                            disable=None, leave=False, file=sys.stderr)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _summary(verb: str, src: str, dst: str, raw: int, packed: int, seconds: float) -> str:
+    ratio = raw / packed if packed else float("inf")
+    return (f"{verb} {src} -> {dst}: {_mb(raw)} -> {_mb(packed)} ({ratio:.3f}x) "
+            f"in {seconds:.2f} s, {raw / max(seconds, 1e-9) / 1e6:,.0f} MB/s")
+
+
+def cmd_compress(a) -> int:
+    from . import api, formats, tree as tree_mod
+    from .cpu import EncodeItem
+    from .transforms import default_transform
+
+    kind = formats.sniff(a.input)
+    t0 = time.perf_counter()
+    if kind == "mth":
+        raise MithrilError(f"{a.input} is already a .mth file")
+    if kind == "safetensors":
+        st = formats.SafetensorsFile(a.input)
+        items = [EncodeItem(name, dt, shape, st.data(b, e), default_transform(dt), a.chunk_elems)
+                 for name, dt, shape, b, e in st.tensors]
+        tree = {"dict": [[{"str": it.name}, {"tensor": i}] for i, it in enumerate(items)]}
+        raw = sum(it.nbytes for it in items)
+        bar = _Progress(raw, "compress", a.quiet)
+        try:
+            api.write_items(a.output, items, tree=tree, metadata=st.metadata, source=st.source_record(),
+                            base=a.base, level=a.level, threads=a.threads, progress=bar)
+        finally:
+            bar.close()
+            st.close()
+    elif kind == "torch":
+        obj = formats.load_torch(a.input)
+        _, leaves = tree_mod.encode(obj, api._is_tensor)
+        raw = sum(t.numel() * t.element_size() for _, t in leaves)
+        bar = _Progress(raw, "compress", a.quiet)
+        try:
+            api.save(obj, a.output, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems, base=a.base,
+                     device="cpu", progress=bar)
+        finally:
+            bar.close()
+    else:
+        raise MithrilError(f"{a.input}: not a .safetensors file or a torch checkpoint (.pt/.pth/.bin)")
+    if not a.quiet:
+        print(_summary("compressed", a.input, a.output, raw, os.path.getsize(a.output), time.perf_counter() - t0))
+    return 0
+
+
+def _flat_names(f) -> bool:
+    """True if the file's tree is a flat {name: tensor} dict whose keys are the tensor names."""
+    node = f.index.tree
+    if not isinstance(node, dict) or list(node) != ["dict"]:
+        return False
+    seen = set()
+    for k, v in node["dict"]:
+        if not (isinstance(k, dict) and "str" in k and isinstance(v, dict) and "tensor" in v):
+            return False
+        i = v["tensor"]
+        if i in seen or f.index.tensors[i].name != k["str"]:
+            return False
+        seen.add(i)
+    return len(seen) == len(f.index.tensors)
+
+
+def cmd_decompress(a) -> int:
+    import numpy as np
+
+    from . import formats
+    from .reader import MthFile
+    from .writer import AtomicFile
+
+    t0 = time.perf_counter()
+    out_kind = "safetensors" if a.output.endswith(".safetensors") else "torch"
+    with MthFile(a.input, verify=not a.no_verify, threads=a.threads, base=a.base) as f:
+        raw = sum(e.nbytes for e in f.index.tensors)
+        bar = _Progress(raw, "decompress", a.quiet)
+        try:
+            if out_kind == "safetensors":
+                if not _flat_names(f):
+                    raise MithrilError(f"{a.input} holds nested values or non-tensor data, which safetensors "
+                                       "cannot hold: decompress to a .pt file instead")
+                layout = formats.original_safetensors_layout(f.index.source, f.index.tensors)
+                header, order = layout if layout else (
+                    formats.safetensors_header(f.index.tensors, f.index.metadata), f.index.tensors)
+                buf = np.empty(max([e.nbytes for e in order] + [1]), np.uint8)
+                with AtomicFile(a.output) as out:
+                    out.write(header)
+                    for e in order:
+                        view = buf[:e.nbytes]
+                        f.decode_into([e], [view], bar)
+                        out.write(view.data)
+            else:
+                import torch
+
+                obj = f.load("cpu", bar)
+                with AtomicFile(a.output) as out:
+                    torch.save(obj, out.file)
+        finally:
+            bar.close()
+        packed = f.size
+    if not a.quiet:
+        print(_summary("decompressed", a.input, a.output, raw, packed, time.perf_counter() - t0))
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .reader import MthFile
+
+    with MthFile(a.file, base=a.base, verify=False) if a.base else _open_no_base(a.file) as f:
+        rows = []
+        for e in f.index.tensors:
+            kind = e.transform + (f"+{e.delta['op']}" if e.delta else "")
+            shape = "x".join(map(str, e.shape)) or "scalar"
+            ratio = f"{e.nbytes / e.stored_bytes:.3f}" if e.stored_bytes else ("same" if e.delta else "-")
+            rows.append((e.name, e.dtype.name, shape, kind, f"{e.nbytes:,}", f"{e.stored_bytes:,}", ratio))
+        head = ("tensor", "dtype", "shape", "transform", "bytes", "stored", "ratio")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        if not a.summary:
+            for r in [head] + rows:
+                print("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        raw = sum(e.nbytes for e in f.index.tensors)
+        print(f"{f.path}: .mth v{container.VERSION}, {len(f.index.tensors)} tensors, {_mb(raw)} -> {_mb(f.size)} "
+              f"({raw / f.size:.3f}x){', written by ' + f.index.writer if f.index.writer else ''}")
+        if f.index.base is not None:
+            chain = f.chain() if f.base_file is not None else [f.path]
+            print(f"delta against {f.index.base.get('path')!r} (identity {f.index.base['xxh64']})"
+                  + (f"; chain: {' <- '.join(chain)}" if len(chain) > 1 else "; base not opened"))
+        if f.index.metadata:
+            print(f"metadata: {len(f.index.metadata)} keys ({', '.join(list(f.index.metadata)[:5])})")
+    return 0
+
+
+def _open_no_base(path):
+    """Open for `info`: a delta's base is opened when found, and its absence is no error."""
+    from .errors import MissingBaseError
+    from .reader import MthFile
+
+    try:
+        return MthFile(path, verify=False)
+    except MissingBaseError:
+        f = MthFile.__new__(MthFile)
+        f.path, f.verify, f.threads, f._mm = os.fspath(path), False, 1, None
+        f._fh = open(f.path, "rb")
+        f._open_base = lambda base, depth: None
+        f._open(None, 0)
+        return f
+
+
+def cmd_verify(a) -> int:
+    import numpy as np
+
+    from .reader import MthFile
+
+    t0 = time.perf_counter()
+    with MthFile(a.file, verify=True, threads=a.threads, base=a.base) as f:
+        raw = sum(e.nbytes for e in f.index.tensors)
+        bar = _Progress(raw, "verify", a.quiet)
+        try:
+            buf = np.empty(max([e.nbytes for e in f.index.tensors] + [1]), np.uint8)
+            for e in f.index.tensors:
+                f.decode_into([e], [buf[:e.nbytes]], bar)
+        finally:
+            bar.close()
+        n = len(f.index.tensors)
+    dt = time.perf_counter() - t0
+    print(f"OK {a.file}: {n} tensors, {_mb(raw)} decoded and checksums verified in {dt:.2f} s "
+          f"({raw / max(dt, 1e-9) / 1e6:,.0f} MB/s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mithril", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Lossless compression of PyTorch checkpoints (.safetensors, torch .pt) into .mth files, "
+                    "bit-exact, on the CPU or the GPU.")
+    p.add_argument("--version", action="version", version=f"mithril-gpu {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(sp, base_help):
+        sp.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: all available cores)")
+        sp.add_argument("--base", metavar="BASE", default=None, help=base_help)
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+
+    c = sub.add_parser("compress", help="compress a .safetensors file or torch checkpoint into a .mth file",
+                       description="Compress IN (.safetensors, or a torch checkpoint read with "
+                                   "torch.load(weights_only=True)) into OUT (.mth). OUT is replaced atomically.")
+    c.add_argument("input", metavar="IN")
+    c.add_argument("output", metavar="OUT")
+    c.add_argument("--level", type=int, default=None,
+                   help="zstd level 1-22 instead of mithril's default (tuned for float planes; faster and smaller "
+                        "than level 3 on real weights)")
+    c.add_argument("--chunk-elems", type=int, default=container.DEFAULT_CHUNK_ELEMS, metavar="N",
+                   help=f"elements per chunk (default {container.DEFAULT_CHUNK_ELEMS})")
+    common(c, "store tensors as deltas against this earlier .mth checkpoint of the same run")
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("decompress", help="decompress a .mth file to .safetensors or .pt",
+                       description="Decompress IN (.mth) to OUT: .safetensors (byte-identical to the original "
+                                   "if that is what was compressed) or any other name for a torch .pt file.")
+    d.add_argument("input", metavar="IN")
+    d.add_argument("output", metavar="OUT")
+    d.add_argument("--no-verify", action="store_true", help="skip checksum verification (faster)")
+    common(d, "where the base of a delta checkpoint is, if not where it was recorded")
+    d.set_defaults(func=cmd_decompress)
+
+    i = sub.add_parser("info", help="list tensors, dtypes, sizes and ratios",
+                       description="Print each tensor's dtype, shape, transform, sizes and ratio, then totals.")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--summary", action="store_true", help="totals only")
+    i.add_argument("--base", metavar="BASE", default=None, help="where a delta file's base is")
+    i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("verify", help="decode every tensor and check its checksum",
+                       description="Decode every tensor of FILE (and its delta bases) and check checksums.")
+    v.add_argument("file", metavar="FILE")
+    common(v, "where the base of a delta checkpoint is, if not where it was recorded")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("mithril: interrupted", file=sys.stderr)
+        return 130
+    except MithrilError as e:
+        print(f"mithril: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as e:
+        print(f"mithril: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"mithril: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

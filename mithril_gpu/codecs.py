@@ -1,0 +1,136 @@
+"""Chunk codecs: the one small interface between planes and bytes on disk.
+
+Each chunk of a plane is coded on its own by one codec, named in the index by its id:
+
+=====  ========  ==============================================================
+id     name      payload
+=====  ========  ==============================================================
+0      stored    the chunk's bytes as they are
+1      zstd      one standard zstd frame (RFC 8878) holding exactly the chunk
+=====  ========  ==============================================================
+
+The CPU path codes zstd with ``zstandard`` (libzstd); the GPU path writes the same frames with
+nvCOMP's zstd (RAW bitstream). Any zstd decoder reads either.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import zstandard
+
+from .errors import CorruptFileError
+
+STORED = 0
+ZSTD = 1
+CODEC_NAMES = {STORED: "stored", ZSTD: "zstd"}
+
+# A chunk whose sampled order-0 entropy is above this many bits per byte is stored without
+# trying zstd: it would not shrink (the sign+mantissa planes of trained floats are such).
+STORE_ENTROPY_BITS = 7.8
+_SAMPLE = 4096
+
+# zstd's largest possible expansion: an RLE block of up to 128 KiB costs 4 bytes, a frame
+# header at least 6. A frame of n bytes can never decode to more than this many times n
+# (plus one block); readers use it to refuse lying sizes before allocating.
+ZSTD_MAX_EXPANSION = 32768
+
+
+def zstd_parameters(level: int | None) -> zstandard.ZstdCompressionParameters:
+    """Compression parameters for a level. ``None`` is mithril's default.
+
+    The default is zstd's "fast" strategy with a tiny hash table and long minimum matches:
+    on float exponent planes LZ matches are short and spurious and displace Huffman-coded
+    literals, so a frame of almost only literals reaches the order-0 bound, and fast
+    (measured on MiniLM bf16: plane ratio 3.02 at ~860 MB/s, vs 2.75 for level 1 and 2.70
+    for level 3; see ../shared/notes/measurements.md and benchmarks/).
+    """
+    if level is None:
+        return zstandard.ZstdCompressionParameters(
+            strategy=zstandard.STRATEGY_FAST, min_match=7, hash_log=6, search_log=1,
+            window_log=17, write_content_size=True, write_checksum=False, threads=0,
+        )
+    if not isinstance(level, int) or not 1 <= level <= 22:
+        raise ValueError(f"level must be None (mithril's default) or a zstd level 1..22, got {level!r}")
+    return zstandard.ZstdCompressionParameters.from_level(
+        level, write_content_size=True, write_checksum=False, threads=0
+    )
+
+
+try:
+    from ._accel import entropy as _entropy
+except ImportError:
+    _entropy = None
+
+
+def sampled_entropy_bits(chunk: np.ndarray) -> float:
+    """Order-0 entropy (bits per byte) of an evenly strided sample of ``chunk``."""
+    step = max(1, chunk.size // _SAMPLE)
+    if _entropy is not None:
+        return _entropy(chunk, step)
+    counts = np.bincount(chunk[::step], minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+class ChunkCoder:
+    """Codes chunks with per-thread zstd contexts (zstandard contexts are not thread safe)."""
+
+    def __init__(self, level: int | None = None):
+        self.level = level
+        self._params = zstd_parameters(level)
+        self._local = threading.local()
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(compression_params=self._params)
+        return c
+
+    def encode(self, chunk: np.ndarray) -> tuple[int, bytes | memoryview]:
+        """Code one chunk (uint8). Returns ``(codec id, payload)``; never larger than stored.
+
+        A stored payload is a view of ``chunk``: the caller keeps it unchanged until written.
+        """
+        if chunk.size == 0:
+            return STORED, b""
+        stored = (STORED, chunk.data)
+        if chunk.size >= 256 and sampled_entropy_bits(chunk) > STORE_ENTROPY_BITS:
+            return stored
+        payload = self._cctx().compress(chunk.data)
+        if len(payload) >= chunk.size:
+            return stored
+        return ZSTD, payload
+
+
+_dlocal = threading.local()
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_dlocal, "dctx", None)
+    if d is None:
+        d = _dlocal.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def decode(codec: int, payload, usize: int):
+    """Decode one chunk; returns a buffer of exactly ``usize`` bytes. Raises CorruptFileError."""
+    if codec == STORED:
+        if len(payload) != usize:
+            raise CorruptFileError(f"stored chunk holds {len(payload)} bytes, expected {usize}")
+        return payload
+    if codec != ZSTD:
+        raise CorruptFileError(f"unknown codec id {codec}")
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise CorruptFileError(f"bad zstd frame header: {e}") from None
+    if declared not in (-1, usize):
+        raise CorruptFileError(f"zstd frame declares {declared} bytes, expected {usize}")
+    try:
+        data = _dctx().decompress(payload, max_output_size=usize)
+    except zstandard.ZstdError as e:
+        raise CorruptFileError(f"zstd frame does not decode: {e}") from None
+    if len(data) != usize:
+        raise CorruptFileError(f"zstd frame decoded to {len(data)} bytes, expected {usize}")
+    return data

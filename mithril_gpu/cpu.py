@@ -1,0 +1,307 @@
+"""The CPU backend: numpy + zstandard, one thread pool, the same bytes as every other writer.
+
+Work is cut into jobs of whole rows (a row is ``chunk_elems`` elements of one tensor and one
+chunk of each of its planes). Jobs run on ``threads`` threads; their results are written in
+job order, so the file is byte-identical whatever the thread count. Hot loops run in the
+optional C helper ``_accel`` (GIL released) and otherwise in the numpy reference.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import checksum, codecs, delta as delta_ref, transforms
+from .container import TensorEntry
+from .dtypes import DType
+from .errors import ChecksumMismatchError, CorruptFileError, MithrilError
+
+try:
+    if sys.byteorder != "little":
+        raise ImportError("big-endian host")
+    from . import _accel
+except ImportError:  # not built: the numpy reference gives the same bytes, slower
+    _accel = None
+
+JOB_BYTES = 4 << 20          # input bytes per job: big enough to amortise Python, small enough to balance
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------- kernels (accel or reference)
+
+def split_planes(dt: DType, transform: str, src: np.ndarray, planes: list) -> None:
+    if _accel is not None and transform != "raw":
+        e, m = (dt.exp_bits, dt.man_bits) if transform == "fieldsplit" else (0, 0)
+        _accel.split(src, dt.itemsize, e, m, tuple(planes))
+    else:
+        transforms.split(dt, transform, src, planes)
+
+
+def merge_planes(dt: DType, transform: str, planes: list, out: np.ndarray) -> None:
+    if _accel is not None and transform != "raw":
+        e, m = (dt.exp_bits, dt.man_bits) if transform == "fieldsplit" else (0, 0)
+        _accel.merge(tuple(planes), dt.itemsize, e, m, out)
+    else:
+        transforms.merge(dt, transform, [np.frombuffer(p, np.uint8) for p in planes], out)
+
+
+def delta_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarray, inverse: bool) -> None:
+    if _accel is not None:
+        _accel.delta(x, base, out, dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt)), int(inverse))
+    elif inverse:
+        delta_ref.decode(op, dt, x, base, out)
+    else:
+        delta_ref.encode(op, dt, x, base, out)
+
+
+_scratch = threading.local()
+
+
+def scratch(key: str, size: int) -> np.ndarray:
+    """A per-thread reusable buffer (fresh pages are slow to touch; reuse beats allocate)."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    b = bufs.get(key)
+    if b is None or b.size < size:
+        b = bufs[key] = np.empty(max(size, 1 << 16), np.uint8)
+    return b[:size]
+
+
+class BufferPool:
+    """Plane buffers handed from encoder threads to the writer and back, so memory stays warm
+    and stored planes are written without a copy."""
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> np.ndarray:
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.size >= size:
+                    return self._free.pop(i)[:size]
+        return np.empty(max(size, 1 << 16), np.uint8)[:size]
+
+    def put(self, bufs) -> None:
+        with self._lock:
+            self._free.extend(b.base if b.base is not None else b for b in bufs)
+
+
+# ---------------------------------------------------------------- encoding
+
+@dataclass
+class EncodeItem:
+    """One tensor to write. ``data`` is its bytes (uint8 array) or a callable returning them."""
+
+    name: str
+    dtype: DType
+    shape: tuple
+    data: np.ndarray | Callable[[], np.ndarray]
+    transform: str
+    chunk_elems: int
+    delta_op: str | None = None      # "xor" / "zigzag": coded against base
+    base: np.ndarray | Callable[[], np.ndarray] | None = None
+    base_name: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+    def resolve(self):
+        if callable(self.data):
+            self.data = self.data()
+        if callable(self.base):
+            self.base = self.base()
+
+
+def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCoder, pool: BufferPool):
+    """Code rows [row0, row1) of one item: (row digests, [(codec, payload)], buffers to give back)."""
+    dt, isz = item.dtype, item.dtype.itemsize
+    rb = item.chunk_elems * isz
+    widths = transforms.plane_widths(dt, item.transform)
+    digests, out, held = [], [], []
+    for r in range(row0, row1):
+        a, b = r * rb, min((r + 1) * rb, item.nbytes)
+        seg = item.data[a:b]
+        digests.append(checksum.row_digest(seg))
+        if item.delta_op is not None:
+            d = pool.get(b - a)
+            held.append(d)
+            delta_apply(item.delta_op, dt, seg, item.base[a:b], d, inverse=False)
+            seg = d
+        if item.transform == "raw":
+            out.append(coder.encode(seg))
+            continue
+        count = (b - a) // isz
+        planes = [pool.get(count * w) for w in widths]
+        held.extend(planes)
+        split_planes(dt, item.transform, seg, planes)
+        out.extend(coder.encode(p) for p in planes)
+    return digests, out, held
+
+
+def _plan_jobs(sizes: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
+    """Cut work into jobs of about JOB_BYTES: lists of (item, first row, end row) segments.
+
+    ``sizes`` gives, per item, (rows, bytes per row). Small items share a job; large ones are
+    split across several.
+    """
+    jobs, cur, cur_bytes = [], [], 0
+    for i, (rows, rb) in enumerate(sizes):
+        r = 0
+        while r < rows:
+            take = max(1, min(rows - r, (JOB_BYTES - cur_bytes) // max(rb, 1)))
+            cur.append((i, r, r + take))
+            cur_bytes += take * rb
+            r += take
+            if cur_bytes >= JOB_BYTES:
+                jobs.append(cur)
+                cur, cur_bytes = [], 0
+    if cur:
+        jobs.append(cur)
+    return jobs
+
+
+def _run_ordered(jobs, run, consume, threads: int, before_submit=None) -> None:
+    """Run ``run(job)`` on a pool, handing results to ``consume(job, result)`` in job order."""
+    if threads <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            if before_submit:
+                before_submit(job)
+            consume(job, run(job))
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="mithril") as pool:
+        window: deque = deque()
+        for job in jobs:
+            if before_submit:
+                before_submit(job)
+            window.append((job, pool.submit(run, job)))
+            if len(window) >= 2 * threads:
+                jj, fut = window.popleft()
+                consume(jj, fut.result())
+        while window:
+            jj, fut = window.popleft()
+            consume(jj, fut.result())
+
+
+def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: codecs.ChunkCoder,
+               threads: int, progress: Callable[[int], None] | None = None) -> list[tuple[int, list[int]]]:
+    """Encode every item; ``write(payload)`` appends a payload and returns its file offset.
+
+    Returns, per item, ``(checksum, flat chunk list)`` for its index entry.
+    """
+    sizes = []
+    for it in items:
+        rb = it.chunk_elems * it.dtype.itemsize
+        sizes.append((-(-it.nbytes // rb) if it.nbytes else 0, rb))
+    jobs = _plan_jobs(sizes)
+    digests = [[] for _ in items]
+    chunks = [[] for _ in items]
+    last_seg = {i: (j, r1) for j, job in enumerate(jobs) for (i, _, r1) in job}
+    buffers = BufferPool()
+
+    def run(job):
+        return [_encode_rows(items[i], r0, r1, coder, buffers) for i, r0, r1 in job]
+
+    def before_submit(job):
+        for i, _, _ in job:
+            items[i].resolve()
+
+    def consume(job, results):
+        for (i, r0, r1), (digs, coded, held) in zip(job, results):
+            digests[i].extend(digs)
+            for codec, payload in coded:
+                chunks[i].extend((write(payload), len(payload), codec))
+            buffers.put(held)
+            if progress:
+                rb = sizes[i][1]
+                progress(min(r1 * rb, items[i].nbytes) - r0 * rb)
+            if last_seg[i][1] == r1:     # drop references held only for this item
+                items[i].data = items[i].base = None
+
+    _run_ordered(jobs, run, consume, threads, before_submit)
+    return [(checksum.combine(d), c) for d, c in zip(digests, chunks)]
+
+
+# ---------------------------------------------------------------- decoding
+
+def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, row0: int, row1: int,
+                 verify: bool) -> list[int]:
+    dt, isz = e.dtype, e.dtype.itemsize
+    rb = e.chunk_elems * isz
+    op = e.delta["op"] if e.delta else None
+    digests = []
+    for r in range(row0, row1):
+        a, b = r * rb, min((r + 1) * rb, e.nbytes)
+        count = (b - a) // isz
+        planes = []
+        for p, w in enumerate(e.widths):
+            off, csize, codec = e.chunk(r, p)
+            planes.append(codecs.decode(codec, buf[off:off + csize], count * w))
+        target = out[a:b] if op is None else scratch("delta", b - a)
+        if e.transform == "raw":
+            target[...] = np.frombuffer(planes[0], np.uint8)
+        else:
+            merge_planes(dt, e.transform, planes, target)
+        if op is not None:
+            delta_apply(op, dt, target, base[a:b], out[a:b], inverse=True)
+        if verify:
+            digests.append(checksum.row_digest(out[a:b]))
+    return digests
+
+
+def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]], threads: int,
+               verify: bool = True, progress: Callable[[int], None] | None = None) -> None:
+    """Decode each (entry, out, base) into ``out`` (uint8 of entry.nbytes) and verify checksums.
+
+    ``base`` is the base tensor's bytes for a delta entry ("same" entries are copied from it).
+    """
+    sizes = []
+    for e, out, base in work:
+        if e.delta and e.delta["op"] == "same":
+            out[...] = base
+            sizes.append((0, 1))
+        else:
+            sizes.append((e.rows, e.chunk_elems * e.dtype.itemsize))
+    digests: list[list[int]] = [[] for _ in work]
+
+    def run(job):
+        return [_decode_rows(buf, work[w][0], work[w][1], work[w][2], r0, r1, verify) for w, r0, r1 in job]
+
+    def consume(job, results):
+        for (w, r0, r1), digs in zip(job, results):
+            digests[w].extend(digs)
+            if progress:
+                rb = sizes[w][1]
+                progress(min(r1 * rb, work[w][0].nbytes) - r0 * rb)
+
+    try:
+        _run_ordered(_plan_jobs(sizes), run, consume, threads)
+    except MithrilError:
+        raise
+    except (ValueError, IndexError) as exc:  # a lying index that validation could not catch
+        raise CorruptFileError(f"corrupt file: {exc}") from None
+    if verify:
+        for (e, out, base), digs in zip(work, digests):
+            same = e.delta is not None and e.delta["op"] == "same"
+            got = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize) if same else checksum.combine(digs)
+            if got != e.checksum:
+                raise ChecksumMismatchError(
+                    f"tensor {e.name!r} does not match its checksum: the file is damaged"
+                    + (" or its delta base is not the one it was written against" if e.delta else ""))

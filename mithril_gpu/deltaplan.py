@@ -1,0 +1,110 @@
+"""Choosing, per tensor, how to store it against a base checkpoint (FORMAT.md "Deltas").
+
+* same name, dtype and shape, identical bytes   -> "same": a reference, no payload
+* otherwise, of no delta / xor / zigzag, the one whose planes have the smallest estimated
+  size (order-0 entropy of the planes of a sample of the tensor), decided when the tensor's
+  bytes are first needed, so that a base is decoded once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import checksum, codecs, delta as delta_ref, transforms
+from .cpu import EncodeItem, delta_apply, split_planes
+
+SAMPLE_BLOCKS = 16
+BLOCK_ELEMS = 4096
+
+
+def _entropy_bytes(plane: np.ndarray) -> float:
+    counts = np.bincount(plane, minlength=256)
+    p = counts[counts > 0] / plane.size
+    return float(-(p * np.log2(p)).sum()) * plane.size / 8
+
+
+def _sample(x: np.ndarray, itemsize: int) -> np.ndarray:
+    n = x.size // itemsize
+    if n <= SAMPLE_BLOCKS * BLOCK_ELEMS:
+        return x
+    starts = np.linspace(0, n - BLOCK_ELEMS, SAMPLE_BLOCKS).astype(np.int64)
+    return np.concatenate([x[s * itemsize:(s + BLOCK_ELEMS) * itemsize] for s in starts])
+
+
+def estimate(item: EncodeItem, op: str | None, x: np.ndarray, b: np.ndarray) -> float:
+    """Estimated coded bytes of sample ``x`` (base sample ``b``) under ``op`` (None: no delta)."""
+    dt = item.dtype
+    if op is None:
+        transform = transforms.default_transform(dt)
+        src = x
+    else:
+        transform = delta_transform(dt)
+        src = np.empty_like(x)
+        delta_apply(op, dt, x, b, src, inverse=False)
+    if transform == "raw":
+        planes = [src]
+    else:
+        count = src.size // dt.itemsize
+        planes = [np.empty(count * w, np.uint8) for w in transforms.plane_widths(dt, transform)]
+        split_planes(dt, transform, src, planes)
+    total = 0.0
+    for p in planes:
+        bits = _entropy_bytes(p)
+        # a chunk that would not shrink is stored (see codecs.ChunkCoder)
+        total += p.size if bits * 8 / max(p.size, 1) > codecs.STORE_ENTROPY_BITS else bits
+    return total
+
+
+def delta_transform(dt) -> str:
+    return "raw" if dt.itemsize == 1 else "bytegroup"
+
+
+def choose_op(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> str | None:
+    xs, bs = _sample(x, item.dtype.itemsize), _sample(b, item.dtype.itemsize)
+    costs = {op: estimate(item, op, xs, bs) for op in (None, "xor", "zigzag")}
+    return min(costs, key=lambda k: (costs[k], k is not None))
+
+
+class _Planned:
+    """Defers the op choice to when an item's bytes and its base's bytes are first fetched."""
+
+    def __init__(self, item: EncodeItem, fetch_data, fetch_base):
+        self.item, self.fetch_data, self.fetch_base = item, fetch_data, fetch_base
+
+    def data(self):
+        x = self.fetch_data() if callable(self.fetch_data) else self.fetch_data
+        b = self.fetch_base()
+        op = choose_op(self.item, x, b)
+        it = self.item
+        if op is None:
+            it.delta_op, it.base, it.base_name = None, None, None
+        else:
+            it.delta_op, it.base, it.transform = op, b, delta_transform(it.dtype)
+        return x
+
+
+def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = None) -> dict[int, str]:
+    """Mark items that can be stored against ``base_file``; return {item position: base name} for "same".
+
+    ``base_tensors`` (name -> CPU uint8 bytes or callable) spares decoding the base from disk.
+    """
+    same = {}
+    for i, it in enumerate(items):
+        if it.name not in base_file:
+            continue
+        be = base_file.entry(it.name)
+        if be.dtype != it.dtype or be.shape != tuple(it.shape) or it.nbytes == 0:
+            continue
+        it.resolve()
+        if checksum.tensor_checksum(it.data, be.chunk_elems * be.dtype.itemsize) == be.checksum:
+            same[i] = it.name
+            it.chunk_elems = be.chunk_elems
+            continue
+        src = (base_tensors or {}).get(it.name)
+        if src is not None:
+            fetch_base = src if callable(src) else (lambda s=src: s)
+        else:
+            fetch_base = (lambda name=it.name: base_file.get_bytes(name))
+        planned = _Planned(it, it.data, fetch_base)
+        it.delta_op, it.base_name, it.base = "pending", it.name, None
+        it.data = planned.data
+    return same

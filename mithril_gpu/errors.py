@@ -1,0 +1,51 @@
+"""Every error mithril raises on purpose. All derive from :class:`MithrilError`.
+
+The rule: bad input (a truncated, corrupted, foreign or lying file; a wrong delta base; a
+value that cannot be stored) raises one of these with a one-line message that says what is
+wrong and, where there is something to do, what to do. Never a crash, a hang or a huge
+allocation.
+"""
+
+
+class MithrilError(Exception):
+    """Base class of all mithril errors."""
+
+
+class FormatError(MithrilError):
+    """The file cannot be decoded: it is not .mth, is of an unknown version, or is damaged."""
+
+
+class NotMithrilFileError(FormatError):
+    """The file does not start with the .mth magic bytes (wrong file, or not compressed yet)."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file is a .mth file of a version or feature this reader does not implement."""
+
+
+class TruncatedFileError(FormatError):
+    """The file ends before its trailer says it should (an interrupted copy or download)."""
+
+
+class CorruptFileError(FormatError):
+    """The file's index or data fails validation (flipped bits, lying sizes, bad codec data)."""
+
+
+class ChecksumMismatchError(CorruptFileError):
+    """A tensor decoded to bytes whose checksum differs from the one recorded at save time."""
+
+
+class UnsupportedValueError(MithrilError, TypeError):
+    """save() was given a value it cannot store without pickle (a custom object, say)."""
+
+
+class BaseMismatchError(MithrilError):
+    """A delta checkpoint was given a base that is not the one it was written against."""
+
+
+class MissingBaseError(BaseMismatchError):
+    """A delta checkpoint's base file cannot be found."""
+
+
+class BackendUnavailableError(MithrilError):
+    """An explicitly requested backend (e.g. device='cuda') cannot run here."""

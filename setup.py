@@ -1,0 +1,6 @@
+# Only the optional C extension lives here; everything else is in pyproject.toml.
+# The extension is optional: if it cannot be built, mithril falls back to numpy (same output).
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("mithril_gpu._accel", ["mithril_gpu/_accel.c"],
+                             extra_compile_args=["-O3"], optional=True)])

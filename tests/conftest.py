@@ -1,0 +1,44 @@
+import os
+
+import pytest
+import torch
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
+
+ALL_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+              torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+              torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def random_tensor(dtype, shape, seed=0):
+    """Random bit patterns (NaNs, infinities, -0.0 and subnormals included) of any dtype."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for s in shape:
+        n *= s
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(shape)
+
+
+def bits(t):
+    """A tensor's bytes, for bit-exact comparison (NaN != NaN does not get in the way)."""
+    t = t.detach().contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return bytes(t.view(torch.uint8).numpy().tobytes()) if t.numel() else b""
+
+
+def assert_same(a, b):
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert tuple(a.shape) == tuple(b.shape), (a.shape, b.shape)
+    assert bits(a) == bits(b)
+
+
+@pytest.fixture
+def minilm_bf16():
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(FIXTURES, "minilm_l0_bf16.safetensors"))

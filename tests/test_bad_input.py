@@ -1,0 +1,170 @@
+"""Bad input gives a typed error with one line, never a crash, hang, huge allocation or wrong data."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+import xxhash
+import zstandard
+
+import mithril_gpu
+from conftest import assert_same
+from mithril_gpu import container
+from mithril_gpu.errors import (ChecksumMismatchError, CorruptFileError, FormatError, MithrilError,
+                                NotMithrilFileError, TruncatedFileError, UnsupportedVersionError)
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    state = {"w": (torch.randn(3000, generator=g) * 0.02).to(torch.bfloat16), "i": torch.arange(300),
+             "m": {"step": 3, "s": torch.tensor(1.5)}}
+    path = tmp_path_factory.mktemp("bad") / "small.mth"
+    mithril_gpu.save(state, path, chunk_elems=1024)
+    return path, path.read_bytes(), state
+
+
+def _load_bytes(tmp_path, data, **kw):
+    p = tmp_path / "t.mth"
+    p.write_bytes(data)
+    return mithril_gpu.load(p, **kw)
+
+
+def test_truncation_at_every_offset_is_a_format_error(tmp_path, small_file):
+    _, data, _ = small_file
+    step = max(1, len(data) // 400)
+    offsets = sorted(set(range(0, len(data), step)) | set(range(len(data) - 40, len(data))))
+    for cut in offsets:
+        with pytest.raises(FormatError):
+            _load_bytes(tmp_path, data[:cut])
+
+
+def test_every_single_bit_flip_is_detected_or_harmless(tmp_path, small_file):
+    """No flip anywhere gives silently wrong data. A few zstd header bits are unused by the
+    spec (RFC 8878, frame header descriptor bit 4): flipping them changes nothing decoded."""
+    _, data, state = small_file
+    assert len(data) < 20000
+    harmless = 0
+    for pos in range(len(data)):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << (pos % 8)
+        try:
+            back = _load_bytes(tmp_path, bytes(bad))
+        except MithrilError:
+            continue
+        harmless += 1
+        assert_same(back["w"], state["w"]) and assert_same(back["i"], state["i"])
+        assert back["m"]["step"] == 3 and back["m"]["s"].item() == 1.5
+    assert harmless < 10
+
+
+def test_flipped_payload_bit_names_the_tensor_and_can_be_skipped(tmp_path, small_file):
+    path, data, _ = small_file
+    with mithril_gpu.open(path) as f:
+        off, csize, codec = f.entry("i").chunk(0, 0)
+    bad = bytearray(data)
+    bad[off + csize // 2] ^= 0x04
+    with pytest.raises((ChecksumMismatchError, CorruptFileError), match="'i'|zstd"):
+        _load_bytes(tmp_path, bytes(bad))
+
+
+def test_foreign_files_are_not_mithril(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3)}, tmp_path / "a.safetensors")
+    torch.save({"a": torch.ones(3)}, tmp_path / "a.pt")
+    (tmp_path / "r.bin").write_bytes(os.urandom(1000))
+    (tmp_path / "e.mth").write_bytes(b"")
+    with pytest.raises(NotMithrilFileError, match="safetensors"):
+        mithril_gpu.load(tmp_path / "a.safetensors")
+    with pytest.raises(NotMithrilFileError, match="torch"):
+        mithril_gpu.load(tmp_path / "a.pt")
+    with pytest.raises(NotMithrilFileError):
+        mithril_gpu.load(tmp_path / "r.bin")
+    with pytest.raises(NotMithrilFileError):
+        mithril_gpu.load(tmp_path / "e.mth")
+    with pytest.raises(FileNotFoundError):
+        mithril_gpu.load(tmp_path / "missing.mth")
+
+
+def test_newer_version_is_refused_with_advice(tmp_path, small_file):
+    _, data, _ = small_file
+    bad = data[:8] + struct.pack("<H", 2) + data[10:]
+    with pytest.raises(UnsupportedVersionError, match="upgrade"):
+        _load_bytes(tmp_path, bad)
+
+
+def _rewrite_index(data: bytes, edit) -> bytes:
+    """Re-sign an edited index so that only the validation of its content can catch a lie."""
+    off, length, _, magic = container.TRAILER.unpack(data[-32:])
+    d = json.loads(zstandard.ZstdDecompressor().decompress(data[off:off + length]))
+    edit(d)
+    raw = zstandard.ZstdCompressor().compress(json.dumps(d).encode())
+    return data[:off] + raw + container.TRAILER.pack(off, len(raw), xxhash.xxh64_intdigest(raw), magic)
+
+
+LIES = {
+    "huge shape": lambda d: d["tensors"][0].update(shape=[1 << 40, 1 << 40]),
+    "shape needing more rows": lambda d: d["tensors"][0].update(shape=[1 << 30]),
+    "chunk beyond the data": lambda d: d["tensors"][0]["chunks"].__setitem__(0, 1 << 40),
+    "chunk into the index": lambda d: d["tensors"][0]["chunks"].__setitem__(1, 1 << 20),
+    "negative size": lambda d: d["tensors"][0]["chunks"].__setitem__(1, -5),
+    "zstd too small for its size": lambda d: (d["tensors"][0].update(shape=[3000 * 40000], chunk_elems=1 << 26),
+                                              d["tensors"][0].update(chunks=[16, 2, 1, 18, 2, 1])),
+    "unknown codec": lambda d: d["tensors"][0]["chunks"].__setitem__(2, 7),
+    "stored size mismatch": lambda d: d["tensors"][0]["chunks"].__setitem__(4, 1000),
+    "unknown dtype": lambda d: d["tensors"][0].update(dtype="C64"),
+    "fieldsplit on ints": lambda d: d["tensors"][1].update(transform="fieldsplit"),
+    "bad checksum text": lambda d: d["tensors"][0].update(xxh64="zz"),
+    "chunk_elems zero": lambda d: d["tensors"][0].update(chunk_elems=0),
+    "string as size": lambda d: d["tensors"][0]["chunks"].__setitem__(1, "12"),
+    "tree points nowhere": lambda d: d.update(tree={"tensor": 99}),
+    "tree garbage": lambda d: d.update(tree={"dict": [[{"list": []}, {"int": "1"}]]}),
+    "deep tree": lambda d: d.update(tree=json.loads('{"list":[' * 150 + "]}" * 150)),
+    "unknown feature": lambda d: d.update(features=["hyperdrive"]),
+    "delta without base": lambda d: d["tensors"][0].update(delta={"op": "xor", "base": "w"}),
+    "duplicate names": lambda d: d["tensors"][1].update(name=d["tensors"][0]["name"]),
+    "wrong version": lambda d: d.update(mithril=9),
+    "not an object": lambda d: d.clear() or d.update(tensors="x"),
+    "rank 65": lambda d: d["tensors"][0].update(shape=[1] * 65),
+    "float shape": lambda d: d["tensors"][0].update(shape=[3000.0]),
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+def test_lying_index_is_refused_before_use(tmp_path, small_file, lie):
+    _, data, _ = small_file
+    with pytest.raises(FormatError):
+        _load_bytes(tmp_path, _rewrite_index(data, LIES[lie]))
+
+
+def test_lying_trailer_offsets(tmp_path, small_file):
+    _, data, _ = small_file
+    off, length, digest, magic = container.TRAILER.unpack(data[-32:])
+    for o, n in [(0, length), (off + 1, length), (off, length + 1), (off, 1 << 40), (1 << 62, 8)]:
+        with pytest.raises(FormatError):
+            _load_bytes(tmp_path, data[:-32] + container.TRAILER.pack(o, n, digest, magic))
+
+
+def test_swapped_payload_fails_the_checksum_not_silently(tmp_path, small_file):
+    """Two chunks of the same size swapped: every frame decodes, only the checksum can tell."""
+    _, data, _ = small_file
+
+    def swap(d):
+        c = d["tensors"][1]["chunks"]            # int64 arange, bytegroup: planes 1..7 are zeros
+        c[3 * 1:3 * 1 + 3], c[3 * 2:3 * 2 + 3] = c[3 * 2:3 * 2 + 3], c[3 * 1:3 * 1 + 3]
+        c[0:3], c[3:6] = c[3:6], c[0:3]
+
+    bad = _rewrite_index(data, swap)
+    with pytest.raises(ChecksumMismatchError, match="'i'"):
+        _load_bytes(tmp_path, bad)
+    state = _load_bytes(tmp_path, bad, verify=False)          # opting out decodes without checking
+    assert state["i"].shape == (300,)
+
+
+def test_truncated_file_message_is_one_line(tmp_path, small_file):
+    _, data, _ = small_file
+    with pytest.raises(TruncatedFileError) as e:
+        _load_bytes(tmp_path, data[:-10])
+    assert "\n" not in str(e.value) and "truncated" in str(e.value)

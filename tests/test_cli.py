@@ -1,0 +1,123 @@
+"""The `mithril` command: byte-exact safetensors round trip, torch checkpoints, info, verify, errors."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mithril_gpu
+from conftest import FIXTURES, assert_same
+
+MINILM = os.path.join(FIXTURES, "minilm_l0_bf16.safetensors")
+
+
+def run(*args, ok=True):
+    p = subprocess.run([sys.executable, "-m", "mithril_gpu.cli", *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)})
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_safetensors_round_trip_is_byte_identical(tmp_path):
+    out = run("compress", MINILM, tmp_path / "m.mth")
+    assert "1.4" in out.stdout and "MB/s" in out.stdout            # one-line summary with ratio and speed
+    run("decompress", tmp_path / "m.mth", tmp_path / "back.safetensors")
+    assert sha(tmp_path / "back.safetensors") == sha(MINILM)
+    assert os.path.getsize(tmp_path / "m.mth") < os.path.getsize(MINILM) / 1.4
+
+
+def test_safetensors_from_a_torch_state_dict_loads_in_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    sd = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    mithril_gpu.save(sd, tmp_path / "x.mth", metadata={"k": "v"})
+    run("decompress", tmp_path / "x.mth", tmp_path / "x.safetensors")
+    back = load_file(tmp_path / "x.safetensors")
+    for k in sd:
+        assert_same(back[k], sd[k])
+
+
+def test_torch_checkpoint_in_and_out(tmp_path):
+    ckpt = {"model": {"w": torch.randn(10, 10).to(torch.bfloat16)}, "step": 7, "opt": {"state": {0: {"m": torch.ones(3)}}}}
+    torch.save(ckpt, tmp_path / "c.pt")
+    run("compress", tmp_path / "c.pt", tmp_path / "c.mth")
+    run("decompress", tmp_path / "c.mth", tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert back["step"] == 7 and list(back["opt"]["state"]) == [0]
+    assert_same(back["model"]["w"], ckpt["model"]["w"])
+    p = run("decompress", tmp_path / "c.mth", tmp_path / "nested.safetensors", ok=False)
+    assert p.returncode == 1 and ".pt" in p.stderr and not (tmp_path / "nested.safetensors").exists()
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    p = run("compress", tmp_path / "evil.pt", tmp_path / "e.mth", ok=False)
+    assert p.returncode == 1 and "weights_only" in p.stderr and "pwned" not in p.stdout
+    assert not (tmp_path / "e.mth").exists()
+
+
+def test_info_and_verify(tmp_path):
+    run("compress", MINILM, tmp_path / "m.mth")
+    out = run("info", tmp_path / "m.mth").stdout
+    assert "encoder.layer.0.attention.self.query.weight" in out and "BF16" in out and "fieldsplit" in out
+    assert "16 tensors" in out or "tensors" in out.splitlines()[-2]
+    v = run("verify", tmp_path / "m.mth").stdout
+    assert v.startswith("OK") and "checksums verified" in v
+
+
+def test_errors_are_one_line_with_exit_1_and_no_output_left(tmp_path):
+    data = open(MINILM, "rb").read()
+    run("compress", MINILM, tmp_path / "m.mth")
+    mth = (tmp_path / "m.mth").read_bytes()
+    cases = {
+        "missing": tmp_path / "nope.mth",
+        "truncated": tmp_path / "t.mth",
+        "flipped": tmp_path / "f.mth",
+        "foreign": MINILM,
+    }
+    (tmp_path / "t.mth").write_bytes(mth[: len(mth) // 2])
+    flipped = bytearray(mth)
+    flipped[len(mth) // 3] ^= 0x40
+    (tmp_path / "f.mth").write_bytes(bytes(flipped))
+    for what, src in cases.items():
+        for cmd in ("decompress", "verify"):
+            args = [cmd, src] + ([tmp_path / f"out-{what}.safetensors"] if cmd == "decompress" else [])
+            p = run(*args, ok=False)
+            assert p.returncode == 1, (what, cmd, p.stderr)
+            assert p.stderr.startswith("mithril: error:") and p.stderr.count("\n") == 1, (what, p.stderr)
+            assert "Traceback" not in p.stderr
+        assert not (tmp_path / f"out-{what}.safetensors").exists()
+    (tmp_path / "junk.bin").write_bytes(data[100:200])
+    p = run("compress", tmp_path / "junk.bin", tmp_path / "j.mth", ok=False)
+    assert p.returncode == 1 and "not a .safetensors file" in p.stderr and not (tmp_path / "j.mth").exists()
+    leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_help_explains_itself():
+    out = run("--help").stdout
+    for word in ("compress", "decompress", "info", "verify", "examples", "--base"):
+        assert word in out
+    assert "byte-identical" in run("decompress", "--help").stdout
+
+
+def test_failed_write_keeps_existing_output(tmp_path):
+    shutil.copy(MINILM, tmp_path / "in.safetensors")
+    run("compress", tmp_path / "in.safetensors", tmp_path / "m.mth")
+    before = sha(tmp_path / "m.mth")
+    (tmp_path / "bad.safetensors").write_bytes(open(MINILM, "rb").read()[:-1000])
+    p = run("compress", tmp_path / "bad.safetensors", tmp_path / "m.mth", ok=False)
+    assert p.returncode == 1
+    assert sha(tmp_path / "m.mth") == before

@@ -1,0 +1,85 @@
+"""The numpy reference transforms, their exact plane bytes, and the C helper against them."""
+import numpy as np
+import pytest
+
+from mithril_gpu import cpu, delta, dtypes, transforms
+
+CASES = [(dt, tr) for dt in dtypes.BY_NAME.values() for tr in transforms.TRANSFORMS if transforms.valid_for(dt, tr)]
+
+
+@pytest.mark.parametrize("dt,tr", CASES, ids=[f"{d.name}-{t}" for d, t in CASES])
+def test_reference_round_trip(dt, tr):
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, 1001 * dt.itemsize, dtype=np.uint8)
+    planes = [np.empty(1001 * w, np.uint8) for w in transforms.plane_widths(dt, tr)]
+    transforms.split(dt, tr, src, planes)
+    out = np.zeros_like(src)
+    transforms.merge(dt, tr, planes, out)
+    assert out.tobytes() == src.tobytes()
+
+
+def test_bf16_fieldsplit_planes_are_exact():
+    # 1.0 = 0x3F80 (exponent 127, mantissa 0); -2.5 = 0xC020 (sign, exponent 128, mantissa 0x20)
+    src = np.array([0x3F80, 0xC020, 0x0001, 0xFFFF], dtype="<u2").view(np.uint8)
+    dt = dtypes.BY_NAME["BF16"]
+    planes = [np.empty(4, np.uint8) for _ in range(2)]
+    transforms.split(dt, "fieldsplit", src, planes)
+    assert planes[0].tolist() == [127, 128, 0, 255]
+    assert planes[1].tolist() == [0x00, 0x80 | 0x20, 0x01, 0xFF]
+
+
+def test_f32_fieldsplit_and_bytegroup_planes_are_exact():
+    dt = dtypes.BY_NAME["F32"]
+    src = np.array([1.0, -3.0], dtype="<f4").view(np.uint8)   # 0x3F800000, 0xC0400000
+    planes = [np.empty(2, np.uint8) for _ in range(4)]
+    transforms.split(dt, "fieldsplit", src, planes)
+    assert [p.tolist() for p in planes] == [[127, 128], [0, 0], [0, 0], [0, 0x80 | 0x40]]
+    transforms.split(dt, "bytegroup", src, planes)
+    assert [p.tolist() for p in planes] == [[0, 0], [0, 0], [0x80, 0x40], [0x3F, 0xC0]]
+
+
+@pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
+@pytest.mark.parametrize("dt,tr", [c for c in CASES if c[1] != "raw"], ids=lambda v: getattr(v, "name", v))
+def test_accel_planes_equal_reference(dt, tr):
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 4099):
+        src = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
+        ref = [np.empty(n * w, np.uint8) for w in transforms.plane_widths(dt, tr)]
+        fast = [np.full(n * w, 0xAA, np.uint8) for w in transforms.plane_widths(dt, tr)]
+        transforms.split(dt, tr, src, ref)
+        cpu.split_planes(dt, tr, src, fast)
+        assert [p.tobytes() for p in fast] == [p.tobytes() for p in ref]
+        out = np.zeros_like(src)
+        cpu.merge_planes(dt, tr, ref, out)
+        assert out.tobytes() == src.tobytes()
+
+
+@pytest.mark.parametrize("dt", list(dtypes.BY_NAME.values()), ids=lambda d: d.name)
+@pytest.mark.parametrize("op", delta.OPS)
+def test_delta_reference_round_trip_and_accel(dt, op):
+    rng = np.random.default_rng(7)
+    n = 3000 * dt.itemsize
+    x = rng.integers(0, 256, n, dtype=np.uint8)
+    b = x.copy()
+    b[::5] = rng.integers(0, 256, b[::5].size, dtype=np.uint8)
+    d = np.empty_like(x)
+    delta.encode(op, dt, x, b, d)
+    back = np.empty_like(x)
+    delta.decode(op, dt, d, b, back)
+    assert back.tobytes() == x.tobytes()
+    if cpu._accel is not None:
+        fast = np.empty_like(x)
+        cpu.delta_apply(op, dt, x, b, fast, inverse=False)
+        assert fast.tobytes() == d.tobytes()
+
+
+def test_zigzag_of_nearby_floats_is_small():
+    dt = dtypes.BY_NAME["BF16"]
+    import torch
+
+    y = torch.tensor([1.0, -1.0, 0.0, -0.0, 3.0], dtype=torch.bfloat16)
+    x = torch.tensor([1.0078125, -1.0078125, -0.0, 0.0, 3.0], dtype=torch.bfloat16)  # one ulp away, or equal
+    d = np.empty(10, np.uint8)
+    delta.encode("zigzag", dt, x.view(torch.uint8).numpy(), y.view(torch.uint8).numpy(), d)
+    codes = d.view("<u2").tolist()
+    assert codes == [2, 1, 1, 2, 0]   # +1 -> 2, -1 -> 1 (ordered by value), +0/-0 are neighbours
