@@ -10,9 +10,14 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
+try:  # the C helper's XXH64 releases the GIL (python-xxhash holds it), so threads hash in parallel
+    from ._accel import xxh64 as _xxh64
+except ImportError:
+    _xxh64 = None
+
 
 def row_digest(row) -> int:
-    return xxhash.xxh64_intdigest(row)
+    return _xxh64(row) if _xxh64 is not None else xxhash.xxh64_intdigest(row)
 
 
 def combine(digests) -> int:

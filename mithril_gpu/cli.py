@@ -62,7 +62,8 @@ def cmd_compress(a) -> int:
         raise MithrilError(f"{a.input} is already a .mth file")
     if kind == "safetensors":
         st = formats.SafetensorsFile(a.input)
-        items = [EncodeItem(name, dt, shape, st.data(b, e), default_transform(dt), a.chunk_elems)
+        items = [EncodeItem(name, dt, shape, st.data(b, e), default_transform(dt), a.chunk_elems,
+                            on_done=lambda b=b, e=e: st.release(b, e))
                  for name, dt, shape, b, e in st.tensors]
         tree = {"dict": [[{"str": it.name}, {"tensor": i}] for i, it in enumerate(items)]}
         raw = sum(it.nbytes for it in items)

@@ -113,8 +113,12 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def decode(codec: int, payload, usize: int):
-    """Decode one chunk; returns a buffer of exactly ``usize`` bytes. Raises CorruptFileError."""
+def decode(codec: int, payload, usize: int, scratch: np.ndarray | None = None):
+    """Decode one chunk; returns a buffer of exactly ``usize`` bytes. Raises CorruptFileError.
+
+    zstd chunks are decoded into ``scratch`` (uint8, ``usize`` bytes) when given: warm memory,
+    and nothing is ever allocated from what a frame header claims.
+    """
     if codec == STORED:
         if len(payload) != usize:
             raise CorruptFileError(f"stored chunk holds {len(payload)} bytes, expected {usize}")
@@ -127,10 +131,18 @@ def decode(codec: int, payload, usize: int):
         raise CorruptFileError(f"bad zstd frame header: {e}") from None
     if declared not in (-1, usize):
         raise CorruptFileError(f"zstd frame declares {declared} bytes, expected {usize}")
+    out = scratch if scratch is not None else np.empty(usize, np.uint8)
     try:
-        data = _dctx().decompress(payload, max_output_size=usize)
+        reader = _dctx().stream_reader(payload, read_across_frames=False)
+        got = 0
+        while got < usize:
+            n = reader.readinto(out[got:])
+            if n == 0:
+                break
+            got += n
+        extra = reader.read(1)
     except zstandard.ZstdError as e:
         raise CorruptFileError(f"zstd frame does not decode: {e}") from None
-    if len(data) != usize:
-        raise CorruptFileError(f"zstd frame decoded to {len(data)} bytes, expected {usize}")
-    return data
+    if got != usize or extra:
+        raise CorruptFileError(f"zstd frame decodes to {'more' if extra else got} bytes, expected {usize}")
+    return out

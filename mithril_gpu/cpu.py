@@ -115,6 +115,7 @@ class EncodeItem:
     delta_op: str | None = None      # "xor" / "zigzag": coded against base
     base: np.ndarray | Callable[[], np.ndarray] | None = None
     base_name: str | None = None
+    on_done: Callable[[], None] | None = None   # called once the item is written (e.g. drop mapped pages)
 
     @property
     def nbytes(self) -> int:
@@ -234,6 +235,8 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
                 progress(min(r1 * rb, items[i].nbytes) - r0 * rb)
             if last_seg[i][1] == r1:     # drop references held only for this item
                 items[i].data = items[i].base = None
+                if items[i].on_done is not None:
+                    items[i].on_done()
 
     _run_ordered(jobs, run, consume, threads, before_submit)
     return [(checksum.combine(d), c) for d, c in zip(digests, chunks)]
@@ -253,7 +256,7 @@ def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, 
         planes = []
         for p, w in enumerate(e.widths):
             off, csize, codec = e.chunk(r, p)
-            planes.append(codecs.decode(codec, buf[off:off + csize], count * w))
+            planes.append(codecs.decode(codec, buf[off:off + csize], count * w, scratch(f"d{p}", count * w)))
         target = out[a:b] if op is None else scratch("delta", b - a)
         if e.transform == "raw":
             target[...] = np.frombuffer(planes[0], np.uint8)

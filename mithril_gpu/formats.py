@@ -87,6 +87,18 @@ class SafetensorsFile:
     def data(self, begin: int, end: int) -> np.ndarray:
         return np.frombuffer(self._mm, np.uint8, end - begin, self._data_start + begin)
 
+    def release(self, begin: int, end: int) -> None:
+        """Drop the mapped pages of a tensor already compressed from this process's memory
+        (they stay in the page cache), so compressing a file never holds the whole input."""
+        page = mmap.PAGESIZE
+        lo = (self._data_start + begin + page - 1) // page * page
+        hi = (self._data_start + end) // page * page
+        if hi > lo and hasattr(self._mm, "madvise"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                pass
+
     def source_record(self) -> dict:
         return {"format": "safetensors", "header": base64.b64encode(self.header_bytes).decode("ascii")}
 

@@ -83,3 +83,14 @@ def test_zigzag_of_nearby_floats_is_small():
     delta.encode("zigzag", dt, x.view(torch.uint8).numpy(), y.view(torch.uint8).numpy(), d)
     codes = d.view("<u2").tolist()
     assert codes == [2, 1, 1, 2, 0]   # +1 -> 2, -1 -> 1 (ordered by value), +0/-0 are neighbours
+
+
+@pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
+def test_accel_xxh64_equals_xxhash():
+    import xxhash
+
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    for n in list(range(0, 70)) + [255, 256, 1000, 4999, 5000]:
+        for seed in (0, 1, 2**64 - 1):
+            assert cpu._accel.xxh64(data[:n], seed) == xxhash.xxh64_intdigest(data[:n], seed), (n, seed)
