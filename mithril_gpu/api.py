@@ -53,7 +53,7 @@ def _source_for(t):
 
 def save(obj, path, *, level: int | None = None, threads: int | None = None,
          chunk_elems: int = container.DEFAULT_CHUNK_ELEMS, metadata: dict | None = None,
-         base=None, device: str = "auto", progress=None) -> None:
+         base=None, device: str = "auto", progress=None, _base_tensors: dict | None = None) -> None:
     """Compress a state dict (or any nest of dicts, lists, tuples, tensors and plain values) to ``path``.
 
     Args:
@@ -81,7 +81,7 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
         items.append(EncodeItem(name, dt, tuple(t.shape), _source_for(t), default_transform(dt), chunk_elems))
     encoder = backends.choose_encoder(device, [t for _, t in leaves])
     write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
-                progress=progress, encoder=encoder)
+                progress=progress, encoder=encoder, base_tensors=_base_tensors)
 
 
 def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None, level=None,

@@ -62,6 +62,7 @@ class TensorEntry:
     checksum: int
     chunks: list[int]                  # flat: (offset, csize, codec) per (row, plane)
     delta: dict | None = None          # {"op": "xor"|"zigzag"|"same", "base": name} or None
+    nnz: list[int] | None = None       # nonzero elements per row, for the masked transform
     widths: list[int] = field(init=False)
 
     def __post_init__(self):
@@ -82,6 +83,11 @@ class TensorEntry:
     def row_count(self, row: int) -> int:
         return min(self.chunk_elems, self.count - row * self.chunk_elems)
 
+    def plane_sizes(self, row: int) -> list[int]:
+        """Uncompressed bytes of each plane of ``row``."""
+        return transforms.plane_sizes(self.dtype, self.transform, self.row_count(row),
+                                      self.nnz[row] if self.nnz is not None else None)
+
     def chunk(self, row: int, plane: int) -> tuple[int, int, int]:
         i = 3 * (row * len(self.widths) + plane)
         return self.chunks[i], self.chunks[i + 1], self.chunks[i + 2]
@@ -96,6 +102,8 @@ class TensorEntry:
              "xxh64": f"{self.checksum:016x}", "chunks": self.chunks}
         if self.delta is not None:
             d["delta"] = self.delta
+        if self.nnz is not None:
+            d["nnz"] = self.nnz
         return d
 
 
@@ -247,22 +255,27 @@ def _parse_tensor(t, i: int, data_end: int, delta_ok: bool) -> TensorEntry:
     chunks = t.get("chunks")
     e = TensorEntry(name, dt, shape, transform, chunk_elems, int(xx, 16),
                     chunks if isinstance(chunks, list) else [], delta)
+    nnz = t.get("nnz")
+    if transform == "masked":
+        if not isinstance(nnz, list) or len(nnz) != e.rows:
+            _fail(f"tensor {name!r}: a masked tensor needs one nnz count per row")
+        e.nnz = [_int(v, f"tensor {name!r} nnz", 0, e.row_count(r)) for r, v in enumerate(nnz)]
+    elif nnz is not None:
+        _fail(f"tensor {name!r}: nnz given for transform {transform!r}")
     expect = 0 if (delta or {}).get("op") == "same" else 3 * e.rows * len(e.widths)
     if not isinstance(chunks, list) or len(chunks) != expect:
         _fail(f"tensor {name!r}: expected {expect} chunk fields, found "
               f"{len(chunks) if isinstance(chunks, list) else type(chunks).__name__}")
     for row in range(e.rows if expect else 0):
-        count = e.row_count(row)
-        for p, w in enumerate(e.widths):
+        for p, usize in enumerate(e.plane_sizes(row)):
             off, csize, codec = e.chunk(row, p)
             _int(off, f"tensor {name!r} chunk offset", PREAMBLE_SIZE, data_end)
             _int(csize, f"tensor {name!r} chunk size", 0, data_end - off)
-            usize = count * w
             if codec == codecs.STORED:
                 if csize != usize:
                     _fail(f"tensor {name!r} row {row} plane {p}: stored chunk of {csize} bytes, expected {usize}")
             elif codec == codecs.ZSTD:
-                if usize > csize * codecs.ZSTD_MAX_EXPANSION:
+                if usize == 0 or usize > csize * codecs.ZSTD_MAX_EXPANSION:
                     _fail(f"tensor {name!r} row {row} plane {p}: {csize} zstd bytes cannot hold {usize} bytes")
             else:
                 _fail(f"tensor {name!r} row {row} plane {p}: unknown codec id {codec!r}"[:200])

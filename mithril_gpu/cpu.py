@@ -12,7 +12,7 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -112,6 +112,7 @@ class EncodeItem:
     data: np.ndarray | Callable[[], np.ndarray]
     transform: str
     chunk_elems: int
+    nnz: list = field(default_factory=list)  # per row, filled while encoding a masked item
     delta_op: str | None = None      # "xor" / "zigzag": coded against base
     base: np.ndarray | Callable[[], np.ndarray] | None = None
     base_name: str | None = None
@@ -132,11 +133,12 @@ class EncodeItem:
 
 
 def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCoder, pool: BufferPool):
-    """Code rows [row0, row1) of one item: (row digests, [(codec, payload)], buffers to give back)."""
+    """Code rows [row0, row1) of one item: (row digests, [(codec, payload)], buffers to give back,
+    nonzero counts per row for a masked item)."""
     dt, isz = item.dtype, item.dtype.itemsize
     rb = item.chunk_elems * isz
     widths = transforms.plane_widths(dt, item.transform)
-    digests, out, held = [], [], []
+    digests, out, held, nnzs = [], [], [], []
     for r in range(row0, row1):
         a, b = r * rb, min((r + 1) * rb, item.nbytes)
         seg = item.data[a:b]
@@ -149,12 +151,17 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
         if item.transform == "raw":
             out.append(coder.encode(seg))
             continue
+        if item.transform == "masked":
+            nnz, planes = transforms.split_masked(dt, seg)
+            nnzs.append(nnz)
+            out.extend(coder.encode(p) for p in planes)
+            continue
         count = (b - a) // isz
         planes = [pool.get(count * w) for w in widths]
         held.extend(planes)
         split_planes(dt, item.transform, seg, planes)
         out.extend(coder.encode(p) for p in planes)
-    return digests, out, held
+    return digests, out, held, nnzs
 
 
 def _plan_jobs(sizes: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
@@ -225,8 +232,9 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
             items[i].resolve()
 
     def consume(job, results):
-        for (i, r0, r1), (digs, coded, held) in zip(job, results):
+        for (i, r0, r1), (digs, coded, held, nnzs) in zip(job, results):
             digests[i].extend(digs)
+            items[i].nnz.extend(nnzs)
             for codec, payload in coded:
                 chunks[i].extend((write(payload), len(payload), codec))
             buffers.put(held)
@@ -252,14 +260,15 @@ def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, 
     digests = []
     for r in range(row0, row1):
         a, b = r * rb, min((r + 1) * rb, e.nbytes)
-        count = (b - a) // isz
         planes = []
-        for p, w in enumerate(e.widths):
+        for p, usize in enumerate(e.plane_sizes(r)):
             off, csize, codec = e.chunk(r, p)
-            planes.append(codecs.decode(codec, buf[off:off + csize], count * w, scratch(f"d{p}", count * w)))
+            planes.append(codecs.decode(codec, buf[off:off + csize], usize, scratch(f"d{p}", usize)))
         target = out[a:b] if op is None else scratch("delta", b - a)
         if e.transform == "raw":
             target[...] = np.frombuffer(planes[0], np.uint8)
+        elif e.transform == "masked":
+            transforms.merge_masked(dt, planes, target)
         else:
             merge_planes(dt, e.transform, planes, target)
         if op is not None:

@@ -1,15 +1,15 @@
 """Choosing, per tensor, how to store it against a base checkpoint (FORMAT.md "Deltas").
 
 * same name, dtype and shape, identical bytes   -> "same": a reference, no payload
-* otherwise, of no delta / xor / zigzag, the one whose planes have the smallest estimated
-  size (order-0 entropy of the planes of a sample of the tensor), decided when the tensor's
-  bytes are first needed, so that a base is decoded once.
+* otherwise, of no delta / xor / zigzag, each with the plain (bytegroup) or masked layout, the
+  one whose planes have the smallest estimated size (order-0 entropy of the planes of a sample
+  of the tensor), decided when the tensor's bytes are first needed, so a base is decoded once.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import checksum, codecs, delta as delta_ref, transforms
+from . import checksum, codecs, transforms
 from .cpu import EncodeItem, delta_apply, split_planes
 
 SAMPLE_BLOCKS = 16
@@ -30,38 +30,45 @@ def _sample(x: np.ndarray, itemsize: int) -> np.ndarray:
     return np.concatenate([x[s * itemsize:(s + BLOCK_ELEMS) * itemsize] for s in starts])
 
 
-def estimate(item: EncodeItem, op: str | None, x: np.ndarray, b: np.ndarray) -> float:
+def estimate(item: EncodeItem, op: str | None, transform: str, x: np.ndarray, b: np.ndarray) -> float:
     """Estimated coded bytes of sample ``x`` (base sample ``b``) under ``op`` (None: no delta)."""
     dt = item.dtype
-    if op is None:
-        transform = transforms.default_transform(dt)
-        src = x
-    else:
-        transform = delta_transform(dt)
+    src = x
+    if op is not None:
         src = np.empty_like(x)
         delta_apply(op, dt, x, b, src, inverse=False)
     if transform == "raw":
         planes = [src]
+    elif transform == "masked":
+        planes = transforms.split_masked(dt, src)[1]
     else:
         count = src.size // dt.itemsize
         planes = [np.empty(count * w, np.uint8) for w in transforms.plane_widths(dt, transform)]
         split_planes(dt, transform, src, planes)
     total = 0.0
     for p in planes:
+        if p.size == 0:
+            continue
         bits = _entropy_bytes(p)
         # a chunk that would not shrink is stored (see codecs.ChunkCoder)
-        total += p.size if bits * 8 / max(p.size, 1) > codecs.STORE_ENTROPY_BITS else bits
+        total += p.size if bits * 8 / p.size > codecs.STORE_ENTROPY_BITS else bits
     return total
 
 
-def delta_transform(dt) -> str:
-    return "raw" if dt.itemsize == 1 else "bytegroup"
+def candidates(dt) -> list[tuple[str | None, str]]:
+    """(delta op, transform) pairs a tensor may be stored with against a base."""
+    plain = "raw" if dt.itemsize == 1 else "bytegroup"
+    out = [(None, transforms.default_transform(dt))]
+    for op in ("xor", "zigzag"):
+        out += [(op, plain), (op, "masked")]
+    return out
 
 
-def choose_op(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> str | None:
+def choose(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | None, str]:
     xs, bs = _sample(x, item.dtype.itemsize), _sample(b, item.dtype.itemsize)
-    costs = {op: estimate(item, op, xs, bs) for op in (None, "xor", "zigzag")}
-    return min(costs, key=lambda k: (costs[k], k is not None))
+    costs = {c: estimate(item, c[0], c[1], xs, bs) for c in candidates(item.dtype)}
+    # ties go to no delta (no base needed to decode), then to the simpler layout
+    return min(costs, key=lambda c: (round(costs[c], 3), c[0] is not None, c[1] == "masked"))
 
 
 class _Planned:
@@ -73,12 +80,13 @@ class _Planned:
     def data(self):
         x = self.fetch_data() if callable(self.fetch_data) else self.fetch_data
         b = self.fetch_base()
-        op = choose_op(self.item, x, b)
+        op, transform = choose(self.item, x, b)
         it = self.item
+        it.transform = transform
         if op is None:
             it.delta_op, it.base, it.base_name = None, None, None
         else:
-            it.delta_op, it.base, it.transform = op, b, delta_transform(it.dtype)
+            it.delta_op, it.base = op, b
         return x
 
 

@@ -58,7 +58,7 @@ class MthFile:
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._buf = memoryview(self._mm) if self._mm is not None else memoryview(b"")
         self.base_file: MthFile | None = None
-        if self.index.base is not None:
+        if self.index.base is not None and getattr(base, "__name__", "") != "_NoBase":
             self.base_file = self._open_base(base, depth)
 
     def _open_base(self, base, depth) -> "MthFile":

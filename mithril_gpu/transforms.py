@@ -10,6 +10,10 @@ byte-identical planes.
 * ``fieldsplit`` (BF16, F16, F32) plane 0 holds the exponent field (one byte per element);
   the remaining bits, ``rest = sign << man_bits | mantissa``, form an unsigned integer of
   ``ceil((1 + man_bits) / 8)`` bytes that is byte-grouped into planes 1, 2, ...
+* ``masked``     plane 0 is a bitmap of the nonzero elements (bit i%8 of byte i//8, so
+  ``np.packbits(x != 0, bitorder="little")``); planes 1..itemsize byte-group the nonzero
+  elements only. Plane sizes depend on the row's nonzero count, which the index records.
+  Meant for deltas between checkpoints, where most elements are often zero.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 
 from .dtypes import DType
 
-TRANSFORMS = ("raw", "bytegroup", "fieldsplit")
+TRANSFORMS = ("raw", "bytegroup", "fieldsplit", "masked")
 
 _UINT = {1: np.uint8, 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
@@ -30,8 +34,8 @@ def plane_widths(dt: DType, transform: str) -> list[int]:
     """Bytes per element of each plane, in plane order."""
     if transform == "raw":
         return [dt.itemsize]
-    if transform == "bytegroup":
-        return [1] * dt.itemsize
+    if transform in ("bytegroup", "masked"):   # masked: the mask plane, then one plane per byte
+        return [1] * (dt.itemsize + (transform == "masked"))
     if transform == "fieldsplit":
         if not dt.has_fieldsplit:
             raise ValueError(f"fieldsplit is not defined for {dt.name}")
@@ -57,6 +61,36 @@ def default_transform(dt: DType) -> str:
 def _fields(dt: DType):
     bits = dt.itemsize * 8
     return bits, dt.exp_bits, dt.man_bits, _UINT[dt.itemsize]
+
+
+def plane_sizes(dt: DType, transform: str, count: int, nnz: int | None = None) -> list[int]:
+    """Uncompressed bytes of each plane of a row of ``count`` elements (``nnz`` nonzero)."""
+    if transform == "masked":
+        return [(count + 7) // 8] + [nnz] * dt.itemsize
+    return [count * w for w in plane_widths(dt, transform)]
+
+
+def split_masked(dt: DType, src: np.ndarray) -> tuple[int, list[np.ndarray]]:
+    """The ``masked`` planes of ``src``: (nonzero count, [mask, byte planes of the nonzeros])."""
+    x = src.view(_UINT[dt.itemsize])
+    nz = x != 0
+    vals = x[nz].view(np.uint8).reshape(-1, dt.itemsize)
+    return int(vals.shape[0]), [np.packbits(nz, bitorder="little")] + [vals[:, k].copy() for k in range(dt.itemsize)]
+
+
+def merge_masked(dt: DType, planes: list, out: np.ndarray) -> None:
+    """Inverse of :func:`split_masked` into ``out`` (uint8, whole elements)."""
+    count = out.size // dt.itemsize
+    nz = np.unpackbits(np.frombuffer(planes[0], np.uint8), count=count, bitorder="little").view(bool)
+    nnz = len(planes[1]) if dt.itemsize else 0
+    if int(nz.sum()) != nnz:
+        raise ValueError(f"mask has {int(nz.sum())} nonzero elements, planes hold {nnz}")
+    vals = np.empty((nnz, dt.itemsize), np.uint8)
+    for k in range(dt.itemsize):
+        vals[:, k] = np.frombuffer(planes[1 + k], np.uint8)
+    x = out.view(_UINT[dt.itemsize])
+    x[...] = 0
+    x[nz] = vals.reshape(-1).view(_UINT[dt.itemsize])
 
 
 def split(dt: DType, transform: str, src: np.ndarray, planes: list[np.ndarray]) -> None:

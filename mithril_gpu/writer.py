@@ -96,7 +96,7 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
             digest, chunks = next(results)
             d = {"op": it.delta_op, "base": it.base_name} if it.delta_op else None
             entries.append(TensorEntry(it.name, it.dtype, tuple(it.shape), it.transform, it.chunk_elems,
-                                       digest, chunks, d))
+                                       digest, chunks, d, it.nnz if it.transform == "masked" else None))
         index = Index(entries, tree, metadata, source, base, WRITER_NAME)
         raw = index.to_bytes()
         at = out.write(raw)

@@ -4,7 +4,8 @@ import pytest
 
 from mithril_gpu import cpu, delta, dtypes, transforms
 
-CASES = [(dt, tr) for dt in dtypes.BY_NAME.values() for tr in transforms.TRANSFORMS if transforms.valid_for(dt, tr)]
+CASES = [(dt, tr) for dt in dtypes.BY_NAME.values() for tr in transforms.TRANSFORMS
+         if transforms.valid_for(dt, tr) and tr != "masked"]
 
 
 @pytest.mark.parametrize("dt,tr", CASES, ids=[f"{d.name}-{t}" for d, t in CASES])
@@ -94,3 +95,33 @@ def test_accel_xxh64_equals_xxhash():
     for n in list(range(0, 70)) + [255, 256, 1000, 4999, 5000]:
         for seed in (0, 1, 2**64 - 1):
             assert cpu._accel.xxh64(data[:n], seed) == xxhash.xxh64_intdigest(data[:n], seed), (n, seed)
+
+
+@pytest.mark.parametrize("dt", list(dtypes.BY_NAME.values()), ids=lambda d: d.name)
+def test_masked_planes_are_exact_and_round_trip(dt):
+    rng = np.random.default_rng(13)
+    n = 1003
+    x = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8).reshape(n, dt.itemsize)
+    x[rng.random(n) < 0.7] = 0                        # 70% zero elements
+    if dt.name == "BOOL":
+        x = (x != 0).astype(np.uint8)
+    src = x.reshape(-1)
+    nnz, planes = transforms.split_masked(dt, src)
+    nonzero = np.any(x != 0, axis=1)
+    assert nnz == int(nonzero.sum())
+    assert transforms.plane_sizes(dt, "masked", n, nnz) == [p.size for p in planes]
+    assert planes[0].tobytes() == np.packbits(nonzero, bitorder="little").tobytes()
+    for k in range(dt.itemsize):
+        assert planes[1 + k].tobytes() == x[nonzero, k].tobytes()
+    out = np.full_like(src, 0x5A)
+    transforms.merge_masked(dt, planes, out)
+    assert out.tobytes() == src.tobytes()
+
+
+def test_masked_refuses_a_mask_that_disagrees_with_its_planes():
+    dt = dtypes.BY_NAME["I32"]
+    src = np.array([0, 5, 0, 7], dtype="<i4").view(np.uint8)
+    nnz, planes = transforms.split_masked(dt, src)
+    planes[0] = np.array([0b1111], np.uint8)
+    with pytest.raises(ValueError, match="nonzero"):
+        transforms.merge_masked(dt, planes, np.empty_like(src))

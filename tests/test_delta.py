@@ -1,0 +1,228 @@
+"""Delta checkpoints: chains restore bit-exact, bases are checked, the Checkpointer keeps what it needs."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mithril_gpu
+from conftest import FIXTURES, assert_same
+from mithril_gpu import Checkpointer
+
+
+def _train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(16, model[0].in_features, generator=g)).pow(2).mean().backward()
+        opt.step()
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+
+
+def _state(model, opt, step):
+    """A snapshot (state_dict() returns live tensors that training keeps changing)."""
+    import copy
+
+    return copy.deepcopy({"model": {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()},
+                          "master": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
+
+
+def _assert_tree_same(a, b):
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict))
+    if isinstance(a, torch.Tensor):
+        assert_same(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _assert_tree_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_tree_same(x, y)
+    else:
+        assert a == b
+
+
+def test_long_chain_restores_every_step_bit_exact(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ck = Checkpointer(tmp_path, full_every=12, keep=None)
+    states = {}
+    for step in range(12):
+        _train(model, opt, 1, step)
+        states[step] = _state(model, opt, step)
+        ck.save(states[step], step)
+    assert ck.chain(11) == list(range(11, -1, -1))
+    for step, want in states.items():
+        _assert_tree_same(ck.load(step), want)
+    with mithril_gpu.open(ck.path(11)) as f:
+        ops = {(e.delta or {}).get("op") for e in f.index.tensors}
+    assert {"zigzag", "xor"} & ops or "same" in ops
+    full = sum(os.path.getsize(ck.path(s)) for s in [0])
+    deltas = [os.path.getsize(ck.path(s)) for s in range(1, 12)]
+    assert max(deltas) < full            # a delta of one step is smaller than a full checkpoint
+
+
+def test_in_memory_base_and_disk_base_write_identical_files(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters())
+    a = Checkpointer(tmp_path / "a", full_every=5, keep=None, keep_base_in_memory=True, threads=1)
+    b = Checkpointer(tmp_path / "b", full_every=5, keep=None, keep_base_in_memory=False, threads=1)
+    for step in range(3):
+        _train(model, opt, 2, step)
+        st = _state(model, opt, step)
+        a.save(st, step)
+        b.save(st, step)
+    for step in range(3):
+        assert open(a.path(step), "rb").read()[:-32] != b"" and \
+            open(a.path(step), "rb").read() == open(b.path(step), "rb").read()
+
+
+def test_added_removed_and_changed_tensors(tmp_path):
+    base = {"keep": torch.randn(1000), "gone": torch.randn(10), "reshaped": torch.randn(6, 4),
+            "retyped": torch.randn(50), "same": torch.arange(100), "sparse_change": torch.zeros(5000)}
+    mithril_gpu.save(base, tmp_path / "0.mth")
+    nxt = {"keep": base["keep"] + 1e-3, "new": torch.ones(7), "reshaped": base["reshaped"].reshape(4, 6),
+           "retyped": base["retyped"].double(), "same": base["same"].clone(),
+           "sparse_change": base["sparse_change"].clone()}
+    nxt["sparse_change"][::97] = 1.0
+    mithril_gpu.save(nxt, tmp_path / "1.mth", base=tmp_path / "0.mth")
+    back = mithril_gpu.load(tmp_path / "1.mth")
+    _assert_tree_same(back, nxt)
+    with mithril_gpu.open(tmp_path / "1.mth") as f:
+        ops = {e.name: (e.delta or {}).get("op") for e in f.index.tensors}
+        transforms = {e.name: e.transform for e in f.index.tensors}
+        assert f.entry("same").stored_bytes == 0
+    assert ops["same"] == "same" and ops["new"] is None and ops["reshaped"] is None and ops["retyped"] is None
+    assert ops["sparse_change"] in ("xor", "zigzag") and transforms["sparse_change"] == "masked"
+
+
+def test_wrong_modified_and_missing_base(tmp_path):
+    a = {"w": torch.randn(2000)}
+    mithril_gpu.save(a, tmp_path / "base.mth")
+    mithril_gpu.save({"w": a["w"] * 1.0001}, tmp_path / "delta.mth", base=tmp_path / "base.mth")
+    mithril_gpu.save({"w": torch.randn(2000)}, tmp_path / "other.mth")
+    with pytest.raises(mithril_gpu.BaseMismatchError, match="not the base"):
+        mithril_gpu.load(tmp_path / "delta.mth", base=tmp_path / "other.mth")
+    shutil.copy(tmp_path / "base.mth", tmp_path / "base.bak")
+    mithril_gpu.save({"w": a["w"] + 1}, tmp_path / "base.mth")           # base overwritten in place
+    with pytest.raises(mithril_gpu.BaseMismatchError):
+        mithril_gpu.load(tmp_path / "delta.mth")
+    os.unlink(tmp_path / "base.mth")
+    with pytest.raises(mithril_gpu.MissingBaseError, match="base=PATH"):
+        mithril_gpu.load(tmp_path / "delta.mth")
+    back = mithril_gpu.load(tmp_path / "delta.mth", base=tmp_path / "base.bak")
+    assert_same(back["w"], a["w"] * 1.0001)
+    os.mkdir(tmp_path / "elsewhere")
+    shutil.move(tmp_path / "base.bak", tmp_path / "elsewhere" / "base.mth")
+    assert_same(mithril_gpu.load(tmp_path / "delta.mth", base=tmp_path / "elsewhere")["w"], a["w"] * 1.0001)
+
+
+def test_forged_base_identity_is_caught_by_checksums(tmp_path):
+    """A base with the right identity but different bytes (forged index) still fails loudly."""
+    import json
+
+    import xxhash
+    import zstandard
+
+    from mithril_gpu import container
+
+    a = torch.randn(3000)
+    mithril_gpu.save({"w": a}, tmp_path / "base.mth")
+    mithril_gpu.save({"w": a + 1e-4}, tmp_path / "d.mth", base=tmp_path / "base.mth")
+    data = bytearray((tmp_path / "base.mth").read_bytes())
+    with mithril_gpu.open(tmp_path / "base.mth") as f:
+        off, csize, _ = f.entry("w").chunk(0, 1)
+    data[off + 5] ^= 0xFF                       # change the base's data, keep its index (identity)
+    (tmp_path / "base.mth").write_bytes(bytes(data))
+    with pytest.raises(mithril_gpu.ChecksumMismatchError):
+        mithril_gpu.load(tmp_path / "d.mth")
+    del json, xxhash, zstandard, container
+
+
+def test_interrupted_checkpointer_save_keeps_older_ones(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters())
+    ck = Checkpointer(tmp_path, full_every=4, keep=2)
+    for step in range(3):
+        _train(model, opt, 1, step)
+        ck.save(_state(model, opt, step), step)
+    saved = {s: ck.load(s) for s in ck.steps()}
+
+    def boom(_n):
+        raise KeyboardInterrupt
+
+    ck_bad = Checkpointer(tmp_path, full_every=4, keep=2, progress=boom)
+    _train(model, opt, 1, 99)
+    with pytest.raises(KeyboardInterrupt):
+        ck_bad.save(_state(model, opt, 3), 3)
+    assert ck.steps() == sorted(saved) and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    for s, st in saved.items():
+        _assert_tree_same(ck.load(s), st)
+
+
+def test_retention_never_deletes_a_needed_base(tmp_path):
+    ck = Checkpointer(tmp_path, full_every=4, keep=2)
+    for step in range(11):
+        ck.save({"w": torch.full((100,), float(step))}, step)
+        for s in ck.steps()[-2:]:
+            assert set(ck.chain(s)) <= set(ck.steps())
+    assert ck.steps() == [8, 9, 10]          # 10 is a delta of 9 of 8 (full); 8 is needed
+    assert ck.latest()["w"][0].item() == 10.0
+    # resuming in a new process picks up the chain on disk
+    ck2 = Checkpointer(tmp_path, full_every=4, keep=2)
+    ck2.save({"w": torch.full((100,), 11.0)}, 11)
+    assert ck2.chain(11) == [11, 10, 9, 8]          # the 4th file of the chain that 8 started
+    ck2.save({"w": torch.full((100,), 12.0)}, 12)
+    assert ck2.chain(12) == [12]                     # ... so the next one is full again
+    with pytest.raises(ValueError, match="not after"):
+        ck2.save({"w": torch.zeros(1)}, 5)
+
+
+def test_chain_length_is_bounded(tmp_path):
+    from mithril_gpu.reader import MAX_CHAIN
+
+    prev = None
+    for i in range(MAX_CHAIN + 2):
+        p = tmp_path / f"{i}.mth"
+        mithril_gpu.save({"w": torch.tensor([float(i), 1.0])}, p, base=prev)
+        prev = p
+    with pytest.raises(mithril_gpu.CorruptFileError, match="chain"):
+        mithril_gpu.load(prev)
+
+
+def test_cli_delta_compress_info_decompress(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(FIXTURES, "minilm_l0_bf16.safetensors"))
+    nxt = {k: v.clone() for k, v in sd.items()}
+    name = "encoder.layer.0.attention.self.query.weight"
+    nxt[name].view(-1)[::50] += 0.01
+    save_file(sd, tmp_path / "a.safetensors")
+    save_file(nxt, tmp_path / "b.safetensors")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mithril_gpu.cli", *map(str, args)], capture_output=True,
+                              text=True, env=env)
+
+    assert cli("compress", tmp_path / "a.safetensors", tmp_path / "a.mth").returncode == 0
+    p = cli("compress", tmp_path / "b.safetensors", tmp_path / "b.mth", "--base", tmp_path / "a.mth")
+    assert p.returncode == 0, p.stderr
+    ratio = float(p.stdout.split("(")[1].split("x")[0])
+    assert ratio > 20            # one tensor changed sparsely, the rest are references
+    info = cli("info", tmp_path / "b.mth").stdout
+    assert "delta against 'a.mth'" in info and "chain" in info and "+same" in info
+    os.rename(tmp_path / "a.mth", tmp_path / "moved.mth")
+    p = cli("decompress", tmp_path / "b.mth", tmp_path / "b2.safetensors")
+    assert p.returncode == 1 and "--base" in p.stderr and "Traceback" not in p.stderr
+    assert "not opened" in cli("info", tmp_path / "b.mth").stdout
+    p = cli("decompress", tmp_path / "b.mth", tmp_path / "b2.safetensors", "--base", tmp_path / "moved.mth")
+    assert p.returncode == 0, p.stderr
+    assert open(tmp_path / "b2.safetensors", "rb").read() == open(tmp_path / "b.safetensors", "rb").read()
