@@ -78,7 +78,8 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
     items = []
     for name, t in leaves:
         dt = dtypes.from_torch(t.dtype)
-        items.append(EncodeItem(name, dt, tuple(t.shape), _source_for(t), default_transform(dt), chunk_elems))
+        items.append(EncodeItem(name, dt, tuple(t.shape), _source_for(t), default_transform(dt), chunk_elems,
+                                device_tensor=t if t.device.type == "cuda" else None))
     encoder = backends.choose_encoder(device, [t for _, t in leaves])
     write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
                 progress=progress, encoder=encoder, base_tensors=_base_tensors)

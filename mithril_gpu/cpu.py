@@ -117,6 +117,7 @@ class EncodeItem:
     base: np.ndarray | Callable[[], np.ndarray] | None = None
     base_name: str | None = None
     on_done: Callable[[], None] | None = None   # called once the item is written (e.g. drop mapped pages)
+    device_tensor: object = None     # the torch tensor when it lives on a GPU (for the GPU backend)
 
     @property
     def nbytes(self) -> int:

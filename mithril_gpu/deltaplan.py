@@ -12,11 +12,19 @@ import numpy as np
 from . import checksum, codecs, transforms
 from .cpu import EncodeItem, delta_apply, split_planes
 
+try:
+    from ._accel import entropy as _accel_entropy
+except ImportError:
+    _accel_entropy = None
+
 SAMPLE_BLOCKS = 16
 BLOCK_ELEMS = 4096
 
 
 def _entropy_bytes(plane: np.ndarray) -> float:
+    """Order-0 entropy of a whole plane, in bytes."""
+    if _accel_entropy is not None:
+        return _accel_entropy(plane, 1) * plane.size / 8
     counts = np.bincount(plane, minlength=256)
     p = counts[counts > 0] / plane.size
     return float(-(p * np.log2(p)).sum()) * plane.size / 8

@@ -1,0 +1,245 @@
+"""Delta checkpoints on a real training run, made here on the CPU.
+
+    python benchmarks/bench_deltas.py [--steps 300] [--retrain]
+
+A byte-level transformer LM (about 3.3 M parameters, fixed seed) is trained with AdamW on real
+text: the Python standard library's own sources on this machine. Checkpoints (bf16 copies of the
+fp32 master weights, and full fp32 weights + Adam moments) are kept at chosen steps; then the
+embedding and the first layers are frozen and the rest fine-tuned on other text. The run is
+cached in benchmarks/out/run/ (--retrain to redo it).
+
+For each pair (base, next) it prints: the fraction of identical elements; mithril's ratio
+storing `next` against `base` (raw bytes of next / delta file size); plain zstd-3 and zipnn on
+`next` alone (no delta: what a user gets without one); the order-0 bound of zigzag-delta
+byte planes (raw / sum of per-tensor, per-plane order-0 entropy; identical tensors count 0);
+and mithril's delta save and load MB/s.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from common import HERE, entropy_bits, print_table
+
+import mithril_gpu  # noqa: E402
+from mithril_gpu import delta as mdelta, dtypes as mdtypes  # noqa: E402
+
+RUN = os.path.join(HERE, "out", "run")
+CTX, D, LAYERS, HEADS = 128, 256, 4, 4
+
+
+class LM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(256, D)
+        self.pos = torch.nn.Embedding(CTX, D)
+        layer = torch.nn.TransformerEncoderLayer(D, HEADS, 4 * D, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(D)
+        self.head = torch.nn.Linear(D, 256, bias=False)
+
+    def forward(self, x):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        h = self.emb(x) + self.pos(torch.arange(x.shape[1]))
+        return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
+
+
+def corpus(kind: str) -> np.ndarray:
+    """Real text: the standard library's Python sources (train) or its C headers / docs (fine-tune)."""
+    root = os.path.dirname(os.__file__)
+    pats = ["*.py", "*/*.py"] if kind == "train" else ["*/*.txt", "*/*.rst", "*/*.html", "*/*.cfg", "*/*.h"]
+    files = sorted(f for p in pats for f in glob.glob(os.path.join(root, p)))
+    if kind != "train" and not files:
+        files = sorted(glob.glob(os.path.join(root, "*/*/*.py")))
+    data = b"".join(open(f, "rb").read() for f in files)[: 8 << 20]
+    return np.frombuffer(data, np.uint8)
+
+
+def batches(data: np.ndarray, seed: int, bs: int = 16):
+    g = np.random.default_rng(seed)
+    while True:
+        idx = g.integers(0, data.size - CTX - 1, bs)
+        x = np.stack([data[i:i + CTX + 1] for i in idx]).astype(np.int64)
+        yield torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])
+
+
+def snapshot(model, opt=None):
+    sd = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.state_dict().items()}
+    full = None
+    if opt is not None:
+        import copy
+
+        full = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+    return sd, full
+
+
+def train(steps: int) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 2)
+    os.makedirs(RUN, exist_ok=True)
+    model = LM()
+    nparams = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) + 0.05)
+    keep_bf16 = {1, 2, 50, 51, steps - 100, steps - 10, steps - 1, steps}
+    keep_full = {steps - 1, steps}
+    data = batches(corpus("train"), 0)
+    t0 = time.time()
+    log = []
+    for step in range(1, steps + 1):
+        x, y = next(data)
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == 1:
+            log.append((step, round(loss.item(), 4)))
+            print(f"  step {step:4d}  loss {loss.item():.3f}  ({time.time() - t0:.0f} s)", flush=True)
+        if step in keep_bf16 or step in keep_full:
+            sd, full = snapshot(model, opt if step in keep_full else None)
+            if step in keep_bf16:
+                mithril_gpu.save(sd, os.path.join(RUN, f"bf16-{step}.mth"))
+            if full is not None:
+                mithril_gpu.save(full, os.path.join(RUN, f"full-{step}.mth"))
+    # fine-tune: freeze the embeddings and the first 3 of 4 blocks, train the rest on other text
+    for name, p in model.named_parameters():
+        p.requires_grad = not (name.startswith(("emb.", "pos.")) or any(f"layers.{i}." in name for i in range(3)))
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    ft = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    ft_data = batches(corpus("finetune"), 1)
+    for _ in range(20):
+        x, y = next(ft_data)
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        ft.zero_grad()
+        loss.backward()
+        ft.step()
+    mithril_gpu.save(snapshot(model)[0], os.path.join(RUN, "bf16-finetuned.mth"))
+    with open(os.path.join(RUN, "run.json"), "w") as f:
+        json.dump({"steps": steps, "params": nparams, "frozen_fraction": frozen / nparams, "loss_log": log,
+                   "final_loss": log[-1][1], "train_seconds": round(time.time() - t0)}, f, indent=1)
+
+
+def leaves(obj):
+    _, lv = mithril_gpu.tree.encode(obj, lambda t: isinstance(t, torch.Tensor))
+    return dict(lv)
+
+
+def raw_bytes(t) -> np.ndarray:
+    return mithril_gpu.api.tensor_bytes(t)
+
+
+def zigzag_bound(new: dict, old: dict) -> float:
+    raw = bits = 0.0
+    for k, t in new.items():
+        a = raw_bytes(t)
+        raw += a.size
+        b = old.get(k)
+        if b is None or b.dtype != t.dtype or b.shape != t.shape:
+            d = a
+        else:
+            bb = raw_bytes(b)
+            if np.array_equal(a, bb):
+                continue
+            d = np.empty_like(a)
+            mdelta.encode("zigzag", mdtypes.from_torch(t.dtype), a, bb, d)
+        isz = t.element_size()
+        bits += sum(entropy_bits(np.ascontiguousarray(d.reshape(-1, isz)[:, k])) for k in range(isz)) if d.size else 0
+    return raw / (bits / 8) if bits else float("inf")
+
+
+def identical_fraction(new: dict, old: dict) -> float:
+    same = total = 0
+    for k, t in new.items():
+        total += t.numel()
+        b = old.get(k)
+        if b is not None and b.shape == t.shape and b.dtype == t.dtype:
+            same += int((raw_bytes(t).reshape(t.numel(), -1) == raw_bytes(b).reshape(t.numel(), -1)).all(1).sum()) \
+                if t.numel() else 0
+    return same / total
+
+
+def plain_ratios(new: dict, dname: str) -> tuple[float, float]:
+    import zipnn
+    import zstandard
+
+    raw = b"".join(raw_bytes(t).tobytes() for t in new.values())
+    z = len(zstandard.ZstdCompressor(level=3).compress(raw))
+    zn = len(zipnn.ZipNN(bytearray_dtype=dname, threads=2).compress(bytearray(raw)))
+    return len(raw) / z, len(raw) / zn
+
+
+def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
+    old, new = mithril_gpu.load(base_file), mithril_gpu.load(next_file)
+    lo, ln = leaves(old), leaves(new)
+    raw = sum(t.numel() * t.element_size() for t in ln.values())
+    tmp = tempfile.mkdtemp()
+    out = os.path.join(tmp, "delta.mth")
+    tc, td = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        mithril_gpu.save(new, out, base=base_file)
+        tc.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        back = mithril_gpu.load(out, base=base_file)
+        td.append(time.perf_counter() - t)
+    assert all(torch.equal(raw_bytes(a).view(torch.uint8) if False else torch.from_numpy(raw_bytes(a)),
+                           torch.from_numpy(raw_bytes(b))) for a, b in zip(leaves(back).values(), ln.values()))
+    ours = raw / os.path.getsize(out)
+    zstd3, zipnn_r = plain_ratios(ln, "bfloat16" if "bf16" in kind else "float32")
+    bound = zigzag_bound(ln, lo)
+    return {"pair": kind, "identical": f"{100 * identical_fraction(ln, lo):.0f}%", "ours": round(ours, 2),
+            "zstd3": round(zstd3, 2), "zipnn": round(zipnn_r, 2), "bound": round(bound, 2),
+            "of_bound": f"{100 * ours / bound:.0f}%", "comp_mbs": round(raw / statistics.median(tc) / 1e6),
+            "dec_mbs": round(raw / statistics.median(td) / 1e6)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    meta = os.path.join(RUN, "run.json")
+    if a.retrain or not os.path.exists(meta) or json.load(open(meta))["steps"] != a.steps:
+        print(f"training the LM for {a.steps} steps on the CPU (cached in {RUN})", flush=True)
+        train(a.steps)
+    info = json.load(open(meta))
+    s = info["steps"]
+    f = lambda name: os.path.join(RUN, name)  # noqa: E731
+    pairs = [("bf16, 1 step, early (1->2)", "bf16-1.mth", "bf16-2.mth"),
+             ("bf16, 1 step (50->51)", "bf16-50.mth", "bf16-51.mth"),
+             (f"bf16, 1 step, late ({s - 1}->{s})", f"bf16-{s - 1}.mth", f"bf16-{s}.mth"),
+             (f"bf16, 10 steps ({s - 10}->{s})", f"bf16-{s - 10}.mth", f"bf16-{s}.mth"),
+             (f"bf16, 100 steps ({s - 100}->{s})", f"bf16-{s - 100}.mth", f"bf16-{s}.mth"),
+             (f"fp32 weights + Adam, 1 step ({s - 1}->{s})", f"full-{s - 1}.mth", f"full-{s}.mth"),
+             (f"bf16 fine-tune, {100 * info['frozen_fraction']:.0f}% frozen", f"bf16-{s}.mth", "bf16-finetuned.mth")]
+    rows = []
+    for kind, b, n in pairs:
+        rows.append(measure(kind, f(b), f(n), a.runs))
+        print("  ", rows[-1], flush=True)
+    cols = [("pair", "pair"), ("identical", "identical elements"), ("ours", "mithril delta"),
+            ("zstd3", "zstd-3, no delta"), ("zipnn", "zipnn, no delta"), ("bound", "order-0 bound (zigzag planes)"),
+            ("of_bound", "mithril / bound"), ("comp_mbs", "delta save MB/s"), ("dec_mbs", "delta load MB/s")]
+    title = (f"Real training run: {info['params'] / 1e6:.1f} M-parameter byte-level LM, {s} AdamW steps on the "
+             f"standard library's sources (final loss {info['final_loss']}, {info['train_seconds']} s to train)")
+    text = print_table(rows, cols, title)
+    with open(os.path.join(HERE, "out", "deltas.md"), "w") as fh:
+        fh.write(text + "\n")
+    with open(os.path.join(HERE, "out", "deltas.json"), "w") as fh:
+        json.dump({"run": info, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""GPU checks: kernel planes are byte-identical to the numpy reference, GPU-written files decode on
+the CPU bit-exact, nvCOMP's frames are standard zstd. They run wherever CuPy, nvCOMP and a CUDA
+device are present, and skip (with the reason) elsewhere."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("MITHRIL_GPU_EXPERIMENTAL", "1")   # these tests are what validates the backend
+
+import mithril_gpu  # noqa: E402
+from mithril_gpu import checksum, delta, dtypes, gpu, transforms  # noqa: E402
+from conftest import ALL_DTYPES, assert_same, random_tensor  # noqa: E402
+
+OK, WHY = gpu.status()
+pytestmark = pytest.mark.skipif(not OK, reason=f"no usable GPU backend: {WHY}")
+
+SIZES = [1, 3, 4, 5, 1000, 4099, 131072 + 7]
+
+
+def _cupy(a: np.ndarray):
+    import cupy
+
+    return cupy.asarray(a)
+
+
+@pytest.mark.parametrize("name", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("n", SIZES)
+def test_fieldsplit_kernels_match_reference(name, n):
+    dt = dtypes.BY_NAME[name]
+    src = np.random.default_rng(n).integers(0, 256, n * dt.itemsize, dtype=np.uint8)
+    ref = [np.empty(n * w, np.uint8) for w in transforms.plane_widths(dt, "fieldsplit")]
+    transforms.split(dt, "fieldsplit", src, ref)
+    got = gpu.split_planes(dt, "fieldsplit", _cupy(src)).get()
+    assert got.tobytes() == b"".join(p.tobytes() for p in ref)
+    import cupy
+
+    out = cupy.zeros(src.size, dtype=cupy.uint8)
+    gpu.merge_planes(dt, "fieldsplit", _cupy(got), out)
+    assert out.get().tobytes() == src.tobytes()
+
+
+@pytest.mark.parametrize("name", [d for d in dtypes.BY_NAME])
+@pytest.mark.parametrize("op", [None, "xor", "zigzag"])
+@pytest.mark.parametrize("n", [5, 4099])
+def test_bytegroup_and_delta_kernels_match_reference(name, op, n):
+    import cupy
+
+    dt = dtypes.BY_NAME[name]
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
+    b = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
+    d = x.copy()
+    if op is not None:
+        delta.encode(op, dt, x, b, d)
+    ref = [np.empty(n, np.uint8) for _ in range(dt.itemsize)]
+    transforms.split(dt, "bytegroup", d, ref)
+    got = gpu.split_planes(dt, "bytegroup", _cupy(x), _cupy(b) if op else None, op).get()
+    assert got.tobytes() == b"".join(p.tobytes() for p in ref)
+    out = cupy.zeros(x.size, dtype=cupy.uint8)
+    gpu.merge_planes(dt, "bytegroup", _cupy(got), out, _cupy(b) if op else None, op)
+    assert out.get().tobytes() == x.tobytes()
+
+
+def test_unaligned_views_use_the_scalar_path():
+    dt = dtypes.BY_NAME["BF16"]
+    src = np.random.default_rng(0).integers(0, 256, 2 * 1001 + 2, dtype=np.uint8)
+    dev = _cupy(src)[2:]                       # element-aligned, not vector-aligned
+    ref = [np.empty(1001, np.uint8) for _ in range(2)]
+    transforms.split(dt, "fieldsplit", src[2:], ref)
+    assert gpu.split_planes(dt, "fieldsplit", dev).get().tobytes() == b"".join(p.tobytes() for p in ref)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 31, 32, 33, 1000, 262144 * 3 + 17])
+def test_row_digests_match_cpu(nbytes):
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    rb = 262144
+    cpu_rows = [checksum.row_digest(data[i:i + rb]) for i in range(0, nbytes, rb)]
+    assert gpu.row_digests(_cupy(data), rb) == cpu_rows
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_gpu_save_decodes_on_cpu_bit_exact(tmp_path, dtype):
+    t = random_tensor(dtype, (3, 70001), seed=1)
+    mithril_gpu.save({"t": t.cuda(), "s": t[0, :5].cuda()}, tmp_path / "g.mth", device="cuda")
+    mithril_gpu.save({"t": t, "s": t[0, :5]}, tmp_path / "c.mth", device="cpu")
+    back = mithril_gpu.load(tmp_path / "g.mth")
+    assert_same(back["t"], t)
+    with mithril_gpu.open(tmp_path / "g.mth") as g, mithril_gpu.open(tmp_path / "c.mth") as c:
+        assert [e.checksum for e in g.index.tensors] == [e.checksum for e in c.index.tensors]
+
+
+def test_gpu_save_of_real_weights_matches_cpu_ratio(tmp_path, minilm_bf16):
+    sd = {k: v.cuda() for k, v in minilm_bf16.items()}
+    mithril_gpu.save(sd, tmp_path / "g.mth", device="cuda")
+    mithril_gpu.save(minilm_bf16, tmp_path / "c.mth", device="cpu")
+    g, c = os.path.getsize(tmp_path / "g.mth"), os.path.getsize(tmp_path / "c.mth")
+    assert g <= c * 1.01
+    back = mithril_gpu.load(tmp_path / "g.mth")
+    for k, v in minilm_bf16.items():
+        assert_same(back[k], v)
+
+
+def test_cpu_file_loads_onto_the_gpu(tmp_path, minilm_bf16):
+    mithril_gpu.save(minilm_bf16, tmp_path / "c.mth", device="cpu")
+    back = mithril_gpu.load(tmp_path / "c.mth", device="cuda")
+    for k, v in minilm_bf16.items():
+        assert back[k].is_cuda
+        assert_same(back[k].cpu(), v)
