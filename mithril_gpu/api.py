@@ -21,11 +21,10 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def tensor_bytes(t) -> np.ndarray:
-    """The little-endian bytes of a CPU tensor as a read-only uint8 view (a copy only if not contiguous).
-
-    The caller's tensor is never written to.
-    """
+def tensor_u8(t):
+    """A tensor's little-endian bytes as a flat uint8 torch tensor on its own device (a copy only
+    if it is not contiguous or has a lazy conjugate/negation bit). The caller's tensor is never
+    written to."""
     import torch
 
     if t.layout != torch.strided:
@@ -38,8 +37,12 @@ def tensor_bytes(t) -> np.ndarray:
     t = t.contiguous().reshape(-1)
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
-    u8 = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    a = u8.numpy()
+    return t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+
+
+def tensor_bytes(t) -> np.ndarray:
+    """The bytes of a CPU tensor as a read-only numpy uint8 view (see :func:`tensor_u8`)."""
+    a = tensor_u8(t).numpy()
     a.flags.writeable = False
     return a
 

@@ -14,7 +14,7 @@ import re
 
 from . import api, tree as tree_mod
 from .errors import MithrilError
-from .reader import MAX_CHAIN, MthFile
+from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 
 _NAME = re.compile(r"step-(\d+)\.mth\Z")
 
@@ -62,7 +62,7 @@ class Checkpointer:
         return sorted(out)
 
     def _base_of(self, step: int) -> int | None:
-        with MthFile(self.path(step), verify=False, base=_NoBase) as f:
+        with MthFile(self.path(step), verify=False, base=SKIP_BASE) as f:
             rec = f.index.base
         if rec is None:
             return None
@@ -134,7 +134,3 @@ class Checkpointer:
         """The newest checkpoint's state, or None if there is none."""
         steps = self.steps()
         return self.load(steps[-1], device, **kw) if steps else None
-
-
-class _NoBase:
-    """Marker: open a delta's index without resolving its base (used to walk chains)."""

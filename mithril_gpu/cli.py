@@ -91,6 +91,26 @@ def cmd_compress(a) -> int:
     return 0
 
 
+BATCH_BYTES = 32 << 20
+
+
+def _decode_in_batches(f, entries, progress):
+    """Yield (entry, bytes) in order, decoding ~32 MB of tensors at a time on all threads,
+    into one reused buffer (memory: max(32 MB, largest tensor))."""
+    import numpy as np
+
+    buf = np.empty(max([BATCH_BYTES] + [e.nbytes for e in entries]), np.uint8)
+    i = 0
+    while i < len(entries):
+        batch, pos = [], 0
+        while i < len(entries) and (not batch or pos + entries[i].nbytes <= buf.size):
+            batch.append((entries[i], buf[pos:pos + entries[i].nbytes]))
+            pos += entries[i].nbytes
+            i += 1
+        f.decode_into([e for e, _ in batch], [v for _, v in batch], progress)
+        yield from batch
+
+
 def _flat_names(f) -> bool:
     """True if the file's tree is a flat {name: tensor} dict whose keys are the tensor names."""
     node = f.index.tree
@@ -108,8 +128,6 @@ def _flat_names(f) -> bool:
 
 
 def cmd_decompress(a) -> int:
-    import numpy as np
-
     from . import formats
     from .reader import MthFile
     from .writer import AtomicFile
@@ -127,12 +145,9 @@ def cmd_decompress(a) -> int:
                 layout = formats.original_safetensors_layout(f.index.source, f.index.tensors)
                 header, order = layout if layout else (
                     formats.safetensors_header(f.index.tensors, f.index.metadata), f.index.tensors)
-                buf = np.empty(max([e.nbytes for e in order] + [1]), np.uint8)
                 with AtomicFile(a.output) as out:
                     out.write(header)
-                    for e in order:
-                        view = buf[:e.nbytes]
-                        f.decode_into([e], [view], bar)
+                    for _, view in _decode_in_batches(f, order, bar):
                         out.write(view.data)
             else:
                 import torch
@@ -149,9 +164,7 @@ def cmd_decompress(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .reader import MthFile
-
-    with MthFile(a.file, base=a.base, verify=False) if a.base else _open_no_base(a.file) as f:
+    with _open_for_info(a.file, a.base) as f:
         rows = []
         for e in f.index.tensors:
             kind = e.transform + (f"+{e.delta['op']}" if e.delta else "")
@@ -175,25 +188,18 @@ def cmd_info(a) -> int:
     return 0
 
 
-def _open_no_base(path):
+def _open_for_info(path, base):
     """Open for `info`: a delta's base is opened when found, and its absence is no error."""
     from .errors import MissingBaseError
-    from .reader import MthFile
+    from .reader import SKIP_BASE, MthFile
 
     try:
-        return MthFile(path, verify=False)
+        return MthFile(path, verify=False, base=base)
     except MissingBaseError:
-        f = MthFile.__new__(MthFile)
-        f.path, f.verify, f.threads, f._mm = os.fspath(path), False, 1, None
-        f._fh = open(f.path, "rb")
-        f._open_base = lambda base, depth: None
-        f._open(None, 0)
-        return f
+        return MthFile(path, verify=False, base=SKIP_BASE)
 
 
 def cmd_verify(a) -> int:
-    import numpy as np
-
     from .reader import MthFile
 
     t0 = time.perf_counter()
@@ -201,9 +207,8 @@ def cmd_verify(a) -> int:
         raw = sum(e.nbytes for e in f.index.tensors)
         bar = _Progress(raw, "verify", a.quiet)
         try:
-            buf = np.empty(max([e.nbytes for e in f.index.tensors] + [1]), np.uint8)
-            for e in f.index.tensors:
-                f.decode_into([e], [buf[:e.nbytes]], bar)
+            for _ in _decode_in_batches(f, f.index.tensors, bar):
+                pass
         finally:
             bar.close()
         n = len(f.index.tensors)

@@ -131,17 +131,12 @@ def row_digests(x, row_bytes: int):
 
 
 def _device_bytes(t):
-    """A torch CUDA tensor's bytes as a CuPy uint8 array, without a copy when contiguous."""
+    """A torch CUDA tensor's bytes as a CuPy uint8 array (DLPack: no copy when contiguous)."""
     import cupy
-    import torch
 
-    t = t.detach()
-    if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()
-    t = t.contiguous().reshape(-1)
-    if t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    return cupy.from_dlpack(t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device))
+    from .api import tensor_u8
+
+    return cupy.from_dlpack(tensor_u8(t))
 
 
 def encode_all(items, write, coder, threads, progress=None):

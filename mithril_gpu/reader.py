@@ -13,6 +13,10 @@ from .errors import CorruptFileError, MithrilError, MissingBaseError, BaseMismat
 
 MAX_CHAIN = 64     # the longest chain of delta bases a reader follows
 
+#: pass as ``base=`` to read a delta file's index without opening its base (no tensor of it
+#: that depends on the base can then be decoded)
+SKIP_BASE = object()
+
 
 class MthFile:
     """An open .mth file. Nothing is decoded until asked for.
@@ -58,7 +62,7 @@ class MthFile:
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._buf = memoryview(self._mm) if self._mm is not None else memoryview(b"")
         self.base_file: MthFile | None = None
-        if self.index.base is not None and getattr(base, "__name__", "") != "_NoBase":
+        if self.index.base is not None and base is not SKIP_BASE:
             self.base_file = self._open_base(base, depth)
 
     def _open_base(self, base, depth) -> "MthFile":
@@ -127,18 +131,22 @@ class MthFile:
 
     def decode_into(self, entries: list[TensorEntry], outs: list[np.ndarray], progress=None) -> None:
         """Decode entries into the given uint8 buffers (resolving delta bases), verifying checksums."""
-        work = []
-        for e, out in zip(entries, outs):
-            base = None
-            if e.delta is not None:
-                if self.base_file is None:
-                    raise CorruptFileError(f"tensor {e.name!r} is a delta in a file without a base")
-                be = self.base_file.entry(e.delta["base"]) if e.delta["base"] in self.base_file else None
+        need = [e for e in entries if e.delta is not None]
+        bases: dict[str, np.ndarray] = {}
+        if need:
+            if self.base_file is None:
+                raise CorruptFileError(f"tensor {need[0].name!r} is a delta in a file without a base")
+            base_entries = []
+            for e in need:
+                name = e.delta["base"]
+                be = self.base_file.entry(name) if name in self.base_file else None
                 if be is None or be.nbytes != e.nbytes:
-                    raise BaseMismatchError(f"base has no tensor {e.delta['base']!r} of {e.nbytes} bytes")
-                base = np.empty(e.nbytes, np.uint8)
-                self.base_file.decode_into([be], [base])
-            work.append((e, out, base))
+                    raise BaseMismatchError(f"base has no tensor {name!r} of {e.nbytes} bytes")
+                if name not in bases:
+                    bases[name] = _alloc(be)
+                    base_entries.append(be)
+            self.base_file.decode_into(base_entries, [bases[be.name] for be in base_entries])
+        work = [(e, out, bases[e.delta["base"]] if e.delta is not None else None) for e, out in zip(entries, outs)]
         decode_all(self._buf, work, self.threads, self.verify, progress)
 
     def get_bytes(self, name: str) -> np.ndarray:
