@@ -39,18 +39,20 @@ CTX, D, LAYERS, HEADS = 128, 256, 4, 4
 
 
 class LM(torch.nn.Module):
-    def __init__(self):
+    """A byte-level causal transformer LM (also used, scaled up, by bench_gpu.py)."""
+
+    def __init__(self, d: int = D, layers: int = LAYERS, heads: int = HEADS):
         super().__init__()
-        self.emb = torch.nn.Embedding(256, D)
-        self.pos = torch.nn.Embedding(CTX, D)
-        layer = torch.nn.TransformerEncoderLayer(D, HEADS, 4 * D, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = torch.nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
-        self.norm = torch.nn.LayerNorm(D)
-        self.head = torch.nn.Linear(D, 256, bias=False)
+        self.emb = torch.nn.Embedding(256, d)
+        self.pos = torch.nn.Embedding(CTX, d)
+        layer = torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, 256, bias=False)
 
     def forward(self, x):
-        mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-        h = self.emb(x) + self.pos(torch.arange(x.shape[1]))
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        h = self.emb(x) + self.pos(torch.arange(x.shape[1], device=x.device))
         return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
 
 

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 
 from common import HERE, fsync_path, minilm_path, order0_bound, plot, print_table, time_runs
@@ -172,26 +171,20 @@ def peak_child(method: str, src: str, dst: str, dname: str, threads: int) -> Non
     import gc
 
     from safetensors.torch import load_file
-    import zipnn  # noqa: F401  (imports before the baseline)
-    import zstandard  # noqa: F401
-    from mithril_gpu import cli  # noqa: F401
+    import zipnn  # (imported before the baseline is taken)
+    import zstandard
+    from mithril_gpu import cli
 
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current RSS
         f.write("5")
     base = _status_kb("VmRSS")
     if method == "mithril":
-        from mithril_gpu import cli
-
         cli.main(["compress", src, dst, "-q", "--threads", str(threads)])
     elif method == "zipnn 0.5.4":
-        import zipnn
-
         data = bytearray(open(src, "rb").read())
         open(dst, "wb").write(zipnn.ZipNN(bytearray_dtype=ZIPNN_NAMES[dname], threads=threads).compress(data))
     elif method == "zstd-1 raw":
-        import zstandard
-
         open(dst, "wb").write(zstandard.ZstdCompressor(level=1, threads=threads).compress(open(src, "rb").read()))
     else:
         sd = load_file(src)

@@ -12,7 +12,7 @@ from .errors import (BackendUnavailableError, BaseMismatchError, ChecksumMismatc
                      FormatError, MissingBaseError, MithrilError, NotMithrilFileError, TruncatedFileError,
                      UnsupportedValueError, UnsupportedVersionError)
 from .reader import MthFile
-from . import api, tree  # noqa: F401  (for tools: mithril_gpu.tree.encode, mithril_gpu.api.tensor_bytes)
+from . import api, tree  # noqa: F401  (submodules used by tools: tree.encode, api.tensor_bytes)
 
 __version__ = "0.1.0"
 

@@ -158,9 +158,22 @@ def _to_device(t, device):
 
 def _load_tree(f: MthFile, device: str, progress=None):
     backends.check_load_device(device)
-    tensors = _torch_from_entries(f, f.index.tensors, progress)
-    tensors = [_to_device(t, device) for t in tensors]
+    if backends.use_gpu_for_load(device):
+        tensors = _torch_on_device(f, f.index.tensors, device)
+    else:
+        tensors = [_to_device(t, device) for t in _torch_from_entries(f, f.index.tensors, progress)]
     return tree_mod.decode(f.index.tree, lambda i: tensors[i])
+
+
+def _torch_on_device(f: MthFile, entries, device) -> list:
+    """Decode straight into CUDA tensors with the GPU backend (compressed bytes cross PCIe)."""
+    import torch
+
+    from . import gpu
+
+    bufs = [torch.empty(e.nbytes, dtype=torch.uint8, device=device) for e in entries]
+    gpu.decode_into_device(f, entries, bufs, verify=f.verify)
+    return [b.view(dtypes.to_torch(e.dtype)).reshape(e.shape) for e, b in zip(entries, bufs)]
 
 
 def _warn(msg):

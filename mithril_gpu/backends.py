@@ -41,3 +41,13 @@ def check_load_device(device: str) -> None:
     if device in (None, "cpu") or str(device).startswith("cuda"):
         return
     raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+
+
+def use_gpu_for_load(device) -> bool:
+    """Whether load(device=...) decodes on the GPU: a CUDA device asked for and the backend usable."""
+    if device is None or not str(device).startswith("cuda"):
+        return False
+    ok, why = gpu_status()
+    if not ok:
+        warnings.warn(f"mithril: decoding on the CPU, then copying to {device}: {why}", BackendNote, stacklevel=4)
+    return ok

@@ -1,11 +1,13 @@
 """The GPU backend: CuPy RawKernels (kernels/*.cu) split planes in device memory, nvCOMP's zstd
 (RAW bitstreams: one standard zstd frame per chunk) compresses all chunks of a tensor in one
-batch, and only compressed bytes cross PCIe. Same file format, byte for byte the same planes as
-the numpy reference (tests/test_gpu.py checks both whenever a GPU is present).
+batch, and only compressed bytes cross PCIe. Loading is the mirror image. Same file format, and
+byte for byte the same planes as the numpy reference (tests/test_gpu.py checks both whenever a
+GPU is present).
 
-Status: written and compiled (nvcc, sm_80/sm_90) but not yet run on a GPU. Until the GPU tests
-have passed on a device, it is used only when MITHRIL_GPU_EXPERIMENTAL=1 is set (see STATUS.md).
-Importing this module imports nothing from CUDA; :func:`status` does, when called.
+Status: written against nvCOMP 6.0's Python API (read from the wheel) and compiled with nvcc
+(sm_80/sm_90), but not yet run on a GPU. Until tests/test_gpu.py has passed on a device, it is
+used only when MITHRIL_GPU_EXPERIMENTAL=1 is set (see STATUS.md). Importing this module imports
+nothing from CUDA; :func:`status` does, when called.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from . import checksum, codecs, transforms
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 VALIDATED = False        # set True once tests/test_gpu.py has passed on a real GPU
 THREADS_PER_BLOCK = 256
+MIN_ALIGN = 16           # chunk addresses handed to nvCOMP are aligned to at least this
 
 _modules: dict = {}
+_codecs: dict = {}
 
 
 def status() -> tuple[bool, str]:
@@ -35,7 +39,7 @@ def status() -> tuple[bool, str]:
     except Exception as e:  # CUDA driver missing or broken
         return False, f"CUDA is not usable ({e})"
     try:
-        from nvidia import nvcomp  # noqa: F401
+        from nvidia import nvcomp  # noqa: F401  (import check only)
     except ImportError:
         return False, "nvCOMP is not installed (pip install nvidia-nvcomp-cu13)"
     if not os.path.isfile(os.path.join(KERNEL_DIR, "planes.cu")):
@@ -55,78 +59,98 @@ def module(name: str):
     return mod
 
 
-def _launch(kernel, n_threads: int, args) -> None:
+def zstd_codec():
+    """(nvCOMP zstd RAW codec, alignment) for the current device."""
     import cupy
+    from nvidia import nvcomp
 
+    dev = cupy.cuda.runtime.getDevice()
+    c = _codecs.get(dev)
+    if c is None:
+        codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, device_id=dev)
+        align = max(MIN_ALIGN, codec.get_required_compression_alignment(), codec.get_required_decompression_alignment())
+        c = _codecs[dev] = (codec, align)
+    return c
+
+
+def _round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def _launch(kernel, n_threads: int, args) -> None:
     blocks = max(1, min(65535 * 4, (n_threads + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK))
     kernel((blocks,), (THREADS_PER_BLOCK,), args)
-    del cupy
 
 
 _OPS = {None: 0, "xor": 1, "zigzag": 2}
 
 
-def split_planes(dt, transform: str, x, base=None, op: str | None = None):
-    """Planes of device array ``x`` (uint8, whole elements) back to back in one device buffer."""
+def plane_stride(n: int) -> int:
+    """Bytes between planes in device buffers: n rounded up so every chunk stays aligned."""
+    return _round_up(max(n, 1), MIN_ALIGN)
+
+
+def split_planes(dt, transform: str, x, base=None, op: str | None = None, stride: int | None = None):
+    """Planes of device array ``x`` (uint8, whole elements) in one device buffer, plane k at
+    k * stride (default :func:`plane_stride`). ``raw`` without a delta returns ``x`` itself."""
     import cupy
 
     n = x.size // dt.itemsize
-    widths = transforms.plane_widths(dt, transform)
     if transform == "raw" and op is None:
         return x
-    out = cupy.empty(n * sum(widths), dtype=cupy.uint8)
+    stride = plane_stride(n) if stride is None else stride
+    nplanes = len(transforms.plane_widths(dt, transform))
+    out = cupy.empty(stride * nplanes, dtype=cupy.uint8)
     if n == 0:
         return out
-    mod = module("planes")
-    i64 = cupy.int64
+    mod, i64, i32 = module("planes"), cupy.int64, cupy.int32
     if transform == "fieldsplit" and op is None:
         if dt.itemsize == 2:
             _launch(mod.get_function("split_fieldsplit16"), (n + 3) // 4,
-                    (x, out, i64(n), cupy.int32(dt.exp_bits), cupy.int32(dt.man_bits)))
+                    (x, out, i64(n), i64(stride), i32(dt.exp_bits), i32(dt.man_bits)))
         else:
-            _launch(mod.get_function("split_fieldsplit32"), (n + 3) // 4, (x, out, i64(n)))
+            _launch(mod.get_function("split_fieldsplit32"), (n + 3) // 4, (x, out, i64(n), i64(stride)))
         return out
     if transform not in ("bytegroup", "raw"):
         raise ValueError(f"no GPU kernel for transform {transform!r}")
     from .delta import is_float
 
-    fn = mod.get_function(f"split_bytegroup{dt.itemsize}")
-    _launch(fn, (n + 3) // 4, (x, base if base is not None else 0, out, i64(n), cupy.int32(_OPS[op]),
-                               cupy.int32(int(is_float(dt)))))
+    _launch(mod.get_function(f"split_bytegroup{dt.itemsize}"), (n + 3) // 4,
+            (x, base if base is not None else 0, out, i64(n), i64(stride), i32(_OPS[op]), i32(int(is_float(dt)))))
     return out
 
 
-def merge_planes(dt, transform: str, planes, out, base=None, op: str | None = None) -> None:
+def merge_planes(dt, transform: str, planes, out, base=None, op: str | None = None, stride: int | None = None) -> None:
     """Inverse of :func:`split_planes` into device array ``out`` (uint8)."""
     import cupy
 
     n = out.size // dt.itemsize
     if n == 0:
         return
-    mod = module("planes")
-    i64 = cupy.int64
+    stride = plane_stride(n) if stride is None else stride
+    mod, i64, i32 = module("planes"), cupy.int64, cupy.int32
     if transform == "fieldsplit" and op is None:
         if dt.itemsize == 2:
             _launch(mod.get_function("merge_fieldsplit16"), n,
-                    (planes, out, i64(n), cupy.int32(dt.exp_bits), cupy.int32(dt.man_bits)))
+                    (planes, out, i64(n), i64(stride), i32(dt.exp_bits), i32(dt.man_bits)))
         else:
-            _launch(mod.get_function("merge_fieldsplit32"), n, (planes, out, i64(n)))
+            _launch(mod.get_function("merge_fieldsplit32"), n, (planes, out, i64(n), i64(stride)))
         return
     from .delta import is_float
 
-    fn = mod.get_function(f"merge_bytegroup{dt.itemsize}")
-    _launch(fn, n, (planes, base if base is not None else 0, out, i64(n), cupy.int32(_OPS[op]),
-                    cupy.int32(int(is_float(dt)))))
+    _launch(mod.get_function(f"merge_bytegroup{dt.itemsize}"), n,
+            (planes, base if base is not None else 0, out, i64(n), i64(stride), i32(_OPS[op]), i32(int(is_float(dt)))))
 
 
-def row_digests(x, row_bytes: int):
+def row_digests(x, row_bytes: int) -> list[int]:
     """XXH64 of each row of device array ``x`` (uint8), as a host list of ints."""
     import cupy
 
     rows = -(-x.size // row_bytes) if x.size else 0
     d = cupy.empty(max(rows, 1), dtype=cupy.uint64)
     if rows:
-        _launch(module("checksum").get_function("xxh64_rows"), rows, (x, cupy.int64(x.size), cupy.int64(row_bytes), d))
+        _launch(module("checksum").get_function("xxh64_rows"), rows,
+                (x, cupy.int64(x.size), cupy.int64(row_bytes), d))
     return [int(v) for v in d[:rows].get()]
 
 
@@ -139,47 +163,129 @@ def _device_bytes(t):
     return cupy.from_dlpack(tensor_u8(t))
 
 
-def encode_all(items, write, coder, threads, progress=None):
-    """GPU counterpart of :func:`mithril_gpu.cpu.encode_all` (same arguments, same result)."""
-    from . import cpu
+def _chunk_layout(e_count: int, itemsize: int, nplanes: int, chunk_elems: int, transform: str, stride: int):
+    """(row, plane, device offset, uncompressed size) of every chunk, in file order."""
+    widths = [itemsize] if transform == "raw" else [1] * nplanes
+    rows = -(-e_count // chunk_elems) if e_count else 0
+    out = []
+    for r in range(rows):
+        count = min(chunk_elems, e_count - r * chunk_elems)
+        for p, w in enumerate(widths):
+            base = 0 if transform == "raw" else p * stride
+            out.append((r, p, base + r * chunk_elems * w, count * w))
+    return out
 
-    if any(it.delta_op is not None or getattr(it, "device_tensor", None) is None for it in items):
-        # deltas (and tensors not on a device) take the CPU path for now; same format either way
-        return cpu.encode_all(items, write, coder, threads, progress)
+
+def gpu_can_encode(item, align: int) -> bool:
+    return (item.device_tensor is not None and item.delta_op is None and item.transform != "masked"
+            and (item.chunk_elems * (item.dtype.itemsize if item.transform == "raw" else 1)) % align == 0)
+
+
+def encode_all(items, write, coder, threads, progress=None):
+    """GPU counterpart of :func:`mithril_gpu.cpu.encode_all` (same arguments, same result).
+
+    Tensors the GPU path does not handle yet (deltas, masked, host tensors, odd chunk sizes)
+    go through the CPU path; the file is the same either way.
+    """
     import cupy
+    import numpy as np
     from nvidia import nvcomp
 
-    codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW)
-    results = []
-    for it in items:
-        dt, n_el = it.dtype, it.nbytes // it.dtype.itemsize
+    from . import cpu
+
+    codec, align = zstd_codec()
+    results: list = [None] * len(items)
+    for i, it in enumerate(items):
+        if not gpu_can_encode(it, align):
+            results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
+            continue
+        dt, n = it.dtype, it.nbytes // it.dtype.itemsize
         with cupy.cuda.Device(it.device_tensor.device.index):
             x = _device_bytes(it.device_tensor)
-            rb = it.chunk_elems * dt.itemsize
-            digests = row_digests(x, rb)
-            planes = split_planes(dt, it.transform, x)
-            widths = transforms.plane_widths(dt, it.transform)
-            rows = -(-n_el // it.chunk_elems) if n_el else 0
-            slices, sizes = [], []
-            for r in range(rows):
-                count = min(it.chunk_elems, n_el - r * it.chunk_elems)
-                start = r * it.chunk_elems
-                for p, w in enumerate(widths):
-                    lo = sum(widths[:p]) * n_el + start * w
-                    slices.append(planes[lo:lo + count * w])
-                    sizes.append(count * w)
+            digests = row_digests(x, it.chunk_elems * dt.itemsize)
+            stride = plane_stride(n)
+            planes = split_planes(dt, it.transform, x, stride=stride)
+            layout = _chunk_layout(n, dt.itemsize, len(transforms.plane_widths(dt, it.transform)), it.chunk_elems,
+                                   it.transform, stride)
             chunks = []
-            if slices:
-                comp = codec.encode([nvcomp.as_array(s) for s in slices])
-                for s, usize, c in zip(slices, sizes, comp):
-                    payload = cupy.asarray(c).view(cupy.uint8).get()
-                    if len(payload) >= usize:
-                        codec_id, payload = codecs.STORED, s.get()
+            if layout:
+                batch = nvcomp.as_arrays(planes, [c[2] for c in layout], [c[3] for c in layout])
+                comp = codec.encode(batch)
+                sizes = comp.buffer_sizes
+                host = comp.cpu()
+                for (r, p, off, usize), csize, k in zip(layout, sizes, range(len(layout))):
+                    if csize >= usize:
+                        payload, codec_id = planes[off:off + usize].get(), codecs.STORED
                     else:
-                        codec_id = codecs.ZSTD
-                    data = memoryview(payload).cast("B")
+                        payload, codec_id = np.asarray(host[k]).view(np.uint8).reshape(-1)[:csize], codecs.ZSTD
+                    data = memoryview(np.ascontiguousarray(payload)).cast("B")
                     chunks.extend((write(data), len(data), codec_id))
         if progress:
             progress(it.nbytes)
-        results.append((checksum.combine(digests), chunks))
+        results[i] = (checksum.combine(digests), chunks)
     return results
+
+
+# ---------------------------------------------------------------- decoding (issue 4)
+
+def decode_into_device(f, entries, outs, verify: bool = True) -> None:
+    """Decode ``entries`` of MthFile ``f`` into CUDA uint8 tensors ``outs`` (torch, nbytes each).
+
+    Only compressed bytes cross PCIe: a tensor's zstd chunks are staged at aligned offsets in one
+    pinned host buffer, copied once, and decompressed by one nvCOMP batch straight into the
+    plane buffer; the merge kernel writes the tensor and the checksum kernel verifies it.
+    Deltas, masked tensors and odd chunk sizes are decoded on the CPU and copied over.
+    """
+    import cupy
+    import numpy as np
+    import torch
+    from nvidia import nvcomp
+
+    from .errors import ChecksumMismatchError, CorruptFileError
+
+    codec, align = zstd_codec()
+    for e, out in zip(entries, outs):
+        step = e.chunk_elems * (e.dtype.itemsize if e.transform == "raw" else 1)
+        if e.delta is not None or e.transform == "masked" or step % align:
+            host = np.empty(e.nbytes, np.uint8)
+            f.decode_into([e], [host])
+            out.copy_(torch.from_numpy(host))
+            continue
+        if e.nbytes == 0:
+            continue
+        dev_out = cupy.from_dlpack(out)
+        n = e.count
+        stride = plane_stride(n)
+        layout = _chunk_layout(n, e.dtype.itemsize, len(e.widths), e.chunk_elems, e.transform, stride)
+        target = dev_out if e.transform == "raw" else cupy.empty(stride * len(e.widths), dtype=cupy.uint8)
+        staged, total = [], 0
+        for (r, p, dst, usize) in layout:
+            off, csize, codec_id = e.chunk(r, p)
+            if codec_id not in (codecs.STORED, codecs.ZSTD):
+                raise CorruptFileError(f"tensor {e.name!r}: unknown codec id {codec_id}")
+            staged.append((off, csize, codec_id, dst, usize, total))
+            total = _round_up(total + csize, align)
+        pinned = cupy.cuda.alloc_pinned_memory(max(total, 1))
+        staging = np.frombuffer(pinned, np.uint8, max(total, 1))
+        for off, csize, _, _, _, at in staged:
+            staging[at:at + csize] = np.frombuffer(f._buf[off:off + csize], np.uint8)
+        comp = cupy.asarray(staging)                                   # the one H2D copy
+        zstd = [s for s in staged if s[2] == codecs.ZSTD]
+        for off, csize, codec_id, dst, usize, at in staged:
+            if codec_id == codecs.STORED:
+                target[dst:dst + usize] = comp[at:at + csize]
+        if zstd:
+            src = nvcomp.as_arrays(comp, [s[5] for s in zstd], [s[1] for s in zstd])
+            dst = nvcomp.as_arrays(target, [s[3] for s in zstd], [s[4] for s in zstd])
+            try:
+                decoded = codec.decode(src, out=dst)
+                got = decoded.buffer_sizes
+            except (RuntimeError, ValueError) as exc:
+                raise CorruptFileError(f"tensor {e.name!r}: a zstd chunk does not decode ({exc})") from None
+            for s, g in zip(zstd, got):
+                if g != s[4]:
+                    raise CorruptFileError(f"tensor {e.name!r}: a zstd chunk decoded to {g} bytes, expected {s[4]}")
+        if e.transform != "raw":
+            merge_planes(e.dtype, e.transform, target, dev_out, stride=stride)
+        if verify and checksum.combine(row_digests(dev_out, e.chunk_elems * e.dtype.itemsize)) != e.checksum:
+            raise ChecksumMismatchError(f"tensor {e.name!r} does not match its checksum: the file is damaged")

@@ -156,9 +156,12 @@ class MthFile:
         return out
 
     def get_tensor(self, name: str, device: str = "cpu"):
-        from .api import _to_device, _torch_from_entries
+        from . import backends
+        from .api import _to_device, _torch_from_entries, _torch_on_device
 
         e = self.entry(name)
+        if backends.use_gpu_for_load(device):
+            return _torch_on_device(self, [e], device)[0]
         return _to_device(_torch_from_entries(self, [e])[0], device)
 
     def load(self, device: str = "cpu", progress=None):

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 os.environ.setdefault("MITHRIL_GPU_EXPERIMENTAL", "1")   # these tests are what validates the backend
 
@@ -25,6 +24,11 @@ def _cupy(a: np.ndarray):
     return cupy.asarray(a)
 
 
+def _planes(buf, n: int, nplanes: int, stride: int) -> list[bytes]:
+    host = buf.get()
+    return [host[k * stride:k * stride + n].tobytes() for k in range(nplanes)]
+
+
 @pytest.mark.parametrize("name", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("n", SIZES)
 def test_fieldsplit_kernels_match_reference(name, n):
@@ -32,13 +36,14 @@ def test_fieldsplit_kernels_match_reference(name, n):
     src = np.random.default_rng(n).integers(0, 256, n * dt.itemsize, dtype=np.uint8)
     ref = [np.empty(n * w, np.uint8) for w in transforms.plane_widths(dt, "fieldsplit")]
     transforms.split(dt, "fieldsplit", src, ref)
-    got = gpu.split_planes(dt, "fieldsplit", _cupy(src)).get()
-    assert got.tobytes() == b"".join(p.tobytes() for p in ref)
     import cupy
 
-    out = cupy.zeros(src.size, dtype=cupy.uint8)
-    gpu.merge_planes(dt, "fieldsplit", _cupy(got), out)
-    assert out.get().tobytes() == src.tobytes()
+    for stride in (gpu.plane_stride(n), n):                    # aligned (vector path) and packed
+        got = gpu.split_planes(dt, "fieldsplit", _cupy(src), stride=stride)
+        assert _planes(got, n, len(ref), stride) == [p.tobytes() for p in ref]
+        out = cupy.zeros(src.size, dtype=cupy.uint8)
+        gpu.merge_planes(dt, "fieldsplit", got, out, stride=stride)
+        assert out.get().tobytes() == src.tobytes()
 
 
 @pytest.mark.parametrize("name", [d for d in dtypes.BY_NAME])
@@ -56,11 +61,12 @@ def test_bytegroup_and_delta_kernels_match_reference(name, op, n):
         delta.encode(op, dt, x, b, d)
     ref = [np.empty(n, np.uint8) for _ in range(dt.itemsize)]
     transforms.split(dt, "bytegroup", d, ref)
-    got = gpu.split_planes(dt, "bytegroup", _cupy(x), _cupy(b) if op else None, op).get()
-    assert got.tobytes() == b"".join(p.tobytes() for p in ref)
-    out = cupy.zeros(x.size, dtype=cupy.uint8)
-    gpu.merge_planes(dt, "bytegroup", _cupy(got), out, _cupy(b) if op else None, op)
-    assert out.get().tobytes() == x.tobytes()
+    for stride in (gpu.plane_stride(n), n):
+        got = gpu.split_planes(dt, "bytegroup", _cupy(x), _cupy(b) if op else None, op, stride=stride)
+        assert _planes(got, n, dt.itemsize, stride) == [p.tobytes() for p in ref]
+        out = cupy.zeros(x.size, dtype=cupy.uint8)
+        gpu.merge_planes(dt, "bytegroup", got, out, _cupy(b) if op else None, op, stride=stride)
+        assert out.get().tobytes() == x.tobytes()
 
 
 def test_unaligned_views_use_the_scalar_path():
@@ -69,7 +75,8 @@ def test_unaligned_views_use_the_scalar_path():
     dev = _cupy(src)[2:]                       # element-aligned, not vector-aligned
     ref = [np.empty(1001, np.uint8) for _ in range(2)]
     transforms.split(dt, "fieldsplit", src[2:], ref)
-    assert gpu.split_planes(dt, "fieldsplit", dev).get().tobytes() == b"".join(p.tobytes() for p in ref)
+    got = gpu.split_planes(dt, "fieldsplit", dev)
+    assert _planes(got, 1001, 2, gpu.plane_stride(1001)) == [p.tobytes() for p in ref]
 
 
 @pytest.mark.parametrize("nbytes", [0, 1, 31, 32, 33, 1000, 262144 * 3 + 17])
@@ -108,3 +115,40 @@ def test_cpu_file_loads_onto_the_gpu(tmp_path, minilm_bf16):
     for k, v in minilm_bf16.items():
         assert back[k].is_cuda
         assert_same(back[k].cpu(), v)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_gpu_load_of_cpu_file_is_bit_exact(tmp_path, dtype):
+    t = random_tensor(dtype, (5, 30011), seed=2)
+    mithril_gpu.save({"t": t, "e": t[:0]}, tmp_path / "c.mth", device="cpu", chunk_elems=4096)
+    back = mithril_gpu.load(tmp_path / "c.mth", device="cuda")
+    assert back["t"].is_cuda
+    assert_same(back["t"].cpu(), t)
+    with mithril_gpu.open(tmp_path / "c.mth") as f:
+        assert_same(f.get_tensor("t", device="cuda").cpu(), t)
+
+
+def test_gpu_load_of_a_delta_chain(tmp_path, minilm_bf16):
+    mithril_gpu.save(minilm_bf16, tmp_path / "a.mth", device="cpu")
+    nxt = {k: v.clone() for k, v in minilm_bf16.items()}
+    for v in nxt.values():
+        v.view(-1)[::13] += 1
+    mithril_gpu.save(nxt, tmp_path / "b.mth", base=tmp_path / "a.mth", device="cpu")
+    back = mithril_gpu.load(tmp_path / "b.mth", device="cuda")
+    for k, v in nxt.items():
+        assert_same(back[k].cpu(), v)
+
+
+def test_corrupted_chunk_gives_the_same_error_on_gpu(tmp_path, minilm_bf16):
+    path = tmp_path / "c.mth"
+    mithril_gpu.save(minilm_bf16, path, device="cpu")
+    data = bytearray(path.read_bytes())
+    with mithril_gpu.open(path) as f:
+        e = f.index.tensors[0]
+        off, csize, _ = e.chunk(0, 1)                        # a stored mantissa chunk: decodes, wrong bytes
+    data[off + csize // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(mithril_gpu.ChecksumMismatchError, match=e.name):
+        mithril_gpu.load(path, device="cpu")
+    with pytest.raises(mithril_gpu.ChecksumMismatchError, match=e.name):
+        mithril_gpu.load(path, device="cuda")
