@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 
 #define MAXP 8
 
@@ -213,7 +214,177 @@ static PyObject *py_xxh64(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* ------------------------------------------------------------------------------------------
+ * huff_frame: one standard zstd frame (RFC 8878) holding a chunk as a single compressed block
+ * of Huffman-coded literals and no sequences. On float exponent planes LZ matches are short and
+ * spurious; a literals-only block codes them near their order-0 entropy, fast, and any zstd
+ * decoder (libzstd, nvCOMP) reads it. Returns the frame size, or 0 when this form does not
+ * apply (fewer than 2 symbols, a symbol above 128, size out of range, or no gain): the caller
+ * then uses libzstd. */
+#define HUF_MAXBITS 11
+
+typedef struct { uint32_t count; int sym; } hsym;
+
+static int cmp_hsym(const void *a, const void *b) {
+    const hsym *x = a, *y = b;
+    if (x->count != y->count) return x->count < y->count ? -1 : 1;
+    return x->sym - y->sym;
+}
+
+/* Huffman code lengths (two-queue method on sorted counts), then limited to HUF_MAXBITS and
+ * made complete (Kraft sum exactly 1, as zstd requires). */
+static void huff_lengths(const uint32_t *counts, int maxsym, uint8_t *len) {
+    hsym s[129]; int m = 0;
+    for (int k = 0; k <= maxsym; k++) { len[k] = 0; if (counts[k]) { s[m].count = counts[k]; s[m].sym = k; m++; } }
+    qsort(s, m, sizeof(hsym), cmp_hsym);
+    uint64_t w[2 * 129]; int parent[2 * 129];
+    for (int i = 0; i < m; i++) w[i] = s[i].count;
+    int leaf = 0, node = m, nodes_end = m;
+    for (int k = 0; k < m - 1; k++) {          /* build internal nodes m .. 2m-2 */
+        int pick[2];
+        for (int t = 0; t < 2; t++) {
+            if (leaf < m && (node >= nodes_end || w[leaf] <= w[node])) pick[t] = leaf++;
+            else pick[t] = node++;
+        }
+        w[nodes_end] = w[pick[0]] + w[pick[1]];
+        parent[pick[0]] = parent[pick[1]] = nodes_end;
+        nodes_end++;
+    }
+    int depth[2 * 129]; depth[nodes_end - 1] = 0;
+    for (int i = nodes_end - 2; i >= 0; i--) depth[i] = depth[parent[i]] + 1;
+    int L[129];
+    for (int i = 0; i < m; i++) L[i] = depth[i] > HUF_MAXBITS ? HUF_MAXBITS : depth[i];
+    /* Kraft sum in units of 2^-MAXBITS */
+    int64_t K = 0, ONE = (int64_t)1 << HUF_MAXBITS;
+    for (int i = 0; i < m; i++) K += (int64_t)1 << (HUF_MAXBITS - L[i]);
+    /* too long a sum: lengthen the rarest codes that can still grow (s[] is rarest first) */
+    while (K > ONE) {
+        for (int i = 0; i < m && K > ONE; i++)
+            if (L[i] < HUF_MAXBITS) { K -= (int64_t)1 << (HUF_MAXBITS - L[i] - 1); L[i]++; }
+    }
+    /* incomplete: shorten the most frequent codes whose shortening still fits */
+    while (K < ONE) {
+        int done = 0;
+        for (int i = m - 1; i >= 0 && K < ONE; i--) {
+            int64_t add = (int64_t)1 << (HUF_MAXBITS - L[i]);
+            if (L[i] > 1 && K + add <= ONE) { K += add; L[i]--; done = 1; }
+        }
+        if (!done) break;
+    }
+    for (int i = 0; i < m; i++) len[s[i].sym] = (uint8_t)L[i];
+}
+
+typedef struct { uint8_t *out; size_t pos, cap; uint64_t acc; int bits; int overflow; } bitw;
+
+static inline void bw_flush(bitw *b) {
+    if (b->pos + 8 > b->cap) { b->overflow = 1; b->pos = 0; }
+    memcpy(b->out + b->pos, &b->acc, 8);       /* little-endian host (checked at import) */
+    int nbytes = b->bits >> 3;
+    b->pos += nbytes; b->acc = nbytes == 8 ? 0 : b->acc >> (8 * nbytes); b->bits &= 7;
+}
+
+/* one Huffman stream: symbols last to first, then the end-mark bit. Returns bytes written.
+ * ct[c] = code | nbBits << 16. Four symbols (at most 44 bits) between flushes. */
+static size_t huff_stream(const uint8_t *src, size_t n, const uint32_t *ct, uint8_t *out, size_t cap, int *overflow) {
+    bitw b = {out, 0, cap, 0, 0, 0};
+    size_t i = n;
+    if (cap < n * 2 + 16) { *overflow = 1; return 0; }   /* 11 bits a symbol at most: no checks needed */
+    uint64_t acc = 0; int bits = 0; uint8_t *o = out;
+    while (i >= 4) {
+        uint32_t e0 = ct[src[i - 1]], e1 = ct[src[i - 2]], e2 = ct[src[i - 3]], e3 = ct[src[i - 4]];
+        i -= 4;
+        acc |= (uint64_t)(e0 & 0xFFFF) << bits; bits += e0 >> 16;
+        acc |= (uint64_t)(e1 & 0xFFFF) << bits; bits += e1 >> 16;
+        acc |= (uint64_t)(e2 & 0xFFFF) << bits; bits += e2 >> 16;
+        acc |= (uint64_t)(e3 & 0xFFFF) << bits; bits += e3 >> 16;
+        memcpy(o, &acc, 8);
+        int nb = bits >> 3; o += nb; acc >>= 8 * nb; bits &= 7;
+    }
+    b.pos = (size_t)(o - out); b.acc = acc; b.bits = bits;
+    while (i > 0) { uint32_t e = ct[src[--i]]; b.acc |= (uint64_t)(e & 0xFFFF) << b.bits; b.bits += e >> 16; bw_flush(&b); }
+    b.acc |= (uint64_t)1 << b.bits; b.bits += 1;
+    bw_flush(&b);
+    if (b.overflow) { *overflow = 1; return 0; }
+    return b.pos + (b.bits ? 1 : 0);
+}
+
+static size_t huff_frame_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+    if (n < 256 || n > (128u << 10) || cap < 2 * n + 256) return 0;
+    uint32_t counts[256] = {0}, c4[4][256] = {{0}};
+    size_t i4 = 0;
+    for (; i4 + 4 <= n; i4 += 4) { c4[0][src[i4]]++; c4[1][src[i4 + 1]]++; c4[2][src[i4 + 2]]++; c4[3][src[i4 + 3]]++; }
+    for (; i4 < n; i4++) c4[0][src[i4]]++;
+    for (int k = 0; k < 256; k++) counts[k] = c4[0][k] + c4[1][k] + c4[2][k] + c4[3][k];
+    int maxsym = 255, distinct = 0;
+    while (maxsym > 0 && !counts[maxsym]) maxsym--;
+    for (int k = 0; k <= maxsym; k++) distinct += counts[k] != 0;
+    if (distinct < 2 || maxsym > 128) return 0;
+    uint8_t len[256] = {0};
+    huff_lengths(counts, maxsym, len);
+    int maxbits = 0;
+    for (int k = 0; k <= maxsym; k++) if (len[k] > maxbits) maxbits = len[k];
+    /* canonical codes in zstd's order: longest codes first, by symbol, from 0 */
+    uint16_t code[256] = {0}; uint32_t next = 0;
+    for (int l = maxbits; l >= 1; l--) {
+        for (int k = 0; k <= maxsym; k++) if (len[k] == l) code[k] = (uint16_t)next++;
+        if (next & 1) return 0;              /* incomplete code: never for a complete one */
+        next >>= 1;
+    }
+    uint32_t ct[256] = {0};
+    for (int k = 0; k <= maxsym; k++) ct[k] = code[k] | ((uint32_t)len[k] << 16);
+    /* frame header: magic, descriptor (single segment), content size */
+    size_t p = 0;
+    static const uint8_t magic[4] = {0x28, 0xB5, 0x2F, 0xFD};
+    memcpy(dst, magic, 4); p = 4;
+    if (n < 256) { dst[p++] = 0x20; dst[p++] = (uint8_t)n; }
+    else if (n <= 65791) { dst[p++] = 0x60; uint16_t v = (uint16_t)(n - 256); memcpy(dst + p, &v, 2); p += 2; }
+    else { dst[p++] = 0xA0; uint32_t v = (uint32_t)n; memcpy(dst + p, &v, 4); p += 4; }
+    size_t block_hdr = p; p += 3;
+    size_t lit_hdr = p; p += 5;              /* size format 3: 18-bit sizes, 4 streams */
+    size_t tree = p;
+    dst[p++] = (uint8_t)(127 + maxsym);      /* direct weights for symbols 0..maxsym-1 */
+    for (int k = 0; k < maxsym; k += 2) {
+        uint8_t w0 = len[k] ? (uint8_t)(maxbits + 1 - len[k]) : 0;
+        uint8_t w1 = (k + 1 < maxsym && len[k + 1]) ? (uint8_t)(maxbits + 1 - len[k + 1]) : 0;
+        dst[p++] = (uint8_t)((w0 << 4) | w1);
+    }
+    size_t jump = p; p += 6;
+    size_t seg = (n + 3) / 4, sizes[4]; int overflow = 0;
+    for (int t = 0; t < 4; t++) {
+        size_t a = seg * t, e = t == 3 ? n : seg * (t + 1);
+        if (p >= cap) return 0;
+        sizes[t] = huff_stream(src + a, e - a, ct, dst + p, cap - p, &overflow);
+        if (overflow) return 0;
+        p += sizes[t];
+    }
+    for (int t = 0; t < 3; t++) {
+        if (sizes[t] > 65535) return 0;
+        dst[jump + 2 * t] = (uint8_t)sizes[t]; dst[jump + 2 * t + 1] = (uint8_t)(sizes[t] >> 8);
+    }
+    size_t comp = p - tree;                  /* tree description + jump table + streams */
+    if (comp >= (1u << 18)) return 0;
+    uint64_t lh = 2u | (3u << 2) | ((uint64_t)n << 4) | ((uint64_t)comp << 22);
+    for (int t = 0; t < 5; t++) dst[lit_hdr + t] = (uint8_t)(lh >> (8 * t));
+    dst[p++] = 0;                            /* no sequences */
+    size_t bsize = p - block_hdr - 3;
+    uint32_t bh = 1u | (2u << 1) | ((uint32_t)bsize << 3);
+    dst[block_hdr] = (uint8_t)bh; dst[block_hdr + 1] = (uint8_t)(bh >> 8); dst[block_hdr + 2] = (uint8_t)(bh >> 16);
+    return p < n ? p : 0;
+}
+
+static PyObject *huff_frame(PyObject *self, PyObject *args) {
+    Py_buffer src, dst;
+    if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
+    size_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = huff_frame_c(src.buf, (size_t)src.len, dst.buf, (size_t)dst.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src); PyBuffer_Release(&dst);
+    return PyLong_FromSize_t(r);
+}
+
 static PyMethodDef methods[] = {
+    {"huff_frame", huff_frame, METH_VARARGS, "huff_frame(src, dst) -> size of a literals-only zstd frame in dst, or 0"},
     {"xxh64", py_xxh64, METH_VARARGS, "xxh64(buf, seed=0) -> int, GIL released"},
     {"entropy", entropy, METH_VARARGS, "entropy(buf, step) -> bits per byte of a strided sample"},
     {"split", split, METH_VARARGS, "split(src, itemsize, exp_bits, man_bits, planes)"},

@@ -58,9 +58,9 @@ def zstd_parameters(level: int | None) -> zstandard.ZstdCompressionParameters:
 
 
 try:
-    from ._accel import entropy as _entropy
+    from ._accel import entropy as _entropy, huff_frame as _huff_frame
 except ImportError:
-    _entropy = None
+    _entropy = _huff_frame = None
 
 
 def sampled_entropy_bits(chunk: np.ndarray) -> float:
@@ -81,22 +81,36 @@ class ChunkCoder:
         self._params = zstd_parameters(level)
         self._local = threading.local()
 
+    def _huff_out(self, size: int) -> np.ndarray:
+        b = getattr(self._local, "huff", None)
+        if b is None or b.size < size:
+            b = self._local.huff = np.empty(size, np.uint8)
+        return b
+
     def _cctx(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "cctx", None)
         if c is None:
             c = self._local.cctx = zstandard.ZstdCompressor(compression_params=self._params)
         return c
 
-    def encode(self, chunk: np.ndarray) -> tuple[int, bytes | memoryview]:
+    def encode(self, chunk: np.ndarray, literals: bool = False) -> tuple[int, bytes | memoryview]:
         """Code one chunk (uint8). Returns ``(codec id, payload)``; never larger than stored.
 
         A stored payload is a view of ``chunk``: the caller keeps it unchanged until written.
+        ``literals`` marks a float exponent plane: with the default level it is coded as a zstd
+        frame of Huffman literals only (``_accel.huff_frame``), which is smaller and faster
+        there than libzstd's own choice; libzstd codes it when that form does not apply.
         """
         if chunk.size == 0:
             return STORED, b""
         stored = (STORED, chunk.data)
         if chunk.size >= 256 and sampled_entropy_bits(chunk) > STORE_ENTROPY_BITS:
             return stored
+        if literals and self.level is None and _huff_frame is not None:
+            out = self._huff_out(2 * chunk.size + 256)
+            n = _huff_frame(chunk, out)
+            if n:
+                return ZSTD, bytes(out[:n])
         payload = self._cctx().compress(chunk.data)
         if len(payload) >= chunk.size:
             return stored

@@ -161,7 +161,8 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
         planes = [pool.get(count * w) for w in widths]
         held.extend(planes)
         split_planes(dt, item.transform, seg, planes)
-        out.extend(coder.encode(p) for p in planes)
+        exp_plane = item.transform == "fieldsplit"
+        out.extend(coder.encode(p, literals=exp_plane and k == 0) for k, p in enumerate(planes))
     return digests, out, held, nnzs
 
 

@@ -125,3 +125,45 @@ def test_masked_refuses_a_mask_that_disagrees_with_its_planes():
     planes[0] = np.array([0b1111], np.uint8)
     with pytest.raises(ValueError, match="nonzero"):
         transforms.merge_masked(dt, planes, np.empty_like(src))
+
+
+@pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
+def test_literal_frames_decode_with_libzstd_exactly():
+    """_accel.huff_frame writes standard zstd frames: libzstd must give back every byte."""
+    import zstandard
+
+    rng = np.random.default_rng(17)
+    d = zstandard.ZstdDecompressor()
+    out = np.empty(300_000, np.uint8)
+    used = 0
+    for n in (256, 257, 1000, 4097, 65791, 65792, 100_003, 131072):
+        for dist in range(6):
+            if dist == 0:
+                a = rng.integers(0, 129, n)
+            elif dist == 1:
+                a = np.clip(rng.normal(120, 2, n), 0, 128)
+            elif dist == 2:
+                a = (rng.random(n) < 0.002) * 128                 # very skewed: length limiting
+            elif dist == 3:
+                a = rng.geometric(0.2, n).clip(0, 128)
+            elif dist == 4:
+                a = rng.integers(126, 128, n)                     # two symbols
+            else:
+                a = np.minimum(rng.zipf(1.3, n), 128)
+            a = a.astype(np.uint8)
+            k = cpu._accel.huff_frame(a, out)
+            if k:
+                used += 1
+                assert k < n
+                assert zstandard.frame_content_size(bytes(out[:k])) == n
+                assert d.decompress(bytes(out[:k])) == a.tobytes(), (n, dist)
+    assert used >= 40
+
+
+@pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
+def test_literal_frames_refuse_what_they_cannot_code():
+    out = np.empty(10_000, np.uint8)
+    assert cpu._accel.huff_frame(np.full(3000, 7, np.uint8), out) == 0              # one symbol
+    assert cpu._accel.huff_frame(np.arange(3000, dtype=np.uint16).astype(np.uint8), out) == 0  # symbols > 128
+    assert cpu._accel.huff_frame(np.zeros(100, np.uint8), out) == 0                 # too small
+    assert cpu._accel.huff_frame(np.random.default_rng(0).integers(0, 2, 3000, dtype=np.uint8), np.empty(10, np.uint8)) == 0
