@@ -9,8 +9,9 @@ id     name      payload
 1      zstd      one standard zstd frame (RFC 8878) holding exactly the chunk
 =====  ========  ==============================================================
 
-The CPU path codes zstd with ``zstandard`` (libzstd); the GPU path writes the same frames with
-nvCOMP's zstd (RAW bitstream). Any zstd decoder reads either.
+The CPU path codes zstd with ``zstandard`` (libzstd), except float exponent planes, for which
+``_accel.huff_frame`` writes frames of Huffman-coded literals only; the GPU path writes frames
+with nvCOMP's zstd (RAW bitstream). Any zstd decoder reads all of them.
 """
 from __future__ import annotations
 
