@@ -383,7 +383,91 @@ static PyObject *huff_frame(PyObject *self, PyObject *args) {
     return PyLong_FromSize_t(r);
 }
 
+/* ------------------------------------------------------------------------------------------
+ * masked layout (transforms.split_masked / merge_masked): bit i%8 of mask byte i/8 marks a
+ * nonzero element; the nonzero elements' bytes are byte-grouped into planes. */
+/* Branchless gather: every element's bytes are written at position nnz, and nnz advances by
+ * one only for a nonzero element (planes hold n bytes, so the write is always in bounds). */
+#define MASKED_SPLIT_T(T, ISZ) do { \
+    const T *x = (const T *)s; \
+    for (Py_ssize_t i = 0; i < n; i += 8) { \
+        uint8_t bits = 0; Py_ssize_t lim = n - i < 8 ? n - i : 8; \
+        for (Py_ssize_t t = 0; t < lim; t++) { \
+            T v; memcpy(&v, x + i + t, ISZ); \
+            uint8_t nz = v != 0; \
+            for (int k = 0; k < ISZ; k++) pb[k][nnz] = (uint8_t)(v >> (8 * k)); \
+            nnz += nz; bits |= (uint8_t)(nz << t); \
+        } \
+        m[i >> 3] = bits; \
+    } \
+} while (0)
+
+/* masked_split(src, itemsize, mask_out, planes) -> nnz; planes must hold n bytes each */
+static PyObject *masked_split(PyObject *self, PyObject *args) {
+    Py_buffer src, mask; int isz; PyObject *pl; Py_buffer p[MAXP];
+    if (!PyArg_ParseTuple(args, "y*iw*O", &src, &isz, &mask, &pl)) return NULL;
+    Py_ssize_t n = isz > 0 ? src.len / isz : 0;
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || mask.len < (n + 7) / 8 || get_planes(pl, p, isz, 1, n) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
+        PyBuffer_Release(&src); PyBuffer_Release(&mask); return NULL;
+    }
+    Py_ssize_t nnz = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *s = src.buf; uint8_t *m = mask.buf; uint8_t *pb[8];
+    for (int k = 0; k < isz; k++) pb[k] = p[k].buf;
+    switch (isz) {
+        case 1: MASKED_SPLIT_T(uint8_t, 1); break;
+        case 2: MASKED_SPLIT_T(uint16_t, 2); break;
+        case 4: MASKED_SPLIT_T(uint32_t, 4); break;
+        default: MASKED_SPLIT_T(uint64_t, 8); break;
+    }
+    Py_END_ALLOW_THREADS
+    release(p, isz); PyBuffer_Release(&src); PyBuffer_Release(&mask);
+    return PyLong_FromSsize_t(nnz);
+}
+
+/* Branchless scatter: element i takes the next stored value if its bit is set, else zero; the
+ * read index is clamped so that it stays in bounds, and the bit count is checked against nnz. */
+#define MASKED_MERGE_T(T, ISZ) do { \
+    T *o = (T *)out.buf; Py_ssize_t last = nnz > 0 ? nnz - 1 : 0; \
+    for (Py_ssize_t i = 0; i < n; i++) { \
+        T bit = (T)((m[i >> 3] >> (i & 7)) & 1); \
+        Py_ssize_t r = j < last ? j : last; \
+        T v = 0; \
+        if (nnz) for (int k = 0; k < ISZ; k++) v |= (T)pb[k][r] << (8 * k); \
+        o[i] = v & (T)(0 - bit); \
+        j += (Py_ssize_t)bit; \
+    } \
+} while (0)
+
+/* masked_merge(mask, planes, nnz, itemsize, out) -> 0, or -1 if the mask's bit count is not nnz */
+static PyObject *masked_merge(PyObject *self, PyObject *args) {
+    Py_buffer mask, out; PyObject *pl; Py_ssize_t nnz; int isz; Py_buffer p[MAXP];
+    if (!PyArg_ParseTuple(args, "y*Oniw*", &mask, &pl, &nnz, &isz, &out)) return NULL;
+    Py_ssize_t n = isz > 0 ? out.len / isz : 0;
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || nnz < 0 || nnz > n || mask.len < (n + 7) / 8
+            || out.len % isz || get_planes(pl, p, isz, 0, nnz) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
+        PyBuffer_Release(&mask); PyBuffer_Release(&out); return NULL;
+    }
+    Py_ssize_t j = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *m = mask.buf; const uint8_t *pb[8];
+    for (int k = 0; k < isz; k++) pb[k] = p[k].buf;
+    switch (isz) {
+        case 1: MASKED_MERGE_T(uint8_t, 1); break;
+        case 2: MASKED_MERGE_T(uint16_t, 2); break;
+        case 4: MASKED_MERGE_T(uint32_t, 4); break;
+        default: MASKED_MERGE_T(uint64_t, 8); break;
+    }
+    Py_END_ALLOW_THREADS
+    release(p, isz); PyBuffer_Release(&mask); PyBuffer_Release(&out);
+    return PyLong_FromLong(j == nnz ? 0 : -1);
+}
+
 static PyMethodDef methods[] = {
+    {"masked_split", masked_split, METH_VARARGS, "masked_split(src, itemsize, mask_out, planes) -> nnz"},
+    {"masked_merge", masked_merge, METH_VARARGS, "masked_merge(mask, planes, nnz, itemsize, out) -> 0 or -1"},
     {"huff_frame", huff_frame, METH_VARARGS, "huff_frame(src, dst) -> size of a literals-only zstd frame in dst, or 0"},
     {"xxh64", py_xxh64, METH_VARARGS, "xxh64(buf, seed=0) -> int, GIL released"},
     {"entropy", entropy, METH_VARARGS, "entropy(buf, step) -> bits per byte of a strided sample"},

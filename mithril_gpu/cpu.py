@@ -57,6 +57,26 @@ def merge_planes(dt: DType, transform: str, planes: list, out: np.ndarray) -> No
         transforms.merge(dt, transform, [np.frombuffer(p, np.uint8) for p in planes], out)
 
 
+def split_masked(dt: DType, src: np.ndarray, alloc=None) -> tuple[int, list]:
+    """The masked planes of ``src``: (nnz, [mask, byte planes trimmed to nnz])."""
+    if _accel is None:
+        return transforms.split_masked(dt, src)
+    count = src.size // dt.itemsize
+    alloc = alloc or (lambda size: np.empty(size, np.uint8))
+    mask = alloc((count + 7) // 8)
+    vals = [alloc(count) for _ in range(dt.itemsize)]
+    nnz = _accel.masked_split(src, dt.itemsize, mask, tuple(vals))
+    return nnz, [mask] + [v[:nnz] for v in vals]
+
+
+def merge_masked(dt: DType, planes: list, out: np.ndarray) -> None:
+    if _accel is None:
+        return transforms.merge_masked(dt, [np.frombuffer(p, np.uint8) for p in planes], out)
+    nnz = len(planes[1])
+    if _accel.masked_merge(planes[0], tuple(planes[1:]), nnz, dt.itemsize, out) != 0:
+        raise CorruptFileError("masked chunk: the bitmap does not match the number of stored elements")
+
+
 def delta_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarray, inverse: bool) -> None:
     if _accel is not None:
         _accel.delta(x, base, out, dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt)), int(inverse))
@@ -153,7 +173,12 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
             out.append(coder.encode(seg))
             continue
         if item.transform == "masked":
-            nnz, planes = transforms.split_masked(dt, seg)
+
+            def take(size):
+                b = pool.get(size)
+                held.append(b)
+                return b
+            nnz, planes = split_masked(dt, seg, take)
             nnzs.append(nnz)
             out.extend(coder.encode(p) for p in planes)
             continue
@@ -270,7 +295,7 @@ def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, 
         if e.transform == "raw":
             target[...] = np.frombuffer(planes[0], np.uint8)
         elif e.transform == "masked":
-            transforms.merge_masked(dt, planes, target)
+            merge_masked(dt, planes, target)
         else:
             merge_planes(dt, e.transform, planes, target)
         if op is not None:

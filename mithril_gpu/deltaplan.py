@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import checksum, codecs, transforms
-from .cpu import EncodeItem, delta_apply, split_planes
+from .cpu import EncodeItem, delta_apply, split_masked, split_planes
 
 try:
     from ._accel import entropy as _accel_entropy
@@ -48,7 +48,7 @@ def estimate(item: EncodeItem, op: str | None, transform: str, x: np.ndarray, b:
     if transform == "raw":
         planes = [src]
     elif transform == "masked":
-        planes = transforms.split_masked(dt, src)[1]
+        planes = split_masked(dt, src)[1]
     else:
         count = src.size // dt.itemsize
         planes = [np.empty(count * w, np.uint8) for w in transforms.plane_widths(dt, transform)]

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import mithril_gpu
 from mithril_gpu import cpu, delta, dtypes, transforms
 
 CASES = [(dt, tr) for dt in dtypes.BY_NAME.values() for tr in transforms.TRANSFORMS
@@ -167,3 +168,22 @@ def test_literal_frames_refuse_what_they_cannot_code():
     assert cpu._accel.huff_frame(np.arange(3000, dtype=np.uint16).astype(np.uint8), out) == 0  # symbols > 128
     assert cpu._accel.huff_frame(np.zeros(100, np.uint8), out) == 0                 # too small
     assert cpu._accel.huff_frame(np.random.default_rng(0).integers(0, 2, 3000, dtype=np.uint8), np.empty(10, np.uint8)) == 0
+
+
+@pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
+@pytest.mark.parametrize("dt", list(dtypes.BY_NAME.values()), ids=lambda d: d.name)
+def test_accel_masked_equals_reference(dt):
+    rng = np.random.default_rng(19)
+    for n in (1, 7, 8, 9, 1003):
+        x = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8).reshape(n, dt.itemsize)
+        x[rng.random(n) < 0.6] = 0
+        src = x.reshape(-1)
+        ref_nnz, ref = transforms.split_masked(dt, src)
+        nnz, fast = cpu.split_masked(dt, src)
+        assert nnz == ref_nnz and [p.tobytes() for p in fast] == [p.tobytes() for p in ref]
+        out = np.full_like(src, 0x77)
+        cpu.merge_masked(dt, fast, out)
+        assert out.tobytes() == src.tobytes()
+        if nnz:
+            with pytest.raises(mithril_gpu.CorruptFileError, match="bitmap"):
+                cpu.merge_masked(dt, [np.zeros_like(fast[0])] + fast[1:], out)
