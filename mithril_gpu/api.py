@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 
@@ -174,7 +173,3 @@ def _torch_on_device(f: MthFile, entries, device) -> list:
     bufs = [torch.empty(e.nbytes, dtype=torch.uint8, device=device) for e in entries]
     gpu.decode_into_device(f, entries, bufs, verify=f.verify)
     return [b.view(dtypes.to_torch(e.dtype)).reshape(e.shape) for e, b in zip(entries, bufs)]
-
-
-def _warn(msg):
-    warnings.warn(msg, backends.BackendNote, stacklevel=3)

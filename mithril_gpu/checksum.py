@@ -27,7 +27,3 @@ def combine(digests) -> int:
 def tensor_checksum(data: np.ndarray, row_bytes: int) -> int:
     """Reference: the checksum of a whole tensor's bytes (uint8 array)."""
     return combine([row_digest(data[i:i + row_bytes]) for i in range(0, data.size, row_bytes)])
-
-
-def to_hex(value: int) -> str:
-    return f"{value:016x}"

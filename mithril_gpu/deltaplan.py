@@ -98,8 +98,9 @@ class _Planned:
         return x
 
 
-def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = None) -> dict[int, str]:
-    """Mark items that can be stored against ``base_file``; return {item position: base name} for "same".
+def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = None) -> dict[int, tuple[str, int]]:
+    """Mark items that can be stored against ``base_file``; return, for the items identical to a
+    base tensor ("same"), {item position: (base name, checksum)}.
 
     ``base_tensors`` (name -> CPU uint8 bytes or callable) spares decoding the base from disk.
     """
@@ -111,8 +112,9 @@ def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = 
         if be.dtype != it.dtype or be.shape != tuple(it.shape) or it.nbytes == 0:
             continue
         it.resolve()
-        if checksum.tensor_checksum(it.data, be.chunk_elems * be.dtype.itemsize) == be.checksum:
-            same[i] = it.name
+        digest = checksum.tensor_checksum(it.data, be.chunk_elems * be.dtype.itemsize)
+        if digest == be.checksum:
+            same[i] = (it.name, digest)
             it.chunk_elems = be.chunk_elems
             continue
         src = (base_tensors or {}).get(it.name)

@@ -72,26 +72,26 @@ class AtomicFile:
 
 
 def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None,
-              same: dict[int, str] | None = None, level=None, threads: int = 1, progress=None,
+              same: dict[int, tuple[str, int]] | None = None, level=None, threads: int = 1, progress=None,
               encode=None) -> Index:
     """Write a complete .mth file atomically and return its index.
 
-    ``same`` maps item positions to base tensor names for tensors stored as a reference to an
-    identical base tensor (they get no payload). ``encode`` swaps in another backend's
+    ``same`` maps item positions to (base tensor name, checksum) for tensors stored as a
+    reference to an identical base tensor (they get no payload). ``encode`` swaps in another backend's
     encoder with the signature of :func:`mithril_gpu.cpu.encode_all`.
     """
     same = same or {}
     coder = codecs.ChunkCoder(level)
     with AtomicFile(path) as out:
         out.write(container.pack_preamble())
-        same_sums = {i: _checksum_of(items[i]) for i in same}
         todo = [it for i, it in enumerate(items) if i not in same]
         results = iter((encode or encode_all)(todo, out.write, coder, threads, progress))
         entries = []
         for i, it in enumerate(items):
             if i in same:
+                base_name, digest = same[i]
                 entries.append(TensorEntry(it.name, it.dtype, tuple(it.shape), it.transform, it.chunk_elems,
-                                           same_sums[i], [], {"op": "same", "base": same[i]}))
+                                           digest, [], {"op": "same", "base": base_name}))
                 continue
             digest, chunks = next(results)
             d = {"op": it.delta_op, "base": it.base_name} if it.delta_op else None
@@ -102,10 +102,3 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
         at = out.write(raw)
         out.write(container.pack_trailer(at, raw))
     return index
-
-
-def _checksum_of(item: EncodeItem) -> int:
-    from .checksum import tensor_checksum
-
-    item.resolve()
-    return tensor_checksum(item.data, item.chunk_elems * item.dtype.itemsize)
