@@ -119,14 +119,20 @@ def open(path, *, verify: bool = True, threads: int | None = None, base=None) ->
 
 
 def load(path, device: str = "cpu", *, verify: bool = True, threads: int | None = None, base=None,
-         progress=None):
+         progress=None, into=None):
     """Decompress a whole .mth file: the object given to :func:`save`, every tensor bit-exact.
 
     ``device`` is where tensors go (``"cpu"``, ``"cuda"``, ``"cuda:1"``...). ``verify=False``
     skips checksum checks (faster; a damaged file may then decode to wrong values).
+
+    ``into``: an existing state dict (or nest) whose tensors are filled in place, by name, like
+    ``load_state_dict`` but without a second copy in memory (on a GPU: straight into the device
+    tensors). Every matching tensor must have the file's dtype and shape, checked before
+    anything is written; the returned object holds those very tensors (and new ones for names
+    ``into`` lacks). If decoding fails midway, tensors in ``into`` may be partly written.
     """
     with MthFile(path, verify=verify, threads=threads, base=base) as f:
-        return f.load(device, progress)
+        return f.load(device, progress, into=into)
 
 
 def _torch_from_entries(f: MthFile, entries, progress=None) -> list:
@@ -155,13 +161,68 @@ def _to_device(t, device):
     return t.to(device)
 
 
-def _load_tree(f: MthFile, device: str, progress=None):
+def _load_tree(f: MthFile, device: str, progress=None, into=None):
     backends.check_load_device(device)
+    entries = f.index.tensors
+    targets = _targets(entries, into) if into is not None else {}
+    rest = [e for e in entries if e.name not in targets]
+    if targets:
+        _load_into(f, targets, progress)
     if backends.use_gpu_for_load(device):
-        tensors = _torch_on_device(f, f.index.tensors, device)
+        fresh = _torch_on_device(f, rest, device)
     else:
-        tensors = [_to_device(t, device) for t in _torch_from_entries(f, f.index.tensors, progress)]
+        fresh = [_to_device(t, device) for t in _torch_from_entries(f, rest, progress)]
+    by_name = dict(zip((e.name for e in rest), fresh))
+    tensors = [targets[e.name][1] if e.name in targets else by_name[e.name] for e in entries]
     return tree_mod.decode(f.index.tree, lambda i: tensors[i])
+
+
+def _targets(entries, into) -> dict:
+    """{name: (entry, tensor)} for the file's tensors that ``into`` holds, after checking them all."""
+    _, leaves = tree_mod.encode(into, _is_tensor)
+    given = dict(leaves)
+    out = {}
+    for e in entries:
+        t = given.get(e.name)
+        if t is None:
+            continue
+        want = dtypes.to_torch(e.dtype)
+        if t.dtype != want or tuple(t.shape) != e.shape:
+            raise ValueError(f"cannot load tensor {e.name!r} ({e.dtype.name} {list(e.shape)}) into a tensor of "
+                             f"{t.dtype} {list(t.shape)}")
+        out[e.name] = (e, t)
+    return out
+
+
+def _load_into(f: MthFile, targets: dict, progress=None) -> None:
+    """Decode straight into the given tensors: CPU ones through their memory, CUDA ones on the GPU
+    (or through a CPU buffer, one tensor at a time, when the GPU backend cannot run)."""
+    import torch
+
+    cpu_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cpu" and t.is_contiguous()]
+    dev_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cuda" and t.is_contiguous()]
+    other = [(e, t) for e, t in targets.values() if not t.is_contiguous() or t.device.type not in ("cpu", "cuda")]
+    if cpu_pairs:
+        f.decode_into([e for e, _ in cpu_pairs], [_u8_view(t).numpy() for _, t in cpu_pairs], progress)
+    if dev_pairs and backends.use_gpu_for_load(str(dev_pairs[0][1].device)):
+        from . import gpu
+
+        gpu.decode_into_device(f, [e for e, _ in dev_pairs], [_u8_view(t) for _, t in dev_pairs], verify=f.verify)
+        dev_pairs = []
+    for e, t in dev_pairs + other:
+        fresh = _torch_from_entries(f, [e], progress)[0]
+        with torch.no_grad():
+            t.copy_(fresh)
+
+
+def _u8_view(t):
+    """A writable flat uint8 view of a contiguous tensor's memory."""
+    import torch
+
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
 def _torch_on_device(f: MthFile, entries, device) -> list:

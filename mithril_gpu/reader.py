@@ -164,10 +164,10 @@ class MthFile:
             return _torch_on_device(self, [e], device)[0]
         return _to_device(_torch_from_entries(self, [e])[0], device)
 
-    def load(self, device: str = "cpu", progress=None):
+    def load(self, device: str = "cpu", progress=None, into=None):
         from .api import _load_tree
 
-        return _load_tree(self, device, progress)
+        return _load_tree(self, device, progress, into)
 
     # ------------------------------------------------------------ lifetime
 

@@ -152,3 +152,15 @@ def test_corrupted_chunk_gives_the_same_error_on_gpu(tmp_path, minilm_bf16):
         mithril_gpu.load(path, device="cpu")
     with pytest.raises(mithril_gpu.ChecksumMismatchError, match=e.name):
         mithril_gpu.load(path, device="cuda")
+
+
+def test_load_into_cuda_tensors_without_a_second_copy(tmp_path, minilm_bf16):
+    import torch
+
+    mithril_gpu.save(minilm_bf16, tmp_path / "c.mth", device="cpu")
+    target = {k: torch.empty_like(v, device="cuda") for k, v in minilm_bf16.items()}
+    ptrs = {k: v.data_ptr() for k, v in target.items()}
+    back = mithril_gpu.load(tmp_path / "c.mth", device="cuda", into=target)
+    for k, v in minilm_bf16.items():
+        assert back[k].data_ptr() == ptrs[k]
+        assert_same(target[k].cpu(), v)

@@ -155,3 +155,28 @@ def test_requires_grad_parameters_are_saved_as_plain_tensors(tmp_path):
     back = mithril_gpu.load(tmp_path / "x.mth")["p"]
     assert type(back) is torch.Tensor and not back.requires_grad
     assert_same(back, p.detach())
+
+
+def test_load_into_an_existing_state_dict_fills_it_in_place(tmp_path):
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.LayerNorm(20))
+    mithril_gpu.save({"model": src.state_dict(), "step": 5, "extra": torch.arange(3)}, tmp_path / "c.mth")
+    dst = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.LayerNorm(20))
+    target = {"model": dst.state_dict()}
+    ptrs = {k: v.data_ptr() for k, v in target["model"].items()}
+    back = mithril_gpu.load(tmp_path / "c.mth", into=target)
+    for k, v in src.state_dict().items():
+        assert_same(dst.state_dict()[k], v)                       # the module itself now holds the weights
+        assert back["model"][k].data_ptr() == ptrs[k]             # and no second copy was made
+    assert back["step"] == 5 and back["extra"].tolist() == [0, 1, 2]
+
+
+def test_load_into_refuses_a_mismatch_before_writing(tmp_path):
+    mithril_gpu.save({"a": torch.ones(4), "b": torch.ones(3)}, tmp_path / "c.mth")
+    a = torch.zeros(4)
+    with pytest.raises(ValueError, match="'b'"):
+        mithril_gpu.load(tmp_path / "c.mth", into={"a": a, "b": torch.zeros(5)})
+    assert a.tolist() == [0, 0, 0, 0]                             # nothing was written
+    nc = torch.zeros(8)[::2]                                      # non-contiguous targets are filled too
+    back = mithril_gpu.load(tmp_path / "c.mth", into={"a": nc})
+    assert back["a"] is nc and nc.tolist() == [1, 1, 1, 1]
