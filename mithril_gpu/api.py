@@ -95,6 +95,9 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
     try:
         if base is not None:
             base_file = base if isinstance(base, MthFile) else MthFile(base, threads=threads)
+            if os.path.abspath(base_file.path) == os.path.abspath(os.fspath(path)):
+                raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
+                                 "replace its own base; write it under another name")
             base_record = {"xxh64": base_file.identity, "path": _relative(base_file.path, path)}
             same = plan_deltas(items, base_file, base_tensors)
         return write_mth(path, items, tree=tree, metadata=metadata, source=source, base=base_record, same=same,

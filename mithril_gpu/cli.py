@@ -51,11 +51,17 @@ def _summary(verb: str, src: str, dst: str, raw: int, packed: int, seconds: floa
             f"in {seconds:.2f} s, {raw / max(seconds, 1e-9) / 1e6:,.0f} MB/s")
 
 
+def _check_paths(a) -> None:
+    if os.path.exists(a.output) and os.path.exists(a.input) and os.path.samefile(a.input, a.output):
+        raise MithrilError(f"IN and OUT are the same file ({a.input}): write the output under another name")
+
+
 def cmd_compress(a) -> int:
     from . import api, formats, tree as tree_mod
     from .cpu import EncodeItem
     from .transforms import default_transform
 
+    _check_paths(a)
     kind = formats.sniff(a.input)
     t0 = time.perf_counter()
     if kind == "mth":
@@ -132,6 +138,9 @@ def cmd_decompress(a) -> int:
     from .reader import MthFile
     from .writer import AtomicFile
 
+    _check_paths(a)
+    if a.output.endswith(".mth"):
+        raise MithrilError(f"OUT ({a.output}) ends in .mth: decompress to a .safetensors or .pt file")
     t0 = time.perf_counter()
     out_kind = "safetensors" if a.output.endswith(".safetensors") else "torch"
     with MthFile(a.input, verify=not a.no_verify, threads=a.threads, base=a.base) as f:
@@ -165,6 +174,16 @@ def cmd_decompress(a) -> int:
 
 def cmd_info(a) -> int:
     with _open_for_info(a.file, a.base) as f:
+        if a.json:
+            import json
+
+            print(json.dumps({
+                "file": f.path, "version": container.VERSION, "size": f.size, "writer": f.index.writer,
+                "tensors": [{"name": e.name, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                for k, v in f.info(e.name).items()}} for e in f.index.tensors],
+                "metadata": f.index.metadata, "base": f.index.base,
+                "chain": f.chain() if f.base_file is not None else [f.path]}, indent=1))
+            return 0
         rows = []
         for e in f.index.tensors:
             kind = e.transform + (f"+{e.delta['op']}" if e.delta else "")
@@ -258,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print each tensor's dtype, shape, transform, sizes and ratio, then totals.")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--summary", action="store_true", help="totals only")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--base", metavar="BASE", default=None, help="where a delta file's base is")
     i.set_defaults(func=cmd_info)
 

@@ -26,7 +26,8 @@ class AtomicFile:
                                         dir=directory)
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        if hasattr(os, "fchmod"):          # mkstemp makes 0600; give the usual permissions (POSIX)
+            os.fchmod(fd, 0o666 & ~umask)
         self.file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), buffer_size=4 << 20)
         self.offset = 0
 

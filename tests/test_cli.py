@@ -122,3 +122,25 @@ def test_failed_write_keeps_existing_output(tmp_path):
     p = run("compress", tmp_path / "bad.safetensors", tmp_path / "m.mth", ok=False)
     assert p.returncode == 1
     assert sha(tmp_path / "m.mth") == before
+
+
+def test_info_json(tmp_path):
+    import json
+
+    run("compress", MINILM, tmp_path / "m.mth")
+    d = json.loads(run("info", "--json", tmp_path / "m.mth").stdout)
+    assert d["version"] == 1 and len(d["tensors"]) == 16 and d["metadata"]["source"].startswith("sentence")
+    t = d["tensors"][0]
+    assert {"name", "dtype", "shape", "nbytes", "stored", "transform", "xxh64"} <= set(t)
+    assert sum(x["stored"] for x in d["tensors"]) < os.path.getsize(tmp_path / "m.mth")
+
+
+def test_refuses_to_overwrite_its_input(tmp_path):
+    shutil.copy(MINILM, tmp_path / "m.safetensors")
+    before = sha(tmp_path / "m.safetensors")
+    p = run("compress", tmp_path / "m.safetensors", tmp_path / "m.safetensors", ok=False)
+    assert p.returncode == 1 and "same file" in p.stderr
+    assert sha(tmp_path / "m.safetensors") == before
+    run("compress", tmp_path / "m.safetensors", tmp_path / "m.mth")
+    p = run("decompress", tmp_path / "m.mth", tmp_path / "other.mth", ok=False)
+    assert p.returncode == 1 and ".safetensors or .pt" in p.stderr

@@ -219,3 +219,11 @@ def test_cli_delta_compress_info_decompress(tmp_path):
     p = cli("decompress", tmp_path / "b.mth", tmp_path / "b2.safetensors", "--base", tmp_path / "moved.mth")
     assert p.returncode == 0, p.stderr
     assert open(tmp_path / "b2.safetensors", "rb").read() == open(tmp_path / "b.safetensors", "rb").read()
+
+
+def test_a_delta_cannot_replace_its_own_base(tmp_path):
+    mithril_gpu.save({"w": torch.ones(10)}, tmp_path / "a.mth")
+    before = (tmp_path / "a.mth").read_bytes()
+    with pytest.raises(ValueError, match="against itself"):
+        mithril_gpu.save({"w": torch.ones(10) * 2}, tmp_path / "a.mth", base=tmp_path / "a.mth")
+    assert (tmp_path / "a.mth").read_bytes() == before
