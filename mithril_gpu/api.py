@@ -202,30 +202,24 @@ def _load_into(f: MthFile, targets: dict, progress=None) -> None:
     (or through a CPU buffer, one tensor at a time, when the GPU backend cannot run)."""
     import torch
 
-    cpu_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cpu" and t.is_contiguous()]
-    dev_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cuda" and t.is_contiguous()]
-    other = [(e, t) for e, t in targets.values() if not t.is_contiguous() or t.device.type not in ("cpu", "cuda")]
+    def direct(t):   # its memory can take the bytes as they are (tensor_u8 is then a view of it)
+        return t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+    cpu_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cpu" and direct(t)]
+    dev_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cuda" and direct(t)]
+    other = [(e, t) for e, t in targets.values() if not direct(t) or t.device.type not in ("cpu", "cuda")]
     if cpu_pairs:
-        f.decode_into([e for e, _ in cpu_pairs], [_u8_view(t).numpy() for _, t in cpu_pairs], progress)
+        f.decode_into([e for e, _ in cpu_pairs], [tensor_u8(t).numpy() for _, t in cpu_pairs], progress)
     if dev_pairs and backends.use_gpu_for_load(str(dev_pairs[0][1].device)):
         from . import gpu
 
-        gpu.decode_into_device(f, [e for e, _ in dev_pairs], [_u8_view(t) for _, t in dev_pairs], verify=f.verify)
+        gpu.decode_into_device(f, [e for e, _ in dev_pairs], [tensor_u8(t) for _, t in dev_pairs], verify=f.verify)
         dev_pairs = []
     for e, t in dev_pairs + other:
         fresh = _torch_from_entries(f, [e], progress)[0]
         with torch.no_grad():
             t.copy_(fresh)
 
-
-def _u8_view(t):
-    """A writable flat uint8 view of a contiguous tensor's memory."""
-    import torch
-
-    flat = t.detach().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.view(torch.uint8)
-    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
 def _torch_on_device(f: MthFile, entries, device) -> list:

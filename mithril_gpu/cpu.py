@@ -160,34 +160,31 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
     rb = item.chunk_elems * isz
     widths = transforms.plane_widths(dt, item.transform)
     digests, out, held, nnzs = [], [], [], []
+
+    def take(size: int) -> np.ndarray:      # a pool buffer, given back once the payloads are written
+        buf = pool.get(size)
+        held.append(buf)
+        return buf
+
     for r in range(row0, row1):
         a, b = r * rb, min((r + 1) * rb, item.nbytes)
         seg = item.data[a:b]
         digests.append(checksum.row_digest(seg))
         if item.delta_op is not None:
-            d = pool.get(b - a)
-            held.append(d)
+            d = take(b - a)
             delta_apply(item.delta_op, dt, seg, item.base[a:b], d, inverse=False)
             seg = d
         if item.transform == "raw":
             out.append(coder.encode(seg))
-            continue
-        if item.transform == "masked":
-
-            def take(size):
-                b = pool.get(size)
-                held.append(b)
-                return b
+        elif item.transform == "masked":
             nnz, planes = split_masked(dt, seg, take)
             nnzs.append(nnz)
             out.extend(coder.encode(p) for p in planes)
-            continue
-        count = (b - a) // isz
-        planes = [pool.get(count * w) for w in widths]
-        held.extend(planes)
-        split_planes(dt, item.transform, seg, planes)
-        exp_plane = item.transform == "fieldsplit"
-        out.extend(coder.encode(p, literals=exp_plane and k == 0) for k, p in enumerate(planes))
+        else:
+            planes = [take((b - a) // isz * w) for w in widths]
+            split_planes(dt, item.transform, seg, planes)
+            exp_plane = item.transform == "fieldsplit"
+            out.extend(coder.encode(p, literals=exp_plane and k == 0) for k, p in enumerate(planes))
     return digests, out, held, nnzs
 
 

@@ -180,3 +180,11 @@ def test_load_into_refuses_a_mismatch_before_writing(tmp_path):
     nc = torch.zeros(8)[::2]                                      # non-contiguous targets are filled too
     back = mithril_gpu.load(tmp_path / "c.mth", into={"a": nc})
     assert back["a"] is nc and nc.tolist() == [1, 1, 1, 1]
+
+
+def test_load_into_a_negated_view_gives_the_stored_values(tmp_path):
+    mithril_gpu.save({"a": torch.arange(4.0)}, tmp_path / "c.mth")
+    base = torch.zeros(4)
+    neg = base.neg() if not hasattr(torch, "_neg_view") else torch._neg_view(base)
+    mithril_gpu.load(tmp_path / "c.mth", into={"a": neg})
+    assert neg.tolist() == [0.0, 1.0, 2.0, 3.0]
