@@ -46,6 +46,9 @@ class Checkpointer:
         self.save_kwargs = save_kwargs
         self._base_tensors: dict | None = None       # name -> tensor copy of the last save
         self._since_full = None                       # deltas written since the last full save
+        self._executor = None                         # one background writer, for blocking=False
+        self._pending = None
+        self._pending_done = None
 
     # ------------------------------------------------------------ listing
 
@@ -81,8 +84,16 @@ class Checkpointer:
 
     # ------------------------------------------------------------ saving
 
-    def save(self, state, step: int) -> str:
-        """Write the checkpoint of ``step`` (full or delta) and prune old files. Returns its path."""
+    def save(self, state, step: int, *, blocking: bool = True):
+        """Write the checkpoint of ``step`` (full or delta) and prune old files.
+
+        Returns its path; with ``blocking=False``, a ``concurrent.futures.Future`` of it: the
+        tensors are copied first (on their own devices), so training may change them at once,
+        and the compression and writing happen on a background thread. One write runs at a
+        time, in order: the next ``save`` (or :meth:`wait`) first finishes the previous one and
+        raises its error, if it failed.
+        """
+        self.wait()
         if not isinstance(step, int) or step < 0:
             raise ValueError("step must be a non-negative int")
         steps = self.steps()
@@ -92,22 +103,49 @@ class Checkpointer:
         if prev is not None and self._since_full is None:          # resuming: count the chain on disk
             self._since_full = len(self.chain(prev)) - 1
         full = prev is None or self._since_full is None or self._since_full + 1 >= self.full_every
-        path = self.path(step)
-        _, leaves = tree_mod.encode(state, api._is_tensor)
-        if full:
-            api.save(state, path, **self.save_kwargs)
-            self._since_full = 0
-        else:
-            base_tensors = None
-            if self._base_tensors is not None:
-                base_tensors = {n: (lambda t=t: api.tensor_bytes(t.to("cpu")))
-                                for n, t in self._base_tensors.items()}
-            api.save(state, path, base=self.path(prev), _base_tensors=base_tensors, **self.save_kwargs)
-            self._since_full += 1
-        if self.keep_base_in_memory:
-            self._base_tensors = {n: t.detach().clone() for n, t in leaves}
-        self._prune()
+        base_tensors = None
+        if not full and self._base_tensors is not None:
+            base_tensors = {n: (lambda t=t: api.tensor_bytes(t.to("cpu"))) for n, t in self._base_tensors.items()}
+        snapshot, leaves = state, None
+        if self.keep_base_in_memory or not blocking:
+            snapshot, leaves = _snapshot(state)
+        job = (snapshot, self.path(step), None if full else self.path(prev), base_tensors)
+        if blocking:
+            self._write(*job)
+            self._after_write(full, leaves)
+            return self.path(step)
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="mithril-ckpt")
+
+        def run():
+            self._write(*job)
+            return self.path(step)
+        self._pending = self._executor.submit(run)
+        self._pending_done = (full, leaves)
+        return self._pending
+
+    def wait(self):
+        """Finish the pending background save, if any; returns its path (or None), raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        path = pending.result()
+        self._after_write(*self._pending_done)
         return path
+
+    def _write(self, state, path, base_path, base_tensors) -> None:
+        if base_path is None:
+            api.save(state, path, **self.save_kwargs)
+        else:
+            api.save(state, path, base=base_path, _base_tensors=base_tensors, **self.save_kwargs)
+        self._prune()
+
+    def _after_write(self, full: bool, leaves) -> None:
+        self._since_full = 0 if full else self._since_full + 1
+        if self.keep_base_in_memory:
+            self._base_tensors = dict(leaves)
 
     def _prune(self) -> None:
         if self.keep is None:
@@ -126,11 +164,36 @@ class Checkpointer:
     # ------------------------------------------------------------ loading
 
     def load(self, step: int, device: str = "cpu", **kw):
+        self.wait()
         if not os.path.exists(self.path(step)):
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (have: {self.steps()})")
         return api.load(self.path(step), device, **kw)
 
     def latest(self, device: str = "cpu", **kw):
         """The newest checkpoint's state, or None if there is none."""
+        self.wait()
         steps = self.steps()
         return self.load(steps[-1], device, **kw) if steps else None
+
+    def close(self) -> None:
+        """Finish any background save and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _snapshot(state):
+    """A copy of ``state`` whose tensors are clones (on their own devices), and its named leaves."""
+    node, leaves = tree_mod.encode(state, api._is_tensor)
+    clones = [(name, t.detach().clone()) for name, t in leaves]
+    return tree_mod.decode(node, lambda i: clones[i][1]), clones

@@ -227,3 +227,40 @@ def test_a_delta_cannot_replace_its_own_base(tmp_path):
     with pytest.raises(ValueError, match="against itself"):
         mithril_gpu.save({"w": torch.ones(10) * 2}, tmp_path / "a.mth", base=tmp_path / "a.mth")
     assert (tmp_path / "a.mth").read_bytes() == before
+
+
+def test_background_saves_snapshot_the_state_and_keep_order(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters())
+    with Checkpointer(tmp_path, full_every=3, keep=None) as ck:
+        expected = {}
+        for step in range(5):
+            _train(model, opt, 1, step)
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+            expected[step] = _state(model, opt, step)
+            fut = ck.save(state, step, blocking=False)
+            _train(model, opt, 1, 100 + step)        # training goes on while the save runs
+        assert fut.result() == ck.path(4)
+    for step in range(5):
+        got = mithril_gpu.load(tmp_path / f"step-{step:09d}.mth")
+        _assert_tree_same(got["model"], {k: v for k, v in expected[step]["master"].items()})
+    assert Checkpointer(tmp_path).chain(4) == [4, 3]
+
+
+def test_background_save_errors_surface_on_the_next_call(tmp_path):
+    class Bad:
+        pass
+
+    ck = Checkpointer(tmp_path, full_every=2, keep=None)
+    ck.save({"w": torch.ones(3)}, 0)
+    with pytest.raises(mithril_gpu.UnsupportedValueError):    # refused at once, while snapshotting
+        ck.save({"w": torch.ones(3), "x": Bad()}, 1, blocking=False)
+    ck.save_kwargs["level"] = 99                               # fails inside the background writer
+    fut = ck.save({"w": torch.ones(3)}, 1, blocking=False)
+    with pytest.raises(ValueError, match="level"):
+        ck.wait()
+    assert fut.done() and ck.steps() == [0]
+    del ck.save_kwargs["level"]
+    ck.save({"w": torch.ones(3) * 2}, 2)                       # and it goes on working
+    assert ck.latest()["w"].tolist() == [2.0, 2.0, 2.0] and ck.chain(2) == [2, 0]
+    ck.close()
