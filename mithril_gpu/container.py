@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
 import xxhash
 import zstandard
 
@@ -223,6 +224,44 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
     return Index(entries, d.get("tree"), meta, source, base, str(d.get("writer", "")))
 
 
+def _check_chunks(e: TensorEntry, data_end: int) -> None:
+    """Every chunk of ``e`` inside [16, data_end), of a known codec, and able to hold its plane
+    (vectorised: a file of a 70 B-parameter model has about a million chunks)."""
+    try:
+        arr = np.array(e.chunks)
+    except (ValueError, OverflowError):          # ragged nesting
+        arr = np.array([None])
+    if arr.ndim != 1 or arr.dtype.kind not in "iub" or arr.dtype.itemsize > 8:
+        bad = next((v for v in e.chunks if type(v) is not int or not 0 <= v < 1 << 62), None)
+        _fail(f"tensor {e.name!r}: chunk fields must be integers in [0, 2^62), found {bad!r}"[:200])
+    arr = arr.astype(np.int64)
+    P = len(e.widths)
+    arr = arr.reshape(e.rows, P, 3)
+    off, csize, codec = arr[:, :, 0], arr[:, :, 1], arr[:, :, 2]
+    counts = np.full(e.rows, e.chunk_elems, dtype=np.int64)
+    counts[-1] = e.row_count(e.rows - 1)
+    if e.transform == "masked":
+        usize = np.empty((e.rows, P), dtype=np.int64)
+        usize[:, 0] = (counts + 7) // 8
+        usize[:, 1:] = np.asarray(e.nnz, dtype=np.int64)[:, None]
+    else:
+        usize = counts[:, None] * np.asarray(e.widths, dtype=np.int64)[None, :]
+    checks = [
+        (off >= PREAMBLE_SIZE, "chunk offset before the data region"),
+        ((csize >= 0) & (csize <= data_end) & (off <= data_end - csize), "chunk beyond the data region"),
+        ((codec == codecs.STORED) | (codec == codecs.ZSTD), "unknown codec id"),
+        ((codec != codecs.STORED) | (csize == usize), "stored chunk of the wrong size"),
+        ((codec != codecs.ZSTD) | ((usize > 0) & (usize <= csize * codecs.ZSTD_MAX_EXPANSION)),
+         "zstd chunk too small to hold its plane"),
+    ]
+    for ok, what in checks:
+        if not ok.all():
+            row, plane = (int(v) for v in np.argwhere(~ok)[0])
+            _fail(f"tensor {e.name!r} row {row} plane {plane}: {what} "
+                  f"(offset {int(off[row, plane])}, size {int(csize[row, plane])}, codec {int(codec[row, plane])}, "
+                  f"plane {int(usize[row, plane])} bytes)")
+
+
 def _parse_tensor(t, i: int, data_end: int, delta_ok: bool) -> TensorEntry:
     if not isinstance(t, dict):
         _fail(f"tensor #{i} is not an object")
@@ -266,17 +305,6 @@ def _parse_tensor(t, i: int, data_end: int, delta_ok: bool) -> TensorEntry:
     if not isinstance(chunks, list) or len(chunks) != expect:
         _fail(f"tensor {name!r}: expected {expect} chunk fields, found "
               f"{len(chunks) if isinstance(chunks, list) else type(chunks).__name__}")
-    for row in range(e.rows if expect else 0):
-        for p, usize in enumerate(e.plane_sizes(row)):
-            off, csize, codec = e.chunk(row, p)
-            _int(off, f"tensor {name!r} chunk offset", PREAMBLE_SIZE, data_end)
-            _int(csize, f"tensor {name!r} chunk size", 0, data_end - off)
-            if codec == codecs.STORED:
-                if csize != usize:
-                    _fail(f"tensor {name!r} row {row} plane {p}: stored chunk of {csize} bytes, expected {usize}")
-            elif codec == codecs.ZSTD:
-                if usize == 0 or usize > csize * codecs.ZSTD_MAX_EXPANSION:
-                    _fail(f"tensor {name!r} row {row} plane {p}: {csize} zstd bytes cannot hold {usize} bytes")
-            else:
-                _fail(f"tensor {name!r} row {row} plane {p}: unknown codec id {codec!r}"[:200])
+    if expect:
+        _check_chunks(e, data_end)
     return e

@@ -129,6 +129,9 @@ LIES = {
     "not an object": lambda d: d.clear() or d.update(tensors="x"),
     "rank 65": lambda d: d["tensors"][0].update(shape=[1] * 65),
     "float shape": lambda d: d["tensors"][0].update(shape=[3000.0]),
+    "nested chunk fields": lambda d: d["tensors"][0].update(chunks=[[v] for v in d["tensors"][0]["chunks"]]),
+    "float chunk field": lambda d: d["tensors"][0]["chunks"].__setitem__(0, 16.0),
+    "huge chunk field": lambda d: d["tensors"][0]["chunks"].__setitem__(1, 1 << 70),
 }
 
 
