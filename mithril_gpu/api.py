@@ -70,7 +70,8 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
             match it by name, dtype and shape are stored as a delta against it.
         device: ``"auto"`` (GPU when the tensors are on CUDA and the GPU backend can run),
             ``"cpu"`` or ``"cuda"``.
-        progress: optional callable receiving the number of input bytes done, as work goes.
+        progress: ``True`` for a progress bar on stderr, or a callable receiving the number of
+            input bytes done, as work goes.
     """
     if not isinstance(chunk_elems, int) or not 1 <= chunk_elems <= (8 << 20):
         raise ValueError(f"chunk_elems must be an int in [1, {8 << 20}], got {chunk_elems!r}")
@@ -83,8 +84,9 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
         items.append(EncodeItem(name, dt, tuple(t.shape), _source_for(t), default_transform(dt), chunk_elems,
                                 device_tensor=t if t.device.type == "cuda" else None))
     encoder = backends.choose_encoder(device, [t for _, t in leaves])
-    write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
-                progress=progress, encoder=encoder, base_tensors=_base_tensors)
+    with _progress(progress, sum(it.nbytes for it in items), "save") as bar:
+        write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
+                    progress=bar, encoder=encoder, base_tensors=_base_tensors)
 
 
 def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None, level=None,
@@ -135,7 +137,33 @@ def load(path, device: str = "cpu", *, verify: bool = True, threads: int | None 
     ``into`` lacks). If decoding fails midway, tensors in ``into`` may be partly written.
     """
     with MthFile(path, verify=verify, threads=threads, base=base) as f:
-        return f.load(device, progress, into=into)
+        with _progress(progress, sum(e.nbytes for e in f.index.tensors), "load") as bar:
+            return f.load(device, bar, into=into)
+
+
+class _progress:
+    """A byte-count progress bar on stderr for ``progress=True`` (``"auto"``: only when stderr is
+    a terminal); a callable passes through; None/False: none. Used as a context manager."""
+
+    def __init__(self, progress, total: int, desc: str):
+        self.bar = None
+        self.fn = progress if callable(progress) else None
+        if progress is True or progress == "auto":
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, leave=False,
+                            file=sys.stderr, disable=None if progress == "auto" else False)
+            self.fn = self.bar.update
+
+    def __enter__(self):
+        return self.fn
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
 
 
 def _torch_from_entries(f: MthFile, entries, progress=None) -> list:

@@ -25,24 +25,11 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-class _Progress:
-    """A byte-count progress bar on stderr (tqdm; hidden when stderr is not a terminal or -q)."""
+def _bar(args, total: int, desc: str):
+    """The progress bar of a command: on stderr when it is a terminal, none with -q."""
+    from .api import _progress
 
-    def __init__(self, total: int, desc: str, quiet: bool):
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                            disable=None, leave=False, file=sys.stderr)
-
-    def __call__(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+    return _progress(None if args.quiet else "auto", total, desc)
 
 
 def _summary(verb: str, src: str, dst: str, raw: int, packed: int, seconds: float) -> str:
@@ -73,23 +60,18 @@ def cmd_compress(a) -> int:
                  for name, dt, shape, b, e in st.tensors]
         tree = {"dict": [[{"str": it.name}, {"tensor": i}] for i, it in enumerate(items)]}
         raw = sum(it.nbytes for it in items)
-        bar = _Progress(raw, "compress", a.quiet)
         try:
-            api.write_items(a.output, items, tree=tree, metadata=st.metadata, source=st.source_record(),
-                            base=a.base, level=a.level, threads=a.threads, progress=bar)
+            with _bar(a, raw, "compress") as bar:
+                api.write_items(a.output, items, tree=tree, metadata=st.metadata, source=st.source_record(),
+                                base=a.base, level=a.level, threads=a.threads, progress=bar)
         finally:
-            bar.close()
             st.close()
     elif kind == "torch":
         obj = formats.load_torch(a.input)
         _, leaves = tree_mod.encode(obj, api._is_tensor)
         raw = sum(t.numel() * t.element_size() for _, t in leaves)
-        bar = _Progress(raw, "compress", a.quiet)
-        try:
-            api.save(obj, a.output, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems, base=a.base,
-                     device="cpu", progress=bar)
-        finally:
-            bar.close()
+        api.save(obj, a.output, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems, base=a.base,
+                 device="cpu", progress=None if a.quiet else "auto")
     else:
         raise MithrilError(f"{a.input}: not a .safetensors file or a torch checkpoint (.pt/.pth/.bin)")
     if not a.quiet:
@@ -145,8 +127,7 @@ def cmd_decompress(a) -> int:
     out_kind = "safetensors" if a.output.endswith(".safetensors") else "torch"
     with MthFile(a.input, verify=not a.no_verify, threads=a.threads, base=a.base) as f:
         raw = sum(e.nbytes for e in f.index.tensors)
-        bar = _Progress(raw, "decompress", a.quiet)
-        try:
+        with _bar(a, raw, "decompress") as bar:
             if out_kind == "safetensors":
                 if not _flat_names(f):
                     raise MithrilError(f"{a.input} holds nested values or non-tensor data, which safetensors "
@@ -164,8 +145,6 @@ def cmd_decompress(a) -> int:
                 obj = f.load("cpu", bar)
                 with AtomicFile(a.output) as out:
                     torch.save(obj, out.file)
-        finally:
-            bar.close()
         packed = f.size
     if not a.quiet:
         print(_summary("decompressed", a.input, a.output, raw, packed, time.perf_counter() - t0))
@@ -224,12 +203,9 @@ def cmd_verify(a) -> int:
     t0 = time.perf_counter()
     with MthFile(a.file, verify=True, threads=a.threads, base=a.base) as f:
         raw = sum(e.nbytes for e in f.index.tensors)
-        bar = _Progress(raw, "verify", a.quiet)
-        try:
+        with _bar(a, raw, "verify") as bar:
             for _ in _decode_in_batches(f, f.index.tensors, bar):
                 pass
-        finally:
-            bar.close()
         n = len(f.index.tensors)
     dt = time.perf_counter() - t0
     print(f"OK {a.file}: {n} tensors, {_mb(raw)} decoded and checksums verified in {dt:.2f} s "

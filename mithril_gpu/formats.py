@@ -153,5 +153,9 @@ def load_torch(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here; say what happened in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            hint = ("; it holds objects other than tensors and plain values (a pickled model?): if you trust it, "
+                    "load it yourself and compress its state_dict() with mithril_gpu.save")
         raise InputFormatError(f"{path}: cannot be read as a torch checkpoint with weights_only=True "
-                               f"({first})") from None
+                               f"({first[:200]}){hint}") from None

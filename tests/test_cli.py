@@ -144,3 +144,9 @@ def test_refuses_to_overwrite_its_input(tmp_path):
     run("compress", tmp_path / "m.safetensors", tmp_path / "m.mth")
     p = run("decompress", tmp_path / "m.mth", tmp_path / "other.mth", ok=False)
     assert p.returncode == 1 and ".safetensors or .pt" in p.stderr
+
+
+def test_python_dash_m_is_the_command():
+    p = subprocess.run([sys.executable, "-m", "mithril_gpu", "--version"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)})
+    assert p.returncode == 0 and p.stdout.startswith("mithril-gpu ")

@@ -188,3 +188,14 @@ def test_load_into_a_negated_view_gives_the_stored_values(tmp_path):
     neg = base.neg() if not hasattr(torch, "_neg_view") else torch._neg_view(base)
     mithril_gpu.load(tmp_path / "c.mth", into={"a": neg})
     assert neg.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_progress_true_draws_a_bar_and_callables_get_bytes(tmp_path, capsys):
+    t = torch.randn(300_000)
+    mithril_gpu.save({"a": t}, tmp_path / "p.mth", progress=True)
+    mithril_gpu.load(tmp_path / "p.mth", progress=True)
+    err = capsys.readouterr().err
+    assert "save" in err and "load" in err and "B" in err
+    seen = []
+    mithril_gpu.save({"a": t}, tmp_path / "q.mth", progress=seen.append)
+    assert sum(seen) == t.numel() * 4
