@@ -15,6 +15,7 @@ EPILOG = """examples:
                                                      store only what changed since step1000
   mithril decompress model.mth model.safetensors     back to safetensors (identical bytes)
   mithril decompress ckpt.mth ckpt.pt                back to a torch checkpoint
+  mithril compress llama-dir/ llama-mth/             every shard of a model folder (configs copied)
   mithril info model.mth                             tensors, dtypes, ratio per tensor
   mithril verify model.mth                           decode everything, check checksums
 
@@ -43,8 +44,54 @@ def _check_paths(a) -> None:
         raise MithrilError(f"IN and OUT are the same file ({a.input}): write the output under another name")
 
 
+def _walk_dir(a, verb: str, convert, base_for) -> int:
+    """Run the command on every checkpoint file of directory IN, mirrored into OUT (subfolders
+    kept), and copy every other file as it is. ``convert(src, dst)`` gives the output path of a
+    checkpoint file (None: not one); ``base_for(rel, name)`` the --base for that file."""
+    import argparse
+    import shutil
+
+    src_root, dst_root = os.path.abspath(a.input), os.path.abspath(a.output)
+    if dst_root == src_root or dst_root.startswith(src_root + os.sep):
+        raise MithrilError(f"OUT ({a.output}) must not be IN or inside it")
+    if a.base is not None and not os.path.isdir(a.base):
+        raise MithrilError(f"with a directory IN, --base must be a directory too ({a.base} is not)")
+    t0, raw, packed, done = time.perf_counter(), 0, 0, 0
+    for folder, dirs, files in os.walk(src_root):
+        dirs.sort()
+        rel = os.path.relpath(folder, src_root)
+        os.makedirs(os.path.join(dst_root, rel), exist_ok=True)
+        for name in sorted(files):
+            src = os.path.join(folder, name)
+            dst = convert(src, os.path.join(dst_root, rel, name))
+            if dst is None:
+                shutil.copy2(src, os.path.join(dst_root, rel, name))
+                continue
+            sub = argparse.Namespace(**{**vars(a), "input": src, "output": dst, "quiet": True,
+                                        "base": base_for(rel, name) if a.base else None})
+            sub.func(sub)
+            sizes = (os.path.getsize(src), os.path.getsize(dst))
+            raw += sizes[0] if verb == "compressed" else sizes[1]
+            packed += sizes[1] if verb == "compressed" else sizes[0]
+            done += 1
+            if not a.quiet:
+                print(f"  {verb} {os.path.join(rel, name)}: {_mb(sizes[0])} -> {_mb(sizes[1])}")
+    if not a.quiet:
+        print(_summary(f"{verb} {done} checkpoint files,", a.input, a.output, raw, packed, time.perf_counter() - t0))
+    return 0
+
+
 def cmd_compress(a) -> int:
     from . import api, formats, tree as tree_mod
+
+    if os.path.isdir(a.input):
+        def convert(src, dst):
+            return dst + ".mth" if formats.sniff(src) in ("safetensors", "torch") else None
+
+        def base_for(rel, name):   # the same file, compressed, in the base folder (if it has one)
+            cand = os.path.join(a.base, rel, name + ".mth")
+            return cand if os.path.exists(cand) else None
+        return _walk_dir(a, "compressed", convert, base_for)
     from .cpu import EncodeItem
     from .transforms import default_transform
 
@@ -120,6 +167,13 @@ def cmd_decompress(a) -> int:
     from .reader import MthFile
     from .writer import AtomicFile
 
+    if os.path.isdir(a.input):
+        def convert(src, dst):
+            return dst[:-len(".mth")] if src.endswith(".mth") and formats.sniff(src) == "mth" else None
+
+        def base_for(rel, name):   # a folder: each delta's base is found there by its recorded name
+            return os.path.join(a.base, rel)
+        return _walk_dir(a, "decompressed", convert, base_for)
     _check_paths(a)
     if a.output.endswith(".mth"):
         raise MithrilError(f"OUT ({a.output}) ends in .mth: decompress to a .safetensors or .pt file")
@@ -229,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a .safetensors file or torch checkpoint into a .mth file",
                        description="Compress IN (.safetensors, or a torch checkpoint read with "
-                                   "torch.load(weights_only=True)) into OUT (.mth). OUT is replaced atomically.")
+                                   "torch.load(weights_only=True)) into OUT (.mth). OUT is replaced atomically. "
+                                   "If IN is a directory (a sharded model, say), every checkpoint file in it becomes "
+                                   "OUT/<name>.mth and every other file is copied, subfolders kept; --base may then "
+                                   "name a directory compressed the same way, matched file by file.")
     c.add_argument("input", metavar="IN")
     c.add_argument("output", metavar="OUT")
     c.add_argument("--level", type=int, default=None,
@@ -242,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("decompress", help="decompress a .mth file to .safetensors or .pt",
                        description="Decompress IN (.mth) to OUT: .safetensors (byte-identical to the original "
-                                   "if that is what was compressed) or any other name for a torch .pt file.")
+                                   "if that is what was compressed) or any other name for a torch .pt file. If IN is "
+                                   "a directory, every <name>.mth in it becomes OUT/<name> and other files are copied.")
     d.add_argument("input", metavar="IN")
     d.add_argument("output", metavar="OUT")
     d.add_argument("--no-verify", action="store_true", help="skip checksum verification (faster)")

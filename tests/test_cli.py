@@ -150,3 +150,58 @@ def test_python_dash_m_is_the_command():
     p = subprocess.run([sys.executable, "-m", "mithril_gpu", "--version"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)})
     assert p.returncode == 0 and p.stdout.startswith("mithril-gpu ")
+
+
+def test_directories_round_trip_byte_identical(tmp_path):
+    """A sharded model folder: shards compressed, configs copied, subfolders kept, deltas by file."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(MINILM)
+    names = sorted(sd)
+    model = tmp_path / "model"
+    (model / "1_Pooling").mkdir(parents=True)
+    save_file({k: sd[k] for k in names[:8]}, model / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in names[8:]}, model / "model-00002-of-00002.safetensors")
+    (model / "config.json").write_text('{"hidden_size": 384}')
+    (model / "1_Pooling" / "config.json").write_text("{}")
+    out = run("compress", model, tmp_path / "packed").stdout
+    assert "compressed 2 checkpoint files" in out
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == [
+        "1_Pooling", "config.json", "model-00001-of-00002.safetensors.mth", "model-00002-of-00002.safetensors.mth"]
+    run("decompress", tmp_path / "packed", tmp_path / "restored")
+    for f in model.rglob("*"):
+        if f.is_file():
+            assert sha(f) == sha(tmp_path / "restored" / f.relative_to(model)), f
+    # a fine-tune of one shard, stored against the packed base folder, file by file
+    tuned = tmp_path / "tuned"
+    import shutil as sh
+
+    sh.copytree(model, tuned)
+    first = {k: sd[k].clone() for k in names[:8]}
+    first[names[0]].view(-1)[::7] += 1
+    save_file(first, tuned / "model-00001-of-00002.safetensors")
+    run("compress", tuned, tmp_path / "tuned-packed", "--base", tmp_path / "packed")
+    with mithril_gpu.open(tmp_path / "tuned-packed" / "model-00002-of-00002.safetensors.mth",
+                          base=tmp_path / "packed" / "model-00002-of-00002.safetensors.mth") as f:
+        assert f.index.base is not None and all((e.delta or {}).get("op") == "same" for e in f.index.tensors)
+    p = run("compress", model, model / "inside", ok=False)
+    assert p.returncode == 1 and "inside" in p.stderr
+
+
+def test_directory_decompress_finds_moved_bases_with_base_dir(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(MINILM)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_file(sd, tmp_path / "a" / "m.safetensors")
+    tuned = {k: v.clone() for k, v in sd.items()}
+    next(iter(tuned.values())).view(-1)[::5] += 1
+    save_file(tuned, tmp_path / "b" / "m.safetensors")
+    run("compress", tmp_path / "a", tmp_path / "pa")
+    run("compress", tmp_path / "b", tmp_path / "pb", "--base", tmp_path / "pa")
+    os.rename(tmp_path / "pa", tmp_path / "moved")
+    p = run("decompress", tmp_path / "pb", tmp_path / "rb", ok=False)
+    assert p.returncode == 1 and "--base" in p.stderr
+    run("decompress", tmp_path / "pb", tmp_path / "rb", "--base", tmp_path / "moved")
+    assert sha(tmp_path / "rb" / "m.safetensors") == sha(tmp_path / "b" / "m.safetensors")
