@@ -163,9 +163,9 @@ def _device_bytes(t):
     return cupy.from_dlpack(tensor_u8(t))
 
 
-def _chunk_layout(e_count: int, itemsize: int, nplanes: int, chunk_elems: int, transform: str, stride: int):
-    """(row, plane, device offset, uncompressed size) of every chunk, in file order."""
-    widths = [itemsize] if transform == "raw" else [1] * nplanes
+def _chunk_layout(e_count: int, widths: list[int], chunk_elems: int, transform: str, stride: int):
+    """(row, plane, device offset, uncompressed size) of every chunk, in file order; ``widths``
+    are the transform's plane widths (transforms.plane_widths)."""
     rows = -(-e_count // chunk_elems) if e_count else 0
     out = []
     for r in range(rows):
@@ -176,9 +176,11 @@ def _chunk_layout(e_count: int, itemsize: int, nplanes: int, chunk_elems: int, t
     return out
 
 
-def gpu_can_encode(item, align: int) -> bool:
-    return (item.device_tensor is not None and item.delta_op is None and item.transform != "masked"
-            and (item.chunk_elems * (item.dtype.itemsize if item.transform == "raw" else 1)) % align == 0)
+def gpu_handles(dtype, transform: str, delta, chunk_elems: int, align: int) -> bool:
+    """Whether the GPU kernels code a tensor of this layout (in either direction): no delta, not
+    masked, and every row's chunks start at addresses aligned for nvCOMP."""
+    step = chunk_elems * (dtype.itemsize if transform == "raw" else 1)
+    return delta is None and transform != "masked" and step % align == 0
 
 
 def encode_all(items, write, coder, threads, progress=None):
@@ -196,7 +198,7 @@ def encode_all(items, write, coder, threads, progress=None):
     codec, align = zstd_codec()
     results: list = [None] * len(items)
     for i, it in enumerate(items):
-        if not gpu_can_encode(it, align):
+        if it.device_tensor is None or not gpu_handles(it.dtype, it.transform, it.delta_op, it.chunk_elems, align):
             results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
             continue
         dt, n = it.dtype, it.nbytes // it.dtype.itemsize
@@ -205,8 +207,7 @@ def encode_all(items, write, coder, threads, progress=None):
             digests = row_digests(x, it.chunk_elems * dt.itemsize)
             stride = plane_stride(n)
             planes = split_planes(dt, it.transform, x, stride=stride)
-            layout = _chunk_layout(n, dt.itemsize, len(transforms.plane_widths(dt, it.transform)), it.chunk_elems,
-                                   it.transform, stride)
+            layout = _chunk_layout(n, transforms.plane_widths(dt, it.transform), it.chunk_elems, it.transform, stride)
             chunks = []
             if layout:
                 batch = nvcomp.as_arrays(planes, [c[2] for c in layout], [c[3] for c in layout])
@@ -245,8 +246,7 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
 
     codec, align = zstd_codec()
     for e, out in zip(entries, outs):
-        step = e.chunk_elems * (e.dtype.itemsize if e.transform == "raw" else 1)
-        if e.delta is not None or e.transform == "masked" or step % align:
+        if not gpu_handles(e.dtype, e.transform, e.delta, e.chunk_elems, align):
             host = np.empty(e.nbytes, np.uint8)
             f.decode_into([e], [host])
             out.copy_(torch.from_numpy(host))
@@ -256,7 +256,7 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
         dev_out = cupy.from_dlpack(out)
         n = e.count
         stride = plane_stride(n)
-        layout = _chunk_layout(n, e.dtype.itemsize, len(e.widths), e.chunk_elems, e.transform, stride)
+        layout = _chunk_layout(n, e.widths, e.chunk_elems, e.transform, stride)
         target = dev_out if e.transform == "raw" else cupy.empty(stride * len(e.widths), dtype=cupy.uint8)
         staged, total = [], 0
         for (r, p, dst, usize) in layout:

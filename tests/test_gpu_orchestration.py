@@ -107,7 +107,7 @@ def test_strided_planes_and_layout_agree(fake):
     stride = gpu.plane_stride(n)
     assert stride % gpu.MIN_ALIGN == 0 and stride >= n
     planes = gpu.split_planes(dt, "fieldsplit", x)
-    layout = gpu._chunk_layout(n, 2, 2, 4096, "fieldsplit", stride)
+    layout = gpu._chunk_layout(n, [1, 1], 4096, "fieldsplit", stride)
     assert [(r, p) for r, p, _, _ in layout] == [(r, p) for r in range(3) for p in range(2)]
     assert all(off % gpu.MIN_ALIGN == 0 for _, _, off, _ in layout)
     out = fake_gpu._dev(np.zeros(2 * n, np.uint8))
