@@ -49,3 +49,17 @@ class MissingBaseError(BaseMismatchError):
 
 class BackendUnavailableError(MithrilError):
     """An explicitly requested backend (e.g. device='cuda') cannot run here."""
+
+
+def short(text, limit: int = 120) -> str:
+    """``text`` (a name or path put in an error message) cut to ``limit`` characters, its middle
+    elided, and with characters that cannot be printed (lone surrogates, controls) escaped, so a
+    message stays one printable line whatever a file holds."""
+    s = str(text)
+    if len(s) > limit:
+        keep = (limit - 3) // 2
+        s = s[:keep] + "..." + s[-keep:]
+    if not s.isprintable() or any(0xD800 <= ord(c) <= 0xDFFF for c in s):
+        s = s.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    return s

@@ -12,23 +12,106 @@ from .cpu import EncodeItem, encode_all
 WRITER_NAME = "mithril-gpu 0.1.0"
 
 
+TEMP_MARK = ".mithril-"     # temp files are ".<target name>.mithril-<random>.tmp"
+TEMP_SUFFIX = ".tmp"
+
+try:
+    import fcntl
+except ImportError:     # no advisory locks (Windows): stale temp files are then left alone
+    fcntl = None
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temp file name that :class:`AtomicFile` makes."""
+    return name.startswith(".") and TEMP_MARK in name and name.endswith(TEMP_SUFFIX)
+
+
+def remove_stale_temps(directory) -> list[str]:
+    """Delete the temp files that writers killed mid-save left in ``directory``; return their paths.
+
+    A writer holds an exclusive advisory lock (``flock``) on its temp file for as long as it
+    writes, and the kernel drops the lock when the process dies, however it dies (SIGKILL
+    included). A temp file whose lock can be taken therefore belongs to no live writer, and only
+    such files are removed: never one that another process is still writing. Where there are no
+    advisory locks, nothing is removed.
+    """
+    if fcntl is None:
+        return []
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    for name in names:
+        if not is_temp_name(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not os.path.isfile(path):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue                       # a live writer holds it
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _locked_temp(directory: str, prefix: str) -> tuple[int, str]:
+    """A new temp file in ``directory``, locked. A cleaner in another process may have taken the
+    file for a stale one in the instant between its creation and the lock; then it is either
+    locked by that cleaner or already unlinked, and another name is tried."""
+    for _ in range(100):
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=directory)
+        if fcntl is None:
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # held until the fd closes (or the process dies)
+            if os.fstat(fd).st_nlink > 0:
+                return fd, tmp
+        except OSError:
+            pass                                             # a cleaner holds it and will remove it
+        os.close(fd)
+    raise OSError(f"could not create a temp file in {directory}")
+
+
 class AtomicFile:
     """A file that replaces ``path`` only when complete: temp file, fsync, rename, fsync dir.
 
     If anything fails (or the process is interrupted) before :meth:`commit`, the temp file is
-    removed and whatever was at ``path`` before is untouched.
+    removed and whatever was at ``path`` before is untouched. A process killed outright (SIGKILL,
+    power loss) leaves its temp file behind: it is named ``.<name>.mithril-<random>.tmp`` and
+    locked while written, and the next :class:`AtomicFile` in the same directory removes it
+    (:func:`remove_stale_temps`).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path} is a directory")
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp",
-                                        dir=directory)
-        umask = os.umask(0)
-        os.umask(umask)
-        if hasattr(os, "fchmod"):          # mkstemp makes 0600; give the usual permissions (POSIX)
-            os.fchmod(fd, 0o666 & ~umask)
-        self.file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), buffer_size=4 << 20)
+        remove_stale_temps(directory)
+        fd, self.tmp = _locked_temp(directory, "." + os.path.basename(self.path)[:200] + TEMP_MARK)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            if hasattr(os, "fchmod"):          # mkstemp makes 0600; give the usual permissions (POSIX)
+                os.fchmod(fd, 0o666 & ~umask)
+            self.file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), buffer_size=4 << 20)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.tmp)
+            raise
         self.offset = 0
 
     def write(self, data) -> int:
@@ -41,8 +124,9 @@ class AtomicFile:
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.file.close()
+        # rename while the lock is still held, so no cleaner can take a complete file for a stale one
         os.replace(self.tmp, self.path)
+        self.file.close()
         try:
             dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:
@@ -54,12 +138,15 @@ class AtomicFile:
 
     def abort(self) -> None:
         try:
-            self.file.close()
+            os.unlink(self.tmp)        # while still locked: no cleaner can be racing for it
+        except OSError:
+            pass
         finally:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
+            self.file.close()
+        try:
+            os.unlink(self.tmp)        # where an open file cannot be unlinked (Windows)
+        except OSError:
+            pass
 
     def __enter__(self):
         return self

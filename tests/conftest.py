@@ -3,7 +3,15 @@ import os
 import pytest
 import torch
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "fixtures")
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a child Python: this checkout first on PYTHONPATH, the caller's
+    PYTHONPATH kept after it (packages installed with pip --target live there)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 ALL_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
               torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mithril_gpu
-from conftest import FIXTURES, assert_same
+from conftest import assert_same, subprocess_env
 
 
 def test_exception_during_save_keeps_old_file_and_leaves_no_temp(tmp_path):
@@ -39,7 +39,7 @@ def test_killed_save_keeps_old_file(tmp_path):
         f"mithril_gpu.save({{'w': torch.randn(4_000_000)}}, {str(path)!r}, threads=1, progress=slow)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)})
+                            env=subprocess_env())
     assert proc.stdout.readline().strip() == b"writing"      # it is mid-save now
     time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)

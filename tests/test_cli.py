@@ -8,14 +8,14 @@ import sys
 import torch
 
 import mithril_gpu
-from conftest import FIXTURES, assert_same
+from conftest import FIXTURES, assert_same, subprocess_env
 
 MINILM = os.path.join(FIXTURES, "minilm_l0_bf16.safetensors")
 
 
 def run(*args, ok=True):
     p = subprocess.run([sys.executable, "-m", "mithril_gpu.cli", *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)})
+                       env=subprocess_env())
     if ok:
         assert p.returncode == 0, p.stderr
     return p
@@ -148,7 +148,7 @@ def test_refuses_to_overwrite_its_input(tmp_path):
 
 def test_python_dash_m_is_the_command():
     p = subprocess.run([sys.executable, "-m", "mithril_gpu", "--version"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)})
+                       env=subprocess_env())
     assert p.returncode == 0 and p.stdout.startswith("mithril-gpu ")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mithril_gpu
-from conftest import FIXTURES, assert_same
+from conftest import FIXTURES, assert_same, subprocess_env
 from mithril_gpu import Checkpointer
 
 
@@ -199,7 +199,7 @@ def test_cli_delta_compress_info_decompress(tmp_path):
     nxt[name].view(-1)[::50] += 0.01
     save_file(sd, tmp_path / "a.safetensors")
     save_file(nxt, tmp_path / "b.safetensors")
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(FIXTURES)}
+    env = subprocess_env()
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "mithril_gpu.cli", *map(str, args)], capture_output=True,

@@ -12,8 +12,9 @@ KERNELS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.
 def _find_nvrtc():
     cands = [os.environ.get("MITHRIL_NVRTC", "")]
     try:
-        import nvidia.cu13  # noqa: F401  (nvidia-cuda-nvrtc for CUDA 13 installs here)
-        cands += glob.glob(os.path.join(os.path.dirname(nvidia.cu13.__file__), "lib", "libnvrtc.so*"))
+        import nvidia.cu13  # nvidia-cuda-nvrtc for CUDA 13 installs here: a namespace package (no __file__)
+        for d in getattr(nvidia.cu13, "__path__", []):
+            cands += glob.glob(os.path.join(d, "lib", "libnvrtc.so*"))
     except ImportError:
         pass
     cands += glob.glob("/usr/local/cuda/lib64/libnvrtc.so*")
