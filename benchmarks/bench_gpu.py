@@ -146,30 +146,60 @@ def loads(sd, runs, tmp):
 
 
 def nvcomp_vs_zstandard(sd):
+    """Per plane, the bytes nvCOMP's zstd writes against the CPU path's coder on the same chunks
+    (literal-only Huffman frames for exponent planes, zstd's fast strategy for the others)."""
     import cupy
     import numpy as np
-    from nvidia import nvcomp
 
     from mithril_gpu import codecs
 
-    flat = torch.cat([v.reshape(-1) for v in sd.values()]).to(torch.bfloat16)
-    dt = mdtypes.from_torch(torch.bfloat16)
-    a = flat.view(torch.uint8).numpy()
-    n = a.size // 2
-    planes = [np.empty(n, np.uint8) for _ in transforms.plane_widths(dt, "fieldsplit")]
-    transforms.split(dt, "fieldsplit", a, planes)
-    exp = planes[0]
-    chunks = [exp[i:i + 131072] for i in range(0, n, 131072)]
+    codec, _ = gpu.zstd_codec()
     coder = codecs.ChunkCoder()
-    cpu_size = sum(len(coder._cctx().compress(c)) for c in chunks)
-    codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW)
-    out = codec.encode([nvcomp.as_array(cupy.asarray(c)) for c in chunks])
-    gpu_size = sum(cupy.asarray(o).nbytes for o in out)
-    row = {"plane": "bf16 exponent plane, 128 KiB chunks", "zstandard": round(exp.size / cpu_size, 3),
-           "nvcomp": round(exp.size / gpu_size, 3), "nvcomp_vs": f"{100 * cpu_size / gpu_size:.1f}%"}
-    print_table([row], [("plane", "plane"), ("zstandard", "zstandard (mithril default) ratio"), ("nvcomp", "nvCOMP zstd ratio"),
-                        ("nvcomp_vs", "nvCOMP / zstandard")], "nvCOMP's zstd against zstandard on the same planes")
-    return row
+    rows = []
+    for name, dt_t in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        flat = torch.cat([v.reshape(-1) for v in sd.values()]).to(dt_t)
+        dt = mdtypes.from_torch(dt_t)
+        a = flat.view(torch.uint8).numpy()
+        n = a.size // dt.itemsize
+        planes = [np.empty(n, np.uint8) for _ in transforms.plane_widths(dt, "fieldsplit")]
+        transforms.split(dt, "fieldsplit", a, planes)
+        for k, plane in enumerate(planes):
+            offs = list(range(0, n, 131072))
+            sizes = [min(131072, n - o) for o in offs]
+            cpu_bytes = sum(min(len(coder.encode(plane[o:o + z], literals=k == 0)[1]), z) for o, z in zip(offs, sizes))
+            with gpu.stream():
+                dev = cupy.asarray(plane)
+                comp = codec.encode(gpu._batch(dev, offs, sizes))
+                gpu_bytes = sum(min(c, z) for c, z in zip(comp.buffer_sizes, sizes))   # stored when it does not shrink
+            rows.append({"plane": f"{name} plane {k} ({'exponent' if k == 0 else 'sign+mantissa'})",
+                         "cpu": round(n / cpu_bytes, 4), "nvcomp": round(n / gpu_bytes, 4),
+                         "larger": f"{100 * (gpu_bytes / cpu_bytes - 1):+.2f}%"})
+    print_table(rows, [("plane", "plane (128 Ki-element chunks)"), ("cpu", "CPU path ratio"), ("nvcomp", "nvCOMP zstd ratio"),
+                       ("larger", "nvCOMP bytes vs CPU")], "nvCOMP's zstd against the CPU path's coder on the same planes")
+    return rows
+
+
+def cpu_threads(sd, tmp):
+    """The CPU path's save and load of the bf16 weights with 1..N threads (this host's cores)."""
+    dev = {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+    raw = sum(v.numel() * v.element_size() for v in dev.values())
+    path = os.path.join(tmp, "threads.mth")
+    rows, n = [], os.cpu_count() or 1
+    for t in sorted({1, 2, 4, 8, n} & set(range(1, n + 1))):
+        save = statistics.median(_wall(lambda: mithril_gpu.save(dev, path, device="cpu", threads=t)) for _ in range(3))
+        load = statistics.median(_wall(lambda: mithril_gpu.load(path, threads=t)) for _ in range(3))
+        rows.append({"threads": t, "save": round(raw / save / 1e9, 2), "load": round(raw / load / 1e9, 2)})
+    for r in rows:
+        r["save_x"], r["load_x"] = f"{r['save'] / rows[0]['save']:.1f}x", f"{r['load'] / rows[0]['load']:.1f}x"
+    print_table(rows, [("threads", "threads"), ("save", "save GB/s"), ("save_x", "vs 1 thread"), ("load", "load GB/s"),
+                       ("load_x", "vs 1 thread")], f"CPU path thread scaling, bf16 weights ({raw / 1e6:.0f} MB, warm page cache)")
+    return rows
+
+
+def _wall(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def weights(a):
@@ -216,15 +246,28 @@ def main():
     sd, source = weights(a)
     from nvidia import nvcomp
 
-    env = {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "torch": torch.__version__,
-           "nvcomp": getattr(nvcomp, "__version__", "?"), "weights": source}
+    import cupy
+
+    env = {"device": torch.cuda.get_device_name(), "driver": cupy.cuda.runtime.driverGetVersion(),
+           "cuda (torch)": torch.version.cuda, "cuda runtime (cupy)": cupy.cuda.runtime.runtimeGetVersion(),
+           "torch": torch.__version__, "cupy": cupy.__version__, "nvcomp": getattr(nvcomp, "__version__", "?"),
+           "weights": source}
     print(env)
     tmp = tempfile.mkdtemp()
-    result = {"env": env, "kernels": kernels(sd, a.runs), "save": saves(sd, a.runs, tmp), "load": loads(sd, a.runs, tmp),
-              "nvcomp_vs_zstandard": nvcomp_vs_zstandard(sd)}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "gpu.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result = {"env": env}
+    for key, fn in (("nvcomp_vs_cpu_coder", lambda: nvcomp_vs_zstandard(sd)), ("kernels", lambda: kernels(sd, a.runs)),
+                    ("save", lambda: saves(sd, a.runs, tmp)), ("load", lambda: loads(sd, a.runs, tmp)),
+                    ("cpu_threads", lambda: cpu_threads(sd, tmp))):
+        try:                                 # one section failing must not cost the others (device time is scarce)
+            result[key] = fn()
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            result[key] = f"failed: {type(e).__name__}: {e}"
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "gpu.json"), "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

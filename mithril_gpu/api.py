@@ -8,7 +8,7 @@ import numpy as np
 from . import backends, container, dtypes, tree as tree_mod
 from .cpu import EncodeItem, default_threads
 from .deltaplan import plan_deltas
-from .errors import UnsupportedValueError
+from .errors import StateMismatchError, UnsupportedValueError, short
 from .reader import MthFile, _alloc
 from .transforms import default_transform
 from .writer import write_mth
@@ -102,6 +102,15 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
                                  "replace its own base; write it under another name")
             base_record = {"xxh64": base_file.identity, "path": _relative(base_file.path, path)}
             same = plan_deltas(items, base_file, base_tensors)
+            matched = sum(it.nbytes for i, it in enumerate(items) if i in same or it.delta_op is not None)
+            total = sum(it.nbytes for it in items)
+            if total and matched < total / 2:
+                import warnings
+
+                from .writer import BaseNote
+
+                warnings.warn(f"mithril: only {100 * matched / total:.0f}% of the bytes have a tensor of the same name, "
+                              f"dtype and shape in the base {short(base_file.path)}", BaseNote, stacklevel=3)
         return write_mth(path, items, tree=tree, metadata=metadata, source=source, base=base_record, same=same,
                          level=level, threads=threads, progress=progress, encode=encoder)
     finally:
@@ -124,21 +133,29 @@ def open(path, *, verify: bool = True, threads: int | None = None, base=None) ->
 
 
 def load(path, device: str = "cpu", *, verify: bool = True, threads: int | None = None, base=None,
-         progress=None, into=None):
+         progress=None, into=None, subtree: str | None = None, strict: bool = True):
     """Decompress a whole .mth file: the object given to :func:`save`, every tensor bit-exact.
 
     ``device`` is where tensors go (``"cpu"``, ``"cuda"``, ``"cuda:1"``...). ``verify=False``
     skips checksum checks (faster; a damaged file may then decode to wrong values).
 
+    ``subtree``: load only that part of the saved object, a ``/``-separated path of dict keys
+    (``"model"`` picks the model's state dict out of ``{"model": ..., "optimizer": ..., "step": ...}``).
+
     ``into``: an existing state dict (or nest) whose tensors are filled in place, by name, like
     ``load_state_dict`` but without a second copy in memory (on a GPU: straight into the device
-    tensors). Every matching tensor must have the file's dtype and shape, checked before
-    anything is written; the returned object holds those very tensors (and new ones for names
-    ``into`` lacks). If decoding fails midway, tensors in ``into`` may be partly written.
+    tensors). Names are those of the loaded object (of ``subtree`` when given). With
+    ``strict=True`` (the default) the names must match exactly: tensors the file has and
+    ``into`` lacks, or the reverse, raise :class:`StateMismatchError` listing them, before
+    anything is written. With ``strict=False`` the matching tensors are filled, the others are
+    loaded fresh (or left as they are in ``into``), and a :class:`LoadReport` warning says what
+    was filled and what was not. A load that would fill no tensor at all is an error either way.
+    Every filled tensor must have the file's dtype and shape, checked before anything is
+    written; the returned object holds those very tensors. If decoding fails midway, tensors in
+    ``into`` may be partly written.
     """
     with MthFile(path, verify=verify, threads=threads, base=base) as f:
-        with _progress(progress, sum(e.nbytes for e in f.index.tensors), "load") as bar:
-            return f.load(device, bar, into=into)
+        return f.load(device, progress, into=into, subtree=subtree, strict=strict)
 
 
 class _progress:
@@ -192,36 +209,89 @@ def _to_device(t, device):
     return t.to(device)
 
 
-def _load_tree(f: MthFile, device: str, progress=None, into=None):
+class LoadReport(UserWarning):
+    """What ``load(into=..., strict=False)`` filled, and what it did not (a one-line warning)."""
+
+
+def _load_tree(f: MthFile, device: str, progress=None, into=None, subtree=None, strict: bool = True):
     backends.check_load_device(device)
-    entries = f.index.tensors
-    targets = _targets(entries, into) if into is not None else {}
+    node, prefix = _select(f.index.tree, subtree) if subtree is not None else (f.index.tree, "")
+    refs = set(tree_mod.tensor_refs(node))
+    entries = [e for i, e in enumerate(f.index.tensors) if i in refs]
+    local = {e.name: e.name[len(prefix):] for e in entries}            # names relative to the subtree
+    targets = _targets(entries, local, into, strict, subtree) if into is not None else {}
     rest = [e for e in entries if e.name not in targets]
-    if targets:
-        _load_into(f, targets, progress)
-    if backends.use_gpu_for_load(device):
-        fresh = _torch_on_device(f, rest, device)
-    else:
-        fresh = [_to_device(t, device) for t in _torch_from_entries(f, rest, progress)]
+    with _progress(progress, sum(e.nbytes for e in entries), "load") as bar:
+        if targets:
+            _load_into(f, targets, bar)
+        if backends.use_gpu_for_load(device):
+            fresh = _torch_on_device(f, rest, device)
+        else:
+            fresh = [_to_device(t, device) for t in _torch_from_entries(f, rest, bar)]
     by_name = dict(zip((e.name for e in rest), fresh))
-    tensors = [targets[e.name][1] if e.name in targets else by_name[e.name] for e in entries]
-    return tree_mod.decode(f.index.tree, lambda i: tensors[i])
+    tensors = {i: targets[e.name][1] if e.name in targets else by_name[e.name]
+               for i, e in enumerate(f.index.tensors) if i in refs}
+    return tree_mod.decode(node, lambda i: tensors[i])
 
 
-def _targets(entries, into) -> dict:
-    """{name: (entry, tensor)} for the file's tensors that ``into`` holds, after checking them all."""
+def _select(tree, subtree: str):
+    """(node, name prefix) of the part of the saved object at ``subtree`` ("model", "a/b")."""
+    node, path = tree, []
+    for key in str(subtree).strip("/").split("/"):
+        pairs = node.get("dict") if isinstance(node, dict) else None
+        if not isinstance(pairs, list):
+            raise KeyError(f"subtree {short(subtree)!r}: {short('/'.join(path) or 'the saved object')} is not a dict")
+        found = [v for k, v in pairs if isinstance(k, dict) and (k.get("str") == key or k.get("int") == key)]
+        if not found:
+            keys = [str(next(iter(k.values()))) for k, _ in pairs if isinstance(k, dict)]
+            raise KeyError(f"subtree {short(subtree)!r}: no key {short(key)!r} in {short('/'.join(path) or 'the saved object')}"
+                           f" (its keys: {short(', '.join(keys), 200)})")
+        node, path = found[0], path + [key]
+    return node, "/".join(path) + "/"
+
+
+def _names(names, limit: int = 8) -> str:
+    names = sorted(names)
+    shown = ", ".join(short(n, 60) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _targets(entries, local: dict, into, strict: bool, subtree) -> dict:
+    """{file name: (entry, tensor)} for the file's tensors that ``into`` holds, after checking them all."""
     _, leaves = tree_mod.encode(into, _is_tensor)
     given = dict(leaves)
+    wanted = {local[e.name]: e for e in entries}
+    missing = [n for n in wanted if n not in given]           # in the file, not in into
+    unexpected = [n for n in given if n not in wanted]        # in into, not in the file
+    matched = len(wanted) - len(missing)
+    if matched == 0 or (strict and (missing or unexpected)):
+        hint = ""
+        if subtree is None:
+            heads = {n.split("/", 1)[0] for n in wanted if "/" in n and n.split("/", 1)[1] in given}
+            if heads:
+                hint = f"; the file keeps them under {_names(heads, 3)}: pass subtree={sorted(heads)[0]!r}"
+        parts = [f"{len(missing)} tensors of the file are not in into ({_names(missing)})" if missing else "",
+                 f"{len(unexpected)} tensors of into are not in the file ({_names(unexpected)})" if unexpected else ""]
+        raise StateMismatchError(f"load(into=) {'would fill no tensor' if matched == 0 else 'does not match'}: "
+                                 + "; ".join(p for p in parts if p) + hint
+                                 + ("" if matched == 0 else "; pass strict=False to fill only the tensors that match"))
     out = {}
-    for e in entries:
-        t = given.get(e.name)
-        if t is None:
+    for name, t in given.items():
+        e = wanted.get(name)
+        if e is None:
             continue
         want = dtypes.to_torch(e.dtype)
         if t.dtype != want or tuple(t.shape) != e.shape:
-            raise ValueError(f"cannot load tensor {e.name!r} ({e.dtype.name} {list(e.shape)}) into a tensor of "
-                             f"{t.dtype} {list(t.shape)}")
+            raise StateMismatchError(f"cannot load tensor {short(name)!r} ({e.dtype.name} {list(e.shape)}) into a "
+                                     f"tensor of {t.dtype} {list(t.shape)}")
         out[e.name] = (e, t)
+    if missing or unexpected:
+        import warnings
+
+        warnings.warn(f"mithril: load(into=) filled {len(out)} tensors; {len(missing)} of the file were not in into "
+                      f"and were loaded fresh{' (' + _names(missing) + ')' if missing else ''}; {len(unexpected)} of "
+                      f"into are not in the file and were left as they were"
+                      f"{' (' + _names(unexpected) + ')' if unexpected else ''}", LoadReport, stacklevel=5)
     return out
 
 

@@ -38,9 +38,15 @@ def choose_encoder(device: str, tensors: list):
 
 
 def check_load_device(device: str) -> None:
-    if device in (None, "cpu") or str(device).startswith("cuda"):
+    if device in (None, "cpu"):
         return
-    raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if not str(device).startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
+        raise BackendUnavailableError(f"device={device!r}: {why}; load to the CPU (device='cpu') instead")
 
 
 def use_gpu_for_load(device) -> bool:

@@ -47,6 +47,10 @@ class MissingBaseError(BaseMismatchError):
     """A delta checkpoint's base file cannot be found."""
 
 
+class StateMismatchError(MithrilError, ValueError):
+    """``load(into=...)``: the tensors given do not match the file's (names, dtypes or shapes)."""
+
+
 class BackendUnavailableError(MithrilError):
     """An explicitly requested backend (e.g. device='cuda') cannot run here."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from . import checksum, codecs, transforms
+from .errors import short
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 VALIDATED = False        # set True once tests/test_gpu.py has passed on a real GPU
@@ -22,6 +23,7 @@ MIN_ALIGN = 16           # chunk addresses handed to nvCOMP are aligned to at le
 
 _modules: dict = {}
 _codecs: dict = {}
+_streams: dict = {}
 
 
 def status() -> tuple[bool, str]:
@@ -59,18 +61,62 @@ def module(name: str):
     return mod
 
 
+def stream():
+    """The backend's one CUDA stream on the current device (a CuPy stream, never stream 0).
+
+    Every kernel, copy and nvCOMP call of this backend is queued on it, so each step sees the
+    previous one's results by stream order alone. Hand-offs with torch are explicit: work on
+    this stream first waits for the tensors' producer (:func:`_after_torch`), and results are
+    handed back only after this stream is synchronised.
+    """
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    s = _streams.get(dev)
+    if s is None:
+        s = _streams[dev] = cupy.cuda.Stream(non_blocking=True)
+    return s
+
+
 def zstd_codec():
-    """(nvCOMP zstd RAW codec, alignment) for the current device."""
+    """(nvCOMP zstd RAW codec on :func:`stream`, alignment) for the current device."""
     import cupy
     from nvidia import nvcomp
 
     dev = cupy.cuda.runtime.getDevice()
     c = _codecs.get(dev)
     if c is None:
-        codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, device_id=dev)
+        codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, device_id=dev,
+                             cuda_stream=stream().ptr)
         align = max(MIN_ALIGN, codec.get_required_compression_alignment(), codec.get_required_decompression_alignment())
         c = _codecs[dev] = (codec, align)
     return c
+
+
+def _batch(buffer, offsets, sizes):
+    """nvCOMP's view of chunks of one device buffer (offsets and sizes in bytes), tied to :func:`stream`."""
+    from nvidia import nvcomp
+
+    return nvcomp.as_arrays(buffer, offsets, sizes, cuda_stream=stream().ptr)
+
+
+def _address(a) -> int:
+    """Device address of a CuPy array's first byte."""
+    return a.__cuda_array_interface__["data"][0]
+
+
+def _after_torch(t) -> None:
+    """Make :func:`stream` wait for the work torch has queued on its current stream of ``t``'s
+    device (the work that produced ``t``, or allocated it), without blocking the host."""
+    import cupy
+
+    if not getattr(t, "is_cuda", False):
+        return
+    import torch
+
+    ev = cupy.cuda.Event(disable_timing=True)
+    ev.record(cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream))
+    stream().wait_event(ev)
 
 
 def _round_up(x: int, a: int) -> int:
@@ -92,12 +138,17 @@ def plane_stride(n: int) -> int:
 
 def split_planes(dt, transform: str, x, base=None, op: str | None = None, stride: int | None = None):
     """Planes of device array ``x`` (uint8, whole elements) in one device buffer, plane k at
-    k * stride (default :func:`plane_stride`). ``raw`` without a delta returns ``x`` itself."""
+    k * stride (default :func:`plane_stride`). ``raw`` without a delta returns ``x`` itself when
+    its address is aligned for nvCOMP, else an aligned copy. Queued on the current stream."""
     import cupy
 
     n = x.size // dt.itemsize
     if transform == "raw" and op is None:
-        return x
+        if _address(x) % MIN_ALIGN == 0:
+            return x
+        staged = cupy.empty(max(x.size, 1), dtype=cupy.uint8)[:x.size]
+        staged[...] = x
+        return staged
     stride = plane_stride(n) if stride is None else stride
     nplanes = len(transforms.plane_widths(dt, transform))
     out = cupy.empty(stride * nplanes, dtype=cupy.uint8)
@@ -178,7 +229,9 @@ def _chunk_layout(e_count: int, widths: list[int], chunk_elems: int, transform: 
 
 def gpu_handles(dtype, transform: str, delta, chunk_elems: int, align: int) -> bool:
     """Whether the GPU kernels code a tensor of this layout (in either direction): no delta, not
-    masked, and every row's chunks start at addresses aligned for nvCOMP."""
+    masked, and chunk offsets that are multiples of nvCOMP's alignment. (Base addresses are the
+    backend's own buffers, or the caller's memory where it is aligned: unaligned caller memory is
+    staged through an aligned copy.)"""
     step = chunk_elems * (dtype.itemsize if transform == "raw" else 1)
     return delta is None and transform != "masked" and step % align == 0
 
@@ -191,7 +244,6 @@ def encode_all(items, write, coder, threads, progress=None):
     """
     import cupy
     import numpy as np
-    from nvidia import nvcomp
 
     from . import cpu
 
@@ -203,24 +255,26 @@ def encode_all(items, write, coder, threads, progress=None):
             continue
         dt, n = it.dtype, it.nbytes // it.dtype.itemsize
         with cupy.cuda.Device(it.device_tensor.device.index):
-            x = _device_bytes(it.device_tensor)
-            digests = row_digests(x, it.chunk_elems * dt.itemsize)
-            stride = plane_stride(n)
-            planes = split_planes(dt, it.transform, x, stride=stride)
-            layout = _chunk_layout(n, transforms.plane_widths(dt, it.transform), it.chunk_elems, it.transform, stride)
-            chunks = []
-            if layout:
-                batch = nvcomp.as_arrays(planes, [c[2] for c in layout], [c[3] for c in layout])
-                comp = codec.encode(batch)
-                sizes = comp.buffer_sizes
-                host = comp.cpu()
-                for (r, p, off, usize), csize, k in zip(layout, sizes, range(len(layout))):
-                    if csize >= usize:
-                        payload, codec_id = planes[off:off + usize].get(), codecs.STORED
-                    else:
-                        payload, codec_id = np.asarray(host[k]).view(np.uint8).reshape(-1)[:csize], codecs.ZSTD
-                    data = memoryview(np.ascontiguousarray(payload)).cast("B")
-                    chunks.extend((write(data), len(data), codec_id))
+            x = _device_bytes(it.device_tensor)        # torch's work (a contiguous copy at most) comes first
+            s = stream()
+            _after_torch(it.device_tensor)
+            with s:
+                digests = row_digests(x, it.chunk_elems * dt.itemsize)
+                stride = plane_stride(n)
+                planes = split_planes(dt, it.transform, x, stride=stride)
+                layout = _chunk_layout(n, transforms.plane_widths(dt, it.transform), it.chunk_elems, it.transform, stride)
+                chunks = []
+                if layout:
+                    comp = codec.encode(_batch(planes, [c[2] for c in layout], [c[3] for c in layout]))
+                    host = comp.cpu()                  # waits for the batch; sizes come with it
+                    for (r, p, off, usize), csize, k in zip(layout, comp.buffer_sizes, range(len(layout))):
+                        if csize >= usize:
+                            payload, codec_id = planes[off:off + usize].get(), codecs.STORED
+                        else:
+                            payload, codec_id = np.asarray(host[k]).view(np.uint8).reshape(-1)[:csize], codecs.ZSTD
+                        data = memoryview(np.ascontiguousarray(payload)).cast("B")
+                        chunks.extend((write(data), len(data), codec_id))
+                s.synchronize()                        # nothing of the caller's tensor is read after this
         if progress:
             progress(it.nbytes)
         results[i] = (checksum.combine(digests), chunks)
@@ -240,9 +294,6 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
     import cupy
     import numpy as np
     import torch
-    from nvidia import nvcomp
-
-    from .errors import ChecksumMismatchError, CorruptFileError
 
     codec, align = zstd_codec()
     for e, out in zip(entries, outs):
@@ -253,39 +304,61 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
             continue
         if e.nbytes == 0:
             continue
-        dev_out = cupy.from_dlpack(out)
-        n = e.count
-        stride = plane_stride(n)
-        layout = _chunk_layout(n, e.widths, e.chunk_elems, e.transform, stride)
-        target = dev_out if e.transform == "raw" else cupy.empty(stride * len(e.widths), dtype=cupy.uint8)
-        staged, total = [], 0
-        for (r, p, dst, usize) in layout:
-            off, csize, codec_id = e.chunk(r, p)
-            if codec_id not in (codecs.STORED, codecs.ZSTD):
-                raise CorruptFileError(f"tensor {e.name!r}: unknown codec id {codec_id}")
-            staged.append((off, csize, codec_id, dst, usize, total))
-            total = _round_up(total + csize, align)
-        pinned = cupy.cuda.alloc_pinned_memory(max(total, 1))
-        staging = np.frombuffer(pinned, np.uint8, max(total, 1))
-        for off, csize, _, _, _, at in staged:
-            staging[at:at + csize] = np.frombuffer(f._buf[off:off + csize], np.uint8)
-        comp = cupy.asarray(staging)                                   # the one H2D copy
-        zstd = [s for s in staged if s[2] == codecs.ZSTD]
-        for off, csize, codec_id, dst, usize, at in staged:
-            if codec_id == codecs.STORED:
-                target[dst:dst + usize] = comp[at:at + csize]
-        if zstd:
-            src = nvcomp.as_arrays(comp, [s[5] for s in zstd], [s[1] for s in zstd])
-            dst = nvcomp.as_arrays(target, [s[3] for s in zstd], [s[4] for s in zstd])
-            try:
-                decoded = codec.decode(src, out=dst)
-                got = decoded.buffer_sizes
-            except (RuntimeError, ValueError) as exc:
-                raise CorruptFileError(f"tensor {e.name!r}: a zstd chunk does not decode ({exc})") from None
-            for s, g in zip(zstd, got):
-                if g != s[4]:
-                    raise CorruptFileError(f"tensor {e.name!r}: a zstd chunk decoded to {g} bytes, expected {s[4]}")
-        if e.transform != "raw":
-            merge_planes(e.dtype, e.transform, target, dev_out, stride=stride)
-        if verify and checksum.combine(row_digests(dev_out, e.chunk_elems * e.dtype.itemsize)) != e.checksum:
-            raise ChecksumMismatchError(f"tensor {e.name!r} does not match its checksum: the file is damaged")
+        _after_torch(out)                              # out was allocated (or last used) on torch's stream
+        with stream():
+            _decode_one(f, e, cupy.from_dlpack(out), codec, align, verify)
+
+
+def _decode_one(f, e, dev_out, codec, align: int, verify: bool) -> None:
+    """Decode entry ``e`` into CuPy uint8 array ``dev_out`` on the current stream."""
+    import cupy
+    import numpy as np
+
+    from .errors import ChecksumMismatchError, CorruptFileError
+
+    n = e.count
+    stride = plane_stride(n)
+    layout = _chunk_layout(n, e.widths, e.chunk_elems, e.transform, stride)
+    if e.transform != "raw":
+        target = cupy.empty(stride * len(e.widths), dtype=cupy.uint8)
+    elif _address(dev_out) % align == 0:
+        target = dev_out                               # raw chunks decode straight into the tensor
+    else:
+        target = cupy.empty(max(e.nbytes, 1), dtype=cupy.uint8)     # the caller's memory is unaligned: stage
+    staged, total = [], 0
+    for (r, p, dst, usize) in layout:
+        off, csize, codec_id = e.chunk(r, p)
+        if codec_id not in (codecs.STORED, codecs.ZSTD):
+            raise CorruptFileError(f"tensor {short(e.name)!r}: unknown codec id {codec_id}")
+        staged.append((off, csize, codec_id, dst, usize, total))
+        total = _round_up(total + csize, align)
+    pinned = cupy.cuda.alloc_pinned_memory(max(total, 1))
+    staging = np.frombuffer(pinned, np.uint8, max(total, 1))
+    for off, csize, _, _, _, at in staged:
+        staging[at:at + csize] = np.frombuffer(f._buf[off:off + csize], np.uint8)
+    comp = cupy.empty(max(total, 1), dtype=cupy.uint8)
+    comp.set(staging)                                  # the one H2D copy, on the current stream
+    zstd = [st for st in staged if st[2] == codecs.ZSTD]
+    for off, csize, codec_id, dst, usize, at in staged:
+        if codec_id == codecs.STORED:
+            if csize != usize:
+                raise CorruptFileError(f"tensor {short(e.name)!r}: a stored chunk holds {csize} bytes, expected {usize}")
+            target[dst:dst + usize] = comp[at:at + csize]
+    if zstd:
+        try:
+            decoded = codec.decode(_batch(comp, [st[5] for st in zstd], [st[1] for st in zstd]),
+                                   out=_batch(target, [st[3] for st in zstd], [st[4] for st in zstd]))
+            got = decoded.buffer_sizes
+        except (RuntimeError, ValueError) as exc:
+            raise CorruptFileError(f"tensor {short(e.name)!r}: a zstd chunk does not decode ({short(exc)})") from None
+        for st, g in zip(zstd, got):
+            if g != st[4]:
+                raise CorruptFileError(f"tensor {short(e.name)!r}: a zstd chunk decoded to {g} bytes, expected {st[4]}")
+    if e.transform != "raw":
+        merge_planes(e.dtype, e.transform, target, dev_out, stride=stride)
+    elif target is not dev_out:
+        dev_out[...] = target[:e.nbytes]
+    ok = not verify or checksum.combine(row_digests(dev_out, e.chunk_elems * e.dtype.itemsize)) == e.checksum
+    stream().synchronize()     # the pinned staging buffer and the output are settled before either is let go
+    if not ok:
+        raise ChecksumMismatchError(f"tensor {short(e.name)!r} does not match its checksum: the file is damaged")

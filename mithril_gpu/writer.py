@@ -8,8 +8,13 @@ import tempfile
 from . import codecs, container
 from .container import Index, TensorEntry
 from .cpu import EncodeItem, encode_all
+from .errors import short
 
 WRITER_NAME = "mithril-gpu 0.1.0"
+
+
+class BaseNote(UserWarning):
+    """A one-line note about a delta's base: few or none of the tensors matched it."""
 
 
 TEMP_MARK = ".mithril-"     # temp files are ".<target name>.mithril-<random>.tmp"
@@ -185,6 +190,12 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
             d = {"op": it.delta_op, "base": it.base_name} if it.delta_op else None
             entries.append(TensorEntry(it.name, it.dtype, tuple(it.shape), it.transform, it.chunk_elems,
                                        digest, chunks, d, it.nnz if it.transform == "masked" else None))
+        if base is not None and not any(e.delta for e in entries):
+            import warnings
+
+            warnings.warn(f"mithril: no tensor was stored against the base {short(base.get('path'))}: "
+                          "written as a full checkpoint that does not need it", BaseNote, stacklevel=4)
+            base = None                     # a file records a base only if it uses it
         index = Index(entries, tree, metadata, source, base, WRITER_NAME)
         raw = index.to_bytes()
         at = out.write(raw)

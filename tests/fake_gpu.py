@@ -1,11 +1,25 @@
 """Stand-ins for CuPy and nvCOMP that run on the CPU, so CI exercises the GPU backend's own
 Python (chunk layout, plane strides, aligned staging, stored-vs-zstd choice, ordering,
 fallbacks) together with the real kernel code (compiled for the host by cuda_host.py) on every
-run. They are not a GPU: device memory is host memory and nvCOMP's zstd is libzstd. What only
-a GPU can show (the kernels on the device, nvCOMP itself) is in test_gpu.py, run on a device."""
+run. They are not a GPU: device memory is host memory and nvCOMP's zstd is libzstd.
+
+They are at least as strict as the real libraries where a mistake would pass here and fail
+there (read from the nvCOMP 6.0.0.12 wheel's docstrings and its error strings):
+
+* ``Codec.encode``/``decode`` take an ``nvcomp.BatchArray`` (from ``as_arrays``), never a
+  Python list; ``decode``'s ``out=`` must be a BatchArray of as many buffers, each large enough.
+* Chunk addresses: 4-byte aligned to compress, 8-byte aligned to decompress (input and output),
+  checked on the address of every chunk, not only its offset.
+* ``as_arrays`` refuses a non-contiguous buffer, mismatched tables, an empty batch and entries
+  outside the buffer.
+* Streams (the backend's own rule, see gpu.stream): a codec must be made on an explicit
+  stream, never stream 0; batches must be tied to the codec's stream; kernels, host<->device
+  copies and codec calls must all be issued while that stream is current.
+"""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import types
 
@@ -14,16 +28,84 @@ import zstandard
 
 import cuda_host
 
+COMPRESS_ALIGN, DECOMPRESS_ALIGN = 4, 8     # what nvCOMP 6's zstd reports
+
+
+# ------------------------------------------------------------------ streams
+
+class Stream:
+    _ids = itertools.count(0x1000, 0x10)
+    _stack: list = []
+
+    def __init__(self, non_blocking=False, ptr=None):
+        self.ptr = next(Stream._ids) if ptr is None else ptr
+        self.waited: list = []
+
+    def __enter__(self):
+        Stream._stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        Stream._stack.pop()
+        return False
+
+    def synchronize(self):
+        pass
+
+    def wait_event(self, ev):
+        assert isinstance(ev, Event) and ev.recorded is not None, "wait_event needs a recorded cupy Event"
+        self.waited.append(ev)
+
+
+NULL = Stream(ptr=0)
+
+
+def current_stream() -> Stream:
+    return Stream._stack[-1] if Stream._stack else NULL
+
+
+def require_stream(what: str) -> Stream:
+    s = current_stream()
+    assert s.ptr != 0, f"{what} issued on stream 0: the backend must use its own stream (gpu.stream())"
+    return s
+
+
+class Event:
+    def __init__(self, disable_timing=False, **kw):
+        self.recorded = None
+
+    def record(self, stream=None):
+        self.recorded = stream if stream is not None else current_stream()
+
+
+def ExternalStream(ptr, device_id=-1):  # noqa: N802  (CuPy's name)
+    return Stream(ptr=ptr)
+
+
+# ------------------------------------------------------------------ device arrays
 
 class DevArray(np.ndarray):
-    """A 'device' array: a numpy array with CuPy's .get()."""
+    """A 'device' array: a numpy array with CuPy's get/set and __cuda_array_interface__."""
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.__array_interface__
 
     def get(self):
+        require_stream("a device-to-host copy")
         return np.array(self)
+
+    def set(self, host):
+        require_stream("a host-to-device copy")
+        self[...] = np.asarray(host).reshape(self.shape)
 
 
 def _dev(a) -> DevArray:
     return np.asarray(a).view(DevArray)
+
+
+def _address(a) -> int:
+    return np.asarray(a).__array_interface__["data"][0]
 
 
 # ------------------------------------------------------------------ kernels: the real ones, on the host
@@ -35,55 +117,104 @@ class RawModule(cuda_host.HostModule):
     def __init__(self, code, options=()):
         super().__init__(code)
 
+    def get_function(self, name):
+        launch = super().get_function(name)
+
+        def checked(grid, block, args):
+            require_stream(f"kernel {name}")
+            return launch(grid, block, args)
+        return checked
+
 
 # ------------------------------------------------------------------ nvCOMP
 
-class FakeBatch(list):
-    def __init__(self, items, sizes=None):
-        super().__init__(items)
-        self.buffer_sizes = list(sizes if sizes is not None else (len(a) for a in items))
+class BatchArray:
+    """nvcomp.BatchArray: a batch of buffers with ``buffer_sizes``, ``len``, indexing and ``cpu()``."""
+
+    def __init__(self, items, sizes=None, stream=None):
+        self._items = list(items)
+        self.buffer_sizes = list(sizes if sizes is not None else (len(a) for a in self._items))
+        self.stream = stream
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, k):
+        return self._items[k]
+
+    def __iter__(self):
+        return iter(self._items)
 
     def cpu(self):
-        return FakeBatch([np.array(a) for a in self], self.buffer_sizes)
+        return BatchArray([np.array(a) for a in self._items], self.buffer_sizes, self.stream)
+
+
+def as_arrays(buffer, offsets, sizes, cuda_stream=None):
+    buf = np.asarray(buffer)
+    if not buf.flags.c_contiguous:
+        raise ValueError("Cannot carve a BatchArray out of a non-contiguous buffer")
+    if len(offsets) != len(sizes):
+        raise ValueError(f"offsets and sizes must have the same length, got {len(offsets)} and {len(sizes)}")
+    if not sizes:
+        raise ValueError("Cannot create a BatchArray from an empty sizes table")
+    flat = buf.reshape(-1).view(np.uint8)
+    for o, s in zip(offsets, sizes):
+        if o < 0 or s < 0 or o + s > flat.size:
+            raise ValueError(f"entry [{o}, {o + s}) lies outside the {flat.size}-byte buffer it is carved from")
+    return BatchArray([flat[o:o + s] for o, s in zip(offsets, sizes)], stream=cuda_stream)
 
 
 class Codec:
-    ALIGN = 8
     calls = {"encode": 0, "decode": 0}      # lets tests see which branch ran
 
-    def __init__(self, algorithm=None, bitstream_kind=None, device_id=0):
+    def __init__(self, algorithm=None, bitstream_kind=None, device_id=0, cuda_stream=None, **kw):
         assert algorithm == "Zstd" and bitstream_kind == "RAW"
+        assert cuda_stream, "the codec must run on the backend's explicit stream, not nvCOMP's own or stream 0"
+        self.stream = cuda_stream
 
     def get_required_compression_alignment(self):
-        return self.ALIGN
+        return COMPRESS_ALIGN
 
     def get_required_decompression_alignment(self):
-        return self.ALIGN
+        return DECOMPRESS_ALIGN
+
+    def _check(self, batch, what):
+        if not isinstance(batch, BatchArray):
+            raise TypeError(f"{what}(): incompatible function arguments: expected nvcomp.BatchArray or nvcomp.Array, "
+                            f"got {type(batch).__name__}")
+        assert batch.stream == self.stream, f"{what}: batch tied to stream {batch.stream}, codec runs on {self.stream}"
+        assert require_stream(what).ptr == self.stream, f"{what} while another stream than the codec's is current"
 
     def encode(self, batch):
+        self._check(batch, "encode")
         Codec.calls["encode"] += 1
-        for a in batch:   # nvCOMP requires aligned chunk addresses: check what the backend hands in
-            assert a.__array_interface__["data"][0] % self.ALIGN == 0, "unaligned chunk given to nvCOMP"
+        for a in batch:
+            assert _address(a) % COMPRESS_ALIGN == 0, "unaligned chunk given to nvCOMP to compress"
         frames = [_dev(np.frombuffer(zstandard.ZstdCompressor(level=1).compress(np.asarray(a).tobytes()), np.uint8))
                   for a in batch]
-        return FakeBatch(frames)
+        return BatchArray(frames, stream=self.stream)
 
     def decode(self, src, out=None):
+        self._check(src, "decode")
+        if not isinstance(out, BatchArray):
+            raise TypeError("out= parameter of the batch overload must be an nvcomp.BatchArray")
+        if len(out) != len(src):
+            raise ValueError(f"out= batch size ({len(out)}) does not match input buffer count ({len(src)})")
         Codec.calls["decode"] += 1
         sizes = []
         for s, o in zip(src, out):
+            assert _address(s) % DECOMPRESS_ALIGN == 0, "unaligned compressed chunk given to nvCOMP"
+            assert _address(o) % DECOMPRESS_ALIGN == 0, "unaligned output chunk given to nvCOMP"
             try:
-                data = zstandard.ZstdDecompressor().decompress(np.asarray(s).tobytes(), max_output_size=len(o))
+                data = zstandard.ZstdDecompressor().decompress(np.asarray(s).tobytes())
             except zstandard.ZstdError as e:
                 raise RuntimeError(str(e)) from None
+            if len(data) > len(o):
+                raise ValueError(f"Output buffer of {len(o)} bytes is too small to hold the data, {len(data)} bytes")
             o[:len(data)] = np.frombuffer(data, np.uint8)
             sizes.append(len(data))
         out.buffer_sizes = sizes
         return out
-
-
-def as_arrays(buffer, offsets, sizes):
-    return FakeBatch([buffer[o:o + s] for o, s in zip(offsets, sizes)])
 
 
 @contextlib.contextmanager
@@ -99,10 +230,11 @@ def installed():
     cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1),
         Device=lambda idx=None: contextlib.nullcontext(),
+        Stream=Stream, ExternalStream=ExternalStream, Event=Event, get_current_stream=current_stream,
         alloc_pinned_memory=lambda n: bytearray(n))
     cupy.cuda = cuda
     nvcomp = types.ModuleType("nvidia.nvcomp")
-    nvcomp.Codec, nvcomp.as_arrays = Codec, as_arrays
+    nvcomp.Codec, nvcomp.as_arrays, nvcomp.BatchArray = Codec, as_arrays, BatchArray
     nvcomp.BitstreamKind = types.SimpleNamespace(RAW="RAW")
     nvidia = types.ModuleType("nvidia")
     nvidia.nvcomp = nvcomp
@@ -110,14 +242,18 @@ def installed():
     sys.modules.update({"cupy": cupy, "nvidia": nvidia, "nvidia.nvcomp": nvcomp})
     from mithril_gpu import gpu
 
-    gpu._modules.clear()
-    gpu._codecs.clear()
+    def reset():
+        gpu._modules.clear()
+        gpu._codecs.clear()
+        gpu._streams.clear()
+        Stream._stack.clear()
+
+    reset()
     Codec.calls.update(encode=0, decode=0)
     try:
         yield
     finally:
-        gpu._modules.clear()
-        gpu._codecs.clear()
+        reset()
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import mithril_gpu
+import mithril_gpu.writer
 from conftest import FIXTURES, assert_same, subprocess_env
 from mithril_gpu import Checkpointer
+
+CONST = torch.arange(100.0)      # a tensor that never changes: stored as "same", so every delta uses its base
 
 
 def _train(model, opt, steps, seed):
@@ -163,16 +166,16 @@ def test_interrupted_checkpointer_save_keeps_older_ones(tmp_path):
 def test_retention_never_deletes_a_needed_base(tmp_path):
     ck = Checkpointer(tmp_path, full_every=4, keep=2)
     for step in range(11):
-        ck.save({"w": torch.full((100,), float(step))}, step)
+        ck.save({"w": torch.full((100,), float(step)), "c": CONST}, step)     # "c" is stored as "same"
         for s in ck.steps()[-2:]:
             assert set(ck.chain(s)) <= set(ck.steps())
     assert ck.steps() == [8, 9, 10]          # 10 is a delta of 9 of 8 (full); 8 is needed
     assert ck.latest()["w"][0].item() == 10.0
     # resuming in a new process picks up the chain on disk
     ck2 = Checkpointer(tmp_path, full_every=4, keep=2)
-    ck2.save({"w": torch.full((100,), 11.0)}, 11)
+    ck2.save({"w": torch.full((100,), 11.0), "c": CONST}, 11)
     assert ck2.chain(11) == [11, 10, 9, 8]          # the 4th file of the chain that 8 started
-    ck2.save({"w": torch.full((100,), 12.0)}, 12)
+    ck2.save({"w": torch.full((100,), 12.0), "c": CONST}, 12)
     assert ck2.chain(12) == [12]                     # ... so the next one is full again
     with pytest.raises(ValueError, match="not after"):
         ck2.save({"w": torch.zeros(1)}, 5)
@@ -184,7 +187,7 @@ def test_chain_length_is_bounded(tmp_path):
     prev = None
     for i in range(MAX_CHAIN + 2):
         p = tmp_path / f"{i}.mth"
-        mithril_gpu.save({"w": torch.tensor([float(i), 1.0])}, p, base=prev)
+        mithril_gpu.save({"w": torch.tensor([float(i), 1.0]), "c": CONST}, p, base=prev)
         prev = p
     with pytest.raises(mithril_gpu.CorruptFileError, match="chain"):
         mithril_gpu.load(prev)
@@ -252,7 +255,7 @@ def test_background_save_errors_surface_on_the_next_call(tmp_path):
         pass
 
     ck = Checkpointer(tmp_path, full_every=2, keep=None)
-    ck.save({"w": torch.ones(3)}, 0)
+    ck.save({"w": torch.ones(3), "c": CONST}, 0)
     with pytest.raises(mithril_gpu.UnsupportedValueError):    # refused at once, while snapshotting
         ck.save({"w": torch.ones(3), "x": Bad()}, 1, blocking=False)
     ck.save_kwargs["level"] = 99                               # fails inside the background writer
@@ -261,6 +264,24 @@ def test_background_save_errors_surface_on_the_next_call(tmp_path):
         ck.wait()
     assert fut.done() and ck.steps() == [0]
     del ck.save_kwargs["level"]
-    ck.save({"w": torch.ones(3) * 2}, 2)                       # and it goes on working
+    ck.save({"w": torch.ones(3) * 2, "c": CONST}, 2)           # and it goes on working
     assert ck.latest()["w"].tolist() == [2.0, 2.0, 2.0] and ck.chain(2) == [2, 0]
     ck.close()
+
+
+def test_a_file_records_a_base_only_if_it_uses_it(tmp_path):
+    mithril_gpu.save({"other": torch.randn(500)}, tmp_path / "unrelated.mth")
+    state = {"w": torch.randn(1000), "b": torch.randn(10)}
+    with pytest.warns(mithril_gpu.writer.BaseNote, match="no tensor was stored against the base"):
+        with pytest.warns(mithril_gpu.writer.BaseNote, match="only 0% of the bytes"):
+            mithril_gpu.save(state, tmp_path / "d.mth", base=tmp_path / "unrelated.mth")
+    with mithril_gpu.open(tmp_path / "d.mth") as f:
+        assert f.index.base is None
+    os.remove(tmp_path / "unrelated.mth")                  # the file never needed it
+    assert_same(mithril_gpu.load(tmp_path / "d.mth")["w"], state["w"])
+    # a base that matches a small part: still used for that part, with a note
+    mithril_gpu.save({"b": state["b"]}, tmp_path / "small.mth")
+    with pytest.warns(mithril_gpu.writer.BaseNote, match="only 1% of the bytes"):
+        mithril_gpu.save(state, tmp_path / "d2.mth", base=tmp_path / "small.mth")
+    with mithril_gpu.open(tmp_path / "d2.mth") as f:
+        assert f.index.base is not None and f.entry("b").delta == {"op": "same", "base": "b"}

@@ -69,3 +69,26 @@ def test_golden_file_is_what_the_writer_writes_today(tmp_path):
 
         assert layout(new) == layout(old)
         assert new.index.tree == old.index.tree
+
+
+def _gpu_manifest():
+    path = os.path.join(FIXTURES, "gpu_v1.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {k: v for k, v in json.load(f).items() if k.endswith(".mth")}
+
+
+GPU_FILES = _gpu_manifest()
+
+
+@pytest.mark.skipif(not GPU_FILES, reason="no GPU-written fixtures yet: scripts/make_gpu_fixtures.py on a device makes them")
+@pytest.mark.parametrize("name", sorted(GPU_FILES) or ["none"])
+def test_gpu_written_files_decode_on_the_cpu(name):
+    """Files written by the GPU path (nvCOMP frames, GPU kernels' planes) decode bit-exact here."""
+    want = GPU_FILES[name]
+    with mithril_gpu.open(os.path.join(FIXTURES, name)) as f:
+        assert sorted(f.keys()) == sorted(want)
+        for key, digest in want.items():
+            assert hashlib.sha256(f.get_bytes(key).tobytes()).hexdigest() == digest, key
+        assert 1 in {c for e in f.index.tensors for c in e.chunks[2::3]}     # zstd frames from nvCOMP are in it

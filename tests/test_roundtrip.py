@@ -162,23 +162,59 @@ def test_load_into_an_existing_state_dict_fills_it_in_place(tmp_path):
     src = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.LayerNorm(20))
     mithril_gpu.save({"model": src.state_dict(), "step": 5, "extra": torch.arange(3)}, tmp_path / "c.mth")
     dst = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.LayerNorm(20))
-    target = {"model": dst.state_dict()}
-    ptrs = {k: v.data_ptr() for k, v in target["model"].items()}
-    back = mithril_gpu.load(tmp_path / "c.mth", into=target)
+    ptrs = {k: v.data_ptr() for k, v in dst.state_dict().items()}
+    back = mithril_gpu.load(tmp_path / "c.mth", into=dst.state_dict(), subtree="model")
     for k, v in src.state_dict().items():
         assert_same(dst.state_dict()[k], v)                       # the module itself now holds the weights
-        assert back["model"][k].data_ptr() == ptrs[k]             # and no second copy was made
-    assert back["step"] == 5 and back["extra"].tolist() == [0, 1, 2]
+        assert back[k].data_ptr() == ptrs[k]                      # and no second copy was made
+    assert sorted(back) == sorted(src.state_dict())
+    dst2 = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.LayerNorm(20))
+    with pytest.warns(mithril_gpu.api.LoadReport, match="filled 4 tensors; 1 of the file were not in into.*extra"):
+        whole = mithril_gpu.load(tmp_path / "c.mth", into={"model": dst2.state_dict()}, strict=False)
+    assert whole["step"] == 5 and whole["extra"].tolist() == [0, 1, 2]
+    assert_same(dst2.state_dict()["0.weight"], src.state_dict()["0.weight"])
+
+
+def test_load_into_is_strict_by_default_and_never_silently_empty(tmp_path):
+    src = torch.nn.Linear(6, 4)
+    mithril_gpu.save({"model": src.state_dict(), "optimizer": {"state": {}}, "step": 3}, tmp_path / "t.mth")
+    dst = torch.nn.Linear(6, 4)
+    before = dst.weight.detach().clone()
+    # the training-state file holds the weights under "model/": a flat state dict matches nothing
+    for strict in (True, False):
+        with pytest.raises(mithril_gpu.StateMismatchError, match="would fill no tensor.*subtree='model'"):
+            mithril_gpu.load(tmp_path / "t.mth", into=dst.state_dict(), strict=strict)
+    assert torch.equal(dst.weight.detach(), before)
+    # a name the file lacks, with the right subtree: strict refuses, listing it, before writing anything
+    extra = dict(dst.state_dict(), scale=torch.zeros(1))
+    with pytest.raises(mithril_gpu.StateMismatchError, match="1 tensors of into are not in the file \\(scale\\)"):
+        mithril_gpu.load(tmp_path / "t.mth", into=extra, subtree="model")
+    assert torch.equal(dst.weight.detach(), before)
+    with pytest.warns(mithril_gpu.api.LoadReport, match="1 of into are not in the file.*scale"):
+        mithril_gpu.load(tmp_path / "t.mth", into=extra, subtree="model", strict=False)
+    assert_same(dst.weight.detach(), src.weight.detach())
+    with pytest.raises(KeyError, match="no key 'optim'.*model, optimizer, step"):
+        mithril_gpu.load(tmp_path / "t.mth", subtree="optim")
+    assert mithril_gpu.load(tmp_path / "t.mth", subtree="optimizer") == {"state": {}}
+
+
+def test_load_to_cuda_without_cuda_is_a_typed_error(tmp_path):
+    mithril_gpu.save({"a": torch.ones(3)}, tmp_path / "c.mth")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(mithril_gpu.BackendUnavailableError, match="device='cuda'"):
+        mithril_gpu.load(tmp_path / "c.mth", device="cuda")
 
 
 def test_load_into_refuses_a_mismatch_before_writing(tmp_path):
     mithril_gpu.save({"a": torch.ones(4), "b": torch.ones(3)}, tmp_path / "c.mth")
     a = torch.zeros(4)
-    with pytest.raises(ValueError, match="'b'"):
+    with pytest.raises(mithril_gpu.StateMismatchError, match="'b'"):
         mithril_gpu.load(tmp_path / "c.mth", into={"a": a, "b": torch.zeros(5)})
     assert a.tolist() == [0, 0, 0, 0]                             # nothing was written
     nc = torch.zeros(8)[::2]                                      # non-contiguous targets are filled too
-    back = mithril_gpu.load(tmp_path / "c.mth", into={"a": nc})
+    with pytest.warns(mithril_gpu.api.LoadReport):
+        back = mithril_gpu.load(tmp_path / "c.mth", into={"a": nc}, strict=False)
     assert back["a"] is nc and nc.tolist() == [1, 1, 1, 1]
 
 
