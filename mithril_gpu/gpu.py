@@ -27,7 +27,10 @@ _streams: dict = {}
 
 
 def status() -> tuple[bool, str]:
-    """(usable, reason it is not)."""
+    """(usable, reason it is not). ``MITHRIL_GPU=0`` in the environment turns the backend off
+    (every tensor is then coded on the CPU, in the same format)."""
+    if os.environ.get("MITHRIL_GPU") == "0":
+        return False, "the GPU backend is turned off (MITHRIL_GPU=0)"
     if not VALIDATED and os.environ.get("MITHRIL_GPU_EXPERIMENTAL") != "1":
         return False, ("the GPU backend has not yet been validated on a GPU "
                        "(set MITHRIL_GPU_EXPERIMENTAL=1 to try it)")

@@ -54,3 +54,32 @@ def test_new_file_gets_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (os.stat(path).st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_stale_temp_files_are_removed_by_the_next_save_but_live_ones_are_not(tmp_path):
+    """A SIGKILLed save leaves its temp file; the next save into that directory removes it, but
+    never the temp file of a writer that is still alive (it holds a lock on it)."""
+    path = tmp_path / "ckpt.mth"
+    script = (
+        "import sys, time, torch, mithril_gpu\n"
+        "def slow(n):\n"
+        "    print('writing', flush=True); time.sleep(60)\n"
+        f"mithril_gpu.save({{'w': torch.randn(300_000)}}, {str(path)!r}, threads=1, progress=slow)\n"
+    )
+    live = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=subprocess_env())
+    dead = subprocess.Popen([sys.executable, "-c", script.replace("ckpt.mth", "other.mth")], stdout=subprocess.PIPE,
+                            env=subprocess_env())
+    try:
+        assert live.stdout.readline().strip() == b"writing" and dead.stdout.readline().strip() == b"writing"
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        temps = lambda: sorted(f for f in os.listdir(tmp_path) if f.endswith(".tmp"))  # noqa: E731
+        assert len(temps()) == 2 and all(".mithril-" in f for f in temps())
+        mithril_gpu.save({"x": torch.ones(3)}, tmp_path / "third.mth")
+        left = temps()
+        assert len(left) == 1 and left[0].startswith(".ckpt.mth.mithril-")      # the live writer's file stays
+    finally:
+        live.kill()
+        live.wait()
+    mithril_gpu.save({"x": torch.ones(3)}, tmp_path / "third.mth")
+    assert temps() == []

@@ -205,3 +205,12 @@ def test_benchmark_drives_nvcomp_through_the_real_api(fake):
     assert [r["plane"].split(" (")[0] for r in rows] == ["bf16 plane 0", "bf16 plane 1", "fp32 plane 0", "fp32 plane 1",
                                                          "fp32 plane 2", "fp32 plane 3"]
     assert all(r["cpu"] > 1.0 if "plane 0" in r["plane"] else r["cpu"] >= 1.0 for r in rows)
+
+
+def test_an_environment_switch_forces_the_cpu_path(fake, monkeypatch):
+    monkeypatch.setenv("MITHRIL_GPU", "0")
+    assert gpu.status() == (False, "the GPU backend is turned off (MITHRIL_GPU=0)")
+    from mithril_gpu import backends
+
+    with pytest.raises(mithril_gpu.BackendUnavailableError, match="MITHRIL_GPU=0"):
+        backends.choose_encoder("cuda", [])
