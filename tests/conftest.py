@@ -45,6 +45,23 @@ def assert_same(a, b):
     assert bits(a) == bits(b)
 
 
+def assert_tree_same(a, b):
+    """Two nests of containers, tensors and values are the same, tensors bit for bit."""
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict))
+    if isinstance(a, torch.Tensor):
+        assert_same(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_tree_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_same(x, y)
+    else:
+        assert a == b
+
+
 @pytest.fixture
 def minilm_bf16():
     from safetensors.torch import load_file

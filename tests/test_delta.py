@@ -9,7 +9,7 @@ import torch
 
 import mithril_gpu
 import mithril_gpu.writer
-from conftest import FIXTURES, assert_same, subprocess_env
+from conftest import FIXTURES, assert_same, assert_tree_same, subprocess_env
 from mithril_gpu import Checkpointer
 
 CONST = torch.arange(100.0)      # a tensor that never changes: stored as "same", so every delta uses its base
@@ -36,22 +36,6 @@ def _state(model, opt, step):
                           "master": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
 
 
-def _assert_tree_same(a, b):
-    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict))
-    if isinstance(a, torch.Tensor):
-        assert_same(a, b)
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            _assert_tree_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_tree_same(x, y)
-    else:
-        assert a == b
-
-
 def test_long_chain_restores_every_step_bit_exact(tmp_path):
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -63,7 +47,7 @@ def test_long_chain_restores_every_step_bit_exact(tmp_path):
         ck.save(states[step], step)
     assert ck.chain(11) == list(range(11, -1, -1))
     for step, want in states.items():
-        _assert_tree_same(ck.load(step), want)
+        assert_tree_same(ck.load(step), want)
     with mithril_gpu.open(ck.path(11)) as f:
         ops = {(e.delta or {}).get("op") for e in f.index.tensors}
     assert {"zigzag", "xor"} & ops or "same" in ops
@@ -97,7 +81,7 @@ def test_added_removed_and_changed_tensors(tmp_path):
     nxt["sparse_change"][::97] = 1.0
     mithril_gpu.save(nxt, tmp_path / "1.mth", base=tmp_path / "0.mth")
     back = mithril_gpu.load(tmp_path / "1.mth")
-    _assert_tree_same(back, nxt)
+    assert_tree_same(back, nxt)
     with mithril_gpu.open(tmp_path / "1.mth") as f:
         ops = {e.name: (e.delta or {}).get("op") for e in f.index.tensors}
         transforms = {e.name: e.transform for e in f.index.tensors}
@@ -160,7 +144,7 @@ def test_interrupted_checkpointer_save_keeps_older_ones(tmp_path):
         ck_bad.save(_state(model, opt, 3), 3)
     assert ck.steps() == sorted(saved) and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     for s, st in saved.items():
-        _assert_tree_same(ck.load(s), st)
+        assert_tree_same(ck.load(s), st)
 
 
 def test_retention_never_deletes_a_needed_base(tmp_path):
@@ -246,7 +230,7 @@ def test_background_saves_snapshot_the_state_and_keep_order(tmp_path):
         assert fut.result() == ck.path(4)
     for step in range(5):
         got = mithril_gpu.load(tmp_path / f"step-{step:09d}.mth")
-        _assert_tree_same(got["model"], {k: v for k, v in expected[step]["master"].items()})
+        assert_tree_same(got["model"], {k: v for k, v in expected[step]["master"].items()})
     assert Checkpointer(tmp_path).chain(4) == [4, 3]
 
 

@@ -8,7 +8,7 @@ import torch
 lightning = pytest.importorskip("lightning", reason="Lightning is not installed (pip install mithril-gpu[lightning])")
 
 import mithril_gpu  # noqa: E402
-from conftest import assert_same  # noqa: E402
+from conftest import assert_same, assert_tree_same  # noqa: E402
 from mithril_gpu.lightning import MithrilCheckpointIO  # noqa: E402
 
 
@@ -40,21 +40,6 @@ def _trainer(tmp_path, plugin, max_steps, **kw):
                              enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
-def _same_tree(a, b):
-    if isinstance(a, torch.Tensor):
-        assert_same(a, b)
-    elif isinstance(a, dict):
-        assert sorted(map(str, a)) == sorted(map(str, b))
-        for k in a:
-            _same_tree(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _same_tree(x, y)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("deltas", [False, True])
 def test_trainer_saves_and_resumes_bit_exact(tmp_path, deltas):
     torch.manual_seed(0)
@@ -68,8 +53,8 @@ def test_trainer_saves_and_resumes_bit_exact(tmp_path, deltas):
         assert set(state) >= {"state_dict", "optimizer_states", "global_step", "loops", "callbacks"}
     last = mithril_gpu.load(tmp_path / "last.ckpt")
     assert last["global_step"] == 7
-    _same_tree(dict(last["state_dict"]), dict(model.state_dict()))
-    _same_tree(last["optimizer_states"][0], trainer.optimizers[0].state_dict())
+    assert_tree_same(dict(last["state_dict"]), dict(model.state_dict()))
+    assert_tree_same(last["optimizer_states"][0], trainer.optimizers[0].state_dict())
     anchors = [f for f in os.listdir(tmp_path) if f.startswith(".mithril-anchor-")]
     if deltas:
         with mithril_gpu.open(tmp_path / "last.ckpt") as fh:
@@ -84,8 +69,8 @@ def test_trainer_saves_and_resumes_bit_exact(tmp_path, deltas):
     trainer2 = _trainer(tmp_path / "resumed", MithrilCheckpointIO(deltas=deltas), max_steps=7)
     trainer2.fit(model2, _data(), ckpt_path=tmp_path / "last.ckpt")
     assert trainer2.global_step == 7
-    _same_tree(dict(model2.state_dict()), dict(model.state_dict()))
-    _same_tree(trainer2.optimizers[0].state_dict(), trainer.optimizers[0].state_dict())
+    assert_tree_same(dict(model2.state_dict()), dict(model.state_dict()))
+    assert_tree_same(trainer2.optimizers[0].state_dict(), trainer.optimizers[0].state_dict())
 
 
 def test_async_checkpoint_io_with_deltas(tmp_path):
@@ -99,7 +84,7 @@ def test_async_checkpoint_io_with_deltas(tmp_path):
     assert len(files) == 3
     for f in files:
         mithril_gpu.load(tmp_path / f)
-    _same_tree(dict(mithril_gpu.load(tmp_path / "last.ckpt")["state_dict"]), dict(model.state_dict()))
+    assert_tree_same(dict(mithril_gpu.load(tmp_path / "last.ckpt")["state_dict"]), dict(model.state_dict()))
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
