@@ -14,6 +14,8 @@ multiple of the checkpoint's size.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -180,7 +182,7 @@ def peak_child(method: str, src: str, dst: str, dname: str, threads: int) -> Non
         f.write("5")
     base = _status_kb("VmRSS")
     if method == "mithril":
-        cli.main(["compress", src, dst, "-q", "--threads", str(threads)])
+        cli.main(["compress", src, dst, "-q", "-f", "--threads", str(threads)])
     elif method == "zipnn 0.5.4":
         data = bytearray(open(src, "rb").read())
         open(dst, "wb").write(zipnn.ZipNN(bytearray_dtype=ZIPNN_NAMES[dname], threads=threads).compress(data))
@@ -230,16 +232,20 @@ def main():
 
     src = load_file(minilm_path())
     rows = []
+    dnames, names = a.dtypes.split(","), a.methods.split(",")
+    total, step = len(dnames) * len(names), 0
+    print(f"measuring {len(names)} methods x {len(dnames)} dtypes, {a.runs} runs each"
+          f"{'' if a.no_peak else ' and peak memory'}; the table follows", flush=True)
     tmp = tempfile.mkdtemp(prefix="mithril-bench-")
     try:
-        for dname in a.dtypes.split(","):
+        for dname in dnames:
             sd = {k: v.to(DTYPES[dname]).contiguous() for k, v in src.items()}
             raw = sum(v.numel() * v.element_size() for v in sd.values())
             st_path = os.path.join(tmp, f"in-{dname}.safetensors")
             save_file(sd, st_path)
             bound = order0_bound({k: v.view(torch.uint8).numpy().reshape(-1) for k, v in sd.items()},
                                  {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}[dname])
-            for name in a.methods.split(","):
+            for name in names:
                 path = os.path.join(tmp, f"out-{dname}-{name.replace(' ', '_')}")
                 comp, dec = METHODS[name](sd, dname, path, a.threads)
                 tc = timed(comp, a.runs)
@@ -251,21 +257,28 @@ def main():
                 if not a.no_peak:
                     row["peak"] = peak_ratio(name, st_path, path + ".peak", dname, a.threads)
                 rows.append(row)
-                print(f"  {dname:5s} {name:12s} ratio {row['ratio']:.4f}  compress {row['comp_mbs']:6d} MB/s  "
-                      f"decompress {row['dec_mbs']:6d} MB/s  peak {row.get('peak', '-')}", flush=True)
+                step += 1
+                print(f"  [{step}/{total}] {dname} {name}: done", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cols = [("dtype", "dtype"), ("method", "method"), ("ratio", "ratio"), ("comp_mbs", "compress MB/s"),
             ("dec_mbs", "decompress MB/s"), ("peak", "peak memory / checkpoint"), ("bound", "order-0 bound of our planes")]
     title = (f"all-MiniLM-L6-v2 (real weights), {a.threads} threads, median of {a.runs} runs, "
              f"{os.cpu_count()} cores")
-    text = print_table(rows, cols, title)
+    text = print_table(rows, cols, title)      # the one place the table is printed
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "minilm.md"), "w") as f:
+    paths = {what: os.path.join(a.out, "minilm." + ext) for what, ext in
+             (("table", "md"), ("JSON", "json"), ("plot", "png"))}
+    with open(paths["table"], "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(a.out, "minilm.json"), "w") as f:
+    with open(paths["JSON"], "w") as f:
         json.dump(rows, f, indent=1)
-    plot(rows, os.path.join(a.out, "minilm.png"), "all-MiniLM-L6-v2: ratio vs throughput (file to file, fsynced)")
+    with contextlib.redirect_stdout(io.StringIO()):     # (plot() names its file; all three are named below)
+        plot(rows, paths["plot"], "all-MiniLM-L6-v2: ratio vs throughput (file to file, fsynced)")
+    print()
+    for what, path in paths.items():
+        rel = os.path.relpath(path)
+        print(f"{what + ':':7s}{os.path.abspath(path) if rel.startswith('..') else rel}")
 
 
 if __name__ == "__main__":

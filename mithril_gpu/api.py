@@ -55,7 +55,8 @@ def _source_for(t):
 
 def save(obj, path, *, level: int | None = None, threads: int | None = None,
          chunk_elems: int = container.DEFAULT_CHUNK_ELEMS, metadata: dict | None = None,
-         base=None, device: str = "auto", progress=None, _base_tensors: dict | None = None) -> None:
+         base=None, device: str = "auto", progress=None, _base_tensors: dict | None = None,
+         _mode: int | None = None) -> None:
     """Compress a state dict (or any nest of dicts, lists, tuples, tensors and plain values) to ``path``.
 
     Args:
@@ -77,6 +78,13 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
         raise ValueError(f"chunk_elems must be an int in [1, {8 << 20}], got {chunk_elems!r}")
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map str to str")
+    for text in (metadata or {}).items():
+        for t in text:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UnsupportedValueError(f"metadata string {short(t)!r} is not valid Unicode "
+                                            "(a lone surrogate): it cannot be stored as UTF-8") from None
     tree, leaves = tree_mod.encode(obj, _is_tensor)
     items = []
     for name, t in leaves:
@@ -86,11 +94,11 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
     encoder = backends.choose_encoder(device, [t for _, t in leaves])
     with _progress(progress, sum(it.nbytes for it in items), "save") as bar:
         write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
-                    progress=bar, encoder=encoder, base_tensors=_base_tensors)
+                    progress=bar, encoder=encoder, base_tensors=_base_tensors, mode=_mode)
 
 
 def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None, level=None,
-                threads=None, progress=None, encoder=None, base_tensors: dict | None = None):
+                threads=None, progress=None, encoder=None, base_tensors: dict | None = None, mode: int | None = None):
     """Write prepared items (the common end of save() and the CLI), planning deltas against ``base``."""
     threads = threads or default_threads()
     base_file, base_record, same = None, None, {}
@@ -112,7 +120,7 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
                 warnings.warn(f"mithril: only {100 * matched / total:.0f}% of the bytes have a tensor of the same name, "
                               f"dtype and shape in the base {short(base_file.path)}", BaseNote, stacklevel=3)
         return write_mth(path, items, tree=tree, metadata=metadata, source=source, base=base_record, same=same,
-                         level=level, threads=threads, progress=progress, encode=encoder)
+                         level=level, threads=threads, progress=progress, encode=encoder, mode=mode)
     finally:
         if base_file is not None and base_file is not base:
             base_file.close()

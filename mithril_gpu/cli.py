@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import stat
 import sys
 import time
+import warnings
 
 from . import __version__, container
-from .errors import MithrilError
+from .errors import MithrilError, short
 
 EPILOG = """examples:
   mithril compress model.safetensors model.mth       compress (byte-exact round trip)
@@ -17,9 +20,21 @@ EPILOG = """examples:
   mithril decompress ckpt.mth ckpt.pt                back to a torch checkpoint
   mithril compress llama-dir/ llama-mth/             every shard of a model folder (configs copied)
   mithril info model.mth                             tensors, dtypes, ratio per tensor
-  mithril verify model.mth                           decode everything, check checksums
+  mithril verify model.mth                           decode everything, check checksums, rebuild the tree
 
-exit status: 0 success, 1 error (one line on stderr), 2 bad usage, 130 interrupted."""
+An existing OUT is never replaced without -f/--force. Outputs get the permission bits of their input.
+
+exit status: 0 success, 1 error (one line on stderr), 2 bad usage, 130 interrupted (Ctrl-C),
+128+N ended by signal N (143 SIGTERM, 129 SIGHUP), 141 output pipe closed (as in `mithril info X | head`)."""
+
+MAX_CHUNK_ELEMS = 8 << 20          # as mithril_gpu.save accepts
+MIN_MB_FOR_SPEED = 1_000_000       # below this many bytes a MB/s figure measures start-up, not work
+DIR_OUT_SUFFIXES = (".mth", ".safetensors", ".pt", ".pth")
+
+
+def _show(text) -> str:
+    """A name or path for normal output: printable (lone surrogates and controls escaped), whole."""
+    return short(text, sys.maxsize)
 
 
 def _mb(n: float) -> str:
@@ -33,57 +48,139 @@ def _bar(args, total: int, desc: str):
     return _progress(None if args.quiet else "auto", total, desc)
 
 
-def _summary(verb: str, src: str, dst: str, raw: int, packed: int, seconds: float) -> str:
+def _speed(raw: int, seconds: float) -> str:
+    """", N MB/s" of ``raw`` bytes, or nothing for a run too small to measure."""
+    if raw < MIN_MB_FOR_SPEED or seconds <= 0:
+        return ""
+    mbs = raw / seconds / 1e6
+    return f", {mbs:,.0f} MB/s" if mbs >= 10 else f", {mbs:.1f} MB/s"
+
+
+def _summary(verb: str, src: str, dst: str, raw: int, packed: int, seconds: float, *, packing: bool) -> str:
+    """One line: sizes in the order of the work (compress: raw -> packed; decompress: packed ->
+    raw), the ratio, the time and the speed in uncompressed bytes."""
     ratio = raw / packed if packed else float("inf")
-    return (f"{verb} {src} -> {dst}: {_mb(raw)} -> {_mb(packed)} ({ratio:.3f}x) "
-            f"in {seconds:.2f} s, {raw / max(seconds, 1e-9) / 1e6:,.0f} MB/s")
+    sizes = f"{_mb(raw)} -> {_mb(packed)}" if packing else f"{_mb(packed)} -> {_mb(raw)}"
+    return (f"{verb} {_show(src)} -> {_show(dst)}: {sizes} ({ratio:.3f}x) "
+            f"in {seconds:.2f} s{_speed(raw, seconds)}")
+
+
+# ---------------------------------------------------------------- checks made before any work
+
+def _check_base(a) -> None:
+    """The input (IN or FILE) and --base exist: said before any work, naming which is missing."""
+    src = getattr(a, "input", None) or getattr(a, "file", None)
+    if src is not None and not os.path.exists(src):
+        raise MithrilError(f"{short(src)}: no such file or directory")
+    if getattr(a, "base", None) is not None and not os.path.exists(a.base):
+        raise MithrilError(f"--base {short(a.base)}: no such file or directory")
 
 
 def _check_paths(a) -> None:
+    """IN and OUT of a file command: not the same file, OUT not a directory, OUT not replaced
+    without --force."""
     if os.path.exists(a.output) and os.path.exists(a.input) and os.path.samefile(a.input, a.output):
-        raise MithrilError(f"IN and OUT are the same file ({a.input}): write the output under another name")
+        raise MithrilError(f"IN and OUT are the same file ({short(a.input)}): write the output under another name")
+    if os.path.isdir(a.output):
+        raise MithrilError(f"OUT ({short(a.output)}) is a directory: give the output file's name")
+    if os.path.lexists(a.output) and not a.force:
+        raise MithrilError(f"OUT ({short(a.output)}) exists: pass -f/--force to replace it")
+
+
+def _mode_of(src: str) -> int | None:
+    try:
+        return stat.S_IMODE(os.stat(src).st_mode) & 0o777
+    except OSError:
+        return None
 
 
 def _walk_dir(a, verb: str, convert, base_for) -> int:
     """Run the command on every checkpoint file of directory IN, mirrored into OUT (subfolders
     kept), and copy every other file as it is. ``convert(src, dst)`` gives the output path of a
-    checkpoint file (None: not one); ``base_for(rel, name)`` the --base for that file."""
-    import argparse
+    checkpoint file (None: not one); ``base_for(rel, name)`` the --base for that file. Every check
+    is made before anything is written."""
     import shutil
 
     src_root, dst_root = os.path.abspath(a.input), os.path.abspath(a.output)
     if dst_root == src_root or dst_root.startswith(src_root + os.sep):
-        raise MithrilError(f"OUT ({a.output}) must not be IN or inside it")
+        raise MithrilError(f"OUT ({short(a.output)}) must not be IN or inside it")
+    if os.path.lexists(dst_root) and not os.path.isdir(dst_root):
+        raise MithrilError(f"IN ({short(a.input)}) is a directory, so OUT must be one too, and "
+                           f"{short(a.output)} exists and is not")
+    if not os.path.exists(dst_root) and a.output.rstrip("/" + os.sep).endswith(DIR_OUT_SUFFIXES):
+        raise MithrilError(f"IN ({short(a.input)}) is a directory, so OUT must be a directory too, and "
+                           f"{short(a.output)} names a file: give a directory name")
+    if os.path.isdir(dst_root) and not a.force:
+        raise MithrilError(f"OUT ({short(a.output)}) exists: pass -f/--force to write into it "
+                           "(files of the same names are replaced)")
     if a.base is not None and not os.path.isdir(a.base):
-        raise MithrilError(f"with a directory IN, --base must be a directory too ({a.base} is not)")
-    t0, raw, packed, done = time.perf_counter(), 0, 0, 0
+        raise MithrilError(f"with a directory IN, --base must be a directory too ({short(a.base)} is not)")
+    plan = []          # (folder to create, src, dst, is checkpoint)
     for folder, dirs, files in os.walk(src_root):
         dirs.sort()
         rel = os.path.relpath(folder, src_root)
-        os.makedirs(os.path.join(dst_root, rel), exist_ok=True)
+        plan.append((os.path.join(dst_root, rel), None, None, False))
         for name in sorted(files):
             src = os.path.join(folder, name)
             dst = convert(src, os.path.join(dst_root, rel, name))
-            if dst is None:
-                shutil.copy2(src, os.path.join(dst_root, rel, name))
-                continue
-            sub = argparse.Namespace(**{**vars(a), "input": src, "output": dst, "quiet": True,
-                                        "base": base_for(rel, name) if a.base else None})
-            sub.func(sub)
-            sizes = (os.path.getsize(src), os.path.getsize(dst))
-            raw += sizes[0] if verb == "compressed" else sizes[1]
-            packed += sizes[1] if verb == "compressed" else sizes[0]
-            done += 1
-            if not a.quiet:
-                print(f"  {verb} {os.path.join(rel, name)}: {_mb(sizes[0])} -> {_mb(sizes[1])}")
+            plan.append((None, src, dst or os.path.join(dst_root, rel, name), dst is not None))
+    n = sum(1 for p in plan if p[3])
+    if n == 0:
+        what = "checkpoint files (.safetensors or torch)" if verb == "compressed" else ".mth files"
+        raise MithrilError(f"no {what} in {short(a.input)}: nothing to {'compress' if verb == 'compressed' else 'decompress'}")
+    writes: dict[str, str] = {}
+    for _, src, dst, _ in plan:
+        if dst is None:
+            continue
+        if os.path.isdir(dst):
+            raise MithrilError(f"{short(dst)} is a directory, where {short(src)} would be written")
+        if dst in writes:
+            raise MithrilError(f"{short(writes[dst])} and {short(src)} would both be written to {short(dst)}: "
+                               "rename one of them")
+        writes[dst] = src
+    created = not os.path.exists(dst_root)
+    try:
+        return _run_plan(a, verb, plan, src_root, base_for)
+    except BaseException:
+        if created:            # a failed run leaves no OUT behind (one that existed keeps what was replaced)
+            shutil.rmtree(dst_root, ignore_errors=True)
+        raise
+
+
+def _run_plan(a, verb, plan, src_root, base_for) -> int:
+    import shutil
+
+    t0, raw, packed, done = time.perf_counter(), 0, 0, 0
+    for make, src, dst, is_ckpt in plan:
+        if make is not None:
+            os.makedirs(make, exist_ok=True)
+            continue
+        rel_name = os.path.relpath(src, src_root)
+        if not is_ckpt:
+            shutil.copy2(src, dst)
+            continue
+        sub = argparse.Namespace(**{**vars(a), "input": src, "output": dst, "quiet": True,
+                                    "base": base_for(os.path.dirname(rel_name) or ".", os.path.basename(src))
+                                    if a.base else None})
+        sub.func(sub)
+        sizes = (os.path.getsize(src), os.path.getsize(dst))
+        raw += sizes[0] if verb == "compressed" else sizes[1]
+        packed += sizes[1] if verb == "compressed" else sizes[0]
+        done += 1
+        if not a.quiet:
+            print(f"  {verb} {_show(rel_name)}: {_mb(sizes[0])} -> {_mb(sizes[1])}")
     if not a.quiet:
-        print(_summary(f"{verb} {done} checkpoint files,", a.input, a.output, raw, packed, time.perf_counter() - t0))
+        print(_summary(f"{verb} {done} checkpoint files,", a.input, a.output, raw, packed,
+                       time.perf_counter() - t0, packing=verb == "compressed"))
     return 0
 
+
+# ---------------------------------------------------------------- commands
 
 def cmd_compress(a) -> int:
     from . import api, formats, tree as tree_mod
 
+    _check_base(a)
     if os.path.isdir(a.input):
         def convert(src, dst):
             return dst + ".mth" if formats.sniff(src) in ("safetensors", "torch") else None
@@ -99,7 +196,7 @@ def cmd_compress(a) -> int:
     kind = formats.sniff(a.input)
     t0 = time.perf_counter()
     if kind == "mth":
-        raise MithrilError(f"{a.input} is already a .mth file")
+        raise MithrilError(f"{short(a.input)} is already a .mth file")
     if kind == "safetensors":
         st = formats.SafetensorsFile(a.input)
         items = [EncodeItem(name, dt, shape, st.data(b, e), default_transform(dt), a.chunk_elems,
@@ -110,7 +207,7 @@ def cmd_compress(a) -> int:
         try:
             with _bar(a, raw, "compress") as bar:
                 api.write_items(a.output, items, tree=tree, metadata=st.metadata, source=st.source_record(),
-                                base=a.base, level=a.level, threads=a.threads, progress=bar)
+                                base=a.base, level=a.level, threads=a.threads, progress=bar, mode=_mode_of(a.input))
         finally:
             st.close()
     elif kind == "torch":
@@ -118,11 +215,12 @@ def cmd_compress(a) -> int:
         _, leaves = tree_mod.encode(obj, api._is_tensor)
         raw = sum(t.numel() * t.element_size() for _, t in leaves)
         api.save(obj, a.output, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems, base=a.base,
-                 device="cpu", progress=None if a.quiet else "auto")
+                 device="cpu", progress=None if a.quiet else "auto", _mode=_mode_of(a.input))
     else:
-        raise MithrilError(f"{a.input}: not a .safetensors file or a torch checkpoint (.pt/.pth/.bin)")
+        raise MithrilError(f"{short(a.input)}: not a .safetensors file or a torch checkpoint (.pt/.pth/.bin)")
     if not a.quiet:
-        print(_summary("compressed", a.input, a.output, raw, os.path.getsize(a.output), time.perf_counter() - t0))
+        print(_summary("compressed", a.input, a.output, raw, os.path.getsize(a.output), time.perf_counter() - t0,
+                       packing=True))
     return 0
 
 
@@ -134,7 +232,12 @@ def _decode_in_batches(f, entries, progress):
     into one reused buffer (memory: max(32 MB, largest tensor))."""
     import numpy as np
 
-    buf = np.empty(max([BATCH_BYTES] + [e.nbytes for e in entries]), np.uint8)
+    need = max([BATCH_BYTES] + [e.nbytes for e in entries])
+    try:
+        buf = np.empty(need, np.uint8)
+    except (MemoryError, ValueError):
+        big = max(entries, key=lambda e: e.nbytes)
+        raise MithrilError(f"not enough memory to decode tensor {short(big.name)} ({big.nbytes:,} bytes)") from None
     i = 0
     while i < len(entries):
         batch, pos = [], 0
@@ -146,14 +249,23 @@ def _decode_in_batches(f, entries, progress):
         yield from batch
 
 
+def _check_tree(f):
+    """Check the file's tree as a load would rebuild it (no tensor decoded); return it rebuilt
+    with :class:`~mithril_gpu.tree.Stub` in place of tensors."""
+    from . import tree as tree_mod
+
+    return tree_mod.check(f.index.tree, [e.dtype.name for e in f.index.tensors])
+
+
 def _flat_names(f) -> bool:
-    """True if the file's tree is a flat {name: tensor} dict whose keys are the tensor names."""
+    """True if the file's tree (already checked) is a flat {name: tensor} dict whose keys are the
+    tensor names."""
     node = f.index.tree
     if not isinstance(node, dict) or list(node) != ["dict"]:
         return False
     seen = set()
     for k, v in node["dict"]:
-        if not (isinstance(k, dict) and "str" in k and isinstance(v, dict) and "tensor" in v):
+        if not (isinstance(k, dict) and list(k) == ["str"] and isinstance(v, dict) and list(v) == ["tensor"]):
             return False
         i = v["tensor"]
         if i in seen or f.index.tensors[i].name != k["str"]:
@@ -167,6 +279,7 @@ def cmd_decompress(a) -> int:
     from .reader import MthFile
     from .writer import AtomicFile
 
+    _check_base(a)
     if os.path.isdir(a.input):
         def convert(src, dst):
             return dst[:-len(".mth")] if src.endswith(".mth") and formats.sniff(src) == "mth" else None
@@ -176,36 +289,39 @@ def cmd_decompress(a) -> int:
         return _walk_dir(a, "decompressed", convert, base_for)
     _check_paths(a)
     if a.output.endswith(".mth"):
-        raise MithrilError(f"OUT ({a.output}) ends in .mth: decompress to a .safetensors or .pt file")
+        raise MithrilError(f"OUT ({short(a.output)}) ends in .mth: decompress to a .safetensors or .pt file")
     t0 = time.perf_counter()
     out_kind = "safetensors" if a.output.endswith(".safetensors") else "torch"
+    mode = _mode_of(a.input)
     with MthFile(a.input, verify=not a.no_verify, threads=a.threads, base=a.base) as f:
+        _check_tree(f)
         raw = sum(e.nbytes for e in f.index.tensors)
-        with _bar(a, raw, "decompress") as bar:
-            if out_kind == "safetensors":
-                if not _flat_names(f):
-                    raise MithrilError(f"{a.input} holds nested values or non-tensor data, which safetensors "
-                                       "cannot hold: decompress to a .pt file instead")
-                layout = formats.original_safetensors_layout(f.index.source, f.index.tensors)
-                header, order = layout if layout else (
-                    formats.safetensors_header(f.index.tensors, f.index.metadata), f.index.tensors)
-                with AtomicFile(a.output) as out:
-                    out.write(header)
-                    for _, view in _decode_in_batches(f, order, bar):
-                        out.write(view.data)
-            else:
-                import torch
+        if out_kind == "safetensors":
+            if not _flat_names(f):
+                raise MithrilError(f"{short(a.input)} holds nested values or non-tensor data, which safetensors "
+                                   "cannot hold: decompress to a .pt file instead")
+            layout = formats.original_safetensors_layout(f.index.source, f.index.tensors)
+            header, order = layout if layout else (
+                formats.safetensors_header(f.index.tensors, f.index.metadata), f.index.tensors)
+            with _bar(a, raw, "decompress") as bar, AtomicFile(a.output, mode) as out:
+                out.write(header)
+                for _, view in _decode_in_batches(f, order, bar):
+                    out.write(view.data)
+        else:
+            import torch
 
+            with _bar(a, raw, "decompress") as bar:
                 obj = f.load("cpu", bar)
-                with AtomicFile(a.output) as out:
-                    torch.save(obj, out.file)
+            with AtomicFile(a.output, mode) as out:
+                torch.save(obj, out.file)
         packed = f.size
     if not a.quiet:
-        print(_summary("decompressed", a.input, a.output, raw, packed, time.perf_counter() - t0))
+        print(_summary("decompressed", a.input, a.output, raw, packed, time.perf_counter() - t0, packing=False))
     return 0
 
 
 def cmd_info(a) -> int:
+    _check_base(a)
     with _open_for_info(a.file, a.base) as f:
         if a.json:
             import json
@@ -222,21 +338,23 @@ def cmd_info(a) -> int:
             kind = e.transform + (f"+{e.delta['op']}" if e.delta else "")
             shape = "x".join(map(str, e.shape)) or "scalar"
             ratio = f"{e.nbytes / e.stored_bytes:.3f}" if e.stored_bytes else ("same" if e.delta else "-")
-            rows.append((e.name, e.dtype.name, shape, kind, f"{e.nbytes:,}", f"{e.stored_bytes:,}", ratio))
+            rows.append((_show(e.name), e.dtype.name, shape, kind, f"{e.nbytes:,}", f"{e.stored_bytes:,}", ratio))
         head = ("tensor", "dtype", "shape", "transform", "bytes", "stored", "ratio")
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
         if not a.summary:
             for r in [head] + rows:
                 print("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         raw = sum(e.nbytes for e in f.index.tensors)
-        print(f"{f.path}: .mth v{container.VERSION}, {len(f.index.tensors)} tensors, {_mb(raw)} -> {_mb(f.size)} "
-              f"({raw / f.size:.3f}x){', written by ' + f.index.writer if f.index.writer else ''}")
+        print(f"{_show(f.path)}: .mth v{container.VERSION}, {len(f.index.tensors)} tensors, {_mb(raw)} -> "
+              f"{_mb(f.size)} ({raw / f.size:.3f}x)"
+              f"{', written by ' + _show(f.index.writer) if f.index.writer else ''}")
         if f.index.base is not None:
             chain = f.chain() if f.base_file is not None else [f.path]
-            print(f"delta against {f.index.base.get('path')!r} (identity {f.index.base['xxh64']})"
-                  + (f"; chain: {' <- '.join(chain)}" if len(chain) > 1 else "; base not opened"))
+            print(f"delta against {_show(repr(f.index.base.get('path')))} (identity {f.index.base['xxh64']})"
+                  + (f"; chain: {' <- '.join(map(_show, chain))}" if len(chain) > 1 else "; base not opened"))
         if f.index.metadata:
-            print(f"metadata: {len(f.index.metadata)} keys ({', '.join(list(f.index.metadata)[:5])})")
+            print(f"metadata: {len(f.index.metadata)} keys "
+                  f"({', '.join(_show(k) for k in list(f.index.metadata)[:5])})")
     return 0
 
 
@@ -252,19 +370,40 @@ def _open_for_info(path, base):
 
 
 def cmd_verify(a) -> int:
+    """Everything a load checks: the tree rebuilt (with stand-ins for tensors), every tensor
+    decoded (delta bases included) and its checksum verified, ~32 MB of tensors at a time."""
     from .reader import MthFile
 
+    _check_base(a)
     t0 = time.perf_counter()
     with MthFile(a.file, verify=True, threads=a.threads, base=a.base) as f:
+        _check_tree(f)
         raw = sum(e.nbytes for e in f.index.tensors)
         with _bar(a, raw, "verify") as bar:
             for _ in _decode_in_batches(f, f.index.tensors, bar):
                 pass
         n = len(f.index.tensors)
     dt = time.perf_counter() - t0
-    print(f"OK {a.file}: {n} tensors, {_mb(raw)} decoded and checksums verified in {dt:.2f} s "
-          f"({raw / max(dt, 1e-9) / 1e6:,.0f} MB/s)")
+    print(f"OK {_show(a.file)}: {n} tensors, {_mb(raw)} decoded, checksums verified and tree rebuilt in "
+          f"{dt:.2f} s{_speed(raw, dt)}")
     return 0
+
+
+# ---------------------------------------------------------------- arguments
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an int in [lo, hi] (a usage error, exit 2, otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{short(text, 40)!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(
+                f"{v} is out of range: give {lo}..{hi}" if hi is not None else f"{v} is out of range: give {lo} or more")
+        return v
+    parse.__name__ = "integer"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,34 +415,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def common(sp, base_help):
-        sp.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads (default: all available cores)")
+        sp.add_argument("--threads", type=_int_in(1), default=None, metavar="N",
+                        help="CPU threads, 1 or more (default: all available cores)")
         sp.add_argument("--base", metavar="BASE", default=None, help=base_help)
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
 
+    def force(sp):
+        sp.add_argument("-f", "--force", action="store_true",
+                        help="replace OUT if it exists (a directory OUT: write into it, replacing files of the "
+                             "same names)")
+
     c = sub.add_parser("compress", help="compress a .safetensors file or torch checkpoint into a .mth file",
                        description="Compress IN (.safetensors, or a torch checkpoint read with "
-                                   "torch.load(weights_only=True)) into OUT (.mth). OUT is replaced atomically. "
-                                   "If IN is a directory (a sharded model, say), every checkpoint file in it becomes "
-                                   "OUT/<name>.mth and every other file is copied, subfolders kept; --base may then "
-                                   "name a directory compressed the same way, matched file by file.")
+                                   "torch.load(weights_only=True); numeric numpy arrays in it are kept) into OUT "
+                                   "(.mth). OUT is written atomically, and an existing OUT is replaced only with "
+                                   "-f. If IN is a directory (a sharded model, say), OUT is a directory too: every "
+                                   "checkpoint file in IN becomes OUT/<name>.mth and every other file is copied, "
+                                   "subfolders kept; --base may then name a directory compressed the same way, "
+                                   "matched file by file.")
     c.add_argument("input", metavar="IN")
     c.add_argument("output", metavar="OUT")
-    c.add_argument("--level", type=int, default=None,
+    c.add_argument("--level", type=_int_in(1, 22), default=None, metavar="L",
                    help="zstd level 1-22 instead of mithril's default (tuned for float planes; faster and smaller "
                         "than level 3 on real weights)")
-    c.add_argument("--chunk-elems", type=int, default=container.DEFAULT_CHUNK_ELEMS, metavar="N",
-                   help=f"elements per chunk (default {container.DEFAULT_CHUNK_ELEMS})")
+    c.add_argument("--chunk-elems", type=_int_in(1, MAX_CHUNK_ELEMS), default=container.DEFAULT_CHUNK_ELEMS,
+                   metavar="N", help=f"elements per chunk, 1-{MAX_CHUNK_ELEMS} (default {container.DEFAULT_CHUNK_ELEMS})")
+    force(c)
     common(c, "store tensors as deltas against this earlier .mth checkpoint of the same run")
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("decompress", help="decompress a .mth file to .safetensors or .pt",
                        description="Decompress IN (.mth) to OUT: .safetensors (byte-identical to the original "
-                                   "if that is what was compressed) or any other name for a torch .pt file. If IN is "
-                                   "a directory, every <name>.mth in it becomes OUT/<name> and other files are copied.")
+                                   "if that is what was compressed) or any other name for a torch .pt file. An "
+                                   "existing OUT is replaced only with -f. If IN is a directory, OUT is a "
+                                   "directory too: every <name>.mth in IN becomes OUT/<name> and other files are "
+                                   "copied.")
     d.add_argument("input", metavar="IN")
     d.add_argument("output", metavar="OUT")
     d.add_argument("--no-verify", action="store_true", help="skip checksum verification (faster)")
+    force(d)
     common(d, "where the base of a delta checkpoint is, if not where it was recorded")
     d.set_defaults(func=cmd_decompress)
 
@@ -315,29 +465,99 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--base", metavar="BASE", default=None, help="where a delta file's base is")
     i.set_defaults(func=cmd_info)
 
-    v = sub.add_parser("verify", help="decode every tensor and check its checksum",
-                       description="Decode every tensor of FILE (and its delta bases) and check checksums.")
+    v = sub.add_parser("verify", help="decode every tensor, check its checksum, rebuild the tree",
+                       description="Check FILE as a load would, without holding it in memory: decode every tensor "
+                                   "(and its delta bases), check every checksum, and rebuild the nested structure.")
     v.add_argument("file", metavar="FILE")
     common(v, "where the base of a delta checkpoint is, if not where it was recorded")
     v.set_defaults(func=cmd_verify)
     return p
 
 
+# ---------------------------------------------------------------- signals and errors
+
+class _Signalled(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP, so that they unwind (and clean up) as
+    Ctrl-C does: an atomic write in progress removes its temp file."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _on_signal(signum, frame):
+    for s in _STOP_SIGNALS:          # a second signal must not interrupt the clean-up
+        signal.signal(s, signal.SIG_IGN)
+    raise _Signalled(signum)
+
+
+def _install_signal_handlers() -> dict:
+    old = {}
+    for s in _STOP_SIGNALS:
+        try:
+            old[s] = signal.signal(s, _on_signal)
+        except (ValueError, OSError):  # not the main thread: leave signals alone
+            break
+    return old
+
+
+def _one_line(msg) -> str:
+    """An error message as one printable line of bounded length."""
+    return short(" ".join(str(msg).split()), 1000)
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away: send what is left to /dev/null so exit does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mithril: note: {_one_line(message).removeprefix('mithril: ')}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    old = _install_signal_handlers()
     try:
-        return args.func(args)
+        try:
+            with warnings.catch_warnings():       # notes (an unused --base, a CPU fallback): one line each
+                warnings.showwarning = _note
+                rc = args.func(args)
+            sys.stdout.flush()
+            return rc
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    except _Signalled as e:
+        name = signal.Signals(e.signum).name
+        print(f"mithril: interrupted by {name}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("mithril: interrupted", file=sys.stderr)
         return 130
-    except MithrilError as e:
-        print(f"mithril: error: {e}", file=sys.stderr)
+    except BrokenPipeError:           # `mithril info X | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 128 + 13
+    except MemoryError:
+        print("mithril: error: out of memory", file=sys.stderr)
         return 1
-    except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as e:
-        print(f"mithril: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+    except MithrilError as e:
+        print(f"mithril: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError, FileExistsError) as e:
+        what = _one_line(e.strerror or e)
+        print(f"mithril: error: {what}: {short(e.filename) if e.filename else ''}".rstrip(": "), file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"mithril: error: {e}", file=sys.stderr)
+        print(f"mithril: error: {_one_line(e)}", file=sys.stderr)
         return 1
 
 

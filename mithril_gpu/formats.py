@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import mmap
 import os
+import re
 import struct
 
 import numpy as np
 
 from . import dtypes
-from .errors import MithrilError
+from .errors import CorruptFileError, MithrilError, short
 
 SAFETENSORS_MAX_HEADER = 100 << 20
 
@@ -42,22 +44,31 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        where = short(self.path)
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
-                raise InputFormatError(f"{self.path}: too short to be a safetensors file")
+                raise InputFormatError(f"{where}: too short to be a safetensors file")
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         (n,) = struct.unpack("<Q", self._mm[:8])
         if n > SAFETENSORS_MAX_HEADER or 8 + n > size:
-            raise InputFormatError(f"{self.path}: safetensors header length {n} does not fit the file")
+            raise InputFormatError(f"{where}: safetensors header length {n} does not fit the file")
         self.header_bytes = bytes(self._mm[:8 + n])
         try:
             header = json.loads(self.header_bytes[8:].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise InputFormatError(f"{self.path}: safetensors header is not valid JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InputFormatError(f"{where}: safetensors header is not valid JSON ({short(e, 100)})") from None
         if not isinstance(header, dict):
-            raise InputFormatError(f"{self.path}: safetensors header is not an object")
+            raise InputFormatError(f"{where}: safetensors header is not an object")
         self.metadata = header.pop("__metadata__", None)
+        if self.metadata is not None and not (isinstance(self.metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items())):
+            raise InputFormatError(f"{where}: safetensors __metadata__ must map strings to strings")
+        for text in list(header) + list((self.metadata or {}).items()):
+            for t in (text if isinstance(text, tuple) else (text,)):
+                if not _utf8(t):
+                    raise InputFormatError(f"{where}: the header holds the string {short(t, 60)}, with a lone "
+                                           "surrogate, which a .mth index (UTF-8) cannot store")
         data_start, data_len = 8 + n, size - 8 - n
         self.tensors = []       # (name, DType, shape, begin, end) in file order
         for name, info in header.items():
@@ -66,22 +77,24 @@ class SafetensorsFile:
                 shape = tuple(int(x) for x in info["shape"])
                 b, e = (int(x) for x in info["data_offsets"])
             except KeyError:
-                raise InputFormatError(f"{self.path}: tensor {name!r} has unsupported dtype "
-                                       f"{info.get('dtype')!r} or a malformed entry") from None
-            except (TypeError, ValueError):
-                raise InputFormatError(f"{self.path}: tensor {name!r} has a malformed entry") from None
-            if not 0 <= b <= e <= data_len or e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-                raise InputFormatError(f"{self.path}: tensor {name!r} offsets do not match its shape")
+                dtype = info.get("dtype") if isinstance(info, dict) else None
+                raise InputFormatError(f"{where}: tensor {short(name)} has unsupported dtype "
+                                       f"{short(repr(dtype), 40)} or a malformed entry") from None
+            except (TypeError, ValueError, OverflowError):
+                raise InputFormatError(f"{where}: tensor {short(name)} has a malformed entry") from None
+            if any(x < 0 for x in shape) or not 0 <= b <= e <= data_len \
+                    or e - b != math.prod(shape) * dt.itemsize:
+                raise InputFormatError(f"{where}: tensor {short(name)} offsets do not match its shape")
             self.tensors.append((name, dt, shape, b, e))
         self.tensors.sort(key=lambda t: (t[3], t[4]))
         pos = 0
         for name, _, _, b, e in self.tensors:
             if b != pos:
-                raise InputFormatError(f"{self.path}: tensor data is not contiguous at {name!r} "
+                raise InputFormatError(f"{where}: tensor data is not contiguous at {short(name)} "
                                        "(safetensors requires it)")
             pos = e
         if pos != data_len:
-            raise InputFormatError(f"{self.path}: {data_len - pos} bytes after the last tensor")
+            raise InputFormatError(f"{where}: {data_len - pos} bytes after the last tensor")
         self._data_start = data_start
 
     def data(self, begin: int, end: int) -> np.ndarray:
@@ -122,40 +135,138 @@ def safetensors_header(entries, metadata: dict | None) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def original_safetensors_layout(source: dict | None, entries) -> tuple[bytes, list] | None:
-    """If the .mth was made from a safetensors file, its header bytes and tensors in file order."""
-    if not source or source.get("format") != "safetensors" or not isinstance(source.get("header"), str):
+    """If the .mth was made from a safetensors file, its header bytes and tensors in file order.
+
+    None if the file records no safetensors source (a fresh header is then written). A source
+    record that is there but malformed, or that does not describe exactly the file's tensors
+    (names, dtypes, shapes, contiguous offsets), is a :class:`CorruptFileError`: writing it out
+    would give a file that is not the original, or not valid safetensors.
+    """
+    if not isinstance(source, dict) or source.get("format") != "safetensors":
         return None
+
+    def bad(why: str):
+        raise CorruptFileError(f"corrupt index: the stored safetensors header (source record) {why}")
+
+    if not isinstance(source.get("header"), str):
+        bad("is not a base64 string")
     try:
         raw = base64.b64decode(source["header"], validate=True)
+    except ValueError:
+        bad("is not valid base64")
+    if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] != len(raw) - 8:
+        bad("has a length prefix that does not match its size")
+    try:
         header = json.loads(raw[8:].decode("utf-8"))
-        header.pop("__metadata__", None)
-        by_name = {e.name: e for e in entries}
-        order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        ordered = [by_name[name] for name, _ in order]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return None
-    if len(ordered) != len(entries):
-        return None
-    return raw, ordered
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        bad("is not valid JSON")
+    if not isinstance(header, dict):
+        bad("is not a JSON object")
+    header.pop("__metadata__", None)
+    by_name = {e.name: e for e in entries}
+    if len(header) != len(by_name) or any(name not in by_name for name in header):
+        bad("does not list the file's tensors")
+    spans = []
+    for name, info in header.items():
+        e = by_name[name]
+        if not isinstance(info, dict) or info.get("dtype") != e.dtype.name or info.get("shape") != list(e.shape) \
+                or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2 \
+                or not all(type(x) is int for x in info["data_offsets"]):
+            bad(f"does not match tensor {short(name)}")
+        b, end = info["data_offsets"]
+        if end - b != e.nbytes:
+            bad(f"gives tensor {short(name)} offsets that do not match its size")
+        spans.append((b, end, e))
+    spans.sort(key=lambda t: (t[0], t[1]))
+    pos = 0
+    for b, end, e in spans:
+        if b != pos:
+            bad(f"does not place the tensors back to back (at {short(e.name)})")
+        pos = end
+    return raw, [e for _, _, e in spans]
+
+
+def _np_dtype(*args):
+    """numpy.dtype as torch.load(weights_only=True) may call it: numeric dtypes only (arrays of
+    objects, strings or records are refused while unpickling, before they exist)."""
+    import pickle
+
+    d = np.dtype(*args)
+    if d.kind not in "biuf" or d.fields is not None:
+        raise pickle.UnpicklingError(f"numpy arrays of dtype {short(d, 40)} are not allowed (numeric dtypes only)")
+    return d
+
+
+def _np_reconstruct(subtype, *args):
+    """numpy's array constructor for pickles, for plain numpy arrays only."""
+    import pickle
+
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"numpy array subclass {short(subtype, 60)} is not allowed")
+    return np._core.multiarray._reconstruct(subtype, *args)
+
+
+def _numpy_safe_globals() -> list:
+    """What torch.load(weights_only=True) needs to rebuild numeric numpy arrays, which real
+    checkpoints hold (RNG states): numpy's array constructor and dtype (under the names numpy 1
+    and 2 pickle them with, both checked above), and the classes of numeric dtypes. No other
+    global is allowed, so nothing else is unpickled."""
+    kinds = [np.dtype(c) for c in "?bBhHiIlLqQefd"]
+    allowed = [(_np_reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
+    allowed += [(_np_dtype, "numpy.dtype"), (np.ndarray, "numpy.ndarray")]
+    allowed += sorted({type(d) for d in kinds}, key=lambda t: t.__name__)
+    return allowed
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _torch_refusal(e: BaseException) -> str:
+    """torch.load's exception as one short printable line: terminal colour codes removed, and
+    for a weights_only refusal the reason itself (``Unsupported global: GLOBAL x.y``...) kept."""
+    text = _ANSI.sub("", str(e))
+    m = re.search(r"unsupported (?:global: )?GLOBAL (\S+?)\.?(?:\s|$)", text, re.IGNORECASE)
+    if m:
+        return f"Unsupported global: GLOBAL {short(m.group(1), 100)}"
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if m:
+        line = m.group(1)
+    else:
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        line = next((ln for ln in lines if not ln.startswith(boiler)), lines[0] if lines else type(e).__name__)
+    return short(" ".join(line.split()), 200)
 
 
 def load_torch(path):
-    """Read a torch checkpoint without unpickling arbitrary objects (weights_only=True)."""
+    """Read a torch checkpoint without unpickling arbitrary objects (weights_only=True; numeric
+    numpy arrays allowed, see :func:`_numpy_safe_globals`)."""
     import torch
 
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise MithrilError(f"{short(path)}: out of memory while reading it as a torch checkpoint") from None
     except Exception as e:  # torch raises many types here; say what happened in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            hint = ("; it holds objects other than tensors and plain values (a pickled model?): if you trust it, "
-                    "load it yourself and compress its state_dict() with mithril_gpu.save")
-        raise InputFormatError(f"{path}: cannot be read as a torch checkpoint with weights_only=True "
-                               f"({first[:200]}){hint}") from None
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e):
+            hint = ("; it holds objects other than tensors, numeric numpy arrays and plain values (a pickled "
+                    "model?): if you trust it, load it yourself and compress its state_dict() with "
+                    "mithril_gpu.save")
+        raise InputFormatError(f"{short(path)}: cannot be read as a torch checkpoint with weights_only=True "
+                               f"({_torch_refusal(e)}){hint}") from None

@@ -3,6 +3,7 @@
 Every node is a JSON object with exactly one key naming its type::
 
     {"tensor": i}          index into the file's tensor list (two leaves may share one tensor)
+    {"ndarray": [i, d]}    tensor i, given back as a numpy array of numpy dtype string d ("<f4", ">u2", "|b1"...)
     {"dict": [[k, v], ...]} keys are nodes too (optimizer state uses int keys), order kept
     {"list": [...]}  {"tuple": [...]}
     {"str": s}  {"int": "decimal"}  {"float": "repr"}  {"bool": b}  {"none": null}
@@ -14,21 +15,71 @@ Ints are decimal strings (JSON numbers lose precision in many decoders), floats 
 from __future__ import annotations
 
 import base64
+import warnings
 
-from .errors import CorruptFileError, UnsupportedValueError
+import numpy as np
+
+from . import dtypes
+from .errors import CorruptFileError, UnsupportedValueError, short
 
 MAX_DEPTH = 100
+
+#: numpy dtype codes (kind + itemsize) an ``ndarray`` node may name, and the .mth dtype that
+#: stores their elements (little-endian)
+NDARRAY_CODES = {"b1": "BOOL", "u1": "U8", "i1": "I8", "i2": "I16", "u2": "U16", "i4": "I32", "u4": "U32",
+                 "i8": "I64", "u8": "U64", "f2": "F16", "f4": "F32", "f8": "F64"}
+#: the numpy dtype strings (``numpy.dtype.str``) an ``ndarray`` node may hold: one-byte types
+#: with "|", the others with "<" (little-endian) or ">" (big-endian)
+NDARRAY_DESCRS = frozenset(("|" + c) if c[1] == "1" else (o + c) for c in NDARRAY_CODES
+                           for o in ("<", ">"))
+#: numpy array types stored as arrays (subclasses such as masked arrays carry more than their
+#: elements and are refused)
+NDARRAY_TYPES = (np.ndarray, np.memmap)
 
 
 def _key_label(k) -> str:
     return k if isinstance(k, str) else str(k)
 
 
+def _check_text(s: str, where: str) -> None:
+    """A string must be encodable as UTF-8 (the index is UTF-8 JSON): refuse lone surrogates."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(s[e.start])
+        raise UnsupportedValueError(
+            f"cannot store the string {short(s, 60)} at {short(where)}: it holds a lone surrogate (U+{bad:04X}), "
+            "which UTF-8 cannot encode (a file name decoded with surrogateescape?); decode it properly "
+            "first") from None
+
+
+def _array_leaf(a: np.ndarray, where: str):
+    """The torch tensor that stores numpy array ``a`` (its elements, little-endian, C order), and
+    the dtype string its node records."""
+    import torch
+
+    descr = a.dtype.str
+    if descr[1:] not in NDARRAY_CODES or a.dtype.fields is not None or descr not in NDARRAY_DESCRS:
+        why = (": its elements are Python objects, which only pickle could store" if a.dtype.kind == "O" else "")
+        raise UnsupportedValueError(
+            f"cannot store a numpy array of dtype {short(a.dtype, 40)} at {short(where)}{why}; mithril stores "
+            "numpy arrays of bool, int8-64, uint8-64 and float16/32/64 (either byte order): convert it first")
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")
+    if descr[0] == ">":                    # stored little-endian, given back big-endian
+        a = a.byteswap().view(a.dtype.newbyteorder("<"))
+    with warnings.catch_warnings():        # read-only arrays: the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a), descr
+
+
 def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
     """Return (tree node, [(name, tensor), ...]). Tensors seen twice (by identity) are stored once.
 
     Tensor names are the '/'-joined path of keys, or the key itself for a flat dict; they are
-    what lazy access and delta matching use.
+    what lazy access and delta matching use. Numpy arrays of numeric dtypes become ``ndarray``
+    nodes whose elements are stored as a tensor (a torch view of the array where it is
+    little-endian and C-contiguous, a copy otherwise).
     """
     leaves: list[tuple[str, object]] = []
     seen: dict[int, int] = {}
@@ -44,35 +95,54 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
 
     def walk(o, path, depth):
         if depth > MAX_DEPTH:
-            raise UnsupportedValueError(f"checkpoint nests deeper than {MAX_DEPTH} levels at {'/'.join(path)}")
+            raise UnsupportedValueError(f"checkpoint nests deeper than {MAX_DEPTH} levels at "
+                                        f"{short('/'.join(path))}")
         if is_tensor(o):
             i = seen.get(id(o))
             if i is None:
                 i = seen[id(o)] = len(leaves)
                 leaves.append((name_for(path), o))
             return {"tensor": i}
+        if type(o) in NDARRAY_TYPES:
+            i = seen.get(id(o))
+            descr = o.dtype.str
+            if i is None:
+                t, descr = _array_leaf(o, "/".join(path) or "<top level>")
+                i = seen[id(o)] = len(leaves)
+                leaves.append((name_for(path), t))
+            return {"ndarray": [i, descr]}
         if isinstance(o, dict):
-            return {"dict": [[walk(k, path + ["<key>"], depth + 1) if not _is_plain_key(k) else _scalar(k),
-                              walk(v, path + [_key_label(k)], depth + 1)] for k, v in o.items()]}
+            pairs = []
+            for k, v in o.items():
+                if _is_plain_key(k):
+                    if type(k) is str:
+                        _check_text(k, "/".join(path + ["<key>"]))
+                    key = _scalar(k)
+                else:
+                    key = walk(k, path + ["<key>"], depth + 1)
+                pairs.append([key, walk(v, path + [_key_label(k)], depth + 1)])
+            return {"dict": pairs}
         if isinstance(o, list):
             return {"list": [walk(v, path + [str(i)], depth + 1) for i, v in enumerate(o)]}
         if isinstance(o, tuple) and type(o) is tuple:
             return {"tuple": [walk(v, path + [str(i)], depth + 1) for i, v in enumerate(o)]}
+        if type(o) is str:
+            _check_text(o, "/".join(path) or "<top level>")
         try:
             return _scalar(o)
         except UnsupportedValueError:
             where = "/".join(path) or "<top level>"
             raise UnsupportedValueError(
-                f"cannot store a value of type {type(o).__module__}.{type(o).__qualname__} at {where}: "
-                "mithril stores tensors, dicts, lists, tuples, str, int, float, bool, None and bytes "
-                "(no pickle); convert it first") from None
+                f"cannot store a value of type {type(o).__module__}.{type(o).__qualname__} at {short(where)}: "
+                "mithril stores tensors, numpy arrays, dicts, lists, tuples, str, int, float, bool, None and "
+                "bytes (no pickle); convert it first") from None
 
     tree = walk(obj, [], 0)
     return tree, leaves
 
 
 def _is_plain_key(k) -> bool:
-    return isinstance(k, (str, int, float, bool)) or k is None
+    return type(k) in (str, int, float, bool) or k is None
 
 
 def _scalar(o):
@@ -91,16 +161,56 @@ def _scalar(o):
     raise UnsupportedValueError(type(o).__name__)
 
 
+class Stub:
+    """A stand-in for tensor ``index`` of .mth dtype ``dtype`` (its name, "F32"...), for checking
+    a tree without decoding any tensor (:func:`check`)."""
+
+    __slots__ = ("index", "dtype")
+
+    def __init__(self, index: int, dtype: str):
+        self.index, self.dtype = index, dtype
+
+    def __repr__(self) -> str:
+        return f"<tensor {self.index} ({self.dtype})>"
+
+
+def to_ndarray(t, descr: str, i: int = -1):
+    """The numpy array of dtype string ``descr`` that tensor ``t`` (a torch tensor) stores. A
+    :class:`Stub` or a meta tensor (stand-ins that hold no data, for checking a tree) is returned
+    as it is once its dtype is checked."""
+    want = NDARRAY_CODES[descr[1:]]
+    if isinstance(t, Stub):
+        have = t.dtype
+    else:
+        try:
+            have = dtypes.from_torch(t.dtype).name
+        except (UnsupportedValueError, AttributeError):
+            have = None
+    if have != want:
+        raise CorruptFileError(f"corrupt index: ndarray node {descr} names tensor {i} of dtype {have}, "
+                               f"not {want}")
+    if isinstance(t, Stub) or t.device.type == "meta":
+        return t
+    a = t.detach().cpu().numpy()
+    if descr[0] == ">":
+        a = a.byteswap().view(np.dtype(descr))
+    return a
+
+
 def decode(node, tensor_at, depth: int = 0):
-    """Rebuild the object from a tree node; ``tensor_at(i)`` returns tensor i."""
+    """Rebuild the object from a tree node; ``tensor_at(i)`` returns tensor i (a torch tensor;
+    ``ndarray`` nodes give it back as a numpy array, see :func:`to_ndarray`)."""
     if depth > MAX_DEPTH:
         raise CorruptFileError("corrupt index: tree nests too deep")
     if not isinstance(node, dict) or len(node) != 1:
-        raise CorruptFileError(f"corrupt index: bad tree node {str(node)[:80]}")
+        raise CorruptFileError(f"corrupt index: bad tree node {short(str(node)[:80])}")
     (kind, v), = node.items()
     try:
         if kind == "tensor":
             return tensor_at(v)
+        if kind == "ndarray" and isinstance(v, list) and len(v) == 2 and type(v[0]) is int \
+                and isinstance(v[1], str) and v[1] in NDARRAY_DESCRS:
+            return to_ndarray(tensor_at(v[0]), v[1], v[0])
         if kind == "dict":
             out = {}
             for k, val in v:
@@ -127,7 +237,20 @@ def decode(node, tensor_at, depth: int = 0):
         raise
     except (TypeError, ValueError):
         pass
-    raise CorruptFileError(f"corrupt index: bad tree node {str(node)[:80]}")
+    raise CorruptFileError(f"corrupt index: bad tree node {short(str(node)[:80])}")
+
+
+def check(node, dtype_names: list[str]):
+    """Check a whole tree as :func:`decode` would rebuild it, with :class:`Stub` for tensors
+    (``dtype_names[i]`` is tensor i's .mth dtype): raises :class:`CorruptFileError` where a load
+    would, decodes no tensor. Returns the rebuilt object (stubs in place of tensors)."""
+    n = len(dtype_names)
+
+    def stub(i):
+        if type(i) is not int or not 0 <= i < n:
+            raise CorruptFileError(f"corrupt index: tree refers to tensor {short(repr(i), 40)} of {n}")
+        return Stub(i, dtype_names[i])
+    return decode(node, stub)
 
 
 def tensor_refs(node, depth: int = 0):
@@ -137,6 +260,8 @@ def tensor_refs(node, depth: int = 0):
     for kind, v in node.items():
         if kind == "tensor":
             yield v
+        elif kind == "ndarray" and isinstance(v, list) and v:
+            yield v[0]
         elif kind == "dict" and isinstance(v, list):
             for pair in v:
                 if isinstance(pair, list):
@@ -147,3 +272,19 @@ def tensor_refs(node, depth: int = 0):
                 yield from tensor_refs(x, depth + 1)
 
 
+def features(node) -> set[str]:
+    """The optional format features (FORMAT.md "Index") a tree uses: ``{"ndarray"}`` if it
+    holds an ``ndarray`` node, else none. For the writer's ``features`` list."""
+    stack = [(node, 0)]
+    while stack:
+        n, depth = stack.pop()
+        if depth > MAX_DEPTH or not isinstance(n, dict):
+            continue
+        for kind, v in n.items():
+            if kind == "ndarray":
+                return {"ndarray"}
+            if kind == "dict" and isinstance(v, list):
+                stack.extend((x, depth + 1) for pair in v if isinstance(pair, list) for x in pair)
+            elif kind in ("list", "tuple") and isinstance(v, list):
+                stack.extend((x, depth + 1) for x in v)
+    return set()

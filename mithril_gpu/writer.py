@@ -94,13 +94,14 @@ class AtomicFile:
     """A file that replaces ``path`` only when complete: temp file, fsync, rename, fsync dir.
 
     If anything fails (or the process is interrupted) before :meth:`commit`, the temp file is
-    removed and whatever was at ``path`` before is untouched. A process killed outright (SIGKILL,
+    removed and whatever was at ``path`` before is untouched. ``mode``: the permission bits the
+    file gets (default: 0o666 less the umask), set before it appears under ``path``. A process killed outright (SIGKILL,
     power loss) leaves its temp file behind: it is named ``.<name>.mithril-<random>.tmp`` and
     locked while written, and the next :class:`AtomicFile` in the same directory removes it
     (:func:`remove_stale_temps`).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, mode: int | None = None):
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             raise IsADirectoryError(f"{self.path} is a directory")
@@ -108,10 +109,12 @@ class AtomicFile:
         remove_stale_temps(directory)
         fd, self.tmp = _locked_temp(directory, "." + os.path.basename(self.path)[:200] + TEMP_MARK)
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            if hasattr(os, "fchmod"):          # mkstemp makes 0600; give the usual permissions (POSIX)
-                os.fchmod(fd, 0o666 & ~umask)
+            if mode is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            if hasattr(os, "fchmod"):          # mkstemp makes 0600; give the usual (or the asked) permissions
+                os.fchmod(fd, mode)
             self.file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), buffer_size=4 << 20)
         except BaseException:
             os.close(fd)
@@ -166,7 +169,7 @@ class AtomicFile:
 
 def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None,
               same: dict[int, tuple[str, int]] | None = None, level=None, threads: int = 1, progress=None,
-              encode=None) -> Index:
+              encode=None, mode: int | None = None) -> Index:
     """Write a complete .mth file atomically and return its index.
 
     ``same`` maps item positions to (base tensor name, checksum) for tensors stored as a
@@ -175,7 +178,7 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
     """
     same = same or {}
     coder = codecs.ChunkCoder(level)
-    with AtomicFile(path) as out:
+    with AtomicFile(path, mode) as out:
         out.write(container.pack_preamble())
         todo = [it for i, it in enumerate(items) if i not in same]
         results = iter((encode or encode_all)(todo, out.write, coder, threads, progress))

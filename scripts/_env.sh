@@ -8,5 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+echo "setting up .venv: torch 2.13.0 (CPU)..." >&2
 python -m pip install -q "torch==2.13.0"
+echo "setting up .venv: mithril-gpu and its extras ($MITHRIL_EXTRAS)..." >&2
 python -m pip install -q -e ".[$MITHRIL_EXTRAS]"

@@ -119,8 +119,8 @@ def test_failed_write_keeps_existing_output(tmp_path):
     run("compress", tmp_path / "in.safetensors", tmp_path / "m.mth")
     before = sha(tmp_path / "m.mth")
     (tmp_path / "bad.safetensors").write_bytes(open(MINILM, "rb").read()[:-1000])
-    p = run("compress", tmp_path / "bad.safetensors", tmp_path / "m.mth", ok=False)
-    assert p.returncode == 1
+    p = run("compress", "-f", tmp_path / "bad.safetensors", tmp_path / "m.mth", ok=False)
+    assert p.returncode == 1 and "exists" not in p.stderr     # it failed on the input, with --force given
     assert sha(tmp_path / "m.mth") == before
 
 
@@ -205,3 +205,17 @@ def test_directory_decompress_finds_moved_bases_with_base_dir(tmp_path):
     assert p.returncode == 1 and "--base" in p.stderr
     run("decompress", tmp_path / "pb", tmp_path / "rb", "--base", tmp_path / "moved")
     assert sha(tmp_path / "rb" / "m.safetensors") == sha(tmp_path / "b" / "m.safetensors")
+
+
+def test_an_unrelated_base_is_said_in_one_line_and_not_recorded(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.randn(100)}, tmp_path / "other.safetensors")
+    run("compress", tmp_path / "other.safetensors", tmp_path / "other.mth")
+    save_file({"w": torch.randn(1000)}, tmp_path / "b.safetensors")
+    p = run("compress", tmp_path / "b.safetensors", tmp_path / "b.mth", "--base", tmp_path / "other.mth")
+    notes = [ln for ln in p.stderr.splitlines() if ln.startswith("mithril: note: ")]
+    assert len(notes) == 2 and "only 0% of the bytes" in notes[0] and "full checkpoint" in notes[1]
+    assert "Warning" not in p.stderr and "warn(" not in p.stderr
+    with mithril_gpu.open(tmp_path / "b.mth") as f:
+        assert f.index.base is None

@@ -1,0 +1,206 @@
+"""`mithril` conventions: OUT is never replaced without -f, directories in need directories out,
+summaries read in the order of the work, outputs keep the input's permission bits, and torch
+checkpoints holding numpy arrays round trip."""
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mithril_gpu
+from conftest import FIXTURES, subprocess_env
+from mithril_gpu import formats
+
+MINILM = os.path.join(FIXTURES, "minilm_l0_bf16.safetensors")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "mithril_gpu.cli", *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env())
+
+
+def ok(*args):
+    p = run(*args)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def error(*args) -> str:
+    p = run(*args)
+    assert p.returncode == 1 and p.stderr.startswith("mithril: error:") and p.stderr.count("\n") == 1, p.stderr
+    return p.stderr
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def minilm_mth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "m.mth"
+    ok("compress", MINILM, out)
+    return out
+
+
+# ---------------------------------------------------------------- OUT exists
+
+@pytest.mark.parametrize("cmd", ["compress", "decompress"])
+def test_an_existing_out_is_replaced_only_with_force(tmp_path, minilm_mth, cmd):
+    src, name = (MINILM, "o.mth") if cmd == "compress" else (minilm_mth, "o.safetensors")
+    out = tmp_path / name
+    out.write_bytes(b"keep me")
+    assert "-f/--force" in error(cmd, src, out)
+    assert out.read_bytes() == b"keep me"
+    ok(cmd, "-f", src, out)
+    assert out.read_bytes() != b"keep me"
+    ok(cmd, "--force", src, out)
+    if cmd == "decompress":
+        assert sha(out) == sha(MINILM)
+
+
+@pytest.mark.parametrize("cmd", ["compress", "decompress"])
+def test_a_directory_where_a_file_is_expected_is_refused_before_any_work(tmp_path, minilm_mth, cmd):
+    src = MINILM if cmd == "compress" else minilm_mth
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    for force in ([], ["-f"]):
+        assert "is a directory" in error(cmd, *force, src, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["x"]
+
+
+def _model_dir(root):
+    os.makedirs(root / "sub")
+    shutil.copy(MINILM, root / "model.safetensors")
+    (root / "config.json").write_text("{}")
+    (root / "sub" / "notes.txt").write_text("hi")
+    return root
+
+
+def test_an_existing_out_directory_is_written_into_only_with_force(tmp_path):
+    model = _model_dir(tmp_path / "model")
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "old.txt").write_text("old")
+    assert "-f/--force" in error("compress", model, tmp_path / "packed")
+    assert os.listdir(tmp_path / "packed") == ["old.txt"]
+    ok("compress", "-f", model, tmp_path / "packed")
+    assert sorted(os.listdir(tmp_path / "packed")) == ["config.json", "model.safetensors.mth", "old.txt", "sub"]
+    (tmp_path / "restored").mkdir()
+    assert "-f/--force" in error("decompress", tmp_path / "packed", tmp_path / "restored")
+    ok("decompress", "-f", tmp_path / "packed", tmp_path / "restored")
+    assert sha(tmp_path / "restored" / "model.safetensors") == sha(MINILM)
+
+
+def test_a_folder_without_checkpoints_is_an_error(tmp_path):
+    """Before: "compressed 0 checkpoint files ... (infx)", exit 0, and an OUT folder made."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.md").write_text("no weights here")
+    assert "no checkpoint files" in error("compress", tmp_path / "docs", tmp_path / "packed")
+    assert "no .mth files" in error("decompress", tmp_path / "docs", tmp_path / "restored")
+    assert sorted(os.listdir(tmp_path)) == ["docs"]
+
+
+def test_a_directory_in_needs_a_directory_out(tmp_path):
+    """Before: `compress dir out.mth` made a directory named out.mth."""
+    model = _model_dir(tmp_path / "model")
+    msg = error("compress", model, tmp_path / "out.mth")
+    assert "directory" in msg and "out.mth" in msg
+    (tmp_path / "file.mth").write_bytes(b"x")
+    assert "not" in error("compress", "-f", model, tmp_path / "file.mth")
+    assert (tmp_path / "file.mth").read_bytes() == b"x"
+    assert sorted(os.listdir(tmp_path)) == ["file.mth", "model"]
+
+
+def test_a_failed_directory_run_leaves_no_out(tmp_path):
+    model = _model_dir(tmp_path / "model")
+    (model / "zz-broken.safetensors").write_bytes(open(MINILM, "rb").read()[:-100])
+    error("compress", model, tmp_path / "packed")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+# ---------------------------------------------------------------- summaries and modes
+
+def _sizes(line: str) -> tuple[float, float]:
+    a, b = re.search(r": ([\d,.]+) MB -> ([\d,.]+) MB", line).groups()
+    return float(a.replace(",", "")), float(b.replace(",", ""))
+
+
+def test_summaries_read_in_the_order_of_the_work(tmp_path, minilm_mth):
+    """compress: big -> small; decompress: small -> big (before: decompress printed big -> small)."""
+    c = ok("compress", MINILM, tmp_path / "m.mth")
+    d = ok("decompress", minilm_mth, tmp_path / "m.safetensors")
+    assert _sizes(c)[0] > _sizes(c)[1] and _sizes(d)[0] < _sizes(d)[1]
+    assert _sizes(c) == _sizes(d)[::-1]
+    model = _model_dir(tmp_path / "model")
+    ok("compress", model, tmp_path / "packed")
+    line = ok("decompress", tmp_path / "packed", tmp_path / "restored").strip().splitlines()[-1]
+    assert _sizes(line)[0] < _sizes(line)[1]
+
+
+def test_tiny_files_report_no_zero_speed(tmp_path):
+    """Before: "... in 0.31 s, 0 MB/s" for a few bytes (start-up, not throughput)."""
+    mithril_gpu.save({"w": torch.ones(4)}, tmp_path / "t.mth")
+    torch.save({"w": torch.ones(4)}, tmp_path / "t.pt")
+    for line in (ok("compress", tmp_path / "t.pt", tmp_path / "t2.mth"),
+                 ok("decompress", tmp_path / "t.mth", tmp_path / "t.safetensors"),
+                 ok("verify", tmp_path / "t.mth")):
+        assert " 0 MB/s" not in line and "0.0 MB/s" not in line, line
+
+
+@pytest.mark.parametrize("mode", [0o710])      # x bits (never set by default) and none for others
+def test_outputs_keep_the_input_permission_bits(tmp_path, mode):
+    """As zstd and gzip do (before: 0666 minus the umask, whatever the input's bits)."""
+    shutil.copy(MINILM, tmp_path / "in.safetensors")
+    os.chmod(tmp_path / "in.safetensors", mode)
+    ok("compress", tmp_path / "in.safetensors", tmp_path / "m.mth")
+    assert stat.S_IMODE(os.stat(tmp_path / "m.mth").st_mode) == mode
+    for out in ("back.safetensors", "back.pt"):
+        ok("decompress", tmp_path / "m.mth", tmp_path / out)
+        assert stat.S_IMODE(os.stat(tmp_path / out).st_mode) == mode
+
+
+# ---------------------------------------------------------------- numpy arrays in torch checkpoints
+
+def test_torch_checkpoints_with_numpy_arrays_round_trip(tmp_path):
+    """RNG states and other numeric numpy arrays: before, torch.load(weights_only=True) refused the
+    file ("Unsupported global ... _reconstruct")."""
+    ckpt = {"model": {"w": torch.randn(8, 8)}, "step": 3,
+            "rng": {"numpy": np.random.RandomState(1).get_state(), "torch": torch.get_rng_state()},
+            "stats": {"be": np.arange(6, dtype=">f4").reshape(2, 3), "u16": np.arange(5, dtype=np.uint16),
+                      "flags": np.array([True, False]), "scalar": np.array(2.5)}}
+    torch.save(ckpt, tmp_path / "c.pt")
+    ok("compress", tmp_path / "c.pt", tmp_path / "c.mth")
+    back = mithril_gpu.load(tmp_path / "c.mth")
+    ok("decompress", tmp_path / "c.mth", tmp_path / "back.pt")
+    again = formats.load_torch(tmp_path / "back.pt")
+    src = formats.load_torch(tmp_path / "c.pt")       # (pickle gives big-endian arrays back native)
+    for got in (back, again):
+        for k, a in src["stats"].items():
+            assert type(got["stats"][k]) is np.ndarray and got["stats"][k].dtype.str == a.dtype.str
+            assert got["stats"][k].shape == a.shape and got["stats"][k].tobytes() == a.tobytes()
+            assert np.array_equal(got["stats"][k], ckpt["stats"][k])
+        state = got["rng"]["numpy"]
+        assert state[0] == "MT19937" and np.array_equal(state[1], ckpt["rng"]["numpy"][1]) and state[2:] == (624, 0, 0.0)
+        assert torch.equal(got["model"]["w"], ckpt["model"]["w"]) and got["step"] == 3
+
+
+def test_numpy_object_arrays_in_a_checkpoint_are_refused_without_unpickling(tmp_path):
+    torch.save({"o": np.array([1, "x"], dtype=object)}, tmp_path / "o.pt")
+    msg = error("compress", tmp_path / "o.pt", tmp_path / "o.mth")
+    assert "weights_only" in msg and "dtype object" in msg
+    assert not (tmp_path / "o.mth").exists()
+
+
+def test_two_files_of_a_folder_never_write_the_same_output(tmp_path):
+    """x.safetensors compresses to x.safetensors.mth, which IN also holds (it would be copied):
+    before, the copy silently replaced the compressed file."""
+    model = _model_dir(tmp_path / "model")
+    shutil.copy(MINILM, model / "x.safetensors")
+    ok("compress", MINILM, model / "x.safetensors.mth")
+    assert "both" in error("compress", model, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
