@@ -9,21 +9,46 @@
 """
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401  (imported before _at_exit is registered: see there)
 import os
 import re
+import sys
+import threading
+import warnings
+from typing import NamedTuple
 
 from . import api, tree as tree_mod
-from .errors import MithrilError
+from .errors import BaseMismatchError, CorruptFileError, MissingBaseError, MithrilError, short
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
+from .writer import remove_stale_temps
 
 _NAME = re.compile(r"step-(\d+)\.mth\Z")
+
+# what a checkpoint file in the directory is (Checkpointer._scan)
+_OK = "ok"              # restorable: its file and every base of its chain are there and are the right files
+_ORPHAN = "orphan"      # a base of its chain is missing, or is another file than the one it was written against
+_DAMAGED = "damaged"    # it, or a base of its chain, cannot be read as a .mth file (or the chain is too long)
+_GONE = "gone"          # deleted while the directory was being read
+
+
+class CheckpointNote(UserWarning):
+    """A one-line note about a file in a Checkpointer's directory that it skips or deletes."""
+
+
+class _Info(NamedTuple):
+    identity: str                   # the file's identity (what a delta against it records)
+    base_step: int | None           # the step whose file is its base, if it is a delta against one of ours
+    base_identity: str | None       # the identity its base must have
 
 
 class Checkpointer:
     """Writes ``step-NNNNNNNNN.mth`` files into ``directory``.
 
     Args:
-        directory: created if missing. Existing checkpoints in it are picked up (resume).
+        directory: created if missing. Existing checkpoints in it are picked up (resume), and
+            temp files that killed writers left in it are removed (never one a live process is
+            still writing).
         full_every: every N-th save is a full checkpoint; the ones between are deltas against
             the previous save (so a chain is at most N files long). 1 means never a delta.
         keep: the newest M checkpoints stay restorable; older files are deleted once no kept
@@ -31,6 +56,27 @@ class Checkpointer:
         keep_base_in_memory: keep a copy of the last saved tensors (on the device they came
             from), so a delta never re-reads its base from disk. Costs one copy of the tensors.
         **save_kwargs: passed to :func:`mithril_gpu.save` (level, threads, ...).
+
+    Files are deleted newest first, so that a base always goes after every delta that needs it:
+    a process killed while pruning never leaves a delta without its base.
+
+    Checkpoints that cannot be restored are never listed by :meth:`steps` (so neither
+    :meth:`latest` nor a resume uses them), and each gets a one-line :class:`CheckpointNote`
+    warning:
+
+    * an *orphan*, a delta whose base (or a base further down its chain) is missing or is another
+      file than the one it was written against (left by a process killed mid-prune by an older
+      version, or by files deleted by hand), is unrecoverable: the next :meth:`save` deletes it.
+      If the newest file in the directory is one, that save is a full checkpoint.
+    * a *damaged* file, one that cannot be read as a .mth file (and any delta that needs it), is
+      left where it is for you to look at; it is never deleted.
+
+    With ``blocking=False``, a save still running when the interpreter exits (the script's end,
+    ``sys.exit()``, or an uncaught exception) is finished before exit. If it fails, or failed
+    earlier without anyone calling :meth:`wait`, one ``mithril: ERROR`` line on stderr says so,
+    and the exit status is made non-zero (120, CPython's status for a failed exit, when it would
+    otherwise be 0). A killed process (SIGKILL, or SIGTERM without a handler) cannot finish it:
+    the previous checkpoints are then intact, and the new one is not there.
     """
 
     def __init__(self, directory, full_every: int = 10, keep: int | None = 3, keep_base_in_memory: bool = True,
@@ -41,14 +87,18 @@ class Checkpointer:
             raise ValueError("keep must be None or an int >= 1")
         self.directory = os.fspath(directory)
         os.makedirs(self.directory, exist_ok=True)
+        remove_stale_temps(self.directory)
         self.full_every, self.keep = full_every, keep
         self.keep_base_in_memory = keep_base_in_memory
         self.save_kwargs = save_kwargs
         self._base_tensors: dict | None = None       # name -> tensor copy of the last save
+        self._last_step = None                        # the step of that save
         self._since_full = None                       # deltas written since the last full save
         self._executor = None                         # one background writer, for blocking=False
         self._pending = None
         self._pending_done = None
+        self._infos: dict[int, tuple] = {}            # step -> (stat key, _Info): files already read
+        self._noted: set = set()                      # (step, stat key) already warned about
 
     # ------------------------------------------------------------ listing
 
@@ -56,31 +106,142 @@ class Checkpointer:
         return os.path.join(self.directory, f"step-{step:09d}.mth")
 
     def steps(self) -> list[int]:
-        """Steps of the checkpoints in the directory, oldest first."""
+        """Steps of the restorable checkpoints in the directory, oldest first (see the class
+        docstring for what happens to the others)."""
+        return sorted(s for s, st in self._scan().items() if st == _OK)
+
+    def _files(self) -> list[int]:
         out = []
         for name in os.listdir(self.directory):
             m = _NAME.match(name)
-            if m:
+            if m and name == os.path.basename(self.path(int(m.group(1)))):
                 out.append(int(m.group(1)))
         return sorted(out)
 
-    def _base_of(self, step: int) -> int | None:
-        with MthFile(self.path(step), verify=False, base=SKIP_BASE) as f:
-            rec = f.index.base
-        if rec is None:
-            return None
-        m = _NAME.match(os.path.basename(str(rec.get("path", ""))))
-        return int(m.group(1)) if m else None
+    def _info(self, step: int) -> _Info:
+        """What the file of ``step`` is (read once per version of the file). Raises
+        FileNotFoundError if it is not there, a FormatError or OSError if it cannot be read."""
+        path = self.path(step)
+
+        def key():
+            st = os.stat(path)
+            return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+        k = key()
+        hit = self._infos.get(step)
+        if hit is not None and hit[0] == k:
+            return hit[1]
+        with MthFile(path, verify=False, base=SKIP_BASE, threads=1) as f:
+            identity, rec = f.identity, f.index.base
+        base_step = base_identity = None
+        if rec is not None:
+            base_identity = rec.get("xxh64")
+            p = rec.get("path")
+            if isinstance(p, str) and p:
+                d = os.path.abspath(self.directory)
+                target = os.path.normpath(os.path.join(d, p))
+                m = _NAME.match(os.path.basename(target))
+                if m and os.path.dirname(target) == os.path.normpath(d) and \
+                        os.path.basename(target) == os.path.basename(self.path(int(m.group(1)))):
+                    base_step = int(m.group(1))
+            # a base outside this directory is not the Checkpointer's to track: the chain ends there
+        info = _Info(identity, base_step, base_identity)
+        if key() == k:                       # the file did not change while it was read
+            self._infos[step] = (k, info)
+        return info
+
+    def _scan(self) -> dict[int, str]:
+        """The status (_OK, _ORPHAN, _DAMAGED or _GONE) of every checkpoint file in the directory."""
+        files = set(self._files())
+        for s in list(self._infos):
+            if s not in files:
+                del self._infos[s]
+        memo: dict[int, tuple[str, int]] = {}
+        notes = []
+
+        def status(s: int) -> tuple[str, int]:           # (status, length of its chain)
+            if s in memo:
+                return memo[s]
+            memo[s] = (_DAMAGED, MAX_CHAIN + 2)           # provisional: a chain that loops back is damaged
+            try:
+                info = self._info(s)
+            except FileNotFoundError:
+                memo[s] = (_GONE, 0)
+                return memo[s]
+            except (MithrilError, OSError) as e:
+                notes.append((s, f"it cannot be read ({short(e, 200)})"))
+                memo[s] = (_DAMAGED, 1)
+                return memo[s]
+            result = (_OK, 1)
+            if info.base_step is not None:
+                b, why = info.base_step, None
+                try:
+                    binfo = self._info(b)
+                except FileNotFoundError:
+                    why = f"its base {os.path.basename(self.path(b))} is missing"
+                except (MithrilError, OSError):
+                    binfo = None
+                if why is None and binfo is not None and binfo.identity != info.base_identity:
+                    why = f"its base {os.path.basename(self.path(b))} is another file than the one it was written against"
+                if why is not None:
+                    result = (_ORPHAN, 1)
+                    notes.append((s, why))
+                else:
+                    bst, blen = status(b)
+                    bst = _ORPHAN if bst == _GONE else bst
+                    if bst == _OK and blen + 1 > MAX_CHAIN + 1:
+                        bst = _DAMAGED
+                        notes.append((s, f"its chain of bases is longer than {MAX_CHAIN + 1} files (or loops)"))
+                    elif bst != _OK:
+                        notes.append((s, f"its base {os.path.basename(self.path(b))} cannot be restored"))
+                    result = (bst, blen + 1)
+            memo[s] = result
+            return result
+
+        for s in sorted(files):
+            status(s)
+        for s, why in notes:
+            hit = self._infos.get(s)
+            mark = (s, hit[0] if hit else None, why)
+            if mark in self._noted:
+                continue
+            self._noted.add(mark)
+            what = ("it is unrecoverable and is not listed; the next save deletes it" if memo[s][0] == _ORPHAN
+                    else "it is not listed, and is left in place")
+            warnings.warn(f"mithril: checkpoint {short(self.path(s))} cannot be restored: {why}; {what}",
+                          CheckpointNote, stacklevel=3)
+        return {s: st for s, (st, _) in memo.items() if st != _GONE}
 
     def chain(self, step: int) -> list[int]:
-        """The steps whose files restoring ``step`` needs, newest first."""
+        """The steps whose files restoring ``step`` needs, newest first.
+
+        Raises FileNotFoundError if there is no checkpoint of ``step``, :class:`MissingBaseError`
+        if a base of its chain is missing, :class:`BaseMismatchError` if a base is another file
+        than the one its delta was written against, and a :class:`FormatError` if a file of the
+        chain cannot be read.
+        """
+        try:
+            info = self._info(step)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}") from None
         out = [step]
-        while len(out) <= MAX_CHAIN:
-            b = self._base_of(out[-1])
-            if b is None:
-                return out
+        while info.base_step is not None:
+            if len(out) > MAX_CHAIN:
+                raise CorruptFileError(f"checkpoint chain of step {step} is longer than {MAX_CHAIN + 1} files "
+                                       "(or loops)")
+            b, at = info.base_step, os.path.basename(self.path(out[-1]))
+            try:
+                binfo = self._info(b)
+            except FileNotFoundError:
+                raise MissingBaseError(f"checkpoint of step {step} cannot be restored: {at} is a delta against "
+                                       f"{os.path.basename(self.path(b))}, which is missing") from None
+            if binfo.identity != info.base_identity:
+                raise BaseMismatchError(f"checkpoint of step {step} cannot be restored: {at} is a delta against "
+                                        f"another file than the {os.path.basename(self.path(b))} now there "
+                                        f"(identity {binfo.identity}, expected {info.base_identity})")
             out.append(b)
-        raise MithrilError(f"checkpoint chain of step {step} is longer than {MAX_CHAIN}")
+            info = binfo
+        return out
 
     # ------------------------------------------------------------ saving
 
@@ -91,20 +252,25 @@ class Checkpointer:
         tensors are copied first (on their own devices), so training may change them at once,
         and the compression and writing happen on a background thread. One write runs at a
         time, in order: the next ``save`` (or :meth:`wait`) first finishes the previous one and
-        raises its error, if it failed.
+        raises its error, if it failed. A background save still running at interpreter exit is
+        finished first (see the class docstring).
         """
         self.wait()
         if not isinstance(step, int) or step < 0:
             raise ValueError("step must be a non-negative int")
-        steps = self.steps()
-        if steps and step <= steps[-1]:
-            raise ValueError(f"step {step} is not after the newest checkpoint (step {steps[-1]})")
-        prev = steps[-1] if steps else None
-        if prev is not None and self._since_full is None:          # resuming: count the chain on disk
-            self._since_full = len(self.chain(prev)) - 1
-        full = prev is None or self._since_full is None or self._since_full + 1 >= self.full_every
+        scan = self._scan()
+        ok = sorted(s for s, st in scan.items() if st == _OK)
+        if ok and step <= ok[-1]:
+            raise ValueError(f"step {step} is not after the newest checkpoint (step {ok[-1]})")
+        prev = ok[-1] if ok else None
+        # a full save if there is nothing to be a delta of, or if the newest file's chain is broken
+        full = prev is None or max(scan) != prev
+        if not full:
+            if self._since_full is None or self._last_step != prev:     # resuming: count the chain on disk
+                self._since_full = len(self.chain(prev)) - 1
+            full = self._since_full + 1 >= self.full_every
         base_tensors = None
-        if not full and self._base_tensors is not None:
+        if not full and self._base_tensors is not None and self._last_step == prev:
             base_tensors = {n: (lambda t=t: api.tensor_bytes(t.to("cpu"))) for n, t in self._base_tensors.items()}
         snapshot, leaves = state, None
         if self.keep_base_in_memory or not blocking:
@@ -112,7 +278,7 @@ class Checkpointer:
         job = (snapshot, self.path(step), None if full else self.path(prev), base_tensors)
         if blocking:
             self._write(*job)
-            self._after_write(full, leaves)
+            self._after_write(step, full, leaves)
             return self.path(step)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -123,7 +289,8 @@ class Checkpointer:
             self._write(*job)
             return self.path(step)
         self._pending = self._executor.submit(run)
-        self._pending_done = (full, leaves)
+        self._pending_done = (step, full, leaves)
+        _track(self._pending, self.path(step))
         return self._pending
 
     def wait(self):
@@ -131,7 +298,10 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        path = pending.result()
+        try:
+            path = pending.result()
+        finally:
+            _untrack(pending)
         self._after_write(*self._pending_done)
         return path
 
@@ -142,24 +312,40 @@ class Checkpointer:
             api.save(state, path, base=base_path, _base_tensors=base_tensors, **self.save_kwargs)
         self._prune()
 
-    def _after_write(self, full: bool, leaves) -> None:
+    def _after_write(self, step: int, full: bool, leaves) -> None:
         self._since_full = 0 if full else self._since_full + 1
+        self._last_step = step
         if self.keep_base_in_memory:
             self._base_tensors = dict(leaves)
 
     def _prune(self) -> None:
-        if self.keep is None:
-            return
-        steps = self.steps()
-        needed = set()
-        for s in steps[-self.keep:]:
-            needed.update(self.chain(s))
-        for s in steps:
-            if s not in needed:
+        """Delete the orphans, and (with ``keep``) the files no kept checkpoint needs.
+
+        Dependents go before their bases (newest first where nothing depends on anything), so
+        whenever the process is killed here, every file left is restorable or was already an
+        orphan."""
+        scan = self._scan()
+        doomed = {s for s, st in scan.items() if st == _ORPHAN}
+        if self.keep is not None:
+            ok = sorted(s for s, st in scan.items() if st == _OK)
+            needed = set()
+            for s in ok[-self.keep:]:
+                needed.update(self.chain(s))
+            doomed.update(s for s in ok if s not in needed)
+        base_of = {}
+        for s in doomed:
+            hit = self._infos.get(s)
+            base_of[s] = hit[1].base_step if hit else None
+        while doomed:
+            needed_by_doomed = {base_of[s] for s in doomed}
+            ready = sorted((s for s in doomed if s not in needed_by_doomed), reverse=True) or sorted(doomed)
+            for s in ready:
                 try:
                     os.unlink(self.path(s))
                 except FileNotFoundError:
                     pass
+                doomed.discard(s)
+                self._infos.pop(s, None)
 
     # ------------------------------------------------------------ loading
 
@@ -170,7 +356,7 @@ class Checkpointer:
         return api.load(self.path(step), device, **kw)
 
     def latest(self, device: str = "cpu", **kw):
-        """The newest checkpoint's state, or None if there is none."""
+        """The newest restorable checkpoint's state, or None if there is none."""
         self.wait()
         steps = self.steps()
         return self.load(steps[-1], device, **kw) if steps else None
@@ -197,3 +383,93 @@ def _snapshot(state):
     node, leaves = tree_mod.encode(state, api._is_tensor)
     clones = [(name, t.detach().clone()) for name, t in leaves]
     return tree_mod.decode(node, lambda i: clones[i][1]), clones
+
+
+# ---------------------------------------------------------------- interpreter exit
+#
+# A background save is a future on a Checkpointer's writer thread, and api.save runs thread pools
+# of its own. Once the interpreter begins to exit, concurrent.futures refuses new work
+# ("cannot schedule new futures after interpreter shutdown"), so a save still running then would
+# fail, and nobody would see its error. _at_exit waits for every save no one has waited for yet,
+# before that happens: threading._register_atexit hooks run last registered first, when the main
+# thread is done and before non-daemon threads are joined, and concurrent.futures.thread (imported
+# above) registered its own hook before this module registers _at_exit.
+
+_unwaited: dict[int, tuple] = {}        # id(future) -> (future, path): background saves no one waited for
+_unwaited_lock = threading.Lock()
+
+
+def _track(future, path: str) -> None:
+    with _unwaited_lock:
+        _unwaited[id(future)] = (future, path)
+
+    def forget_if_ok(f):                # a save that worked needs nothing at exit (its Checkpointer may be gone)
+        if not f.cancelled() and f.exception() is None:
+            _untrack(f)
+    future.add_done_callback(forget_if_ok)
+
+
+def _untrack(future) -> None:
+    with _unwaited_lock:
+        _unwaited.pop(id(future), None)
+
+
+def _at_exit() -> None:
+    """Finish the background saves still pending (or failed, unseen) at exit; say so loudly if one fails."""
+    with _unwaited_lock:
+        todo = list(_unwaited.values())
+        _unwaited.clear()
+    failed = False
+    for future, path in todo:
+        try:
+            future.result()
+        except BaseException as e:      # noqa: BLE001  (an error here must be reported, never raised)
+            failed = True
+            msg = short(f"{type(e).__name__}: {e}", 400)
+            try:
+                print(f"mithril: ERROR: checkpoint {short(path)} was NOT written: its background save failed: {msg}",
+                      file=sys.stderr, flush=True)
+            except Exception:           # noqa: BLE001  (no stderr to write to)
+                pass
+    if failed:
+        _fail_exit_status()
+
+
+class _FailingFlush:
+    """Stands in for sys.stderr after a background save failed at exit: everything passes through,
+    except that the first flush once the interpreter is finalizing fails, which makes CPython end
+    with exit status 120 (it flushes stderr there, and says nothing when that fails)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._armed = True
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def write(self, text):
+        return self._stream.write(text)
+
+    def flush(self):
+        self._stream.flush()
+        if self._armed and sys.is_finalizing():
+            self._armed = False
+            raise OSError("mithril: a checkpoint was not written")
+
+
+def _fail_exit_status() -> None:
+    """Make the exit status non-zero, if it is not already, without cutting the exit short."""
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_type", None) is not None:
+        return                          # an uncaught exception ended the script: the status is 1 already
+    if sys.stderr is None or isinstance(sys.stderr, _FailingFlush):
+        return
+    sys.stderr = _FailingFlush(sys.stderr)
+
+
+try:
+    if hasattr(threading, "_register_atexit"):
+        threading._register_atexit(_at_exit)
+    else:                               # no such hook: at least report a failure at exit
+        atexit.register(_at_exit)
+except RuntimeError:                    # imported while the interpreter exits
+    pass

@@ -136,16 +136,16 @@ def decode(codec: int, payload, usize: int, scratch: np.ndarray | None = None):
     """
     if codec == STORED:
         if len(payload) != usize:
-            raise CorruptFileError(f"stored chunk holds {len(payload)} bytes, expected {usize}")
+            raise CorruptFileError(f"stored chunk holds {len(payload)} bytes, expected {usize}: the file is damaged")
         return payload
     if codec != ZSTD:
-        raise CorruptFileError(f"unknown codec id {codec}")
+        raise CorruptFileError(f"unknown codec id {codec}: the file is damaged")
     try:
         declared = zstandard.frame_content_size(payload)
     except zstandard.ZstdError as e:
-        raise CorruptFileError(f"bad zstd frame header: {e}") from None
+        raise CorruptFileError(f"a chunk's zstd frame header is bad ({e}): the file is damaged") from None
     if declared not in (-1, usize):
-        raise CorruptFileError(f"zstd frame declares {declared} bytes, expected {usize}")
+        raise CorruptFileError(f"a chunk's zstd frame declares {declared} bytes, expected {usize}: the file is damaged")
     out = scratch if scratch is not None else np.empty(usize, np.uint8)
     try:
         reader = _dctx().stream_reader(payload, read_across_frames=False)
@@ -157,7 +157,8 @@ def decode(codec: int, payload, usize: int, scratch: np.ndarray | None = None):
             got += n
         extra = reader.read(1)
     except zstandard.ZstdError as e:
-        raise CorruptFileError(f"zstd frame does not decode: {e}") from None
+        raise CorruptFileError(f"a chunk's zstd frame does not decode ({e}): the file is damaged") from None
     if got != usize or extra:
-        raise CorruptFileError(f"zstd frame decodes to {'more' if extra else got} bytes, expected {usize}")
+        raise CorruptFileError(f"a chunk's zstd frame decodes to {'more' if extra else got} bytes, expected {usize}: "
+                               "the file is damaged")
     return out

@@ -17,8 +17,8 @@ import xxhash
 import zstandard
 
 from . import codecs, dtypes, transforms
-from .errors import (CorruptFileError, NotMithrilFileError, TruncatedFileError,
-                     UnsupportedVersionError)
+from .errors import (CorruptFileError, MithrilError, NotMithrilFileError, TruncatedFileError,
+                     UnsupportedVersionError, short)
 
 MAGIC = b"\x89MTH\r\n\x1a\n"          # 8 bytes, PNG-style: catches text-mode and 7-bit damage
 TRAILER_MAGIC = b"MTHINDEX"
@@ -34,6 +34,13 @@ INDEX_ZSTD_LEVEL = 9
 MAX_CHUNK_BYTES = 64 << 20             # largest uncompressed chunk of one plane
 MAX_RANK = 64
 MAX_NBYTES = 1 << 50                   # 1 PiB per tensor
+MAX_SHAPE_PRODUCT = (1 << 63) - 1      # a shape's running product (torch's numel) must fit an int64
+# A version field above this is damage, not a newer format (versions change rarely).
+MAX_PLAUSIBLE_VERSION = 255
+# Bytes of tensor a byte of plane can stand for: a masked plane's bitmap codes 8 elements of up to
+# 8 bytes per byte. With non-overlapping chunks and codecs.ZSTD_MAX_EXPANSION this bounds what a
+# file's tensors (other than "same" references) can make a reader allocate by its size.
+MAX_TENSOR_PER_PLANE_BYTE = 64
 DEFAULT_CHUNK_ELEMS = 1 << 17          # 128 Ki elements: 128 KiB per one-byte plane
 
 # Features a v1 reader understands. A file lists those it uses; a reader refuses unknown ones.
@@ -116,6 +123,11 @@ class Index:
     source: dict | None = None
     base: dict | None = None
     writer: str = ""
+    #: filled in by :func:`parse_index`: payload bytes, uncompressed plane bytes, and tensor bytes
+    #: (without "same" references) of the file; each bounded by the file's size (FORMAT.md)
+    payload_bytes: int = 0
+    plane_bytes: int = 0
+    tensor_bytes: int = 0
 
     def to_bytes(self) -> bytes:
         """The index as stored: one zstd frame holding the UTF-8 JSON."""
@@ -145,23 +157,37 @@ def read_frame(head: bytes, tail: bytes, file_size: int) -> tuple[int, int, int]
         raise NotMithrilFileError("not a .mth file: the magic bytes are missing" + hint)
     _, version, flags, reserved = PREAMBLE.unpack(head[:PREAMBLE_SIZE])
     if version != VERSION:
-        raise UnsupportedVersionError(
-            f".mth format version {version} is not supported by this reader (it reads version "
-            f"{VERSION}); upgrade mithril-gpu")
+        if not VERSION < version <= MAX_PLAUSIBLE_VERSION:
+            raise CorruptFileError(f"the preamble's version field reads {version}, which no .mth file has: "
+                                   "the file is damaged")
+        raise UnsupportedVersionError(newer_version_message(version))
     if flags != 0 or reserved != 0:
-        raise UnsupportedVersionError(f"unknown preamble flags {flags:#x}/{reserved:#x}; upgrade mithril-gpu")
+        raise CorruptFileError(f"the preamble's flag bytes read {flags:#x}/{reserved:#x}, not 0 as in every "
+                               f"version-{VERSION} file: the file is damaged")
     if file_size < MIN_FILE_SIZE:
         raise TruncatedFileError(f"file is {file_size} bytes, too short to hold a .mth trailer")
     off, length, digest, magic = TRAILER.unpack(tail)
     if magic != TRAILER_MAGIC:
-        raise TruncatedFileError(
-            "the .mth trailer is missing: the file is truncated or was not completely written")
+        raise TruncatedFileError("the .mth trailer is missing: the file is truncated, was not completely "
+                                 "written, or its end is damaged")
     if length > MAX_INDEX_BYTES:
-        raise CorruptFileError(f"index length {length} exceeds the limit of {MAX_INDEX_BYTES} bytes")
+        raise CorruptFileError(f"the trailer is damaged: it gives the index a length of {length} bytes, "
+                               f"more than any index has (limit {MAX_INDEX_BYTES})")
     if off < PREAMBLE_SIZE or off + length != file_size - TRAILER_SIZE:
-        raise CorruptFileError(
-            f"trailer places the index at {off}+{length}, which does not fit a {file_size}-byte file")
+        raise CorruptFileError(f"the trailer is damaged (or the file was cut or padded): it places the index at "
+                               f"{off}+{length}, which does not fit a {file_size}-byte file")
     return off, length, digest
+
+
+def newer_version_message(version: int) -> str:
+    return (f".mth format version {version} is newer than this reader's (version {VERSION}): upgrade "
+            "mithril-gpu (if no newer writer made this file, it is damaged)")
+
+
+def as_current_version(head: bytes) -> bytes:
+    """``head`` with the preamble's version field set to this reader's: to tell a version field
+    that damage changed (the rest is a sound version-1 file) from a real newer file."""
+    return head[:8] + struct.pack("<H", VERSION) + head[10:]
 
 
 def _fail(msg: str):
@@ -174,8 +200,8 @@ def _int(v, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
     return v
 
 
-def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
-    """Decode and validate the index. ``data_end`` is where chunk payloads must end."""
+def decode_index_json(raw: bytes, digest: int):
+    """The index's JSON value, after its checksum and zstd frame are checked."""
     if xxhash.xxh64_intdigest(raw) != digest:
         raise CorruptFileError("index checksum mismatch: the file's index is damaged")
     try:
@@ -185,14 +211,24 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
         text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
     except zstandard.ZstdError as e:
         _fail(f"index is not a valid zstd frame ({e})")
+    except MemoryError:
+        raise MithrilError(f"not enough memory to decompress the file's index ({size} bytes)") from None
     try:
-        d = json.loads(text.decode("utf-8"))
+        return json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         _fail(f"not valid JSON ({e})"[:200])
+    except MemoryError:
+        raise MithrilError(f"not enough memory to parse the file's index ({size} bytes of JSON)") from None
+
+
+def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
+    """Decode and validate the index. ``data_end`` is where chunk payloads must end."""
+    d = decode_index_json(raw, digest)
     if not isinstance(d, dict):
         _fail("top level is not an object")
     if d.get("mithril") != VERSION:
-        raise UnsupportedVersionError(f"index version {d.get('mithril')!r} is not supported")
+        raise CorruptFileError(f"the index says version {short(repr(d.get('mithril')), 40)} but the preamble "
+                               f"says {VERSION}: the file is damaged")
     feats = d.get("features", [])
     if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
         _fail("features must be a list of strings")
@@ -203,12 +239,16 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
     tlist = d.get("tensors")
     if not isinstance(tlist, list):
         _fail("tensors must be a list")
-    entries, names = [], set()
+    entries, names, spans = [], set(), []
     for i, t in enumerate(tlist):
-        entries.append(_parse_tensor(t, i, data_end, "delta" in feats))
-        if entries[-1].name in names:
-            _fail(f"duplicate tensor name {entries[-1].name!r}")
-        names.add(entries[-1].name)
+        e, span = _parse_tensor(t, i, data_end, "delta" in feats)
+        entries.append(e)
+        if span is not None:
+            spans.append(span)
+        if e.name in names:
+            _fail(f"duplicate tensor name {short(e.name)!r}")
+        names.add(e.name)
+    sizes = _check_layout(entries, spans, data_end)
     meta = d.get("metadata")
     if meta is not None and not (isinstance(meta, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
@@ -221,19 +261,68 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
         if "delta" not in feats or not isinstance(base, dict) or not isinstance(base.get("xxh64"), str) \
                 or not _HEX16.match(base["xxh64"]):
             _fail("base must be an object with an xxh64 of 16 hex digits, in a file with the delta feature")
-    return Index(entries, d.get("tree"), meta, source, base, str(d.get("writer", "")))
+    return Index(entries, d.get("tree"), meta, source, base, str(d.get("writer", "")), *sizes)
 
 
-def _check_chunks(e: TensorEntry, data_end: int) -> None:
+def _check_layout(entries: list[TensorEntry], spans: list, data_end: int) -> tuple[int, int, int]:
+    """Whole-file rules (vectorised): chunk payloads do not overlap, so the file's plane and tensor
+    bytes are bounded by its size; each base tensor is named by at most one delta entry. Returns
+    (payload, plane, tensor) byte totals."""
+    refs = [e.delta["base"] for e in entries if e.delta is not None]
+    if len(set(refs)) != len(refs):
+        seen = set()
+        dup = next(r for r in refs if r in seen or seen.add(r))
+        _fail(f"two delta entries name the same base tensor {short(dup)!r}")
+    if not spans:
+        return 0, 0, 0
+    off = np.concatenate([s[0] for s in spans])
+    csize = np.concatenate([s[1] for s in spans])
+    keep = csize > 0                            # empty chunks have no payload: they overlap nothing
+    off, csize = off[keep], csize[keep]
+    order = np.argsort(off, kind="stable")      # writers write in index order: usually sorted already
+    off, csize = off[order], csize[order]
+    end = off + csize
+    clash = off[1:] < end[:-1]
+    if clash.any():
+        k = int(np.argmax(clash))
+        a, b = _owners(entries, {int(off[k]), int(off[k + 1])})
+        _fail(f"chunks overlap: the payloads at {int(off[k])}+{int(csize[k])} and {int(off[k + 1])}+"
+              f"{int(csize[k + 1])} share bytes ({a}; {b}); every chunk must have its own bytes")
+    payload = int(csize.sum())
+    planes = sum(s[2] for s in spans)
+    tensor = sum(e.nbytes for e in entries if (e.delta or {}).get("op") != "same")
+    data = max(0, data_end - PREAMBLE_SIZE)
+    if payload > data or planes > codecs.ZSTD_MAX_EXPANSION * payload \
+            or tensor > MAX_TENSOR_PER_PLANE_BYTE * planes:
+        _fail(f"sizes do not fit the file: {tensor} tensor bytes from {planes} plane bytes from {payload} "
+              f"payload bytes in a {data}-byte data region")
+    return payload, planes, tensor
+
+
+def _owners(entries: list[TensorEntry], offsets: set) -> list[str]:
+    """The first two chunks (tensor, row, plane) with a payload at one of ``offsets``, for messages."""
+    found = []
+    for e in entries:
+        for i in range(0, len(e.chunks), 3):
+            if e.chunks[i] in offsets and e.chunks[i + 1] > 0:
+                row, plane = divmod(i // 3, len(e.widths))
+                found.append(f"tensor {short(e.name)!r} row {row} plane {plane}")
+                if len(found) == 2:
+                    return found
+    return found + ["?"] * (2 - len(found))
+
+
+def _check_chunks(e: TensorEntry, data_end: int):
     """Every chunk of ``e`` inside [16, data_end), of a known codec, and able to hold its plane
-    (vectorised: a file of a 70 B-parameter model has about a million chunks)."""
+    (vectorised: a file of a 70 B-parameter model has about a million chunks). Returns the chunks'
+    offsets and sizes and the tensor's uncompressed plane bytes, for :func:`_check_layout`."""
     try:
         arr = np.array(e.chunks)
     except (ValueError, OverflowError):          # ragged nesting
         arr = np.array([None])
     if arr.ndim != 1 or arr.dtype.kind not in "iub" or arr.dtype.itemsize > 8:
         bad = next((v for v in e.chunks if type(v) is not int or not 0 <= v < 1 << 62), None)
-        _fail(f"tensor {e.name!r}: chunk fields must be integers in [0, 2^62), found {bad!r}"[:200])
+        _fail(f"tensor {short(e.name)!r}: chunk fields must be integers in [0, 2^62), found {bad!r}"[:300])
     arr = arr.astype(np.int64)
     P = len(e.widths)
     arr = arr.reshape(e.rows, P, 3)
@@ -257,54 +346,64 @@ def _check_chunks(e: TensorEntry, data_end: int) -> None:
     for ok, what in checks:
         if not ok.all():
             row, plane = (int(v) for v in np.argwhere(~ok)[0])
-            _fail(f"tensor {e.name!r} row {row} plane {plane}: {what} "
+            _fail(f"tensor {short(e.name)!r} row {row} plane {plane}: {what} "
                   f"(offset {int(off[row, plane])}, size {int(csize[row, plane])}, codec {int(codec[row, plane])}, "
                   f"plane {int(usize[row, plane])} bytes)")
+    planes = int(usize.sum())
+    if e.nbytes > MAX_TENSOR_PER_PLANE_BYTE * planes:      # cannot happen for a shape and chunks checked above
+        _fail(f"tensor {short(e.name)!r}: {e.nbytes} bytes from {planes} bytes of planes")
+    return off.reshape(-1), csize.reshape(-1), planes
 
 
-def _parse_tensor(t, i: int, data_end: int, delta_ok: bool) -> TensorEntry:
+def _parse_tensor(t, i: int, data_end: int, delta_ok: bool):
+    """One tensor entry, validated; with its chunks' (offsets, sizes, plane bytes), or None."""
     if not isinstance(t, dict):
         _fail(f"tensor #{i} is not an object")
     name = t.get("name")
     if not isinstance(name, str):
         _fail(f"tensor #{i} has no name")
+    sname = short(name)
     try:
         dt = dtypes.from_name(t.get("dtype"))
-    except KeyError:
-        _fail(f"tensor {name!r}: unknown dtype {t.get('dtype')!r}"[:200])
+    except (KeyError, TypeError):
+        _fail(f"tensor {sname!r}: unknown dtype {short(repr(t.get('dtype')), 40)}")
     shape = t.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        _fail(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} sizes")
-    shape = tuple(_int(s, f"tensor {name!r} shape entry") for s in shape)
+        _fail(f"tensor {sname!r}: shape must be a list of at most {MAX_RANK} sizes")
+    shape = tuple(_int(s, f"tensor {sname!r} shape entry") for s in shape)
+    running = 1
+    for s in shape:                       # torch multiplies in order: (2^40, 2^40, 0) overflows it
+        running *= s
+        if running > MAX_SHAPE_PRODUCT:
+            _fail(f"tensor {sname!r}: shape {short(shape, 200)} overflows a 64-bit element count")
     if math.prod(shape) * dt.itemsize > MAX_NBYTES:
-        _fail(f"tensor {name!r}: shape {shape} is larger than any tensor a file can hold")
+        _fail(f"tensor {sname!r}: shape {short(shape, 200)} is larger than any tensor a file can hold")
     transform = t.get("transform")
-    if transform not in transforms.TRANSFORMS or not transforms.valid_for(dt, transform):
-        _fail(f"tensor {name!r}: transform {transform!r} is not defined for {dt.name}"[:200])
+    if not isinstance(transform, str) or transform not in transforms.TRANSFORMS \
+            or not transforms.valid_for(dt, transform):
+        _fail(f"tensor {sname!r}: transform {short(repr(transform), 40)} is not defined for {dt.name}")
     width = max(transforms.plane_widths(dt, transform))
-    chunk_elems = _int(t.get("chunk_elems"), f"tensor {name!r} chunk_elems", 1, MAX_CHUNK_BYTES // width)
+    chunk_elems = _int(t.get("chunk_elems"), f"tensor {sname!r} chunk_elems", 1, MAX_CHUNK_BYTES // width)
     xx = t.get("xxh64")
     if not isinstance(xx, str) or not _HEX16.match(xx):
-        _fail(f"tensor {name!r}: xxh64 must be 16 lowercase hex digits")
+        _fail(f"tensor {sname!r}: xxh64 must be 16 lowercase hex digits")
     delta = t.get("delta")
     if delta is not None:
         if not delta_ok or not isinstance(delta, dict) or delta.get("op") not in DELTA_OPS \
                 or not isinstance(delta.get("base"), str):
-            _fail(f"tensor {name!r}: bad delta entry {delta!r}"[:200])
+            _fail(f"tensor {sname!r}: bad delta entry {short(repr(delta), 80)}")
     chunks = t.get("chunks")
     e = TensorEntry(name, dt, shape, transform, chunk_elems, int(xx, 16),
                     chunks if isinstance(chunks, list) else [], delta)
     nnz = t.get("nnz")
     if transform == "masked":
         if not isinstance(nnz, list) or len(nnz) != e.rows:
-            _fail(f"tensor {name!r}: a masked tensor needs one nnz count per row")
-        e.nnz = [_int(v, f"tensor {name!r} nnz", 0, e.row_count(r)) for r, v in enumerate(nnz)]
+            _fail(f"tensor {sname!r}: a masked tensor needs one nnz count per row")
+        e.nnz = [_int(v, f"tensor {sname!r} nnz", 0, e.row_count(r)) for r, v in enumerate(nnz)]
     elif nnz is not None:
-        _fail(f"tensor {name!r}: nnz given for transform {transform!r}")
+        _fail(f"tensor {sname!r}: nnz given for transform {short(transform, 40)!r}")
     expect = 0 if (delta or {}).get("op") == "same" else 3 * e.rows * len(e.widths)
     if not isinstance(chunks, list) or len(chunks) != expect:
-        _fail(f"tensor {name!r}: expected {expect} chunk fields, found "
+        _fail(f"tensor {sname!r}: expected {expect} chunk fields, found "
               f"{len(chunks) if isinstance(chunks, list) else type(chunks).__name__}")
-    if expect:
-        _check_chunks(e, data_end)
-    return e
+    return e, (_check_chunks(e, data_end) if expect else None)

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 
 import numpy as np
 
 from . import container, tree as tree_mod
 from .container import TensorEntry
 from .cpu import decode_all, default_threads
-from .errors import CorruptFileError, MithrilError, MissingBaseError, BaseMismatchError
+from .errors import (BaseMismatchError, CorruptFileError, FormatError, MissingBaseError, MithrilError,
+                     NotMithrilFileError, UnsupportedVersionError, short)
 
 MAX_CHAIN = 64     # the longest chain of delta bases a reader follows
+CHECK_BATCH_BYTES = 32 << 20   # check() decodes tensors in batches of about this many bytes
+MAX_MESSAGE = 600              # characters of an error message from decoding (names are cut)
 
 #: pass as ``base=`` to read a delta file's index without opening its base (no tensor of it
 #: that depends on the base can then be decoded)
@@ -26,6 +30,7 @@ class MthFile:
     """
 
     def __init__(self, path, *, verify: bool = True, threads: int | None = None, base=None, _depth: int = 0):
+        self._closed = False
         self.path = os.fspath(path)
         self.verify = verify
         self.threads = threads or default_threads()
@@ -45,7 +50,15 @@ class MthFile:
         head = self._fh.read(container.PREAMBLE_SIZE)
         self._fh.seek(max(0, size - container.TRAILER_SIZE))
         tail = self._fh.read(container.TRAILER_SIZE)
-        off, length, digest = container.read_frame(head, tail, size)
+        try:
+            off, length, digest = container.read_frame(head, tail, size)
+        except UnsupportedVersionError:
+            if self._is_sound_current_version(head, tail, size):
+                version = int.from_bytes(head[8:10], "little")
+                raise CorruptFileError(
+                    f"the preamble says format version {version}, but the rest is a sound version-"
+                    f"{container.VERSION} file: the preamble is damaged") from None
+            raise
         self._fh.seek(off)
         raw = self._fh.read(length)
         if len(raw) != length:
@@ -65,8 +78,22 @@ class MthFile:
         if self.index.base is not None and base is not SKIP_BASE:
             self.base_file = self._open_base(base, depth)
 
+    def _is_sound_current_version(self, head: bytes, tail: bytes, size: int) -> bool:
+        """Whether the file, its version field aside, is a sound file of this reader's version
+        (then a version field that reads newer was damaged, not written by a newer writer)."""
+        try:
+            off, length, digest = container.read_frame(container.as_current_version(head), tail, size)
+            self._fh.seek(off)
+            d = container.decode_index_json(self._fh.read(length), digest)
+        except (MithrilError, OSError):
+            return False
+        return isinstance(d, dict) and d.get("mithril") == container.VERSION
+
     def _open_base(self, base, depth) -> "MthFile":
+        """The delta base: ``base`` if given (a file, a folder, an open MthFile), else the path the
+        file records. Only regular files are candidates; every failure is a typed, one-line error."""
         want = self.index.base["xxh64"]
+        rec = self.index.base.get("path")
         if depth >= MAX_CHAIN:
             raise CorruptFileError(f"delta chain is longer than {MAX_CHAIN} files (or loops)")
         if isinstance(base, MthFile):
@@ -74,22 +101,23 @@ class MthFile:
         else:
             cand = []
             if base is not None and os.path.isdir(os.fspath(base)):
-                cand.append(os.path.join(os.fspath(base), os.path.basename(str(self.index.base.get("path", "")))))
+                cand.append(os.path.join(os.fspath(base), os.path.basename(str(rec or ""))))
             elif base is not None:
                 cand.append(os.fspath(base))
-            rec = self.index.base.get("path")
             if isinstance(rec, str) and rec:
                 cand.append(os.path.join(os.path.dirname(os.path.abspath(self.path)), rec))
-            found = next((c for c in cand if os.path.isfile(c)), None)
+            found = next((c for c in cand if _is_regular_file(c)), None)
             if found is None:
                 raise MissingBaseError(
-                    f"{self.path} is a delta against {self.index.base.get('path')!r} "
-                    f"(identity {want}), which was not found; pass base=PATH (CLI: --base PATH)")
+                    f"{short(self.path)} is a delta against {short(repr(rec))} (identity {want}), which was not "
+                    "found (or is not a regular file); pass base=PATH (CLI: --base PATH)")
             # a base passed in applies to this file only; its own base is found from its record
-            bf = MthFile(found, verify=self.verify, threads=self.threads, _depth=depth + 1)
+            bf = _open_base_file(found, self, depth + 1)
         if bf.identity != want:
+            if bf is not base:
+                bf.close()
             raise BaseMismatchError(
-                f"{bf.path} is not the base {self.path} was written against "
+                f"{short(bf.path)} is not the base {short(self.path)} was written against "
                 f"(identity {bf.identity}, expected {want}); pass the right base file")
         return bf
 
@@ -108,7 +136,9 @@ class MthFile:
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"no tensor named {name!r} in {self.path}") from None
+            raise KeyError(f"no tensor named {short(repr(name))} in {short(self.path)}") from None
+        except TypeError:    # unhashable
+            raise KeyError(f"no tensor named {short(repr(name))} in {short(self.path)}") from None
 
     def info(self, name: str) -> dict:
         e = self.entry(name)
@@ -129,27 +159,49 @@ class MthFile:
 
     # ------------------------------------------------------------ decoding
 
-    def decode_into(self, entries: list[TensorEntry], outs: list[np.ndarray], progress=None) -> None:
-        """Decode entries into the given uint8 buffers (resolving delta bases), verifying checksums."""
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"I/O operation on closed file {short(self.path)}: open it again to decode tensors")
+
+    def decode_into(self, entries: list[TensorEntry], outs: list[np.ndarray], progress=None, *,
+                    verify: bool | None = None) -> None:
+        """Decode entries into the given uint8 buffers (resolving delta bases), verifying checksums
+        (``verify``: None means as the file was opened; it applies to the bases decoded too)."""
+        self._check_open()
+        verify = self.verify if verify is None else verify
         need = [e for e in entries if e.delta is not None]
         bases: dict[str, np.ndarray] = {}
         if need:
             if self.base_file is None:
-                raise CorruptFileError(f"tensor {need[0].name!r} is a delta in a file without a base")
+                raise CorruptFileError(f"tensor {short(need[0].name)!r} is a delta in a file without a base")
             base_entries = []
             for e in need:
                 name = e.delta["base"]
                 be = self.base_file.entry(name) if name in self.base_file else None
-                if be is None or be.nbytes != e.nbytes:
-                    raise BaseMismatchError(f"base has no tensor {name!r} of {e.nbytes} bytes")
+                if be is None or be.dtype != e.dtype or be.shape != e.shape:
+                    raise BaseMismatchError(
+                        f"the base {short(self.base_file.path)} has no tensor {short(name)!r} of {e.dtype.name} "
+                        f"{list(e.shape)}, which delta tensor {short(e.name)!r} needs: it is not the right base, "
+                        "or the file is damaged")
                 if name not in bases:
                     bases[name] = _alloc(be)
                     base_entries.append(be)
-            self.base_file.decode_into(base_entries, [bases[be.name] for be in base_entries])
+            self.base_file.decode_into(base_entries, [bases[be.name] for be in base_entries], verify=verify)
         work = [(e, out, bases[e.delta["base"]] if e.delta is not None else None) for e, out in zip(entries, outs)]
-        decode_all(self._buf, work, self.threads, self.verify, progress)
+        try:
+            decode_all(self._buf, work, self.threads, verify, progress)
+        except MithrilError as exc:      # whatever a file holds, its errors stay one short line
+            msg = str(exc)
+            if len(msg) > MAX_MESSAGE or not msg.isprintable():
+                raise type(exc)(short(msg, MAX_MESSAGE)) from None
+            raise
 
     def get_bytes(self, name: str) -> np.ndarray:
+        self._check_open()
         e = self.entry(name)
         out = _alloc(e)
         self.decode_into([e], [out])
@@ -159,19 +211,71 @@ class MthFile:
         from . import backends
         from .api import _to_device, _torch_from_entries, _torch_on_device
 
+        self._check_open()
         e = self.entry(name)
         if backends.use_gpu_for_load(device):
             return _torch_on_device(self, [e], device)[0]
         return _to_device(_torch_from_entries(self, [e])[0], device)
 
-    def load(self, device: str = "cpu", progress=None, into=None):
+    def load(self, device: str = "cpu", progress=None, into=None, subtree=None, strict: bool = True):
+        """The whole object (or ``subtree`` of it); see :func:`mithril_gpu.load`."""
         from .api import _load_tree
 
-        return _load_tree(self, device, progress, into)
+        self._check_open()
+        return _load_tree(self, device, progress, into, subtree, strict)
+
+    def check(self, progress=None, *, chain: bool = False) -> int:
+        """Decode every tensor and verify its checksum (whatever ``verify`` the file was opened
+        with), and rebuild the tree as :meth:`load` does, keeping nothing: what ``mithril verify``
+        runs. Tensors are decoded in batches of about 32 MB (a larger tensor alone), into one
+        reused buffer, so memory stays at max(32 MB, the largest tensor) plus the base tensors a
+        batch of deltas needs. ``chain``: then check every tensor of every base file too.
+
+        Returns the number of tensor bytes decoded. Raises the error :meth:`load` would raise
+        (a :class:`~mithril_gpu.errors.MithrilError`) at the first problem. ``progress`` is
+        called with byte counts as work goes.
+        """
+        self._check_open()
+        self._check_tree()
+        entries = self.index.tensors
+        buf = np.empty(0, np.uint8)
+        total, i = 0, 0
+        while i < len(entries):
+            batch, pos = [], 0
+            while i < len(entries) and (not batch or pos + entries[i].nbytes <= CHECK_BATCH_BYTES):
+                batch.append(entries[i])
+                pos += entries[i].nbytes
+                i += 1
+            if buf.size < pos:
+                buf = None                   # the old buffer goes before the larger one comes
+                buf = _alloc_bytes(pos, "checking tensors")
+            outs, at = [], 0
+            for e in batch:
+                outs.append(buf[at:at + e.nbytes])
+                at += e.nbytes
+            self.decode_into(batch, outs, progress, verify=True)
+            if progress:     # "same" entries are copies: decode_all reports no progress for them
+                same = sum(e.nbytes for e in batch if (e.delta or {}).get("op") == "same")
+                if same:
+                    progress(same)
+            total += pos
+        if chain and self.base_file is not None:
+            total += self.base_file.check(progress, chain=True)
+        return total
+
+    def _check_tree(self) -> None:
+        """Rebuild the tree as load() does, with stand-ins for the tensors (none decoded)."""
+        tree_mod.check(self.index.tree, [e.dtype.name for e in self.index.tensors])
+        # load() gives ndarray nodes back as numpy arrays, which cannot be dict keys (unhashable),
+        # while the stand-ins can: refuse such keys as load() would.
+        bad = _ndarray_key(self.index.tree)
+        if bad is not None:
+            raise CorruptFileError(f"corrupt index: bad tree node {short(str(bad)[:80])}: a dict key holds an array")
 
     # ------------------------------------------------------------ lifetime
 
     def close(self) -> None:
+        self._closed = True
         if self.__dict__.get("base_file") is not None:
             self.base_file.close()
         buf = self.__dict__.get("_buf")
@@ -198,7 +302,60 @@ class MthFile:
 
 
 def _alloc(e: TensorEntry) -> np.ndarray:
+    return _alloc_bytes(e.nbytes, f"tensor {short(e.name)!r}")
+
+
+def _alloc_bytes(n: int, what: str) -> np.ndarray:
     try:
-        return np.empty(e.nbytes, np.uint8)
+        return np.empty(n, np.uint8)
     except (MemoryError, ValueError):
-        raise MithrilError(f"cannot allocate {e.nbytes} bytes for tensor {e.name!r}") from None
+        raise MithrilError(f"cannot allocate {n} bytes for {what}: not enough memory") from None
+
+
+def _ndarray_key(node, depth: int = 0, in_key: bool = False):
+    """The first dict node of ``node`` with an ``ndarray`` node inside one of its keys, or None."""
+    if depth > tree_mod.MAX_DEPTH or not isinstance(node, dict):
+        return None
+    for kind, v in node.items():
+        if kind == "ndarray" and in_key:
+            return node
+        if kind == "dict" and isinstance(v, list):
+            for pair in v:
+                if isinstance(pair, list):
+                    for j, x in enumerate(pair):
+                        if _ndarray_key(x, depth + 1, in_key or j == 0) is not None:
+                            return node
+        elif kind in ("list", "tuple") and isinstance(v, list):
+            for x in v:
+                found = _ndarray_key(x, depth + 1, in_key)
+                if found is not None:
+                    return found
+    return None
+
+
+def _is_regular_file(path) -> bool:
+    """Whether ``path`` names a regular file (symlinks followed): never a FIFO, a device, a folder."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):       # missing, unreadable, or a name the OS cannot take
+        return False
+
+
+def _open_base_file(found: str, delta: MthFile, depth: int) -> MthFile:
+    """Open the base file ``found`` of ``delta``, every failure a typed one-line error naming it."""
+    try:
+        return MthFile(found, verify=delta.verify, threads=delta.threads, _depth=depth)
+    except OSError as e:     # unreadable, or a file that cannot be read like one (/proc/self/mem)
+        raise MissingBaseError(
+            f"{short(delta.path)} is a delta against {short(found)}, which cannot be read "
+            f"({short(e.strerror or e, 80)}); pass base=PATH (CLI: --base PATH)") from None
+    except NotMithrilFileError:
+        raise BaseMismatchError(
+            f"{short(found)} is not a .mth file, so not the base {short(delta.path)} was written against; "
+            "pass the right base file") from None
+    except FormatError as e:
+        if getattr(e, "names_base", False):     # already says which base (a deeper link of the chain)
+            raise
+        err = type(e)(f"delta base {short(found)}: {e}")
+        err.names_base = True
+        raise err from None

@@ -89,8 +89,11 @@ def test_foreign_files_are_not_mithril(tmp_path):
 
 
 def test_newer_version_is_refused_with_advice(tmp_path, small_file):
+    """A newer file (preamble and index versions change together) asks for an upgrade; a version
+    field alone changed in a sound version-1 file is damage (tests/test_hostile_files.py)."""
     _, data, _ = small_file
-    bad = data[:8] + struct.pack("<H", 2) + data[10:]
+    newer = _rewrite_index(data, lambda d: d.update(mithril=2))
+    bad = newer[:8] + struct.pack("<H", 2) + newer[10:]
     with pytest.raises(UnsupportedVersionError, match="upgrade"):
         _load_bytes(tmp_path, bad)
 
