@@ -44,7 +44,7 @@ MAX_TENSOR_PER_PLANE_BYTE = 64
 DEFAULT_CHUNK_ELEMS = 1 << 17          # 128 Ki elements: 128 KiB per one-byte plane
 
 # Features a v1 reader understands. A file lists those it uses; a reader refuses unknown ones.
-FEATURES = frozenset({"delta"})
+FEATURES = frozenset({"delta", "ndarray"})
 DELTA_OPS = ("xor", "zigzag", "same")
 
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
@@ -134,7 +134,9 @@ class Index:
         return zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL, write_content_size=True).compress(self.to_json())
 
     def to_json(self) -> bytes:
-        features = ["delta"] if self.base is not None else []
+        from . import tree as tree_mod
+
+        features = (["delta"] if self.base is not None else []) + sorted(tree_mod.features(self.tree))
         d = {"mithril": VERSION, "features": features, "writer": self.writer,
              "tensors": [t.to_json() for t in self.tensors], "tree": self.tree,
              "metadata": self.metadata, "source": self.source, "base": self.base}

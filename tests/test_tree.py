@@ -1,5 +1,6 @@
 """The object tree (mithril_gpu/tree.py): numpy arrays round trip as numpy arrays, strings UTF-8
 cannot encode are refused as UnsupportedValueError, and malformed trees are CorruptFileError."""
+import json
 import os
 
 import numpy as np
@@ -141,3 +142,15 @@ def test_features_name_ndarray_only_when_used():
 def test_ndarray_refs_are_validated_when_the_file_opens(tmp_path):
     """The reader checks every tensor index the tree names, ndarray nodes included."""
     assert list(tree_mod.tensor_refs({"list": [{"ndarray": [7, "<f4"]}, {"tensor": 1}]})) == [7, 1]
+
+
+def test_files_with_numpy_arrays_announce_the_feature(tmp_path):
+    import numpy as np
+
+    import mithril_gpu
+
+    mithril_gpu.save({"rng": np.arange(5, dtype=np.uint32), "w": torch.ones(2)}, tmp_path / "n.mth")
+    mithril_gpu.save({"w": torch.ones(2)}, tmp_path / "p.mth")
+    with mithril_gpu.open(tmp_path / "n.mth") as f, mithril_gpu.open(tmp_path / "p.mth") as g:
+        feats = [json.loads(x.index.to_json())["features"] for x in (f, g)]
+        assert feats == [["ndarray"], []]
