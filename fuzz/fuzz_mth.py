@@ -7,8 +7,8 @@ or silently wrong data.
     python fuzz/fuzz_mth.py --replay fuzz-failures/<one>   # run one saved failure again, in-process
 
 Seeds are real files, written at start into a temp dir: every dtype, a nested training state, a
-delta chain (xor/zigzag, masked, "same" entries), the MiniLM fixture compressed and the golden
-files. Each input is one seed mutated:
+delta chain (xor/zigzag, masked, "same" entries), numpy arrays in the tree, the MiniLM fixture
+compressed and the golden files. Each input is one seed mutated:
 
 * raw: bit flips, byte sets, flips inside a chunk's payload or in the preamble/trailer,
   truncations, extensions, splices from the same or another seed, insertions, deletions;
@@ -27,7 +27,7 @@ Outcomes:
     decoded       every step succeeded, and the tensors are right (below)
     typed         a MithrilError with a one-line message
     untyped       any other exception                                   (failure)
-    bad_message   a MithrilError whose message is not one line          (failure)
+    bad_message   a MithrilError whose message is not one line (of at most 2000 characters) (failure)
     inconsistent  load() or get_tensor() fails where check() passes     (failure)
     silent        decoded, with verification on, to wrong bytes         (failure)
     over_budget   decoded more tensor bytes than FORMAT.md's bound for the file's size (failure)
@@ -249,6 +249,11 @@ class Input:
         return self.kind in ("struct", "index")
 
 
+def _num(v) -> int:
+    """``v`` if it is an int (an earlier mutation may have put anything there), else 0."""
+    return v if type(v) is int else 0
+
+
 def _int_near(rng: random.Random, v: int, file_size: int) -> int:
     r = rng.random()
     if r < 0.35:
@@ -443,10 +448,10 @@ def _mutate_tensor(t: dict, d: dict, rng: random.Random, file_size: int) -> str:
             c[k] = _int_near(rng, c[k] if isinstance(c[k], int) else 0, file_size)
             return f"chunk field {k} = {c[k]}"
         if op == 1:
-            c[3 * i] += rng.choice((-1, 1, -4, 4, -16, 16))
+            c[3 * i] = _num(c[3 * i]) + rng.choice((-1, 1, -4, 4, -16, 16))
             return f"chunk {i} offset shifted"
         if op == 2:
-            c[3 * i + 1] += rng.choice((-1, 1, -4, 4))
+            c[3 * i + 1] = _num(c[3 * i + 1]) + rng.choice((-1, 1, -4, 4))
             return f"chunk {i} size changed"
         if op == 3:
             c[3 * i + 2] = rng.choice((0, 1, 2, 255, -1))
@@ -465,7 +470,7 @@ def _mutate_tensor(t: dict, d: dict, rng: random.Random, file_size: int) -> str:
             return "last chunk repeated"
         if op == 8:
             k = rng.choice((-16, -1, 1, 16))
-            t["chunks"] = [v + k if idx % 3 == 0 else v for idx, v in enumerate(c)]
+            t["chunks"] = [_num(v) + k if idx % 3 == 0 else v for idx, v in enumerate(c)]
             return f"every offset shifted by {k}"
         if op == 9:
             k = 3 * i + rng.randrange(3)
@@ -1067,7 +1072,13 @@ def save_failure(out, seeds, seeds_src, run_seed, i, outcome, info) -> str:
     """Save failing input ``i`` with the seed files it needs, for --replay."""
     d = os.path.join(out, f"{outcome}-{run_seed}-{i}")
     os.makedirs(d, exist_ok=True)
-    inp = mutate(seeds, run_seed, i)
+    try:
+        inp = mutate(seeds, run_seed, i)
+    except Exception:  # noqa: BLE001 - the mutation itself failed (a "harness" outcome): keep its story
+        with open(os.path.join(d, "info.json"), "w") as fh:
+            json.dump({"outcome": outcome, "run_seed": run_seed, "input": i, "info": info,
+                       "mutate_error": traceback.format_exc()[-3000:]}, fh, indent=1, default=str)
+        return d
     for s in seeds:                               # bases (and bases' bases) resolve next to the input
         shutil.copy(os.path.join(seeds_src, s.name), os.path.join(d, s.name))
     with open(os.path.join(d, BASE_NAME if inp.kind == "base" else IN_NAME), "wb") as fh:

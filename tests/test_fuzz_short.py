@@ -50,6 +50,15 @@ def test_seeds_cover_every_kind_of_file(tmp_path):
     assert set(state) >= {"model", "optimizer", "step"} and state["step"] == 3
 
 
+def test_mutations_that_once_broke_the_mutator(tmp_path):
+    """Run long-2 input 87828 stacked two chunk mutations: a list put in a chunk field, then an
+    offset shifted by adding to it (a "harness" failure, and its saving crashed the parent)."""
+    names = fuzz_mth.make_seeds(str(tmp_path))
+    seeds = fuzz_mth.load_seeds(str(tmp_path), names)
+    for i in (87828,) + tuple(range(200)):
+        assert isinstance(fuzz_mth.mutate(seeds, "long-2", i).data, bytes)
+
+
 def test_the_oracle_sees_wrong_bytes_and_untyped_errors(tmp_path, monkeypatch):
     """A file that decodes to other tensors than its seed's, with no index change, is "silent";
     an exception that is not a MithrilError is "untyped"; the intact seed is "decoded"."""
