@@ -67,7 +67,7 @@ class Checkpointer:
     * an *orphan*, a delta whose base (or a base further down its chain) is missing or is another
       file than the one it was written against (left by a process killed mid-prune by an older
       version, or by files deleted by hand), is unrecoverable: the next :meth:`save` deletes it.
-      If the newest file in the directory is one, that save is a full checkpoint.
+      If the newest file in the directory is one (or is damaged), that save is a full checkpoint.
     * a *damaged* file, one that cannot be read as a .mth file (and any delta that needs it), is
       left where it is for you to look at; it is never deleted.
 
@@ -155,7 +155,7 @@ class Checkpointer:
         files = set(self._files())
         for s in list(self._infos):
             if s not in files:
-                del self._infos[s]
+                self._infos.pop(s, None)
         memo: dict[int, tuple[str, int]] = {}
         notes = []
 
@@ -425,10 +425,13 @@ def _at_exit() -> None:
             future.result()
         except BaseException as e:      # noqa: BLE001  (an error here must be reported, never raised)
             failed = True
-            msg = short(f"{type(e).__name__}: {e}", 400)
+            if isinstance(e, KeyboardInterrupt) and not future.done():
+                line = f"checkpoint {short(path)} may NOT be written: interrupted while waiting for its background save"
+            else:
+                line = (f"checkpoint {short(path)} was NOT written: its background save failed: "
+                        f"{short(f'{type(e).__name__}: {e}', 400)}")
             try:
-                print(f"mithril: ERROR: checkpoint {short(path)} was NOT written: its background save failed: {msg}",
-                      file=sys.stderr, flush=True)
+                print(f"mithril: ERROR: {line}", file=sys.stderr, flush=True)
             except Exception:           # noqa: BLE001  (no stderr to write to)
                 pass
     if failed:
@@ -465,6 +468,16 @@ def _fail_exit_status() -> None:
         return
     sys.stderr = _FailingFlush(sys.stderr)
 
+
+def _forget_in_child() -> None:
+    """A forked child has none of its parent's writer threads: their saves are not its to wait for."""
+    global _unwaited_lock
+    _unwaited.clear()
+    _unwaited_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 try:
     if hasattr(threading, "_register_atexit"):

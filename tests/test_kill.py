@@ -29,10 +29,6 @@ import time
 import warnings
 
 import pytest
-
-# Opt-in for now: under heavy load its children once ran on past the test's waits (a fresh-clone run
-# stalled here), so CI does not run it until that is understood. Run: MITHRIL_KILLS=12 pytest tests/test_kill.py
-pytestmark = pytest.mark.skipif(not os.environ.get("MITHRIL_KILLS"), reason="kill test is opt-in: set MITHRIL_KILLS=N")
 import torch
 
 import mithril_gpu
@@ -40,8 +36,7 @@ from conftest import assert_same, subprocess_env
 from mithril_gpu.checkpointer import Checkpointer, CheckpointNote
 from mithril_gpu.writer import is_temp_name
 
-pytestmark = [pytestmark,
-              pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs fork and signals")]
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs fork and signals")
 
 KILLS = int(os.environ.get("MITHRIL_KILLS", "12"))
 SEED = int(os.environ.get("MITHRIL_KILL_SEED", str(random.SystemRandom().randrange(1 << 30))))
@@ -68,7 +63,9 @@ import torch
 import mithril_gpu, mithril_gpu.checkpointer, mithril_gpu.formats, mithril_gpu.writer   # not .cli: runpy runs it
 
 def say(*a):
-    print(*a, flush=True)
+    # one write(2) per line: a pipe takes it whole, so a kill never leaves half a line for the
+    # next process to write after (print() makes one write per piece when PYTHONUNBUFFERED is set)
+    os.write(1, (" ".join(map(str, a)) + "\n").encode())
 
 def slow(_n):
     time.sleep(0.004)
@@ -88,7 +85,7 @@ def worker(cmd):
             time.sleep(0.003)
             return real_write(self, data)
         mithril_gpu.writer.AtomicFile.write = write
-        sys.argv = ["mithril", "compress", cmd["src"], cmd["out"], "--threads", "1", "-q"]
+        sys.argv = ["mithril", "compress", cmd["src"], cmd["out"], "--threads", "1", "-q", "-f"]
         say("go")
         try:
             runpy.run_module("mithril_gpu.cli", run_name="__main__", alter_sys=True)
@@ -121,9 +118,13 @@ say("ready")
 for line in sys.stdin:
     cmd = json.loads(line)
     sys.stdout.flush(); sys.stderr.flush()
+    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         signal.alarm(120)                    # a saver never outlives a test that died before killing it
+        os.close(go_w)
+        os.read(go_r, 1)                     # wait until "child PID" is out, so it comes before the saver's lines
+        os.close(go_r)
         code = 0
         try:
             worker(cmd)
@@ -131,10 +132,26 @@ for line in sys.stdin:
             say("error", json.dumps(traceback.format_exc()))
             code = 1
         os._exit(code)                       # never goes back to the loop above
+    os.close(go_r)
     say("child", pid)
+    os.write(go_w, b"x")
+    os.close(go_w)
     _, status = os.waitpid(pid, 0)
     say("reaped", pid, status)
 '''
+
+
+def _proc(pid):
+    """What /proc says of a process (for the message of a hang)."""
+    if pid is None:
+        return "none"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/wchan") as f:
+            return f"{pid} state {state} in {f.read() or '-'}"
+    except OSError as e:
+        return f"{pid} ({e.strerror})"
 
 
 class Zygote:
@@ -144,6 +161,7 @@ class Zygote:
                                      stderr=self.err, env=subprocess_env(), text=True, bufsize=1)
         self.lines = queue.Queue()
         self.pid = None
+        self.last = []
         threading.Thread(target=self._pump, daemon=True).start()
         self.expect("ready", timeout=120)
 
@@ -152,32 +170,40 @@ class Zygote:
             self.lines.put(line.split())
         self.lines.put(None)
 
-    def next(self, timeout=60):
+    def next(self, deadline):
         try:
-            words = self.lines.get(timeout=timeout)
+            words = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             words = None
         if words is None:
             self.err.seek(0)
-            raise AssertionError(f"zygote stopped or hung (seed {SEED}); its stderr: {self.err.read()[-3000:]}")
-        if words[0] == "error":
+            raise AssertionError(f"zygote stopped or hung (seed {SEED}); zygote {_proc(self.proc.pid)}, saver "
+                                 f"{_proc(self.pid)}; last lines {self.last}; its stderr: {self.err.read()[-3000:]}")
+        self.last = (self.last + [words])[-8:]
+        if words and words[0] == "error":
             raise AssertionError(f"saver failed before the kill (seed {SEED}): {json.loads(' '.join(words[1:]))}")
         return words
 
     def expect(self, word, timeout=60):
+        """Read lines until one starts with ``word``: (its words, the lines before it)."""
+        deadline = time.monotonic() + timeout
         seen = []
         while True:
-            w = self.next(timeout)
-            if w[0] == word:
+            w = self.next(deadline)
+            if w and w[0] == word:
                 return w, seen
-            seen.append(w)
+            if w:
+                seen.append(w)
 
-    def run_and_kill(self, cmd, delay, sig):
-        """Start a saver, kill it ``delay`` s after it is ready; return its "done" steps and whether
-        it was still running at the kill."""
+    def run_and_kill(self, cmd, delay, sig, after="go"):
+        """Start a saver, kill it ``delay`` s after it prints ``after``; return the lines it printed."""
         self.start(cmd)
         try:
-            _, before = self.expect("go")
+            w, before = self.expect("go")
+            if after != "go":
+                w, more = self.expect(after)
+                before += [["go"]] + more
+            before.append(w)
             time.sleep(delay)
             self.signal(sig)
             (_, _, status), seen = self.expect("reaped")
@@ -221,8 +247,12 @@ def zygote(tmp_path_factory):
 
 
 def _counts():
+    """KILLS spread over the modes by WEIGHTS (largest remainders first), each mode at least one."""
     total = sum(WEIGHTS.values())
-    return {m: max(1, round(KILLS * w / total)) for m, w in WEIGHTS.items()}
+    counts = {m: KILLS * w // total for m, w in WEIGHTS.items()}
+    for m in sorted(WEIGHTS, key=lambda m: -(KILLS * WEIGHTS[m] % total))[:KILLS - sum(counts.values())]:
+        counts[m] += 1
+    return {m: max(1, c) for m, c in counts.items()}
 
 
 def _same_tree(a, b):
@@ -261,8 +291,8 @@ def test_killed_saves_lose_nothing(mode, zygote, tmp_path):
     n = _counts()[mode]
     d = str(tmp_path)
     stats = {"kills": 0, "mid_prune": 0, "mid_compress": 0}
-    known = {}                     # api: file -> step it holds; ckpt: steps ever completed
-    ever_done = []
+    known = {}                     # api: file -> the step it holds
+    ever_done = []                 # checkpointer modes: steps whose save completed
     ref = None
     if mode == "cli":
         from safetensors.torch import save_file
@@ -317,7 +347,12 @@ def test_killed_saves_lose_nothing(mode, zygote, tmp_path):
         else:
             args = CKPT_ARGS[mode]
             first = (_step_files(d) or [-1])[-1] + 1
-            words = zygote.run_and_kill({"mode": mode, "dir": d, "args": args, "first": first}, delay, sig)
+            # in the pruning mode, every other kill comes just after a deletion began
+            after = "del" if mode == "prune" and k % 2 == 0 else "go"
+            if after == "del":
+                delay = rng.uniform(0, 0.12)
+                where = where.replace(" after ", " after a deletion began + ")
+            words = zygote.run_and_kill({"mode": mode, "dir": d, "args": args, "first": first}, delay, sig, after)
             done = _done(words)
             marks = [w[0] for w in words if w[0] in ("del", "done")]
             stats["mid_prune"] += bool(marks) and marks[-1] == "del"
