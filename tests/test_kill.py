@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import mithril_gpu
-from conftest import assert_same, subprocess_env
+from conftest import assert_tree_same, subprocess_env
 from mithril_gpu.checkpointer import Checkpointer, CheckpointNote
 from mithril_gpu.writer import is_temp_name
 
@@ -255,21 +255,10 @@ def _counts():
     return {m: max(1, c) for m, c in counts.items()}
 
 
-def _same_tree(a, b):
-    if isinstance(a, torch.Tensor):
-        assert_same(a, b)
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            _same_tree(a[k], b[k])
-    else:
-        assert a == b
-
-
 def _load_exact(path) -> int:
     """Load a checkpoint, check it bit-exact against the state it claims to be; return its step."""
     got = mithril_gpu.load(path)
-    _same_tree(got, state(got["step"]))       # noqa: F821  (defined by exec(STATE_SRC))
+    assert_tree_same(got, state(got["step"]))       # noqa: F821  (defined by exec(STATE_SRC))
     return got["step"]
 
 
