@@ -43,7 +43,7 @@ def _mb(n: float) -> str:
 
 def _bar(args, total: int, desc: str):
     """The progress bar of a command: on stderr when it is a terminal, none with -q."""
-    from .api import _progress
+    from .progress import Progress as _progress
 
     return _progress(None if args.quiet else "auto", total, desc)
 

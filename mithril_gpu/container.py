@@ -44,7 +44,7 @@ MAX_TENSOR_PER_PLANE_BYTE = 64
 DEFAULT_CHUNK_ELEMS = 1 << 17          # 128 Ki elements: 128 KiB per one-byte plane
 
 # Features a v1 reader understands. A file lists those it uses; a reader refuses unknown ones.
-FEATURES = frozenset({"delta", "ndarray"})
+FEATURES = frozenset({"delta", "ndarray", "torch"})
 DELTA_OPS = ("xor", "zigzag", "same")
 
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")

@@ -212,7 +212,7 @@ def _device_bytes(t):
     """A torch CUDA tensor's bytes as a CuPy uint8 array (DLPack: no copy when contiguous)."""
     import cupy
 
-    from .api import tensor_u8
+    from .torchio import tensor_u8
 
     return cupy.from_dlpack(tensor_u8(t))
 
@@ -365,3 +365,13 @@ def _decode_one(f, e, dev_out, codec, align: int, verify: bool) -> None:
     stream().synchronize()     # the pinned staging buffer and the output are settled before either is let go
     if not ok:
         raise ChecksumMismatchError(f"tensor {short(e.name)!r} does not match its checksum: the file is damaged")
+
+
+def new_device_tensors(f, entries, device) -> list:
+    """Decode ``entries`` of open file ``f`` straight into fresh CUDA tensors on ``device``
+    (compressed bytes cross PCIe)."""
+    from . import torchio
+
+    bufs = [torchio.empty_u8(e.nbytes, f"tensor {short(e.name)!r}", device) for e in entries]
+    decode_into_device(f, entries, bufs, verify=f.verify)
+    return [torchio.as_tensor(b, e.dtype, e.shape) for e, b in zip(entries, bufs)]

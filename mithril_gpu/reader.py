@@ -7,7 +7,7 @@ import stat
 
 import numpy as np
 
-from . import container, tree as tree_mod
+from . import backends, container, loading, torchio, tree as tree_mod
 from .container import TensorEntry
 from .cpu import decode_all, default_threads
 from .errors import (BaseMismatchError, CorruptFileError, FormatError, MissingBaseError, MithrilError,
@@ -208,21 +208,19 @@ class MthFile:
         return out
 
     def get_tensor(self, name: str, device: str = "cpu"):
-        from . import backends
-        from .api import _to_device, _torch_from_entries, _torch_on_device
-
         self._check_open()
         e = self.entry(name)
+        backends.check_load_device(device)
         if backends.use_gpu_for_load(device):
-            return _torch_on_device(self, [e], device)[0]
-        return _to_device(_torch_from_entries(self, [e])[0], device)
+            from . import gpu
+
+            return gpu.new_device_tensors(self, [e], device)[0]
+        return torchio.to_device(torchio.new_tensors(self, [e])[0], device)
 
     def load(self, device: str = "cpu", progress=None, into=None, subtree=None, strict: bool = True):
         """The whole object (or ``subtree`` of it); see :func:`mithril_gpu.load`."""
-        from .api import _load_tree
-
         self._check_open()
-        return _load_tree(self, device, progress, into, subtree, strict)
+        return loading._load_tree(self, device, progress, into, subtree, strict)
 
     def check(self, progress=None, *, chain: bool = False) -> int:
         """Decode every tensor and verify its checksum (whatever ``verify`` the file was opened
@@ -319,14 +317,19 @@ def _ndarray_key(node, depth: int = 0, in_key: bool = False):
     for kind, v in node.items():
         if kind == "ndarray" and in_key:
             return node
-        if kind == "dict" and isinstance(v, list):
-            for pair in v:
+        if kind in ("dict", "odict"):
+            pairs = v[0] if kind == "odict" and isinstance(v, list) and v else v
+            for pair in pairs if isinstance(pairs, list) else ():
                 if isinstance(pair, list):
                     for j, x in enumerate(pair):
                         if _ndarray_key(x, depth + 1, in_key or j == 0) is not None:
                             return node
-        elif kind in ("list", "tuple") and isinstance(v, list):
-            for x in v:
+            if kind == "odict" and isinstance(v, list) and len(v) == 2:
+                found = _ndarray_key(v[1], depth + 1, in_key)
+                if found is not None:
+                    return found
+        else:
+            for x in tree_mod.children(kind, v):
                 found = _ndarray_key(x, depth + 1, in_key)
                 if found is not None:
                     return found

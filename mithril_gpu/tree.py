@@ -8,6 +8,9 @@ Every node is a JSON object with exactly one key naming its type::
     {"list": [...]}  {"tuple": [...]}
     {"str": s}  {"int": "decimal"}  {"float": "repr"}  {"bool": b}  {"none": null}
     {"bytes": "base64"}
+    {"odict": [[[k, v], ...], m]}   a collections.OrderedDict; m is the node of its ``_metadata``
+                                     attribute (what load_state_dict reads), or null if it has none
+    {"torch_size": ["2", "3"]}  {"torch_dtype": "bfloat16"}  {"torch_device": "cuda:0"}
 
 Ints are decimal strings (JSON numbers lose precision in many decoders), floats their Python
 ``repr`` (exact, and covers nan, inf and -0.0).
@@ -15,7 +18,9 @@ Ints are decimal strings (JSON numbers lose precision in many decoders), floats 
 from __future__ import annotations
 
 import base64
+import re
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 
@@ -35,6 +40,13 @@ NDARRAY_DESCRS = frozenset(("|" + c) if c[1] == "1" else (o + c) for c in NDARRA
 #: numpy array types stored as arrays (subclasses such as masked arrays carry more than their
 #: elements and are refused)
 NDARRAY_TYPES = (np.ndarray, np.memmap)
+#: node kinds that need the "torch" feature (torch values that torch.load(weights_only=True) allows)
+TORCH_KINDS = frozenset(("odict", "torch_size", "torch_dtype", "torch_device"))
+#: kinds whose value is a list of [key, value] pairs
+_PAIR_KINDS = ("dict", "odict")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,40}")
+_DIM = re.compile(r"-?[0-9]{1,19}")
+_DEVICE = re.compile(r"[a-z][a-z0-9_]{0,40}(:[0-9]{1,6})?")
 
 
 def _key_label(k) -> str:
@@ -111,6 +123,9 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
                 i = seen[id(o)] = len(leaves)
                 leaves.append((name_for(path), t))
             return {"ndarray": [i, descr]}
+        torch_node = _torch_value(o)
+        if torch_node is not None:
+            return torch_node
         if isinstance(o, dict):
             pairs = []
             for k, v in o.items():
@@ -121,6 +136,9 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
                 else:
                     key = walk(k, path + ["<key>"], depth + 1)
                 pairs.append([key, walk(v, path + [_key_label(k)], depth + 1)])
+            if isinstance(o, OrderedDict):
+                meta = getattr(o, "_metadata", _ABSENT)
+                return {"odict": [pairs, None if meta is _ABSENT else walk(meta, path + ["<_metadata>"], depth + 1)]}
             return {"dict": pairs}
         if isinstance(o, list):
             return {"list": [walk(v, path + [str(i)], depth + 1) for i, v in enumerate(o)]}
@@ -134,11 +152,49 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
             where = "/".join(path) or "<top level>"
             raise UnsupportedValueError(
                 f"cannot store a value of type {type(o).__module__}.{type(o).__qualname__} at {short(where)}: "
-                "mithril stores tensors, numpy arrays, dicts, lists, tuples, str, int, float, bool, None and "
-                "bytes (no pickle); convert it first") from None
+                "mithril stores tensors, numpy arrays, dicts, lists, tuples, str, int, float, bool, None, "
+                "bytes, torch.Size, torch.dtype and torch.device (no pickle); convert it first") from None
 
     tree = walk(obj, [], 0)
     return tree, leaves
+
+
+_ABSENT = object()
+
+
+def _torch_value(o):
+    """The node of a torch.Size, torch.dtype or torch.device, or None for anything else (torch
+    is looked at only if it is already imported: a value of it cannot exist otherwise)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if type(o) is torch.Size:
+        return {"torch_size": [str(int(d)) for d in o]}
+    if isinstance(o, torch.dtype):
+        return {"torch_dtype": str(o).removeprefix("torch.")}
+    if isinstance(o, torch.device):
+        return {"torch_device": str(o)}
+    return None
+
+
+def _torch_node(kind: str, v):
+    """The torch value of a ``torch_*`` node (None if the node is malformed)."""
+    import torch
+
+    if kind == "torch_size" and isinstance(v, list) and len(v) <= 64 \
+            and all(isinstance(d, str) and _DIM.fullmatch(d) for d in v):
+        return torch.Size(int(d) for d in v)
+    if kind == "torch_dtype" and isinstance(v, str) and _NAME.fullmatch(v):
+        dt = getattr(torch, v, None)
+        return dt if isinstance(dt, torch.dtype) else None
+    if kind == "torch_device" and isinstance(v, str) and _DEVICE.fullmatch(v):
+        try:
+            return torch.device(v)
+        except (RuntimeError, ValueError):
+            return None
+    return None
 
 
 def _is_plain_key(k) -> bool:
@@ -217,6 +273,18 @@ def decode(node, tensor_at, depth: int = 0):
                 key = decode(k, tensor_at, depth + 1)
                 out[key] = decode(val, tensor_at, depth + 1)
             return out
+        if kind == "odict" and isinstance(v, list) and len(v) == 2 and isinstance(v[0], list):
+            out = OrderedDict()
+            for k, val in v[0]:
+                key = decode(k, tensor_at, depth + 1)
+                out[key] = decode(val, tensor_at, depth + 1)
+            if v[1] is not None:
+                out._metadata = decode(v[1], tensor_at, depth + 1)
+            return out
+        if kind in TORCH_KINDS:
+            value = _torch_node(kind, v)
+            if value is not None:
+                return value
         if kind == "list":
             return [decode(x, tensor_at, depth + 1) for x in v]
         if kind == "tuple":
@@ -262,19 +330,30 @@ def tensor_refs(node, depth: int = 0):
             yield v
         elif kind == "ndarray" and isinstance(v, list) and v:
             yield v[0]
-        elif kind == "dict" and isinstance(v, list):
-            for pair in v:
-                if isinstance(pair, list):
-                    for x in pair:
-                        yield from tensor_refs(x, depth + 1)
-        elif kind in ("list", "tuple") and isinstance(v, list):
-            for x in v:
+        else:
+            for x in children(kind, v):
                 yield from tensor_refs(x, depth + 1)
 
 
+def children(kind: str, v):
+    """The child nodes of a node of ``kind`` with value ``v`` (keys too), as far as they are well formed."""
+    if kind == "odict" and isinstance(v, list) and len(v) == 2:
+        yield from children("dict", v[0])
+        if isinstance(v[1], dict):
+            yield v[1]
+    elif kind == "dict" and isinstance(v, list):
+        for pair in v:
+            if isinstance(pair, list):
+                yield from pair
+    elif kind in ("list", "tuple") and isinstance(v, list):
+        yield from v
+
+
 def features(node) -> set[str]:
-    """The optional format features (FORMAT.md "Index") a tree uses: ``{"ndarray"}`` if it
-    holds an ``ndarray`` node, else none. For the writer's ``features`` list."""
+    """The optional format features (FORMAT.md "Index") a tree uses: ``"ndarray"`` if it holds an
+    ``ndarray`` node, ``"torch"`` if it holds an ``odict`` or ``torch_*`` node. For the writer's
+    ``features`` list."""
+    found = set()
     stack = [(node, 0)]
     while stack:
         n, depth = stack.pop()
@@ -282,9 +361,8 @@ def features(node) -> set[str]:
             continue
         for kind, v in n.items():
             if kind == "ndarray":
-                return {"ndarray"}
-            if kind == "dict" and isinstance(v, list):
-                stack.extend((x, depth + 1) for pair in v if isinstance(pair, list) for x in pair)
-            elif kind in ("list", "tuple") and isinstance(v, list):
-                stack.extend((x, depth + 1) for x in v)
-    return set()
+                found.add("ndarray")
+            elif kind in TORCH_KINDS:
+                found.add("torch")
+            stack.extend((x, depth + 1) for x in children(kind, v))
+    return found

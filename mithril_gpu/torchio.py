@@ -1,0 +1,90 @@
+"""The one bridge between torch tensors and bytes.
+
+Every other module that turns a tensor into bytes (to save it) or bytes into a tensor (to load
+it) calls this one: the API, the reader, the lazy slices and the GPU backend. Importing it does
+not import torch; its functions do.
+
+A tensor's bytes are its elements in C order, little-endian (FORMAT.md), as a flat uint8
+buffer: a numpy array on the host, a torch uint8 tensor on a device.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import dtypes
+from .errors import MithrilError, UnsupportedValueError, short
+
+
+def is_tensor(x) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def tensor_u8(t):
+    """A tensor's little-endian bytes as a flat uint8 torch tensor on its own device (a copy only
+    if it is not contiguous or has a lazy conjugate/negation bit). The caller's tensor is never
+    written to."""
+    import torch
+
+    if t.layout != torch.strided:
+        raise UnsupportedValueError(f"cannot store a {t.layout} tensor: convert it to dense first")
+    if t.is_quantized or t.device.type == "meta":
+        raise UnsupportedValueError(f"cannot store a {'quantized' if t.is_quantized else 'meta'} tensor")
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+
+
+def tensor_bytes(t) -> np.ndarray:
+    """The bytes of a CPU tensor as a read-only numpy uint8 view (see :func:`tensor_u8`)."""
+    a = tensor_u8(t).numpy()
+    a.flags.writeable = False
+    return a
+
+
+def source_for(t):
+    """Bytes of a tensor, or a callable that fetches them later (device tensors: one at a time)."""
+    if t.device.type == "cpu":
+        return tensor_bytes(t)
+    return lambda: tensor_bytes(t.detach().to("cpu"))
+
+
+def writable_bytes(t) -> np.ndarray | None:
+    """The memory of CPU tensor ``t`` as a writable flat uint8 numpy array, or None when its bytes
+    are not one contiguous block that can take decoded bytes as they are."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        return None
+    return tensor_u8(t).numpy()
+
+
+def empty_u8(nbytes: int, what: str, device=None):
+    """A fresh flat uint8 tensor of ``nbytes`` (on ``device``), or a typed error when there is no memory for it."""
+    import torch
+
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError):     # torch says "DefaultCPUAllocator: can't allocate memory ..."
+        raise MithrilError(f"cannot allocate {nbytes} bytes for {what}: not enough memory") from None
+
+
+def as_tensor(buf, dtype: dtypes.DType, shape):
+    """Flat uint8 tensor ``buf`` viewed as a tensor of ``dtype`` and ``shape`` (no copy)."""
+    return buf.view(dtypes.to_torch(dtype)).reshape(shape)
+
+
+def new_tensors(f, entries, progress=None) -> list:
+    """Decode ``entries`` of open file ``f`` into fresh CPU tensors, one buffer each."""
+    bufs = [empty_u8(e.nbytes, f"tensor {short(e.name)!r}") for e in entries]
+    f.decode_into(entries, [b.numpy() for b in bufs], progress)
+    return [as_tensor(b, e.dtype, e.shape) for e, b in zip(entries, bufs)]
+
+
+def to_device(t, device):
+    if device in (None, "cpu"):
+        return t
+    return t.to(device)
