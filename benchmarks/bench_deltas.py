@@ -9,10 +9,18 @@ embedding and the first layers are frozen and the rest fine-tuned on other text.
 cached in benchmarks/out/run/ (--retrain to redo it).
 
 For each pair (base, next) it prints: the fraction of identical elements; mithril's ratio
-storing `next` against `base` (raw bytes of next / delta file size); plain zstd-3 and zipnn on
-`next` alone (no delta: what a user gets without one); the order-0 bound of zigzag-delta
-byte planes (raw / sum of per-tensor, per-plane order-0 entropy; identical tensors count 0);
-and mithril's delta save and load MB/s.
+storing `next` against `base` (raw bytes of next / delta file size), and the same without
+context-sorted deltas (feature "ctxdelta": what the previous release wrote); plain zstd-3 and
+zipnn (if installed) on `next` alone (no delta: what a user gets without one); the order-0 bound
+of zigzag-delta byte planes (raw / sum of per-tensor, per-plane order-0 entropy; identical
+tensors count 0); the base-conditioned bound (the same with one histogram per context, the
+context being the base element's exponent field, for a nonzero bitmap and the byte planes of the
+nonzero deltas or for plain byte planes, whichever is smaller per tensor; table costs ignored);
+and mithril's delta save and load MB/s (save and load alternate, medians of --runs).
+
+The run also keeps three consecutive checkpoints (1-3, 50-52, 298-300) for the second-base
+estimate (`--second-base`): per-context entropy with the previous change's sign or magnitude as
+extra context, and of the residual after predicting the change by the previous one (momentum).
 """
 from __future__ import annotations
 
@@ -93,8 +101,8 @@ def train(steps: int) -> None:
     nparams = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) + 0.05)
-    keep_bf16 = {1, 2, 50, 51, steps - 100, steps - 10, steps - 1, steps}
-    keep_full = {steps - 1, steps}
+    keep_bf16 = {1, 2, 3, 50, 51, 52, steps - 100, steps - 10, steps - 2, steps - 1, steps}
+    keep_full = {steps - 2, steps - 1, steps}   # three in a row: the second-base (momentum) estimate
     data = batches(corpus("train"), 0)
     t0 = time.time()
     log = []
@@ -161,6 +169,70 @@ def zigzag_bound(new: dict, old: dict) -> float:
     return raw / (bits / 8) if bits else float("inf")
 
 
+def _h(counts) -> float:
+    c = counts[counts > 0]
+    return float(-(c * np.log2(c / c.sum())).sum()) if c.size else 0.0
+
+
+def _cond_bits(d: np.ndarray, ctx: np.ndarray, isz: int, k: int) -> float:
+    """Bits of deltas ``d`` (unsigned ints) with one histogram per context value (0 .. k-1):
+    the smaller of plain byte planes and (nonzero bitmap + byte planes of the nonzeros)."""
+    n = d.size
+    b = d.view(np.uint8).reshape(n, isz)
+    plain = sum(_h(r) for j in range(isz) for r in np.bincount(ctx * 256 + b[:, j], minlength=k * 256).reshape(k, 256))
+    nz = d != 0
+    nc, nzc = np.bincount(ctx, minlength=k), np.bincount(ctx[nz], minlength=k)
+    masked = sum(_h(np.array([z, c - z], float)) for c, z in zip(nc, nzc) if c)
+    cz, bz = ctx[nz], b[nz]
+    masked += sum(_h(r) for j in range(isz) for r in np.bincount(cz * 256 + bz[:, j], minlength=k * 256).reshape(k, 256))
+    return min(plain, masked)
+
+
+def conditioned_bound(new: dict, old: dict, older: dict | None = None, extra: str = "") -> float:
+    """raw / bits with per-context histograms, context = the base element's exponent field (for
+    float tensors; others count at their order-0 bits). ``extra`` (with ``older``, the base's own
+    base): "prevsign" / "prevmag" add the previous change's sign / log2 magnitude to the context;
+    "momentum" codes the residual of predicting the change by the previous one."""
+    raw = bits = 0.0
+    for name, t in new.items():
+        a = raw_bytes(t)
+        raw += a.size
+        b = old.get(name)
+        dt = mdtypes.from_torch(t.dtype)
+        isz = t.element_size()
+        if b is None or b.dtype != t.dtype or b.shape != t.shape or not t.numel():
+            bits += sum(entropy_bits(np.ascontiguousarray(a.reshape(-1, isz)[:, j])) for j in range(isz)) if a.size else 0
+            continue
+        bb = raw_bytes(b)
+        if np.array_equal(a, bb):
+            continue
+        ut = mdelta._UINT[isz]
+        d = np.empty_like(a)
+        mdelta.encode("zigzag", dt, a, bb, d)
+        d = d.view(ut)
+        if not mdelta.is_float(dt):
+            bits += _cond_bits(d, np.zeros(d.size, np.int64), isz, 1)
+            continue
+        y = bb.view(ut).astype(np.int64)
+        ctx, k = (y >> dt.man_bits) & ((1 << dt.exp_bits) - 1), 1 << dt.exp_bits
+        z = older.get(name) if older is not None else None
+        if extra and z is not None:
+            zb = raw_bytes(z)
+            pd = np.empty_like(a)
+            mdelta.encode("zigzag", dt, bb, zb, pd)
+            pd = pd.view(ut).astype(np.int64)
+            if extra == "prevsign":
+                ctx, k = ctx * 3 + np.where(pd == 0, 0, np.where(pd & 1, 2, 1)), k * 3
+            elif extra == "prevmag":
+                ctx, k = ctx * 8 + np.minimum(np.floor(np.log2(pd + 1)).astype(np.int64), 7), k * 8
+            elif extra == "momentum" and isz <= 4:
+                kx, ky, kz = (mdelta._key(v.view(ut), dt).astype(np.int64) for v in (a, bb, zb))
+                r = (kx - ky) - (ky - kz)
+                d = ((r << 1) ^ (r >> 63)).astype(ut)
+        bits += _cond_bits(d, ctx.astype(np.int64), isz, k)
+    return raw / (bits / 8) if bits else float("inf")
+
+
 def identical_fraction(new: dict, old: dict) -> float:
     same = total = 0
     for k, t in new.items():
@@ -172,14 +244,34 @@ def identical_fraction(new: dict, old: dict) -> float:
     return same / total
 
 
-def plain_ratios(new: dict, dname: str) -> tuple[float, float]:
-    import zipnn
+def plain_ratios(new: dict, dname: str) -> tuple[float, float | None]:
     import zstandard
 
     raw = b"".join(raw_bytes(t).tobytes() for t in new.values())
     z = len(zstandard.ZstdCompressor(level=3).compress(raw))
+    try:
+        import zipnn
+    except ImportError:
+        return len(raw) / z, None
     zn = len(zipnn.ZipNN(bytearray_dtype=dname, threads=2).compress(bytearray(raw)))
     return len(raw) / z, len(raw) / zn
+
+
+def _without_ctx():
+    """A context manager: deltas written as before context-sorted deltas existed."""
+    import contextlib
+
+    from mithril_gpu import deltaplan
+
+    @contextlib.contextmanager
+    def cm():
+        saved = deltaplan.choose_ctx
+        deltaplan.choose_ctx = lambda item, x, b: (*deltaplan.choose(item, x, b), None)
+        try:
+            yield
+        finally:
+            deltaplan.choose_ctx = saved
+    return cm()
 
 
 def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
@@ -187,24 +279,40 @@ def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
     lo, ln = leaves(old), leaves(new)
     raw = sum(t.numel() * t.element_size() for t in ln.values())
     tmp = tempfile.mkdtemp()
-    out = os.path.join(tmp, "delta.mth")
+    out, out_old = os.path.join(tmp, "delta.mth"), os.path.join(tmp, "delta_old.mth")
+    with _without_ctx():
+        mithril_gpu.save(new, out_old, base=base_file)
     tc, td = [], []
-    for _ in range(runs):
+    for _ in range(runs):                       # save and load alternate: both see the same machine load
         t = time.perf_counter()
         mithril_gpu.save(new, out, base=base_file)
         tc.append(time.perf_counter() - t)
         t = time.perf_counter()
         back = mithril_gpu.load(out, base=base_file)
         td.append(time.perf_counter() - t)
-    assert all(torch.equal(raw_bytes(a).view(torch.uint8) if False else torch.from_numpy(raw_bytes(a)),
-                           torch.from_numpy(raw_bytes(b))) for a, b in zip(leaves(back).values(), ln.values()))
+    assert all(np.array_equal(raw_bytes(a), raw_bytes(b)) for a, b in zip(leaves(back).values(), ln.values()))
+    with mithril_gpu.open(out, base=base_file) as f:
+        sorted_share = sum(e.nbytes for e in f.index.tensors if e.ctx is not None) / raw
     ours = raw / os.path.getsize(out)
     zstd3, zipnn_r = plain_ratios(ln, "bfloat16" if "bf16" in kind else "float32")
     bound = zigzag_bound(ln, lo)
+    cond = conditioned_bound(ln, lo)
     return {"pair": kind, "identical": f"{100 * identical_fraction(ln, lo):.0f}%", "ours": round(ours, 2),
-            "zstd3": round(zstd3, 2), "zipnn": round(zipnn_r, 2), "bound": round(bound, 2),
-            "of_bound": f"{100 * ours / bound:.0f}%", "comp_mbs": round(raw / statistics.median(tc) / 1e6),
-            "dec_mbs": round(raw / statistics.median(td) / 1e6)}
+            "before": round(raw / os.path.getsize(out_old), 2), "sorted": f"{100 * sorted_share:.0f}%",
+            "zstd3": round(zstd3, 2), "zipnn": "-" if zipnn_r is None else round(zipnn_r, 2),
+            "bound": round(bound, 2), "cond": round(cond, 2),
+            "of_bound": f"{100 * ours / bound:.0f}%", "of_cond": f"{100 * ours / cond:.0f}%",
+            "comp_mbs": round(raw / statistics.median(tc) / 1e6), "dec_mbs": round(raw / statistics.median(td) / 1e6)}
+
+
+def second_base(kind: str, files: list[str]) -> dict:
+    """Conditioned bounds of the newest of three consecutive checkpoints, with what the change
+    before it adds as context or prediction."""
+    z, o, n = (leaves(mithril_gpu.load(f)) for f in files)
+    row = {"pair": kind, "bound": round(zigzag_bound(n, o), 2), "cond": round(conditioned_bound(n, o), 2)}
+    for extra in ("prevsign", "prevmag", "momentum"):
+        row[extra] = round(conditioned_bound(n, o, z, extra), 2)
+    return row
 
 
 def main():
@@ -212,6 +320,8 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--second-base", action="store_true", help="also estimate what a second base would add")
+    ap.add_argument("--pairs", default="", help="comma-separated pair numbers to run (default: all)")
     a = ap.parse_args()
     meta = os.path.join(RUN, "run.json")
     if a.retrain or not os.path.exists(meta) or json.load(open(meta))["steps"] != a.steps:
@@ -227,20 +337,41 @@ def main():
              (f"bf16, 100 steps ({s - 100}->{s})", f"bf16-{s - 100}.mth", f"bf16-{s}.mth"),
              (f"fp32 weights + Adam, 1 step ({s - 1}->{s})", f"full-{s - 1}.mth", f"full-{s}.mth"),
              (f"bf16 fine-tune, {100 * info['frozen_fraction']:.0f}% frozen", f"bf16-{s}.mth", "bf16-finetuned.mth")]
+    if a.pairs:
+        pairs = [pairs[int(i)] for i in a.pairs.split(",")]
     rows = []
     for kind, b, n in pairs:
         rows.append(measure(kind, f(b), f(n), a.runs))
         print("  ", rows[-1], flush=True)
     cols = [("pair", "pair"), ("identical", "identical elements"), ("ours", "mithril delta"),
+            ("before", "without ctxdelta"), ("sorted", "bytes context-sorted"),
             ("zstd3", "zstd-3, no delta"), ("zipnn", "zipnn, no delta"), ("bound", "order-0 bound (zigzag planes)"),
-            ("of_bound", "mithril / bound"), ("comp_mbs", "delta save MB/s"), ("dec_mbs", "delta load MB/s")]
+            ("cond", "base-conditioned bound"), ("of_bound", "mithril / order-0"), ("of_cond", "mithril / conditioned"),
+            ("comp_mbs", "delta save MB/s"), ("dec_mbs", "delta load MB/s")]
     title = (f"Real training run: {info['params'] / 1e6:.1f} M-parameter byte-level LM, {s} AdamW steps on the "
              f"standard library's sources (final loss {info['final_loss']}, {info['train_seconds']} s to train)")
     text = print_table(rows, cols, title)
     with open(os.path.join(HERE, "out", "deltas.md"), "w") as fh:
         fh.write(text + "\n")
+    second = []
+    if a.second_base:
+        triples = [("bf16, 1 step, early (2->3, previous 1->2)", ["bf16-1.mth", "bf16-2.mth", "bf16-3.mth"]),
+                   ("bf16, 1 step (51->52, previous 50->51)", ["bf16-50.mth", "bf16-51.mth", "bf16-52.mth"]),
+                   (f"bf16, 1 step, late ({s - 1}->{s}, previous {s - 2}->{s - 1})",
+                    [f"bf16-{s - 2}.mth", f"bf16-{s - 1}.mth", f"bf16-{s}.mth"]),
+                   (f"fp32 weights + Adam, 1 step ({s - 1}->{s})", [f"full-{s - 2}.mth", f"full-{s - 1}.mth", f"full-{s}.mth"])]
+        for kind, files in triples:
+            second.append(second_base(kind, [f(x) for x in files]))
+            print("  ", second[-1], flush=True)
+        text += "\n\n" + print_table(second, [
+            ("pair", "pair"), ("bound", "order-0 bound"), ("cond", "conditioned on base exponent"),
+            ("prevsign", "+ sign of the previous change"), ("prevmag", "+ log2 size of the previous change"),
+            ("momentum", "residual of predicting the previous change")],
+            "What a second base would add (per-context entropy bounds, table costs ignored)")
+        with open(os.path.join(HERE, "out", "deltas.md"), "w") as fh:
+            fh.write(text + "\n")
     with open(os.path.join(HERE, "out", "deltas.json"), "w") as fh:
-        json.dump({"run": info, "rows": rows}, fh, indent=1)
+        json.dump({"run": info, "rows": rows, "second_base": second}, fh, indent=1)
 
 
 if __name__ == "__main__":

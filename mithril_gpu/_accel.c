@@ -465,6 +465,69 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
     return PyLong_FromLong(j == nnz ? 0 : -1);
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Context-sorted deltas (ctxdelta.py, FORMAT.md "Context-sorted deltas"): elements are stably
+ * counting-sorted by the context c(y) = (y >> s) & (2^w - 1) of their base element y. Encoding
+ * scatters each element's delta to the next free position of its context; decoding gathers it
+ * back from there. One histogram pass over the base, one pass over the elements. */
+#define CTX_MAXW 12
+#define CTX_T(T, BITS) do { \
+    const T *X = (const T *)xs.buf, *Y = (const T *)bs.buf; T *O = (T *)os.buf; \
+    const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); \
+    for (Py_ssize_t i = 0; i < n; i++) hist[(Y[i] >> s) & cm]++; \
+    uint64_t run = 0; \
+    for (int c = 0; c < (1 << w); c++) { off[c] = run; run += hist[c]; } \
+    if (!inv) { for (Py_ssize_t i = 0; i < n; i++) { T x = X[i], b = Y[i]; uint64_t pos = off[(b >> s) & cm]++; \
+        T d; if (op == 0) d = x ^ b; else { \
+            if (fl) { x ^= (x & sb) ? (T)~(T)0 : sb; b ^= (b & sb) ? (T)~(T)0 : sb; } \
+            T v = (T)(x - b); d = (T)((T)(v << 1) ^ (T)(0 - (v >> (BITS - 1)))); } \
+        O[pos] = d; } } \
+    else { for (Py_ssize_t i = 0; i < n; i++) { T b = Y[i]; T z = X[off[(b >> s) & cm]++]; \
+        if (op == 0) { O[i] = z ^ b; continue; } \
+        if (fl) b ^= (b & sb) ? (T)~(T)0 : sb; \
+        T d = (T)((z >> 1) ^ (T)(0 - (z & 1))); T k = (T)(b + d); \
+        if (fl) { k = (k & sb) ? (T)(k ^ sb) : (T)~k; } O[i] = k; } } \
+} while (0)
+
+/* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out or None)
+ * inverse 0: out = sorted stream of deltas of x against base; inverse 1: x is the sorted stream,
+ * out = the original elements. counts_out (uint64[2^w]) receives the histogram. */
+static PyObject *ctx(PyObject *self, PyObject *args) {
+    Py_buffer xs, bs, os; int isz, op, fl, inv, s, w; PyObject *cnt;
+    if (!PyArg_ParseTuple(args, "y*y*w*iiiiiiO", &xs, &bs, &os, &isz, &op, &fl, &inv, &s, &w, &cnt)) return NULL;
+    Py_buffer cb; int have_cb = 0;
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || xs.len != bs.len || xs.len != os.len || xs.len % isz
+            || op < 0 || op > 1 || w < 1 || w > CTX_MAXW || s < 0 || s + w > 8 * isz) {
+        PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
+        PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
+    }
+    if (cnt != Py_None) {
+        if (PyObject_GetBuffer(cnt, &cb, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os); return NULL; }
+        have_cb = 1;
+        if (cb.len < (Py_ssize_t)(sizeof(uint64_t) << w)) {
+            PyBuffer_Release(&cb); PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
+            PyErr_SetString(PyExc_ValueError, "counts buffer too small"); return NULL; }
+    }
+    uint64_t *hist = calloc((size_t)1 << w, sizeof(uint64_t)), *off = malloc(sizeof(uint64_t) << w);
+    if (!hist || !off) {
+        free(hist); free(off); if (have_cb) PyBuffer_Release(&cb);
+        PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os); return PyErr_NoMemory(); }
+    Py_ssize_t n = xs.len / isz;
+    Py_BEGIN_ALLOW_THREADS
+    switch (isz) {
+        case 1: CTX_T(uint8_t, 8); break;
+        case 2: CTX_T(uint16_t, 16); break;
+        case 4: CTX_T(uint32_t, 32); break;
+        default: CTX_T(uint64_t, 64); break;
+    }
+    if (have_cb) memcpy(cb.buf, hist, sizeof(uint64_t) << w);
+    Py_END_ALLOW_THREADS
+    free(hist); free(off); if (have_cb) PyBuffer_Release(&cb);
+    PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"masked_split", masked_split, METH_VARARGS, "masked_split(src, itemsize, mask_out, planes) -> nnz"},
     {"masked_merge", masked_merge, METH_VARARGS, "masked_merge(mask, planes, nnz, itemsize, out) -> 0 or -1"},
@@ -474,6 +537,7 @@ static PyMethodDef methods[] = {
     {"split", split, METH_VARARGS, "split(src, itemsize, exp_bits, man_bits, planes)"},
     {"merge", merge, METH_VARARGS, "merge(planes, itemsize, exp_bits, man_bits, out)"},
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
+    {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out): context-sorted delta"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_accel", "mithril CPU fast paths", -1, methods};

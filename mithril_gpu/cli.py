@@ -99,8 +99,6 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
     kept), and copy every other file as it is. ``convert(src, dst)`` gives the output path of a
     checkpoint file (None: not one); ``base_for(rel, name)`` the --base for that file. Every check
     is made before anything is written."""
-    import shutil
-
     src_root, dst_root = os.path.abspath(a.input), os.path.abspath(a.output)
     if dst_root == src_root or dst_root.startswith(src_root + os.sep):
         raise MithrilError(f"OUT ({short(a.output)}) must not be IN or inside it")
@@ -138,17 +136,19 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
             raise MithrilError(f"{short(writes[dst])} and {short(src)} would both be written to {short(dst)}: "
                                "rename one of them")
         writes[dst] = src
-    created = not os.path.exists(dst_root)
-    try:
-        return _run_plan(a, verb, plan, src_root, base_for)
-    except BaseException:
-        if created:            # a failed run leaves no OUT behind (one that existed keeps what was replaced)
-            shutil.rmtree(dst_root, ignore_errors=True)
-        raise
+    from .formats import StagedDir
+
+    # written into a hidden sibling, moved into place at the end: a failed or killed run leaves OUT as it was
+    with StagedDir(dst_root) as stage:
+        staged = [(m and stage.where(m), s, d and stage.where(d), c) for m, s, d, c in plan]
+        return _run_plan(a, verb, staged, src_root, base_for)
 
 
 def _run_plan(a, verb, plan, src_root, base_for) -> int:
     import shutil
+
+    from . import formats
+    from .errors import UnsupportedValueError
 
     t0, raw, packed, done = time.perf_counter(), 0, 0, 0
     for make, src, dst, is_ckpt in plan:
@@ -162,7 +162,17 @@ def _run_plan(a, verb, plan, src_root, base_for) -> int:
         sub = argparse.Namespace(**{**vars(a), "input": src, "output": dst, "quiet": True,
                                     "base": base_for(os.path.dirname(rel_name) or ".", os.path.basename(src))
                                     if a.base else None})
-        sub.func(sub)
+        try:
+            sub.func(sub)
+        except (formats.NotPlainTorchError, UnsupportedValueError) as e:
+            if verb != "compressed":
+                raise
+            shutil.copy2(src, dst[:-len(".mth")])    # not a plain tensor checkpoint: kept byte for byte
+            if not a.quiet:
+                why = ("weights_only=True refuses it" if isinstance(e, formats.NotPlainTorchError)
+                       else short(_one_line(e), 200))
+                print(f"  copied {_show(rel_name)} as it is (not a plain tensor checkpoint: {why})")
+            continue
         sizes = (os.path.getsize(src), os.path.getsize(dst))
         raw += sizes[0] if verb == "compressed" else sizes[1]
         packed += sizes[1] if verb == "compressed" else sizes[0]
@@ -181,6 +191,10 @@ def cmd_compress(a) -> int:
     from . import api, formats, tree as tree_mod
 
     _check_base(a)
+    if os.path.isfile(os.path.join(a.input, ".metadata")):    # a DCP checkpoint (FileSystemWriter)
+        from .dcp import cli_compress
+
+        return cli_compress(a)
     if os.path.isdir(a.input):
         def convert(src, dst):
             return dst + ".mth" if formats.sniff(src) in ("safetensors", "torch") else None
@@ -280,6 +294,10 @@ def cmd_decompress(a) -> int:
     from .writer import AtomicFile
 
     _check_base(a)
+    if os.path.isfile(os.path.join(a.input, "mithril_dcp.json")):    # a mithril DCP checkpoint
+        from .dcp import cli_decompress
+
+        return cli_decompress(a)
     if os.path.isdir(a.input):
         def convert(src, dst):
             return dst[:-len(".mth")] if src.endswith(".mth") and formats.sniff(src) == "mth" else None
@@ -322,6 +340,10 @@ def cmd_decompress(a) -> int:
 
 def cmd_info(a) -> int:
     _check_base(a)
+    if any(os.path.isfile(os.path.join(a.file, n)) for n in ("mithril_dcp.json", ".metadata")):   # DCP
+        from .dcp import cli_info
+
+        return cli_info(a)
     with _open_for_info(a.file, a.base) as f:
         if a.json:
             import json
@@ -377,11 +399,9 @@ def cmd_verify(a) -> int:
     _check_base(a)
     t0 = time.perf_counter()
     with MthFile(a.file, verify=True, threads=a.threads, base=a.base) as f:
-        _check_tree(f)
         raw = sum(e.nbytes for e in f.index.tensors)
         with _bar(a, raw, "verify") as bar:
-            for _ in _decode_in_batches(f, f.index.tensors, bar):
-                pass
+            f.check(bar)                # the tree, then every tensor in batches, as load() checks them
         n = len(f.index.tensors)
     dt = time.perf_counter() - t0
     print(f"OK {_show(a.file)}: {n} tensors, {_mb(raw)} decoded, checksums verified and tree rebuilt in "

@@ -41,13 +41,15 @@ MAX_PLAUSIBLE_VERSION = 255
 # 8 bytes per byte. With non-overlapping chunks and codecs.ZSTD_MAX_EXPANSION this bounds what a
 # file's tensors (other than "same" references) can make a reader allocate by its size.
 MAX_TENSOR_PER_PLANE_BYTE = 64
+MAX_CTX_BITS = 12                      # a context-sorted delta has at most 2^12 contexts
 DEFAULT_CHUNK_ELEMS = 1 << 17          # 128 Ki elements: 128 KiB per one-byte plane
 
 # Features a v1 reader understands. A file lists those it uses; a reader refuses unknown ones.
-FEATURES = frozenset({"delta", "ndarray", "torch"})
+FEATURES = frozenset({"delta", "ndarray", "torch", "ctxdelta"})
 DELTA_OPS = ("xor", "zigzag", "same")
 
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def pack_preamble() -> bytes:
@@ -71,6 +73,9 @@ class TensorEntry:
     chunks: list[int]                  # flat: (offset, csize, codec) per (row, plane)
     delta: dict | None = None          # {"op": "xor"|"zigzag"|"same", "base": name} or None
     nnz: list[int] | None = None       # nonzero elements per row, for the masked transform
+    row_digests: list[int] | None = None   # XXH64 of each row's original bytes (index key "row_xxh64"), if stored
+    ctx: list[int] | None = None       # [s, w] of a context-sorted delta (feature "ctxdelta"), or None
+    segs: list[int] | None = None      # with ctx: elements of each segment of the sorted stream
     widths: list[int] = field(init=False)
 
     def __post_init__(self):
@@ -91,9 +96,23 @@ class TensorEntry:
     def row_count(self, row: int) -> int:
         return min(self.chunk_elems, self.count - row * self.chunk_elems)
 
+    @property
+    def whole_only(self) -> bool:
+        """True when rows cannot be decoded on their own (a context-sorted delta: its chunks hold
+        segments of the sorted stream, not rows), so a partial read decodes the whole tensor."""
+        return self.ctx is not None
+
+    @property
+    def units(self) -> int:
+        """Coded units, each one chunk per plane: segments of a context-sorted delta, else rows."""
+        return len(self.segs) if self.segs is not None else self.rows
+
+    def unit_count(self, unit: int) -> int:
+        return self.segs[unit] if self.segs is not None else self.row_count(unit)
+
     def plane_sizes(self, row: int) -> list[int]:
-        """Uncompressed bytes of each plane of ``row``."""
-        return transforms.plane_sizes(self.dtype, self.transform, self.row_count(row),
+        """Uncompressed bytes of each plane of ``row`` (of segment ``row`` for a context-sorted delta)."""
+        return transforms.plane_sizes(self.dtype, self.transform, self.unit_count(row),
                                       self.nnz[row] if self.nnz is not None else None)
 
     def chunk(self, row: int, plane: int) -> tuple[int, int, int]:
@@ -112,6 +131,10 @@ class TensorEntry:
             d["delta"] = self.delta
         if self.nnz is not None:
             d["nnz"] = self.nnz
+        if self.ctx is not None:
+            d["ctx"], d["segs"] = self.ctx, self.segs
+        if self.row_digests is not None:
+            d["row_xxh64"] = np.asarray(self.row_digests, dtype=">u8").tobytes().hex()
         return d
 
 
@@ -136,7 +159,8 @@ class Index:
     def to_json(self) -> bytes:
         from . import tree as tree_mod
 
-        features = (["delta"] if self.base is not None else []) + sorted(tree_mod.features(self.tree))
+        features = (["delta"] if self.base is not None else []) \
+            + (["ctxdelta"] if any(t.ctx is not None for t in self.tensors) else []) + sorted(tree_mod.features(self.tree))
         d = {"mithril": VERSION, "features": features, "writer": self.writer,
              "tensors": [t.to_json() for t in self.tensors], "tree": self.tree,
              "metadata": self.metadata, "source": self.source, "base": self.base}
@@ -243,7 +267,7 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
         _fail("tensors must be a list")
     entries, names, spans = [], set(), []
     for i, t in enumerate(tlist):
-        e, span = _parse_tensor(t, i, data_end, "delta" in feats)
+        e, span = _parse_tensor(t, i, data_end, "delta" in feats, "ctxdelta" in feats)
         entries.append(e)
         if span is not None:
             spans.append(span)
@@ -327,12 +351,15 @@ def _check_chunks(e: TensorEntry, data_end: int):
         _fail(f"tensor {short(e.name)!r}: chunk fields must be integers in [0, 2^62), found {bad!r}"[:300])
     arr = arr.astype(np.int64)
     P = len(e.widths)
-    arr = arr.reshape(e.rows, P, 3)
+    arr = arr.reshape(e.units, P, 3)
     off, csize, codec = arr[:, :, 0], arr[:, :, 1], arr[:, :, 2]
-    counts = np.full(e.rows, e.chunk_elems, dtype=np.int64)
-    counts[-1] = e.row_count(e.rows - 1)
+    if e.segs is not None:
+        counts = np.asarray(e.segs, dtype=np.int64)
+    else:
+        counts = np.full(e.rows, e.chunk_elems, dtype=np.int64)
+        counts[-1] = e.row_count(e.rows - 1)
     if e.transform == "masked":
-        usize = np.empty((e.rows, P), dtype=np.int64)
+        usize = np.empty((e.units, P), dtype=np.int64)
         usize[:, 0] = (counts + 7) // 8
         usize[:, 1:] = np.asarray(e.nnz, dtype=np.int64)[:, None]
     else:
@@ -357,7 +384,7 @@ def _check_chunks(e: TensorEntry, data_end: int):
     return off.reshape(-1), csize.reshape(-1), planes
 
 
-def _parse_tensor(t, i: int, data_end: int, delta_ok: bool):
+def _parse_tensor(t, i: int, data_end: int, delta_ok: bool, ctx_ok: bool = False):
     """One tensor entry, validated; with its chunks' (offsets, sizes, plane bytes), or None."""
     if not isinstance(t, dict):
         _fail(f"tensor #{i} is not an object")
@@ -397,15 +424,51 @@ def _parse_tensor(t, i: int, data_end: int, delta_ok: bool):
     chunks = t.get("chunks")
     e = TensorEntry(name, dt, shape, transform, chunk_elems, int(xx, 16),
                     chunks if isinstance(chunks, list) else [], delta)
+    if "ctx" in t or "segs" in t:
+        _parse_ctx(e, t, sname, ctx_ok)
     nnz = t.get("nnz")
     if transform == "masked":
-        if not isinstance(nnz, list) or len(nnz) != e.rows:
-            _fail(f"tensor {sname!r}: a masked tensor needs one nnz count per row")
-        e.nnz = [_int(v, f"tensor {sname!r} nnz", 0, e.row_count(r)) for r, v in enumerate(nnz)]
+        if not isinstance(nnz, list) or len(nnz) != e.units:
+            _fail(f"tensor {sname!r}: a masked tensor needs one nnz count per row (per segment with ctx)")
+        e.nnz = [_int(v, f"tensor {sname!r} nnz", 0, e.unit_count(r)) for r, v in enumerate(nnz)]
     elif nnz is not None:
         _fail(f"tensor {sname!r}: nnz given for transform {short(transform, 40)!r}")
-    expect = 0 if (delta or {}).get("op") == "same" else 3 * e.rows * len(e.widths)
+    rx = t.get("row_xxh64")
+    if rx is not None:
+        if not isinstance(rx, str) or len(rx) != 16 * e.rows or not _HEX.fullmatch(rx):
+            _fail(f"tensor {sname!r}: row_xxh64 must be 16 lowercase hex digits for each of its {e.rows} rows")
+        digs = np.frombuffer(bytes.fromhex(rx), dtype=">u8")
+        if xxhash.xxh64_intdigest(digs.astype("<u8").tobytes()) != e.checksum:
+            _fail(f"tensor {sname!r}: its row digests do not combine to its xxh64")
+        e.row_digests = digs.tolist()
+    expect = 0 if (delta or {}).get("op") == "same" else 3 * e.units * len(e.widths)
     if not isinstance(chunks, list) or len(chunks) != expect:
         _fail(f"tensor {sname!r}: expected {expect} chunk fields, found "
               f"{len(chunks) if isinstance(chunks, list) else type(chunks).__name__}")
     return e, (_check_chunks(e, data_end) if expect else None)
+
+
+def _parse_ctx(e: TensorEntry, t: dict, sname: str, ctx_ok: bool) -> None:
+    """The ``ctx`` and ``segs`` keys of a context-sorted delta (FORMAT.md "Context-sorted deltas")."""
+    ctx, segs = t.get("ctx"), t.get("segs")
+    if not ctx_ok:
+        _fail(f"tensor {sname!r}: ctx/segs in a file that does not list the ctxdelta feature")
+    if e.delta is None or e.delta.get("op") not in ("xor", "zigzag"):
+        _fail(f"tensor {sname!r}: ctx needs an xor or zigzag delta")
+    bits = 8 * e.dtype.itemsize
+    if not isinstance(ctx, list) or len(ctx) != 2:
+        _fail(f"tensor {sname!r}: ctx must be [shift, width]")
+    s = _int(ctx[0], f"tensor {sname!r} ctx shift", 0, bits - 1)
+    w = _int(ctx[1], f"tensor {sname!r} ctx width", 1, min(MAX_CTX_BITS, bits - s))
+    if not isinstance(segs, list) or len(segs) > e.count:
+        _fail(f"tensor {sname!r}: segs must be a list of at most one size per element")
+    try:
+        arr = np.array(segs, dtype=np.int64) if segs else np.zeros(0, np.int64)
+    except (ValueError, OverflowError, TypeError):
+        arr = None
+    if arr is None or arr.ndim != 1 or not all(type(v) is int for v in segs[:1]) \
+            or (arr.size and (arr.min() < 1 or arr.max() > e.chunk_elems)) or int(arr.sum()) != e.count:
+        _fail(f"tensor {sname!r}: segs must be sizes in [1, chunk_elems] that add up to the element count")
+    if not all(type(v) is int for v in segs):
+        _fail(f"tensor {sname!r}: segs must be integers")
+    e.ctx, e.segs = [s, w], [int(v) for v in segs]

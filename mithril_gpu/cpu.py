@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import checksum, codecs, delta as delta_ref, transforms
+from . import checksum, codecs, ctxdelta, delta as delta_ref, transforms
 from .container import TensorEntry
 from .dtypes import DType
 from .errors import ChecksumMismatchError, CorruptFileError, MithrilError
@@ -86,6 +86,34 @@ def delta_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.nda
         delta_ref.encode(op, dt, x, base, out)
 
 
+def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarray, s: int, w: int,
+              inverse: bool, counts: np.ndarray | None = None) -> None:
+    """Context-sorted delta (ctxdelta.py): ``out`` = the sorted stream of ``x``'s deltas, or with
+    ``inverse`` the original elements from the sorted stream ``x``. ``counts`` (uint64[2^w]) gets
+    the elements per context."""
+    if _accel is not None and hasattr(_accel, "ctx"):
+        _accel.ctx(x, base, out, dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt)), int(inverse),
+                   s, w, counts)
+        return
+    if inverse:
+        ctxdelta.decode(op, dt, x, base, s, w, out)
+    else:
+        out[...] = ctxdelta.encode(op, dt, x, base, s, w)
+    if counts is not None:
+        counts[...] = ctxdelta.counts(dt, base, s, w)
+
+
+def _prepare_ctx(item) -> None:
+    """Sort a context-sorted delta item's deltas once, and cut the stream into segments."""
+    s, w = item.ctx
+    t = np.empty(item.nbytes, np.uint8)
+    cnt = np.zeros(1 << w, np.uint64)
+    ctx_apply(item.delta_op, item.dtype, item.data, item.base, t, s, w, inverse=False, counts=cnt)
+    item.ctx_rows = ctxdelta.segments(cnt, item.chunk_elems)
+    item.segs = [n for row in item.ctx_rows for n in row]
+    item.ctx_stream = t
+
+
 _scratch = threading.local()
 
 
@@ -138,6 +166,10 @@ class EncodeItem:
     base_name: str | None = None
     on_done: Callable[[], None] | None = None   # called once the item is written (e.g. drop mapped pages)
     device_tensor: object = None     # the torch tensor when it lives on a GPU (for the GPU backend)
+    ctx: tuple | None = None         # (s, w): a context-sorted delta (feature "ctxdelta")
+    segs: list | None = None         # its segment sizes, once sorted
+    ctx_rows: list | None = None     # the same, per chunk_elems block of the sorted stream
+    ctx_stream: np.ndarray | None = None   # the sorted stream of deltas, while encoding
 
     @property
     def nbytes(self) -> int:
@@ -151,6 +183,8 @@ class EncodeItem:
             self.data = self.data()
         if callable(self.base):
             self.base = self.base()
+        if self.ctx is not None and self.ctx_rows is None and self.nbytes:
+            _prepare_ctx(self)
 
 
 def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCoder, pool: BufferPool):
@@ -166,6 +200,15 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
         held.append(buf)
         return buf
 
+    if item.ctx is not None:           # rows of the original for digests, segments of the sorted stream for chunks
+        for r in range(row0, row1):
+            a, b = r * rb, min((r + 1) * rb, item.nbytes)
+            digests.append(checksum.row_digest(item.data[a:b]))
+            pos = a
+            for n in item.ctx_rows[r]:
+                _encode_unit(item, item.ctx_stream[pos:pos + n * isz], coder, take, out, nnzs, widths)
+                pos += n * isz
+        return digests, out, held, nnzs
     for r in range(row0, row1):
         a, b = r * rb, min((r + 1) * rb, item.nbytes)
         seg = item.data[a:b]
@@ -186,6 +229,21 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
             exp_plane = item.transform == "fieldsplit"
             out.extend(coder.encode(p, literals=exp_plane and k == 0) for k, p in enumerate(planes))
     return digests, out, held, nnzs
+
+
+def _encode_unit(item, seg, coder, take, out, nnzs, widths) -> None:
+    """Planes of one segment of a context-sorted delta (its deltas are already taken)."""
+    dt = item.dtype
+    if item.transform == "raw":
+        out.append(coder.encode(seg))
+    elif item.transform == "masked":
+        nnz, planes = split_masked(dt, seg, take)
+        nnzs.append(nnz)
+        out.extend(coder.encode(p) for p in planes)
+    else:
+        planes = [take(seg.size // dt.itemsize * w) for w in widths]
+        split_planes(dt, item.transform, seg, planes)
+        out.extend(coder.encode(p) for p in planes)
 
 
 def _plan_jobs(sizes: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
@@ -236,7 +294,7 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
                threads: int, progress: Callable[[int], None] | None = None) -> list[tuple[int, list[int]]]:
     """Encode every item; ``write(payload)`` appends a payload and returns its file offset.
 
-    Returns, per item, ``(checksum, flat chunk list)`` for its index entry.
+    Returns, per item, ``(checksum, flat chunk list, row digests)`` for its index entry.
     """
     sizes = []
     for it in items:
@@ -266,24 +324,26 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
                 rb = sizes[i][1]
                 progress(min(r1 * rb, items[i].nbytes) - r0 * rb)
             if last_seg[i][1] == r1:     # drop references held only for this item
-                items[i].data = items[i].base = None
+                items[i].data = items[i].base = items[i].ctx_stream = None
                 if items[i].on_done is not None:
                     items[i].on_done()
 
     _run_ordered(jobs, run, consume, threads, before_submit)
-    return [(checksum.combine(d), c) for d, c in zip(digests, chunks)]
+    return [(checksum.combine(d), c, d) for d, c in zip(digests, chunks)]
 
 
 # ---------------------------------------------------------------- decoding
 
 def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, row0: int, row1: int,
-                 verify: bool) -> list[int]:
+                 verify: bool, origin: int = 0) -> list[int]:
+    """Decode rows [row0, row1) of ``e``; ``out`` (and ``base``) hold the tensor's bytes from byte
+    ``origin`` on (0: the whole tensor). Returns the rows' digests when ``verify``."""
     dt, isz = e.dtype, e.dtype.itemsize
     rb = e.chunk_elems * isz
     op = e.delta["op"] if e.delta else None
     digests = []
     for r in range(row0, row1):
-        a, b = r * rb, min((r + 1) * rb, e.nbytes)
+        a, b = r * rb - origin, min((r + 1) * rb, e.nbytes) - origin
         planes = []
         for p, usize in enumerate(e.plane_sizes(r)):
             off, csize, codec = e.chunk(r, p)
@@ -302,6 +362,25 @@ def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, 
     return digests
 
 
+def _decode_units(buf, e: TensorEntry, stream: np.ndarray, bounds: np.ndarray, u0: int, u1: int) -> list[int]:
+    """Decode segments [u0, u1) of a context-sorted delta into its sorted stream (no digests:
+    rows are checked once the stream is unsorted)."""
+    dt = e.dtype
+    for u in range(u0, u1):
+        planes = []
+        for p, usize in enumerate(e.plane_sizes(u)):
+            off, csize, codec = e.chunk(u, p)
+            planes.append(codecs.decode(codec, buf[off:off + csize], usize, scratch(f"d{p}", usize)))
+        target = stream[int(bounds[u]):int(bounds[u + 1])]
+        if e.transform == "raw":
+            target[...] = np.frombuffer(planes[0], np.uint8)
+        elif e.transform == "masked":
+            merge_masked(dt, planes, target)
+        else:
+            merge_planes(dt, e.transform, planes, target)
+    return []
+
+
 def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]], threads: int,
                verify: bool = True, progress: Callable[[int], None] | None = None) -> None:
     """Decode each (entry, out, base) into ``out`` (uint8 of entry.nbytes) and verify checksums.
@@ -309,35 +388,81 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
     ``base`` is the base tensor's bytes for a delta entry ("same" entries are copied from it).
     """
     sizes = []
-    for e, out, base in work:
+    sorted_bufs: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # context-sorted deltas: (stream, unit offsets)
+    for w, (e, out, base) in enumerate(work):
         if e.delta and e.delta["op"] == "same":
             out[...] = base
             sizes.append((0, 1))
+        elif e.ctx is not None:
+            isz = e.dtype.itemsize
+            sorted_bufs[w] = (np.empty(e.nbytes, np.uint8), np.concatenate([[0], np.cumsum(e.segs, dtype=np.int64)]) * isz)
+            sizes.append((e.units, e.chunk_elems * isz))
         else:
             sizes.append((e.rows, e.chunk_elems * e.dtype.itemsize))
     digests: list[list[int]] = [[] for _ in work]
 
     def run(job):
-        return [_decode_rows(buf, work[w][0], work[w][1], work[w][2], r0, r1, verify) for w, r0, r1 in job]
+        return [_decode_units(buf, work[w][0], *sorted_bufs[w], r0, r1) if w in sorted_bufs
+                else _decode_rows(buf, work[w][0], work[w][1], work[w][2], r0, r1, verify) for w, r0, r1 in job]
 
     def consume(job, results):
         for (w, r0, r1), digs in zip(job, results):
             digests[w].extend(digs)
             if progress:
+                if w in sorted_bufs:
+                    bounds = sorted_bufs[w][1]
+                    progress(int(bounds[r1] - bounds[r0]))
+                    continue
                 rb = sizes[w][1]
                 progress(min(r1 * rb, work[w][0].nbytes) - r0 * rb)
 
     try:
         _run_ordered(_plan_jobs(sizes), run, consume, threads)
+        for w, (stream, _) in sorted_bufs.items():    # unsort: rebuild the tensor from the stream and its base
+            e, out, base = work[w]
+            ctx_apply(e.delta["op"], e.dtype, stream, base, out, e.ctx[0], e.ctx[1], inverse=True)
     except MithrilError:
         raise
     except (ValueError, IndexError) as exc:  # a lying index that validation could not catch
         raise CorruptFileError(f"corrupt file: {exc}") from None
     if verify:
-        for (e, out, base), digs in zip(work, digests):
+        for w, ((e, out, base), digs) in enumerate(zip(work, digests)):
             same = e.delta is not None and e.delta["op"] == "same"
-            got = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize) if same else checksum.combine(digs)
+            whole = same or w in sorted_bufs
+            got = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize) if whole else checksum.combine(digs)
             if got != e.checksum:
                 raise ChecksumMismatchError(
                     f"tensor {e.name!r} does not match its checksum: the file is damaged"
                     + (" or its delta base is not the one it was written against" if e.delta else ""))
+
+
+def decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, row0: int, row1: int,
+                threads: int, verify: bool = True) -> None:
+    """Decode rows [row0, row1) of ``e`` into ``out``, the bytes of those rows only (``base``: the
+    same bytes of the base tensor, for a delta), checking each row against the row digests the
+    index stores (``e.row_digests``) when ``verify``. For partial reads (``MthFile.get_slice``)."""
+    rb = e.chunk_elems * e.dtype.itemsize
+    origin = row0 * rb
+    jobs = [[(0, r0 + row0, r1 + row0) for _, r0, r1 in job] for job in _plan_jobs([(row1 - row0, rb)])]
+    digests: list[int] = []
+
+    def run(job):
+        return [_decode_rows(buf, e, out, base, r0, r1, verify, origin) for _, r0, r1 in job]
+
+    def consume(job, results):
+        for digs in results:
+            digests.extend(digs)
+
+    try:
+        _run_ordered(jobs, run, consume, threads)
+    except MithrilError:
+        raise
+    except (ValueError, IndexError) as exc:  # a lying index that validation could not catch
+        raise CorruptFileError(f"corrupt file: {exc}") from None
+    if verify:
+        want = e.row_digests[row0:row1]
+        bad = next((row0 + i for i, (g, w) in enumerate(zip(digests, want)) if g != w), None)
+        if bad is not None or len(digests) != len(want):
+            raise ChecksumMismatchError(
+                f"tensor {e.name!r} row {bad} does not match its digest: the file is damaged"
+                + (" or its delta base is not the one it was written against" if e.delta else ""))

@@ -1,16 +1,20 @@
 """Choosing, per tensor, how to store it against a base checkpoint (FORMAT.md "Deltas").
 
 * same name, dtype and shape, identical bytes   -> "same": a reference, no payload
-* otherwise, of no delta / xor / zigzag, each with the plain (bytegroup) or masked layout, the
-  one whose planes have the smallest estimated size (order-0 entropy of the planes of a sample
-  of the tensor), decided when the tensor's bytes are first needed, so a base is decoded once.
+* otherwise, of no delta / xor / zigzag, each with the plain (bytegroup) or masked layout, and
+  (float dtypes) zigzag sorted by the base element's exponent ("ctxdelta", ctxdelta.py) with
+  either layout, the one whose planes have the smallest estimated size (order-0 entropy of the
+  planes of a sample of the tensor; for the sorted form, of each segment's planes), decided when
+  the tensor's bytes are first needed, so a base is decoded once.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import checksum, codecs, transforms
-from .cpu import EncodeItem, delta_apply, split_masked, split_planes
+import math
+
+from . import checksum, codecs, ctxdelta, transforms
+from .cpu import EncodeItem, ctx_apply, delta_apply, split_masked, split_planes
 
 try:
     from ._accel import entropy as _accel_entropy
@@ -19,6 +23,91 @@ except ImportError:
 
 SAMPLE_BLOCKS = 16
 BLOCK_ELEMS = 4096
+
+
+# Estimated bytes a chunk costs beyond its planes' entropy (zstd frame, block and literals headers,
+# a Huffman table), and the sampling bias of a histogram of few elements (Miller-Madow), so that
+# cutting a sample into many small segments does not look better than it is.
+CHUNK_OVERHEAD = 24
+
+
+def _plane_cost(p: np.ndarray) -> float:
+    """Estimated coded bytes of one plane (a chunk that would not shrink is stored)."""
+    if p.size == 0:
+        return 0.0
+    counts = np.bincount(p, minlength=256)
+    k = int((counts > 0).sum())
+    c = counts[counts > 0]
+    # a Huffman code spends at least one bit per symbol (zero-heavy planes are where that shows)
+    bits = float((c * np.maximum(1.0, -np.log2(c / p.size))).sum()) + (k - 1) / (2 * math.log(2))
+    return min(float(p.size), bits / 8 + CHUNK_OVERHEAD + k / 4)
+
+
+def _ctx_estimate(item: EncodeItem, op: str, transform: str, x: np.ndarray, b: np.ndarray, total_elems: int) -> float:
+    """Estimated coded bytes of sample ``x`` as a context-sorted delta (segments as the writer cuts
+    them, at the sample's scale); and of the same sample unsorted, for a like-for-like comparison."""
+    dt = item.dtype
+    s, w = ctxdelta.default_ctx(dt)
+    t = np.empty_like(x)
+    cnt = np.zeros(1 << w, np.uint64)
+    ctx_apply(op, dt, x, b, t, s, w, inverse=False, counts=cnt)
+    n = x.size // dt.itemsize
+    frac = n / max(total_elems, 1)
+    segs = [m for row in ctxdelta.segments(cnt, 1 << 62, max(1, int(ctxdelta.MIN_SEG * frac))) for m in row]
+    return _units_cost(dt, transform, t, segs, frac)
+
+
+def _rows_cost(hist: np.ndarray) -> np.ndarray:
+    """Estimated coded bytes of each row of byte histograms ``hist`` (units x 256), as
+    :func:`_plane_cost` computes for one plane: Huffman bits (at least one per symbol) plus
+    sampling bias and chunk overhead, never more than stored."""
+    n = hist.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = hist / np.maximum(n, 1)[:, None]
+        bits = np.where(hist > 0, hist * np.maximum(1.0, -np.log2(np.where(hist > 0, p, 1.0))), 0.0).sum(axis=1)
+    k = (hist > 0).sum(axis=1)
+    cost = bits / 8 + (np.maximum(k, 1) - 1) / (16 * math.log(2)) + CHUNK_OVERHEAD + k / 4
+    return np.where(n > 0, np.minimum(n, cost), 0.0)
+
+
+def _units_cost(dt, transform: str, src: np.ndarray, units: list[int], frac: float) -> float:
+    """Estimated coded bytes of ``src`` (a sample) cut into ``units`` of elements, each coded with
+    ``transform`` as a row is. Per-chunk overheads count at the sample's scale (``frac``: the
+    sample's share of the tensor), since the real tensor has as many chunks but 1/frac the bytes."""
+    isz = dt.itemsize
+    nunits = len(units)
+    if transform == "fieldsplit" or nunits == 0:
+        total, pos = 0.0, 0
+        for m in units:
+            seg = src[pos:pos + m * isz]
+            pos += m * isz
+            planes = [np.empty(m * wd, np.uint8) for wd in transforms.plane_widths(dt, transform)]
+            transforms.split(dt, transform, seg, planes)
+            total += sum(_plane_cost(p) for p in planes)
+        return total
+    n = src.size // isz
+    uid = np.repeat(np.arange(nunits, dtype=np.int64), units)
+    by = src.reshape(n, isz)
+    over = (1 - frac) * CHUNK_OVERHEAD
+
+    def cost(ids, cols, stored):
+        h = np.bincount(ids * 256 + cols, minlength=nunits * 256).reshape(nunits, 256)
+        c = _rows_cost(h)
+        return float((c - np.where(stored > 0, np.minimum(stored, over), 0.0)).sum())
+
+    sizes = np.asarray(units, dtype=np.float64)
+    if transform != "masked":
+        return sum(cost(uid, by[:, j], sizes) for j in range(isz))
+    nz = src.view(transforms._UINT[isz]) != 0
+    nnz = np.bincount(uid[nz], minlength=nunits).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(sizes > 0, nnz / sizes, 0.0)
+        hb = np.where((q > 0) & (q < 1), -(q * np.log2(q) + (1 - q) * np.log2(1 - q)), 0.0)
+    mbytes = np.ceil(sizes / 8)
+    # the bitmap: its bytes at the binary entropy of the unit's nonzero share, one bit a byte at least
+    total = float((np.minimum(mbytes, np.maximum(sizes * hb, mbytes) / 8 + CHUNK_OVERHEAD) - np.minimum(mbytes, over)).sum())
+    ids, nzb = uid[nz], by[nz]
+    return total + sum(cost(ids, nzb[:, j], nnz) for j in range(isz))
 
 
 def _entropy_bytes(plane: np.ndarray) -> float:
@@ -79,6 +168,36 @@ def choose(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | None, 
     return min(costs, key=lambda c: (round(costs[c], 3), c[0] is not None, c[1] == "masked"))
 
 
+def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | None, str, tuple | None]:
+    """(op, transform, ctx): :func:`choose`, then, for floats, whether sorting the zigzag deltas
+    by the base's exponent pays. Both forms are estimated on the same sample with the same chunk
+    cost model (planes' entropy, per-chunk overhead), so a tensor is sorted only when its sorted
+    segments are estimated smaller than its rows; otherwise today's choice stands."""
+    op, transform = choose(item, x, b)
+    dt = item.dtype
+    if op is None or ctxdelta.default_ctx(dt) is None or item.nbytes == 0:
+        return op, transform, None
+    isz = dt.itemsize
+    xs, bs = _sample(x, isz), _sample(b, isz)
+    n, total = xs.size // isz, item.nbytes // isz
+    frac = n / total
+    plain = "raw" if isz == 1 else "bytegroup"
+    d = np.empty_like(xs)
+    delta_apply(op, dt, xs, bs, d, inverse=False)
+    rows = max(1, -(-n // max(1, int(item.chunk_elems * frac))))
+    per = -(-n // rows)
+    row_units = [min(per, n - k * per) for k in range(rows) if n - k * per > 0]
+    today = _units_cost(dt, transform, d, row_units, frac)
+    best = None
+    for tr in ("masked", plain):
+        c = _ctx_estimate(item, "zigzag", tr, xs, bs, total)
+        if best is None or c < best[0]:
+            best = (c, tr)
+    if best[0] < 0.99 * today:
+        return "zigzag", best[1], ctxdelta.default_ctx(dt)
+    return op, transform, None
+
+
 class _Planned:
     """Defers the op choice to when an item's bytes and its base's bytes are first fetched."""
 
@@ -88,13 +207,13 @@ class _Planned:
     def data(self):
         x = self.fetch_data() if callable(self.fetch_data) else self.fetch_data
         b = self.fetch_base()
-        op, transform = choose(self.item, x, b)
+        op, transform, ctx = choose_ctx(self.item, x, b)
         it = self.item
         it.transform = transform
         if op is None:
             it.delta_op, it.base, it.base_name = None, None, None
         else:
-            it.delta_op, it.base = op, b
+            it.delta_op, it.base, it.ctx = op, b, ctx
         return x
 
 

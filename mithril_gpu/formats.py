@@ -26,6 +26,12 @@ class InputFormatError(MithrilError):
     """An input checkpoint (safetensors or torch) cannot be read."""
 
 
+class NotPlainTorchError(InputFormatError):
+    """A torch file that ``torch.load(weights_only=True)`` refuses to unpickle: it holds objects
+    other than tensors, numeric numpy arrays and plain values (a Trainer's ``training_args.bin``,
+    a pickled model). Compressing a folder copies such a file as it is; it is never unpickled."""
+
+
 def sniff(path) -> str:
     """'safetensors', 'torch', 'mth' or 'unknown', from the first bytes of the file."""
     with open(path, "rb") as f:
@@ -268,5 +274,89 @@ def load_torch(path):
             hint = ("; it holds objects other than tensors, numeric numpy arrays and plain values (a pickled "
                     "model?): if you trust it, load it yourself and compress its state_dict() with "
                     "mithril_gpu.save")
-        raise InputFormatError(f"{short(path)}: cannot be read as a torch checkpoint with weights_only=True "
-                               f"({_torch_refusal(e)}){hint}") from None
+        kind = NotPlainTorchError if hint else InputFormatError
+        raise kind(f"{short(path)}: cannot be read as a torch checkpoint with weights_only=True "
+                   f"({_torch_refusal(e)}){hint}") from None
+
+
+# ---------------------------------------------------------------- output folders
+
+STAGE_MARK = ".mithril-"
+STAGE_SUFFIX = ".partial"
+
+
+class StagedDir:
+    """An output folder that appears whole or not at all (what ``mithril compress DIR OUT`` and
+    ``mithril decompress DIR OUT`` write into).
+
+    Everything is written into a hidden sibling, ``.<name>.mithril-<random>.partial`` (a sibling,
+    so relative paths to delta bases outside it stay right once it is moved). :meth:`commit`
+    renames it to ``path`` when ``path`` does not exist (one atomic rename), or, for an existing
+    folder (``-f``), moves its files in one by one (each move atomic; files of other names
+    already there are kept). A failure or interruption before :meth:`commit` (the context
+    manager's exit with an exception) removes the sibling and leaves ``path`` as it was. A
+    process killed outright leaves the hidden sibling, never a half-written ``path``.
+    """
+
+    def __init__(self, path):
+        import tempfile
+
+        self.path = os.path.abspath(os.fspath(path))
+        parent, name = os.path.split(self.path)
+        self.tmp = tempfile.mkdtemp(prefix=f".{name[:200]}{STAGE_MARK}", suffix=STAGE_SUFFIX, dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)      # what os.makedirs would give OUT (mkdtemp makes 0700)
+        self.done = False
+
+    def where(self, p: str) -> str:
+        """Where a path under ``path`` is written until the commit."""
+        rel = os.path.relpath(os.path.abspath(p), self.path)
+        return self.tmp if rel == "." else os.path.join(self.tmp, rel)
+
+    def commit(self) -> None:
+        import shutil
+
+        if not os.path.lexists(self.path):
+            os.rename(self.tmp, self.path)
+        else:
+            for folder, dirs, files in os.walk(self.tmp):
+                dirs.sort()
+                target = os.path.join(self.path, os.path.relpath(folder, self.tmp))
+                os.makedirs(target, exist_ok=True)
+                for name in sorted(files):
+                    os.replace(os.path.join(folder, name), os.path.join(target, name))
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.done = True
+        _fsync_dir(os.path.dirname(self.path))
+
+    def abort(self) -> None:
+        import shutil
+
+        if not self.done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+        return False
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

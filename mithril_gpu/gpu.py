@@ -280,7 +280,7 @@ def encode_all(items, write, coder, threads, progress=None):
                 s.synchronize()                        # nothing of the caller's tensor is read after this
         if progress:
             progress(it.nbytes)
-        results[i] = (checksum.combine(digests), chunks)
+        results[i] = (checksum.combine(digests), chunks, digests)
     return results
 
 

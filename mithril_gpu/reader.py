@@ -9,9 +9,10 @@ import numpy as np
 
 from . import backends, container, loading, torchio, tree as tree_mod
 from .container import TensorEntry
-from .cpu import decode_all, default_threads
+from .cpu import decode_all, decode_rows, default_threads
 from .errors import (BaseMismatchError, CorruptFileError, FormatError, MissingBaseError, MithrilError,
                      NotMithrilFileError, UnsupportedVersionError, short)
+from .slices import TensorSlice
 
 MAX_CHAIN = 64     # the longest chain of delta bases a reader follows
 CHECK_BATCH_BYTES = 32 << 20   # check() decodes tensors in batches of about this many bytes
@@ -181,12 +182,7 @@ class MthFile:
             base_entries = []
             for e in need:
                 name = e.delta["base"]
-                be = self.base_file.entry(name) if name in self.base_file else None
-                if be is None or be.dtype != e.dtype or be.shape != e.shape:
-                    raise BaseMismatchError(
-                        f"the base {short(self.base_file.path)} has no tensor {short(name)!r} of {e.dtype.name} "
-                        f"{list(e.shape)}, which delta tensor {short(e.name)!r} needs: it is not the right base, "
-                        "or the file is damaged")
+                be = self._base_entry(e)
                 if name not in bases:
                     bases[name] = _alloc(be)
                     base_entries.append(be)
@@ -199,6 +195,62 @@ class MthFile:
             if len(msg) > MAX_MESSAGE or not msg.isprintable():
                 raise type(exc)(short(msg, MAX_MESSAGE)) from None
             raise
+
+    def _base_entry(self, e: TensorEntry) -> TensorEntry:
+        """The base tensor delta entry ``e`` is stored against (a typed error if the base lacks it)."""
+        if self.base_file is None:
+            raise CorruptFileError(f"tensor {short(e.name)!r} is a delta in a file without a base")
+        name = e.delta["base"]
+        be = self.base_file.entry(name) if name in self.base_file else None
+        if be is None or be.dtype != e.dtype or be.shape != e.shape:
+            raise BaseMismatchError(
+                f"the base {short(self.base_file.path)} has no tensor {short(name)!r} of {e.dtype.name} "
+                f"{list(e.shape)}, which delta tensor {short(e.name)!r} needs: it is not the right base, "
+                "or the file is damaged")
+        return be
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """Tensor ``name`` for partial reads: ``get_shape()``, ``get_dtype()`` and indexing
+        (``f.get_slice("w")[:, 100:200]``) decode only the rows that cover the box asked for, each
+        checked against its row digest (see :class:`~mithril_gpu.slices.TensorSlice`)."""
+        self._check_open()
+        return TensorSlice(self, self.entry(name))
+
+    def decode_range(self, e: TensorEntry, start: int, stop: int):
+        """The bytes of elements ``[start, stop)`` of entry ``e`` (C order), as a flat uint8 CPU
+        tensor. Only the rows that cover them are decoded, and each is checked against its row
+        digest (``verify``); the whole tensor is decoded instead when its rows cannot be checked one
+        by one (a file written before row digests) or its coding is not row by row."""
+        self._check_open()
+        if not 0 <= start <= stop <= e.count:
+            raise IndexError(f"elements [{start}, {stop}) of tensor {short(e.name)!r} of {e.count} elements")
+        isz = e.dtype.itemsize
+        if (e.delta or {}).get("op") == "same":
+            be = self._base_entry(e)
+            return self.base_file.decode_range(be, start, stop)
+        ce = e.chunk_elems
+        r0, r1 = start // ce, -(-stop // ce)
+        rows_checkable = e.row_digests is not None or not self.verify
+        if start == stop or getattr(e, "whole_only", False) or not rows_checkable or (r0 == 0 and r1 >= e.rows):
+            if start == stop:
+                return torchio.empty_u8(0, "an empty box")
+            buf = torchio.empty_u8(e.nbytes, f"tensor {short(e.name)!r}")
+            self.decode_into([e], [buf.numpy()])
+            return buf[start * isz:stop * isz]
+        lo, hi = r0 * ce, min(r1 * ce, e.count)
+        out = torchio.empty_u8((hi - lo) * isz, f"rows of tensor {short(e.name)!r}")
+        base = None
+        if e.delta is not None:
+            be = self._base_entry(e)
+            base = self.base_file.decode_range(be, lo, hi).numpy()
+        try:
+            decode_rows(self._buf, e, out.numpy(), base, r0, r1, self.threads, self.verify)
+        except MithrilError as exc:
+            msg = str(exc)
+            if len(msg) > MAX_MESSAGE or not msg.isprintable():
+                raise type(exc)(short(msg, MAX_MESSAGE)) from None
+            raise
+        return out[(start - lo) * isz:(stop - lo) * isz]
 
     def get_bytes(self, name: str) -> np.ndarray:
         self._check_open()

@@ -35,6 +35,8 @@ def tensor_u8(t):
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
     t = t.contiguous().reshape(-1)
+    if t.numel() == 1 and t.stride(0) != 1:     # one element is "contiguous" whatever its stride
+        t = t.as_strided((1,), (1,))
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
     return t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)

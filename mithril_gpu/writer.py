@@ -189,10 +189,14 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
                 entries.append(TensorEntry(it.name, it.dtype, tuple(it.shape), it.transform, it.chunk_elems,
                                            digest, [], {"op": "same", "base": base_name}))
                 continue
-            digest, chunks = next(results)
+            res = next(results)         # (checksum, chunks[, row digests]): an encoder may omit the digests
+            digest, chunks = res[0], res[1]
             d = {"op": it.delta_op, "base": it.base_name} if it.delta_op else None
             entries.append(TensorEntry(it.name, it.dtype, tuple(it.shape), it.transform, it.chunk_elems,
-                                       digest, chunks, d, it.nnz if it.transform == "masked" else None))
+                                       digest, chunks, d, it.nnz if it.transform == "masked" else None,
+                                       row_digests=list(res[2]) if len(res) > 2 else None))
+            if it.ctx is not None:          # a context-sorted delta (feature "ctxdelta")
+                entries[-1].ctx, entries[-1].segs = list(it.ctx), list(it.segs)
         if base is not None and not any(e.delta for e in entries):
             import warnings
 

@@ -145,3 +145,12 @@ def test_cli_torch_file_round_trip_keeps_metadata_size_and_dtype(tmp_path):
     assert type(back["model"]) is collections.OrderedDict and back["model"]._metadata == sd._metadata
     for k in sd:
         assert torch.equal(back["model"][k], sd[k])
+
+
+def test_a_one_element_tensor_with_a_stride_saves(tmp_path):
+    # torch calls a one-element tensor contiguous whatever its stride; its bytes could not be viewed
+    t = {"f32": torch.randn(7)[::3][1:2], "bf16": torch.randn(9).bfloat16()[::4][2:3], "b": torch.ones(5).bool()[::2][:1]}
+    assert all(v.stride() != (1,) for v in t.values())
+    mithril_gpu.save(t, tmp_path / "x.mth")
+    back = mithril_gpu.load(tmp_path / "x.mth")
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in t.items())

@@ -1,0 +1,105 @@
+"""Base-conditioned deltas (feature ``"ctxdelta"``): the numpy reference of FORMAT.md
+"Context-sorted deltas".
+
+A delta entry with ``ctx: [s, w]`` stores its delta elements ``d`` (the ``xor`` or ``zigzag`` of
+:mod:`mithril_gpu.delta`, in natural order) permuted: the elements are stably sorted by the
+*context* of their base element ``y``,
+
+    c(y) = (y >> s) & (2^w - 1)        (y read as an unsigned integer of the dtype's width)
+
+so that for floats with ``s`` = the mantissa width and ``w`` = the exponent width, all changes of
+weights of one binade come together. The sorted stream ``t`` (``t[j] = d[perm[j]]``, ``perm``
+the stable counting sort of the element indices by context) is cut into segments of ``segs[k]``
+elements, each coded as a row of the entry's transform. Only the base is needed to rebuild
+``perm``, so a decoder that holds the base recomputes it; a wrong base gives a wrong permutation,
+which the checksum (over the original bytes, natural order) catches.
+
+This module is the definition; ``_accel.ctx_encode`` / ``ctx_decode`` must give the same bytes
+(tests compare them), and the GPU plan is the same counting sort as a prefix sum.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import delta as delta_ref
+from .dtypes import DType
+
+MAX_CTX_BITS = 12            # at most 4096 contexts (a histogram that fits a GPU block's shared memory)
+_UINT = delta_ref._UINT
+
+
+def valid_ctx(dt: DType, s: int, w: int) -> bool:
+    return 1 <= w <= MAX_CTX_BITS and 0 <= s and s + w <= 8 * dt.itemsize
+
+
+def default_ctx(dt: DType) -> tuple[int, int] | None:
+    """The context a writer tries for ``dt``: the exponent field of floats (None: no default)."""
+    if not delta_ref.is_float(dt) or dt.exp_bits == 0:
+        return None
+    return dt.man_bits, dt.exp_bits
+
+
+def contexts(dt: DType, base: np.ndarray, s: int, w: int) -> np.ndarray:
+    """c(y) of every base element (``base``: uint8 bytes of whole elements)."""
+    y = base.view(_UINT[dt.itemsize])
+    return ((y >> y.dtype.type(s)) & y.dtype.type((1 << w) - 1)).astype(np.int64)
+
+
+def counts(dt: DType, base: np.ndarray, s: int, w: int) -> np.ndarray:
+    """Elements per context, contexts 0 .. 2^w - 1."""
+    return np.bincount(contexts(dt, base, s, w), minlength=1 << w)
+
+
+def permutation(dt: DType, base: np.ndarray, s: int, w: int) -> np.ndarray:
+    """perm[j]: the natural index of the j-th element of the sorted stream (stable by context)."""
+    return np.argsort(contexts(dt, base, s, w), kind="stable")
+
+
+def encode(op: str, dt: DType, x: np.ndarray, base: np.ndarray, s: int, w: int) -> np.ndarray:
+    """The sorted stream of delta elements (uint8 bytes, same size as ``x``)."""
+    d = np.empty_like(x)
+    delta_ref.encode(op, dt, x, base, d)
+    ut = _UINT[dt.itemsize]
+    return d.view(ut)[permutation(dt, base, s, w)].view(np.uint8)
+
+
+def decode(op: str, dt: DType, t: np.ndarray, base: np.ndarray, s: int, w: int, out: np.ndarray) -> None:
+    """Inverse of :func:`encode`: rebuild the original bytes into ``out`` from the sorted stream."""
+    ut = _UINT[dt.itemsize]
+    d = np.empty(out.size // dt.itemsize, ut)
+    d[permutation(dt, base, s, w)] = t.view(ut)
+    delta_ref.decode(op, dt, d.view(np.uint8), base, out)
+
+
+# ---------------------------------------------------------------- writer policy (not format)
+
+MIN_SEG = 1024               # a segment is cut at a context change only once it holds this many elements
+
+
+def segments(ctx_counts, chunk_elems: int, min_seg: int | None = None) -> list[list[int]]:
+    """How mithril-gpu cuts the sorted stream: at context changes once a segment holds
+    ``min_seg`` elements, and always at multiples of ``chunk_elems`` (so that the segments of
+    sorted positions [r * chunk_elems, (r + 1) * chunk_elems) can be coded by one job, as a row
+    is). Returns, per such block of ``chunk_elems`` sorted positions, its segment sizes."""
+    min_seg = MIN_SEG if min_seg is None else min_seg
+    total = int(sum(int(c) for c in ctx_counts))
+    rows = -(-total // chunk_elems) if total else 0
+    bounds = set()                   # sorted positions where a context changes and a cut pays
+    pos = start = 0
+    for c in ctx_counts:
+        c = int(c)
+        if c == 0:
+            continue
+        if pos > start and pos - start >= min_seg:
+            bounds.add(pos)
+            start = pos
+        pos += c
+        # a long run of one context: segments restart at each chunk_elems multiple anyway
+        if pos // chunk_elems > start // chunk_elems:
+            start = max(start, (pos // chunk_elems) * chunk_elems)
+    out = []
+    for r in range(rows):
+        a, b = r * chunk_elems, min((r + 1) * chunk_elems, total)
+        cuts = [a] + sorted(p for p in bounds if a < p < b) + [b]
+        out.append([q - p for p, q in zip(cuts, cuts[1:])])
+    return out

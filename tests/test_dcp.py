@@ -1,0 +1,202 @@
+"""PyTorch Distributed Checkpoint storage (mithril_gpu.dcp): FSDP2 on gloo, CPU only.
+
+The multi-process scenarios run in ``tests/dcp_worker.py`` (torch.multiprocessing.spawn), once per
+module: 2 ranks save (sync, async, delta, stock) and load back, a damaged rank file, killed saves,
+then loads on 1 and 3 ranks. Each check leaves a marker file, so each test below says which one
+failed.
+"""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_same, subprocess_env
+
+torch_dist = pytest.importorskip("torch.distributed")
+if not torch_dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from mithril_gpu import dcp  # noqa: E402
+from mithril_gpu.errors import CorruptFileError, MithrilError, UnsupportedValueError  # noqa: E402
+
+WORKER = os.path.join(ROOT, "tests", "dcp_worker.py")
+
+
+def _run(mode, root, timeout=120):
+    p = subprocess.run([sys.executable, WORKER, mode, str(root)], env=subprocess_env(OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, (p.stdout + p.stderr)[-6000:]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Run every scenario once; returns (root, {mode: (rc, output)}, facts)."""
+    root = tmp_path_factory.mktemp("dcp")
+    out, facts = {}, {}
+    out["save"] = _run("save", root)
+    if os.path.exists(root / "m1" / dcp.METADATA_NAME):
+        shutil.copytree(root / "m1", root / "ow")          # overwritten in place by a killed save
+        facts["ow_before"] = {n: (root / "ow" / n).read_bytes() for n in os.listdir(root / "ow")}
+    out["kill"] = _run("kill", root)
+    out["load1"] = _run("load1", root)
+    out["load3"] = _run("load3", root)
+    return root, out, facts
+
+
+def _ok(run, *names, mode):
+    root, out, _ = run
+    missing = [n for n in names if not (root / f"ok_{n}").exists()]
+    assert not missing, f"{missing} failed; {mode} exited {out[mode][0]}:\n{out[mode][1]}"
+
+
+def test_save_sync_loads_bit_exact_and_matches_stock(run):
+    _ok(run, "save_sync", "load_sync", mode="save")
+    root = run[0]
+    d = json.loads((root / "m1" / dcp.METADATA_NAME).read_text())
+    assert d["format"] == "mithril-dcp" and len(d["files"]) == 2
+    kinds = {e["kind"] for e in d["entries"]}
+    assert kinds == {"tensor", "bytes"}
+    shard1 = next(e for e in d["entries"] if e["fqn"] == "extra.shard1")
+    assert [c["offsets"] for c in shard1["chunks"]] == [[0, 0], [0, 5]]          # Shard(1)
+
+
+def test_async_save(run):
+    _ok(run, "save_async", "load_async", mode="save")
+
+
+def test_delta_against_previous_checkpoint(run):
+    _ok(run, "load_delta", mode="save")
+    root = run[0]
+    d = json.loads((root / "m2" / dcp.METADATA_NAME).read_text())
+    assert d["base"] == "../m1"
+    full = sum(os.path.getsize(root / "a2" / n) for n in os.listdir(root / "a2") if n.endswith(".mth"))
+    delta = sum(os.path.getsize(root / "m2" / n) for n in os.listdir(root / "m2") if n.endswith(".mth"))
+    assert delta < full
+
+
+def test_reshard_2_to_1(run):
+    _ok(run, "reshard1", mode="load1")
+
+
+def test_reshard_2_to_3(run):
+    _ok(run, "reshard3", mode="load3")
+
+
+def test_damaged_rank_file_gives_typed_error(run):
+    _ok(run, "damaged", mode="save")
+    text = (run[0] / "damaged_1.txt").read_text()
+    assert text.startswith(("ChecksumMismatchError", "CorruptFileError")) and "__1_" in text, text
+
+
+def test_killed_save_commits_nothing_and_previous_loads(run):
+    root, out, facts = run
+    _ok(run, "killed", mode="kill")
+    assert not (root / "k" / dcp.METADATA_NAME).exists()               # a fresh directory: nothing committed
+    with pytest.raises(dcp.IncompleteCheckpointError):
+        dcp.read_json_metadata(root / "k")
+    before = facts["ow_before"]                                       # in place: the old commit still stands
+    for name, data in before.items():
+        assert (root / "ow" / name).read_bytes() == data, name
+    _ok(run, "reshard1", mode="load1")                                 # ... and loads bit-exact (worker checks)
+
+
+def test_writer_and_reader_pickle(tmp_path):
+    w = dcp.MithrilWriter(tmp_path / "a", base=tmp_path / "b", level=3, threads=2)
+    w2 = pickle.loads(pickle.dumps(w))
+    assert type(w2) is dcp.MithrilWriter and vars(w2) == vars(w)
+    assert all(isinstance(v, (str, int, bool, type(None))) for v in vars(w).values())   # no files, threads
+    r = dcp.MithrilReader(tmp_path / "a")
+    assert pickle.loads(pickle.dumps(r)).path == r.path
+
+
+def _flat_state(metadata):
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return {k: torch.zeros(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+def _load_single(path, reader):
+    import torch.distributed.checkpoint as dcp_
+
+    r = reader(str(path))
+    state = _flat_state(r.read_metadata())
+    r.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.load(state, storage_reader=r, no_dist=True)
+    return state
+
+
+def test_cli_compress_decompress_info(run, tmp_path, capsys):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mithril_gpu.cli import main
+
+    root = run[0]
+    if not (root / "stock" / ".metadata").exists():
+        pytest.fail("the stock checkpoint was not written: " + run[1]["save"][1])
+    assert main(["compress", str(root / "stock"), str(tmp_path / "c")]) == 0
+    assert "compressed DCP checkpoint" in capsys.readouterr().out
+    want = _load_single(root / "stock", FileSystemReader)
+    got = _load_single(tmp_path / "c", dcp.MithrilReader)
+    assert want.keys() == got.keys() and len(want) > 10
+    for k in want:                                      # whole tensors, on one process: 2 -> 1 boxes
+        assert_same(want[k], got[k])
+    assert main(["info", str(tmp_path / "c")]) == 0
+    text = capsys.readouterr().out
+    assert "mithril DCP checkpoint, 2 ranks" in text and "22 tensors" in text
+    assert main(["decompress", str(tmp_path / "c"), str(tmp_path / "s")]) == 0
+    for name in os.listdir(root / "stock"):            # the data files come back byte for byte
+        if name.endswith(".distcp"):
+            assert (tmp_path / "s" / name).read_bytes() == (root / "stock" / name).read_bytes(), name
+    back = _load_single(tmp_path / "s", FileSystemReader)
+    for k in want:
+        assert_same(want[k], back[k])
+    assert main(["compress", str(root / "stock"), str(tmp_path / "c")]) == 1         # OUT exists, no -f
+    assert "exists" in capsys.readouterr().err
+    # a delta conversion against a mithril checkpoint of the same run
+    assert main(["compress", str(root / "stock"), str(tmp_path / "d"), "--base", str(root / "m1"), "-q"]) == 0
+    got = _load_single(tmp_path / "d", dcp.MithrilReader)
+    for k in want:
+        assert_same(want[k], got[k])
+
+
+def test_stock_metadata_never_runs_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / ".metadata").write_bytes(pickle.dumps({"a": Evil()}))
+    with pytest.raises(UnsupportedValueError, match="refusing to unpickle"):
+        dcp.load_stock_metadata(tmp_path / "x")
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "x" / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CorruptFileError):
+        dcp.load_stock_metadata(tmp_path / "x")
+
+
+def test_metadata_json_damage_is_typed(run, tmp_path):
+    root = run[0]
+    if not (root / "m1" / dcp.METADATA_NAME).exists():
+        pytest.fail("m1 was not written")
+    shutil.copytree(root / "m1", tmp_path / "m")
+    p = tmp_path / "m" / dcp.METADATA_NAME
+    d = json.loads(p.read_text())
+    cases = [b"{not json", json.dumps({**d, "format": "x"}).encode(),
+             json.dumps({**d, "files": {"../etc": {"xxh64": "0"}}}).encode(),
+             json.dumps({**d, "entries": [{**d["entries"][0], "dtype": "os.system"}]}).encode(),
+             json.dumps({**d, "entries": [{**d["entries"][0], "size": [1]}]}).encode()]
+    for raw in cases:
+        p.write_bytes(raw)
+        with pytest.raises(MithrilError):
+            dcp.MithrilReader(tmp_path / "m").read_metadata()
+    p.write_bytes(json.dumps(d).encode())
+    assert dcp.MithrilReader(tmp_path / "m").read_metadata().state_dict_metadata
