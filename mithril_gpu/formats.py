@@ -295,15 +295,18 @@ class StagedDir:
     folder (``-f``), moves its files in one by one (each move atomic; files of other names
     already there are kept). A failure or interruption before :meth:`commit` (the context
     manager's exit with an exception) removes the sibling and leaves ``path`` as it was. A
-    process killed outright leaves the hidden sibling, never a half-written ``path``.
+    process killed outright leaves the hidden sibling, never a half-written ``path``; the sibling
+    is locked (``flock``) while in use, and the next run for the same ``path`` removes the ones
+    no live process holds.
     """
 
     def __init__(self, path):
-        import tempfile
-
         self.path = os.path.abspath(os.fspath(path))
         parent, name = os.path.split(self.path)
-        self.tmp = tempfile.mkdtemp(prefix=f".{name[:200]}{STAGE_MARK}", suffix=STAGE_SUFFIX, dir=parent)
+        self.prefix = f".{name[:200]}{STAGE_MARK}"
+        os.makedirs(parent, exist_ok=True)        # OUT's parents are made as before (only OUT is staged)
+        _remove_stale_stages(parent, self.prefix)
+        self._fd, self.tmp = _locked_stage(parent, self.prefix)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)      # what os.makedirs would give OUT (mkdtemp makes 0700)
@@ -328,6 +331,7 @@ class StagedDir:
                     os.replace(os.path.join(folder, name), os.path.join(target, name))
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.done = True
+        self._unlock()
         _fsync_dir(os.path.dirname(self.path))
 
     def abort(self) -> None:
@@ -335,6 +339,12 @@ class StagedDir:
 
         if not self.done:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self
@@ -349,6 +359,60 @@ class StagedDir:
         else:
             self.abort()
         return False
+
+
+def _locked_stage(parent: str, prefix: str) -> tuple[int | None, str]:
+    """A new hidden folder in ``parent``, locked; as ``writer._locked_temp`` does for files: a
+    cleaner that took it for a stale one in the instant before the lock makes us try another."""
+    import tempfile
+
+    from .writer import fcntl
+
+    for _ in range(100):
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=STAGE_SUFFIX, dir=parent)
+        if fcntl is None:
+            return None, tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)       # held until the fd closes or the process dies
+            if os.fstat(fd).st_nlink > 0:
+                return fd, tmp
+        except OSError:
+            pass
+        os.close(fd)
+    raise OSError(f"could not create a temp folder in {parent}")
+
+
+def _remove_stale_stages(parent: str, prefix: str) -> None:
+    """Remove the hidden folders ``prefix*.partial`` in ``parent`` that killed runs left: those
+    whose lock can be taken (no live process holds them)."""
+    import shutil
+
+    from .writer import fcntl
+
+    if fcntl is None:
+        return
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(STAGE_SUFFIX)):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue                   # a live run is writing it
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

@@ -27,6 +27,7 @@ from .errors import MithrilError, short
 
 MODEL_PATTERNS = (".safetensors.mth", ".bin.mth")
 _ANCHOR = re.compile(r"\.mithril-anchor-(\d+)\Z")
+_ANCHOR_PARTIAL = re.compile(r"\.mithril-anchor-(\d+)\.partial\Z")
 
 
 class HubFolderError(MithrilError):
@@ -49,6 +50,21 @@ def model_shards(folder: str) -> list[str]:
         names = sorted(os.listdir(folder))
     except OSError as e:
         raise HubFolderError(f"{short(folder)}: cannot list it ({short(e.strerror or e, 80)})") from None
+    indexes = [n for n in names if n.endswith((".safetensors.index.json", ".bin.index.json"))]
+    if len(indexes) == 1:          # a sharded model: the shards its index names, and only those
+        import json
+
+        try:
+            with open(os.path.join(folder, indexes[0]), encoding="utf-8") as fh:
+                files = sorted(set(json.load(fh)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise HubFolderError(f"{short(os.path.join(folder, indexes[0]))}: not a valid shard index") from None
+        if all(isinstance(n, str) and n + ".mth" in names for n in files) and files:
+            return [os.path.join(folder, n + ".mth") for n in files]
+        missing = [n for n in files if not (isinstance(n, str) and n + ".mth" in names)]
+        if len(missing) < len(files):
+            raise HubFolderError(f"{short(folder)}: {short(indexes[0])} names shards that are not there compressed "
+                                 f"({short(', '.join(map(str, missing[:3])), 120)}.mth)")
     for suffix in MODEL_PATTERNS:
         found = [os.path.join(folder, n) for n in names
                  if n.endswith(suffix) and os.path.isfile(os.path.join(folder, n))]
@@ -69,11 +85,15 @@ def _resolve(path_or_repo_id, kwargs: dict) -> str:
         return os.path.join(path, subfolder) if subfolder else path
     if os.path.exists(path):
         raise HubFolderError(f"{short(path)} is a file: give the folder made by `mithril compress MODEL_DIR OUT_DIR`")
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+        raise HubFolderError(f"{short(path)}: no such folder (and not a Hub repo id such as 'org/name')")
     from huggingface_hub import snapshot_download
 
     hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
            if kwargs.get(k) is not None}
-    local = snapshot_download(path, **hub)
+    # configs and compressed shards only (not the uncompressed weights a repo may hold too)
+    patterns = ["*.json", "*.mth"] + (["*.py"] if kwargs.get("trust_remote_code") else [])
+    local = snapshot_download(path, allow_patterns=patterns, **hub)
     return os.path.join(local, subfolder) if subfolder else local
 
 
@@ -272,6 +292,10 @@ class _CallbackImpl:
                  threads: int | None = None):
         if not isinstance(full_every, int) or full_every < 1:
             raise ValueError("full_every must be an int >= 1")
+        if level is not None and not (isinstance(level, int) and 1 <= level <= 22):
+            raise ValueError("level must be None or an int in 1..22")
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError("threads must be None or an int >= 1")
         self.deltas, self.full_every, self.level, self.threads = deltas, full_every, level, threads
         self._anchor: str | None = None
         self._since_anchor = 0
@@ -351,6 +375,9 @@ class _CallbackImpl:
                         needed.update(a for a in anchors if target.startswith(a + os.sep))
         for a in anchors - needed:
             shutil.rmtree(a, ignore_errors=True)
+        for n in names:        # an anchor being made when a run was killed
+            if _ANCHOR_PARTIAL.match(n):
+                shutil.rmtree(os.path.join(run_dir, n), ignore_errors=True)
 
 
 _CALLBACK = None

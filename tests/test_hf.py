@@ -111,8 +111,12 @@ def test_a_hub_id_resolves_with_snapshot_download(packed_model, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     back = mh.from_pretrained(AutoModelForCausalLM, "someone/tiny-llama-mth", revision="v1", local_files_only=True)
-    assert calls == [("someone/tiny-llama-mth", {"revision": "v1", "local_files_only": True})]
+    assert calls == [("someone/tiny-llama-mth", {"revision": "v1", "local_files_only": True,
+                                                 "allow_patterns": ["*.json", "*.mth"]})]
     assert_same_model(model, back)
+    with pytest.raises(mh.HubFolderError, match="no such folder"):
+        mh.from_pretrained(AutoModelForCausalLM, str(packed) + "-missing")
+    assert len(calls) == 1
 
 
 def test_from_pretrained_errors_are_typed(packed_model, tmp_path):
@@ -129,6 +133,15 @@ def test_from_pretrained_errors_are_typed(packed_model, tmp_path):
     assert issubclass(mh.HubFolderError, MithrilError)
     with pytest.raises(TypeError, match="state_dict"):
         mh.from_pretrained(LlamaForCausalLM, packed, state_dict={})
+    # the shard index says which files are the model: a stray .mth beside them is not loaded
+    shutil.copytree(packed, tmp_path / "extra")
+    import mithril_gpu
+
+    mithril_gpu.save({"lora_A": torch.ones(2)}, tmp_path / "extra" / "adapter_model.safetensors.mth")
+    assert_same_model(packed_model[0], mh.from_pretrained(LlamaForCausalLM, tmp_path / "extra"))
+    os.unlink(tmp_path / "extra" / "model-00002-of-00002.safetensors.mth")
+    with pytest.raises(mh.HubFolderError, match="model-00002-of-00002.safetensors.mth"):
+        mh.from_pretrained(LlamaForCausalLM, tmp_path / "extra")
 
 
 def test_importing_the_module_does_not_import_transformers():
@@ -161,7 +174,7 @@ class Snapshot(TrainerCallback):
 
 def train(out, callbacks=(), resume=None, steps=8, eval_dataset=None, **kw):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config())
+    model = LlamaForCausalLM(tiny_config(attention_dropout=0.1))     # dropout: a resume needs the RNG states too
     args = TrainingArguments(output_dir=str(out), max_steps=steps, save_steps=2, per_device_train_batch_size=4,
                              report_to=[], use_cpu=True, disable_tqdm=True, seed=0, logging_strategy="no", **kw)
     Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=eval_dataset, callbacks=list(callbacks)).train(
@@ -228,7 +241,10 @@ def test_callback_full_files_and_a_real_trainer_folder_through_the_cli(tmp_path)
     assert_restored(tmp_path / "raw" / "checkpoint-2", tmp_path / "back")
 
 
-def test_callback_refuses_load_best_model_at_end(tmp_path):
+def test_callback_refuses_load_best_model_at_end_and_bad_arguments(tmp_path):
+    for bad in ({"level": 99}, {"threads": 0}, {"full_every": 0}):
+        with pytest.raises(ValueError):
+            mh.MithrilCallback(**bad)
     with pytest.raises(ValueError, match="load_best_model_at_end"):
         train(tmp_path / "out", [mh.MithrilCallback()], steps=2, load_best_model_at_end=True,
               eval_strategy="steps", eval_steps=2, eval_dataset=Tokens())

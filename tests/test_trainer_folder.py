@@ -214,8 +214,21 @@ def test_a_killed_run_never_leaves_a_half_written_out(tmp_path):
     # no OUT; what the killed run wrote is in one hidden folder, next to where OUT would have been
     assert len(left) == 1 and left[0].startswith(".packed.mithril-") and left[0].endswith(".partial")
     assert any(n.endswith(".mth") for n in os.listdir(tmp_path / left[0]))
-    run("compress", ckpt, tmp_path / "packed")      # a later run is not in its way
+    run("compress", ckpt, tmp_path / "packed")      # a later run removes it (no live process holds it)
     assert "optimizer.pt.mth" in _listing(tmp_path / "packed")
+    assert _listing(tmp_path) == ["checkpoint-2", "packed"]
+
+
+def test_a_live_runs_temp_folder_is_not_removed(tmp_path):
+    from mithril_gpu.formats import StagedDir
+
+    ckpt = make_checkpoint_folder(str(tmp_path / "checkpoint-2"))
+    live = StagedDir(tmp_path / "packed")              # another run, still writing
+    open(os.path.join(live.tmp, "partial.mth"), "wb").close()
+    run("compress", ckpt, tmp_path / "packed")
+    assert os.path.exists(os.path.join(live.tmp, "partial.mth"))
+    live.abort()
+    assert _listing(tmp_path) == ["checkpoint-2", "packed"]
 
 
 def test_the_out_folder_gets_the_usual_permissions(tmp_path):
