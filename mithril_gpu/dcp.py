@@ -91,9 +91,9 @@ def _ints(v, what: str) -> list:
     return v
 
 
-def metadata_to_json(metadata, files: dict, locs: dict, base: str | None = None, source=None) -> dict:
+def metadata_to_json(metadata, files: dict, locs: dict, base: str | None = None) -> dict:
     """DCP ``Metadata`` as a JSON-able dict. ``locs``: {MetadataIndex: _Loc}; ``files``:
-    {file name: {"rank": r, "xxh64": identity, "size": bytes}}."""
+    {file name: {"rank": r, "xxh64": identity, "size": bytes, "source": stock file name (converted)}}."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
     from . import tree as tree_mod
@@ -119,7 +119,7 @@ def metadata_to_json(metadata, files: dict, locs: dict, base: str | None = None,
     planner = None
     if metadata.planner_data is not None:
         try:
-            planner, leaves = tree_mod.encode(metadata.planner_data, lambda x: False)
+            planner, _ = tree_mod.encode(metadata.planner_data, lambda x: False)
         except UnsupportedValueError as e:
             raise UnsupportedValueError(f"the save planner's planner_data cannot be stored without pickle: {e}") \
                 from None
@@ -130,7 +130,7 @@ def metadata_to_json(metadata, files: dict, locs: dict, base: str | None = None,
                         "save_id": sm.save_id, "modules": list(sm.modules or [])}
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dcp_version": metadata.version,
             "files": files, "base": base, "entries": entries, "planner_data": planner,
-            "storage_meta": storage_meta, **({"source": source} if source is not None else {})}
+            "storage_meta": storage_meta}
 
 
 def metadata_from_json(d: dict):
@@ -206,6 +206,20 @@ def metadata_from_json(d: dict):
     return md, files
 
 
+def _rank_threads(threads: int | None) -> int:
+    """Threads for one rank: as given, or the cores this process may use shared among the ranks of
+    this machine (torchrun's LOCAL_WORLD_SIZE), so that 8 ranks do not each start a thread per core."""
+    if threads:
+        return threads
+    from .cpu import default_threads
+
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, default_threads() // local)
+
+
 def _safe_name(name: str) -> bool:
     """A file name recorded in the metadata: a plain name in the directory, never a path."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
@@ -270,7 +284,8 @@ _WRITER_DOC = """A DCP ``StorageWriter`` that writes a mithril checkpoint direct
         base: an earlier checkpoint directory of the same run, written by MithrilWriter: each rank's
             file is a delta against that rank's file of ``base`` (shards matched by fqn, dtype, shape).
         level, threads, chunk_elems, device: as :func:`mithril_gpu.save` (``device="auto"``: the GPU
-            path when the shards are CUDA tensors and the GPU backend can run).
+            path when the shards are CUDA tensors and the GPU backend can run). ``threads`` is per
+            rank; by default the cores shared among the ranks of the machine (LOCAL_WORLD_SIZE).
         overwrite: whether a directory that already holds a committed checkpoint may be written to.
 
     The writer holds only plain values (no open files, threads or CUDA handles): it pickles, as
@@ -312,9 +327,11 @@ class MithrilWriter(StorageWriter):
 
     def prepare_local_plan(self, plan):
         os.makedirs(self.path, exist_ok=True)
-        if self.base is not None and os.path.abspath(self.base) == os.path.abspath(self.path):
-            raise ValueError(f"base= is the checkpoint being written ({short(self.path)}): a delta needs an "
-                             "earlier checkpoint directory")
+        if self.base is not None:
+            if os.path.abspath(self.base) == os.path.abspath(self.path):
+                raise ValueError(f"base= is the checkpoint being written ({short(self.path)}): a delta needs an "
+                                 "earlier checkpoint directory")
+            read_json_metadata(self.base)      # a committed mithril checkpoint, said before any work
         if not self.overwrite and os.path.exists(os.path.join(self.path, METADATA_NAME)):
             raise MithrilError(f"a checkpoint is already committed in {short(self.path)} and overwrite=False")
         return plan
@@ -332,8 +349,6 @@ class MithrilWriter(StorageWriter):
         return fut
 
     def finish(self, metadata, results) -> None:
-        from .writer import is_temp_name  # noqa: F401  (temp files are cleaned by AtomicFile)
-
         metadata.version = metadata.version or "1.0.0"
         metadata.storage_meta = self.storage_meta()
         locs, files = {}, {}
@@ -401,21 +416,20 @@ class MithrilWriter(StorageWriter):
             obj[name] = t
             names.append(name)
         base = _base_rank_file(self.base, rank) if self.base is not None else None
-        import warnings
-
-        with warnings.catch_warnings():
-            if base is None:
-                warnings.simplefilter("ignore", UserWarning)
-            api.save(obj, path, base=base, level=self.level, threads=self.threads, chunk_elems=self.chunk_elems,
-                     device=self.device, metadata={"mithril.dcp.rank": str(rank)})
+        api.save(obj, path, base=base, level=self.level, threads=_rank_threads(self.threads),
+                 chunk_elems=self.chunk_elems, device=self.device, metadata={"mithril.dcp.rank": str(rank)})
         del obj
         with MthFile(path, verify=False, base=SKIP_BASE) as f:
             identity, size = f.identity, f.size
             stored = {e.name: e.stored_bytes for e in f.index.tensors}
+        lost = [n for n in names if n not in stored]
+        if lost:        # two fqns that map to one name (an fqn spelled like "x@0,0"): never silently
+            raise UnsupportedValueError(f"cannot name the shard {short(lost[0])!r} in the rank file uniquely")
         return [WriteResult(index=it.index, size_in_bytes=stored.get(n, 0),
                             storage_data={"file": fname, "name": n, "rank": rank, "xxh64": identity,
                                           "size": size})
                 for it, n in zip(items, names)]
+
 
 class MithrilReader(StorageReader):
     __doc__ = _READER_DOC
@@ -484,7 +498,7 @@ class MithrilReader(StorageReader):
         for fname, reqs in per_file.items():
             path = os.path.join(self.path, fname)
             try:
-                with MthFile(path, verify=self.verify, threads=self.threads) as f:
+                with MthFile(path, verify=self.verify, threads=_rank_threads(self.threads)) as f:
                     want = self.files.get(fname, {}).get("xxh64")
                     if f.identity != want:
                         raise BaseMismatchError(
@@ -501,6 +515,12 @@ class MithrilReader(StorageReader):
             except MithrilError as e:        # say which rank file
                 err = type(e)(f"{short(path)}: {e}")
                 raise err.with_traceback(e.__traceback__) from None
+            except FileNotFoundError:
+                raise IncompleteCheckpointError(f"{short(path)}: this rank file of the checkpoint is missing") \
+                    from None
+            except KeyError as e:            # a name the metadata lists and the (committed) file lacks
+                raise CorruptFileError(f"{short(path)}: {short(e.args[0] if e.args else e, 200)}: the checkpoint's "
+                                       f"{METADATA_NAME} is damaged") from None
 
 
 
@@ -730,9 +750,12 @@ def compress_dir(src, dst, *, base=None, level=None, threads=None, chunk_elems=c
             files[out_name] = {"rank": _rank_of(fname), "xxh64": f.identity, "size": f.size, "source": fname}
         for (idx, *_), name in zip(recs, names):
             locs[idx] = _Loc(out_name, name)
+    from .writer import is_temp_name
+
     for name in sorted(os.listdir(src)):       # anything else the directory holds is copied
         p = os.path.join(src, name)
-        if name != STOCK_METADATA_NAME and name not in per_file and os.path.isfile(p) and name != METADATA_NAME:
+        if name != STOCK_METADATA_NAME and name not in per_file and os.path.isfile(p) and name != METADATA_NAME \
+                and not is_temp_name(name) and name not in files:
             shutil.copy2(p, os.path.join(dst, name))
     brel = os.path.relpath(os.path.abspath(base), os.path.abspath(dst)) if base is not None else None
     _write_json_atomic(os.path.join(dst, METADATA_NAME), metadata_to_json(md, files, locs, base=brel))
@@ -800,6 +823,15 @@ def decompress_dir(src, dst, *, verify: bool = True, threads=None, progress=None
                 raw_total += e.nbytes
                 if progress:
                     progress(e.nbytes)
+    import shutil
+
+    from .writer import is_temp_name
+
+    for name in sorted(os.listdir(src)):       # anything else the directory holds is copied back
+        p = os.path.join(src, name)
+        if name not in files and name != METADATA_NAME and not is_temp_name(name) and not _RANK_FILE.match(name) \
+                and name != STOCK_METADATA_NAME and name not in used and os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dst, name))
     missing = [idx.fqn for idx in md.storage_data if idx not in storage]
     if missing:
         raise CorruptFileError(f"{short(src)}: {len(missing)} items of the metadata are in no rank file "
@@ -823,7 +855,11 @@ def info_dir(path) -> dict:
         d = read_json_metadata(path)
         md, files = metadata_from_json(d)
         kind = "mithril"
-        stored = sum(int(r.get("size") or 0) for r in files.values()) + os.path.getsize(os.path.join(path, METADATA_NAME))
+        missing = [n for n in files if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise IncompleteCheckpointError(f"{short(path)}: rank file {short(missing[0])} of the checkpoint is missing")
+        stored = sum(os.path.getsize(os.path.join(path, n)) for n in files) + \
+            os.path.getsize(os.path.join(path, METADATA_NAME))
         names = sorted(files)
     else:
         md = load_stock_metadata(path)
@@ -895,6 +931,8 @@ def cli_compress(a) -> int:
 
     from .cli import _summary
 
+    if is_mithril_dcp_dir(a.input):
+        raise MithrilError(f"{short(a.input)} is already a mithril DCP checkpoint")
     _cli_out(a)
     if a.base is not None and not is_mithril_dcp_dir(a.base):
         raise MithrilError(f"--base {short(a.base)} is not a mithril DCP checkpoint directory (no {METADATA_NAME})")
@@ -913,6 +951,8 @@ def cli_decompress(a) -> int:
 
     from .cli import _summary
 
+    if not is_mithril_dcp_dir(a.input):
+        raise MithrilError(f"{short(a.input)} is a stock DCP checkpoint (FileSystemWriter): nothing to decompress")
     _cli_out(a)
     t0 = time.perf_counter()
     decompress_dir(a.input, a.output, verify=not a.no_verify, threads=a.threads, base=a.base)

@@ -23,7 +23,8 @@ if not torch_dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 from mithril_gpu import dcp  # noqa: E402
-from mithril_gpu.errors import CorruptFileError, MithrilError, UnsupportedValueError  # noqa: E402
+from mithril_gpu.errors import (BaseMismatchError, CorruptFileError, MithrilError,  # noqa: E402
+                                UnsupportedValueError)
 
 WORKER = os.path.join(ROOT, "tests", "dcp_worker.py")
 
@@ -142,7 +143,9 @@ def test_cli_compress_decompress_info(run, tmp_path, capsys):
     root = run[0]
     if not (root / "stock" / ".metadata").exists():
         pytest.fail("the stock checkpoint was not written: " + run[1]["save"][1])
-    assert main(["compress", str(root / "stock"), str(tmp_path / "c")]) == 0
+    shutil.copytree(root / "stock", tmp_path / "in")
+    (tmp_path / "in" / "meta.pt").write_bytes(b"other files (Lightning's meta.pt) are copied as they are")
+    assert main(["compress", str(tmp_path / "in"), str(tmp_path / "c")]) == 0
     assert "compressed DCP checkpoint" in capsys.readouterr().out
     want = _load_single(root / "stock", FileSystemReader)
     got = _load_single(tmp_path / "c", dcp.MithrilReader)
@@ -156,11 +159,19 @@ def test_cli_compress_decompress_info(run, tmp_path, capsys):
     for name in os.listdir(root / "stock"):            # the data files come back byte for byte
         if name.endswith(".distcp"):
             assert (tmp_path / "s" / name).read_bytes() == (root / "stock" / name).read_bytes(), name
+    assert (tmp_path / "s" / "meta.pt").read_bytes() == (tmp_path / "in" / "meta.pt").read_bytes()
+    assert (tmp_path / "c" / "meta.pt").exists()
     back = _load_single(tmp_path / "s", FileSystemReader)
     for k in want:
         assert_same(want[k], back[k])
     assert main(["compress", str(root / "stock"), str(tmp_path / "c")]) == 1         # OUT exists, no -f
     assert "exists" in capsys.readouterr().err
+    assert main(["compress", str(root / "m1"), str(tmp_path / "z")]) == 1
+    assert "already a mithril DCP checkpoint" in capsys.readouterr().err
+    assert main(["decompress", str(root / "stock"), str(tmp_path / "z")]) == 1
+    assert "stock DCP checkpoint" in capsys.readouterr().err
+    assert main(["info", str(root / "stock")]) == 0
+    assert "stock (FileSystemWriter) DCP checkpoint, 2 ranks" in capsys.readouterr().out
     # a delta conversion against a mithril checkpoint of the same run
     assert main(["compress", str(root / "stock"), str(tmp_path / "d"), "--base", str(root / "m1"), "-q"]) == 0
     got = _load_single(tmp_path / "d", dcp.MithrilReader)
@@ -200,3 +211,62 @@ def test_metadata_json_damage_is_typed(run, tmp_path):
             dcp.MithrilReader(tmp_path / "m").read_metadata()
     p.write_bytes(json.dumps(d).encode())
     assert dcp.MithrilReader(tmp_path / "m").read_metadata().state_dict_metadata
+
+
+def test_single_process_and_mixed_or_missing_rank_files(run, tmp_path):
+    """No process group (no_dist): save and load; a rank file from another save, or none, is a typed error."""
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state = {"w": torch.randn(40, 24).to(torch.bfloat16), "b": torch.arange(7), "step": 3, "s": "x"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save(state, storage_writer=dcp.MithrilWriter(tmp_path / "one"), no_dist=True)
+        back = {"w": torch.zeros(40, 24, dtype=torch.bfloat16), "b": torch.zeros(7, dtype=torch.int64), "step": 0,
+                "s": ""}
+        dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "one"), no_dist=True)
+    assert_same(back["w"], state["w"])
+    assert_same(back["b"], state["b"])
+    assert back["step"] == 3 and back["s"] == "x"
+
+    root = run[0]
+    if not (root / "m2" / dcp.METADATA_NAME).exists():
+        pytest.fail("m2 was not written")
+    shutil.copytree(root / "m1", tmp_path / "mix")
+    mine = next(n for n in os.listdir(tmp_path / "mix") if n.startswith("__0_"))
+    other = next(n for n in os.listdir(root / "a2") if n.startswith("__0_"))
+    shutil.copy(root / "a2" / other, tmp_path / "mix" / mine)          # a file of another save, same name
+    with pytest.raises(CheckpointException) as ei:
+        _load_single(tmp_path / "mix", dcp.MithrilReader)
+    errs = [e for e, _ in ei.value.failures.values()]
+    assert any(isinstance(e, BaseMismatchError) and "mixes files of two saves" in str(e) for e in errs), errs
+    os.unlink(tmp_path / "mix" / mine)
+    with pytest.raises(CheckpointException) as ei:
+        _load_single(tmp_path / "mix", dcp.MithrilReader)
+    errs = [e for e, _ in ei.value.failures.values()]
+    assert any(isinstance(e, dcp.IncompleteCheckpointError) for e in errs), errs
+
+
+@pytest.mark.skipif(os.environ.get("MITHRIL_DCP_PROCESS") != "1",
+                    reason="opt-in (MITHRIL_DCP_PROCESS=1): ~8 s more and a local TCP port")
+def test_async_save_process_mode(tmp_path):
+    """dcp.async_save(async_checkpointer_type=PROCESS) pickles the writer into DCP's checkpoint process."""
+    rc, out = _run("process", tmp_path)
+    assert rc == 0 and (tmp_path / "ok_process_mode").exists(), out
+
+
+def test_compress_reads_the_zstandard_extension(tmp_path):
+    """A stock checkpoint written with FileSystemWriter's ZStandard extension converts too."""
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    state = {"w": (0.02 * torch.randn(64, 48)).to(torch.bfloat16), "m": torch.randn(64, 48), "step": 7}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save(state, storage_writer=FileSystemWriter(str(tmp_path / "z"), _extensions=[ZStandard()]),
+                  no_dist=True)
+    dcp.compress_dir(tmp_path / "z", tmp_path / "c")
+    got = _load_single(tmp_path / "c", dcp.MithrilReader)
+    assert_same(got["w"], state["w"])
+    assert_same(got["m"], state["m"])
