@@ -191,7 +191,7 @@ def cmd_compress(a) -> int:
     from . import api, formats, tree as tree_mod
 
     _check_base(a)
-    if os.path.isfile(os.path.join(a.input, ".metadata")):    # a DCP checkpoint (FileSystemWriter)
+    if any(os.path.isfile(os.path.join(a.input, n)) for n in (".metadata", "mithril_dcp.json")):   # DCP
         from .dcp import cli_compress
 
         return cli_compress(a)
@@ -294,7 +294,7 @@ def cmd_decompress(a) -> int:
     from .writer import AtomicFile
 
     _check_base(a)
-    if os.path.isfile(os.path.join(a.input, "mithril_dcp.json")):    # a mithril DCP checkpoint
+    if any(os.path.isfile(os.path.join(a.input, n)) for n in (".metadata", "mithril_dcp.json")):   # DCP
         from .dcp import cli_decompress
 
         return cli_decompress(a)
@@ -451,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(.mth). OUT is written atomically, and an existing OUT is replaced only with "
                                    "-f. If IN is a directory (a sharded model, say), OUT is a directory too: every "
                                    "checkpoint file in IN becomes OUT/<name>.mth and every other file is copied, "
-                                   "subfolders kept; --base may then name a directory compressed the same way, "
-                                   "matched file by file.")
+                                   "subfolders kept (torch files that weights_only=True refuses, such as a Trainer's "
+                                   "training_args.bin, are copied byte for byte, never unpickled); OUT is built in a "
+                                   "hidden sibling folder and appears only when complete; --base may then name a "
+                                   "directory compressed the same way, matched file by file.")
     c.add_argument("input", metavar="IN")
     c.add_argument("output", metavar="OUT")
     c.add_argument("--level", type=_int_in(1, 22), default=None, metavar="L",
