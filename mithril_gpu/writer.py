@@ -1,8 +1,11 @@
 """Writing .mth files: atomic replacement and the streaming layout (payloads, then index, then trailer)."""
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import stat
+import sys
 import tempfile
 
 from . import codecs, container
@@ -90,6 +93,130 @@ def _locked_temp(directory: str, prefix: str) -> tuple[int, str]:
     raise OSError(f"could not create a temp file in {directory}")
 
 
+FLUSH_BYTES = 4 << 20        # payloads are handed to the writer thread in batches of about this size
+QUEUE_BATCHES = 4            # at most this many batches wait for the writer thread (memory bound)
+SYNC_EVERY = 64 << 20        # start writeback of what is written every this many bytes (Linux)
+OLD_FILE_BYTES = 64 << 20    # a replaced file at least this big is freed off the critical path
+IOV_MAX = 512                # buffers per writev call (the system limit is at least 1024)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None: starts writeback of a range without waiting."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_start_writeback = _sync_file_range()
+
+
+def _write_all(fd: int, bufs: list) -> int:
+    """Write ``bufs`` (bytes) at the file's position with as few system calls as possible."""
+    total = 0
+    for i in range(0, len(bufs), IOV_MAX):
+        group = bufs[i:i + IOV_MAX]
+        want = sum(len(b) for b in group)
+        done = os.writev(fd, group)
+        while done < want:                      # a short write: go on from where it stopped
+            rest, skip = [], done
+            for b in group:
+                if skip >= len(b):
+                    skip -= len(b)
+                    continue
+                rest.append(memoryview(b)[skip:])
+                skip = 0
+            group, want = rest, want - done
+            done = os.writev(fd, group)
+        total += sum(len(b) for b in bufs[i:i + IOV_MAX])
+    return total
+
+
+class _Writer:
+    """A thread that writes batches of payloads in order, starting writeback as the file grows
+    (so that the final fsync has little left to wait for). The first error it meets is kept and
+    raised by the next :meth:`put` or :meth:`close`."""
+
+    def __init__(self, fd: int):
+        import queue
+        import threading
+
+        self.fd, self.error, self.written, self.synced = fd, None, 0, 0
+        self.q = queue.Queue(QUEUE_BATCHES)
+        self.thread = threading.Thread(target=self._run, name="mithril-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            bufs = self.q.get()
+            if bufs is None:
+                return
+            if self.error is not None:
+                continue                       # drain: the file is abandoned
+            try:
+                self.written += _write_all(self.fd, bufs)
+                if _start_writeback is not None and self.written - self.synced >= SYNC_EVERY:
+                    _start_writeback(self.fd, self.synced, self.written - self.synced, _SYNC_FILE_RANGE_WRITE)
+                    self.synced = self.written
+            except BaseException as e:          # noqa: BLE001  (kept, raised on the caller's thread)
+                self.error = e
+
+    def put(self, bufs: list) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(bufs)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _FileView(io.RawIOBase):
+    """``AtomicFile.file``: a write-only file object for code that wants one (``torch.save``)."""
+
+    def __init__(self, owner: "AtomicFile"):
+        super().__init__()
+        self._owner = owner
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = memoryview(b).nbytes
+        self._owner.write(bytes(b))
+        return n
+
+    def fileno(self) -> int:
+        return self._owner.fd
+
+
+_old_files: set = set()        # replaced files still being freed in the background
+
+
+def _free_old(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    _old_files.discard(path)
+
+
+@atexit.register
+def _free_old_at_exit() -> None:
+    for path in list(_old_files):
+        _free_old(path)
+
+
 class AtomicFile:
     """A file that replaces ``path`` only when complete: temp file, fsync, rename, fsync dir.
 
@@ -99,15 +226,24 @@ class AtomicFile:
     power loss) leaves its temp file behind: it is named ``.<name>.mithril-<random>.tmp`` and
     locked while written, and the next :class:`AtomicFile` in the same directory removes it
     (:func:`remove_stale_temps`).
+
+    The I/O overlaps the caller's work: :meth:`write` keeps a reference to ``bytes`` payloads
+    (no copy; other buffers are copied, since their owner may reuse them) and hands batches of
+    about 4 MB to a writer thread, which writes each batch with one ``writev`` and starts the
+    kernel's writeback every 64 MB (``sync_file_range``, on Linux), so the fsync at the end
+    waits for little. A big file that is replaced is unlinked on a background thread after the
+    rename (its blocks are freed off the critical path); were the process killed first, that
+    link is a temp file that the next write into the directory removes.
     """
 
     def __init__(self, path: str | os.PathLike, mode: int | None = None):
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             raise IsADirectoryError(f"{self.path} is a directory")
-        directory = os.path.dirname(os.path.abspath(self.path))
-        remove_stale_temps(directory)
-        fd, self.tmp = _locked_temp(directory, "." + os.path.basename(self.path)[:200] + TEMP_MARK)
+        self._dir = os.path.dirname(os.path.abspath(self.path))
+        remove_stale_temps(self._dir)
+        self._prefix = "." + os.path.basename(self.path)[:200] + TEMP_MARK
+        fd, self.tmp = _locked_temp(self._dir, self._prefix)
         try:
             if mode is None:
                 umask = os.umask(0)
@@ -115,42 +251,102 @@ class AtomicFile:
                 mode = 0o666 & ~umask
             if hasattr(os, "fchmod"):          # mkstemp makes 0600; give the usual (or the asked) permissions
                 os.fchmod(fd, mode)
-            self.file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), buffer_size=4 << 20)
         except BaseException:
             os.close(fd)
             os.unlink(self.tmp)
             raise
+        self.fd = fd
         self.offset = 0
+        self._batch: list = []
+        self._batch_bytes = 0
+        self._writer: _Writer | None = None
+        self.file = _FileView(self)
 
     def write(self, data) -> int:
-        """Append ``data``; return the offset it starts at."""
+        """Append ``data``; return the offset it starts at. ``data`` may be reused once this returns."""
         at = self.offset
-        self.file.write(data)
-        self.offset += len(data)
+        if type(data) is not bytes:
+            data = bytes(data)
+        if data:
+            self._batch.append(data)
+            self._batch_bytes += len(data)
+            self.offset += len(data)
+            if self._batch_bytes >= FLUSH_BYTES:
+                self._hand_over()
         return at
 
+    def _hand_over(self) -> None:
+        if self._writer is None:
+            self._writer = _Writer(self.fd)
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._writer.put(batch)
+
+    def _finish_writes(self) -> None:
+        """Every byte written to the file (the writer thread stopped)."""
+        if self._writer is not None:
+            if self._batch:
+                self._hand_over()
+            writer, self._writer = self._writer, None
+            writer.close()
+        elif self._batch:
+            _write_all(self.fd, self._batch)
+        self._batch, self._batch_bytes = [], 0
+
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        self._finish_writes()
+        os.fsync(self.fd)
+        old = self._keep_old()
         # rename while the lock is still held, so no cleaner can take a complete file for a stale one
-        os.replace(self.tmp, self.path)
-        self.file.close()
         try:
-            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            if old is not None:
+                _free_old(old)
+            raise
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            dfd = os.open(self._dir, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
         except OSError:
             pass
+        if old is not None:
+            import threading
+
+            threading.Thread(target=_free_old, args=(old,), name="mithril-free-old", daemon=True).start()
+
+    def _keep_old(self) -> str | None:
+        """A second link to a big file about to be replaced (so the rename does not free it), or None."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size < OLD_FILE_BYTES:
+                return None
+            old = os.path.join(self._dir, f"{self._prefix}old-{os.urandom(6).hex()}{TEMP_SUFFIX}")
+            os.link(self.path, old)
+        except OSError:
+            return None
+        _old_files.add(old)
+        return old
 
     def abort(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except BaseException:      # noqa: BLE001  (the write failed; the file goes anyway)
+                pass
+        self._batch = []
         try:
             os.unlink(self.tmp)        # while still locked: no cleaner can be racing for it
         except OSError:
             pass
         finally:
-            self.file.close()
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
         try:
             os.unlink(self.tmp)        # where an open file cannot be unlinked (Windows)
         except OSError:
@@ -161,7 +357,12 @@ class AtomicFile:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                if self.fd >= 0:           # failed before the rename: the temp file goes
+                    self.abort()
+                raise
         else:
             self.abort()
         return False

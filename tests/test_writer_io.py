@@ -1,0 +1,119 @@
+"""The writer's I/O (writer.AtomicFile): payloads go to a writer thread in batches (one writev each,
+writeback started as the file grows), a big file that is replaced is freed off the critical path,
+and none of it weakens atomicity: a failed write leaves the old file and no temp behind."""
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import mithril_gpu
+from mithril_gpu import writer
+from mithril_gpu.writer import AtomicFile
+
+
+def _payloads(seed=0, n=300):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        size = int(rng.integers(0, 70_000))
+        b = rng.integers(0, 256, size, dtype=np.uint8)
+        out.append(b.tobytes() if i % 3 else b)              # bytes, and buffers the caller reuses
+    return out
+
+
+def test_batched_threaded_writes_give_the_same_bytes_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "FLUSH_BYTES", 256 << 10)      # many batches
+    monkeypatch.setattr(writer, "SYNC_EVERY", 1 << 20)
+    ranges = []
+    monkeypatch.setattr(writer, "_start_writeback", lambda fd, off, n, flags: ranges.append((off, n)) or 0)
+    threads = set()
+    real = writer._write_all
+    monkeypatch.setattr(writer, "_write_all", lambda fd, bufs: threads.add(threading.current_thread().name)
+                        or real(fd, bufs))
+    want, offsets = bytearray(), []
+    with AtomicFile(tmp_path / "f") as out:
+        for p in _payloads():
+            raw = bytes(p)
+            offsets.append((out.write(p), raw))
+            if isinstance(p, np.ndarray):
+                p[...] = 0                                    # reused right away: what was written stays
+            want += raw
+    data = (tmp_path / "f").read_bytes()
+    assert data == bytes(want)
+    assert all(data[at:at + len(raw)] == raw for at, raw in offsets)
+    assert "mithril-writer" in threads                        # the batches went to the writer thread
+    assert ranges and ranges[0][0] == 0                       # writeback started as the file grew
+    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_short_writes_are_continued(tmp_path, monkeypatch):
+    real = os.writev
+    monkeypatch.setattr(writer.os, "writev", lambda fd, bufs: real(fd, [memoryview(bufs[0])[:777]]))
+    pay = _payloads(1, 40)
+    with AtomicFile(tmp_path / "f") as out:
+        for p in pay:
+            out.write(p)
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes(p) for p in pay)
+
+
+def test_a_failed_write_on_the_writer_thread_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.mth"
+    old = {"w": torch.arange(10.0)}
+    mithril_gpu.save(old, path)
+    before = path.read_bytes()
+
+    def full(fd, bufs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer.os, "writev", full)
+    with pytest.raises(OSError, match="No space"):
+        mithril_gpu.save({"w": torch.randn(3_000_000)}, path)      # 12 MB: several batches
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.mth"]
+
+
+def test_a_replaced_big_file_is_freed_after_the_rename(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1000)
+    path = tmp_path / "ckpt.mth"
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)
+    old_inode = os.stat(path).st_ino
+    held = threading.Event()
+    freed = []
+    real = writer._free_old
+
+    def slow_free(p):                      # hold the background unlink until the test has looked
+        held.wait(5)
+        freed.append(p)
+        real(p)
+    monkeypatch.setattr(writer, "_free_old", slow_free)
+    new = {"w": torch.randn(10_000)}
+    mithril_gpu.save(new, path)
+    names = os.listdir(tmp_path)
+    old_links = [n for n in names if writer.is_temp_name(n)]
+    assert len(old_links) == 1 and os.stat(tmp_path / old_links[0]).st_ino == old_inode   # still linked
+    assert torch.equal(mithril_gpu.load(path)["w"], new["w"])
+    held.set()
+    for t in threading.enumerate():
+        if t.name == "mithril-free-old":
+            t.join(5)
+    assert freed and os.listdir(tmp_path) == ["ckpt.mth"]
+
+
+def test_an_old_link_left_by_a_killed_process_goes_with_the_next_save(tmp_path):
+    path = tmp_path / "ckpt.mth"
+    mithril_gpu.save({"w": torch.ones(3)}, path)
+    stale = tmp_path / ".ckpt.mth.mithril-old-0123456789ab.tmp"     # as _keep_old names it
+    os.link(path, stale)
+    mithril_gpu.save({"w": torch.zeros(3)}, tmp_path / "other.mth")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.mth", "other.mth"]
+
+
+def test_torch_save_writes_through_the_file_view(tmp_path):
+    state = {"a": torch.randn(100_000), "b": [1, 2]}
+    with AtomicFile(tmp_path / "x.pt") as out:
+        torch.save(state, out.file)
+    back = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert torch.equal(back["a"], state["a"]) and back["b"] == [1, 2]
