@@ -16,7 +16,8 @@ of zigzag-delta byte planes (raw / sum of per-tensor, per-plane order-0 entropy;
 tensors count 0); the base-conditioned bound (the same with one histogram per context, the
 context being the base element's exponent field, for a nonzero bitmap and the byte planes of the
 nonzero deltas or for plain byte planes, whichever is smaller per tensor; table costs ignored);
-and mithril's delta save and load MB/s (save and load alternate, medians of --runs).
+and mithril's delta save and load MB/s (saves and loads with and without ctxdelta alternate;
+medians of --runs) and, as medians of paired ratios, their speed relative to those without it.
 
 The run also keeps three consecutive checkpoints (1-3, 50-52, 298-300) for the second-base
 estimate (`--second-base`): per-context entropy with the previous change's sign or magnitude as
@@ -280,16 +281,21 @@ def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
     raw = sum(t.numel() * t.element_size() for t in ln.values())
     tmp = tempfile.mkdtemp()
     out, out_old = os.path.join(tmp, "delta.mth"), os.path.join(tmp, "delta_old.mth")
-    with _without_ctx():
-        mithril_gpu.save(new, out_old, base=base_file)
-    tc, td = [], []
-    for _ in range(runs):                       # save and load alternate: both see the same machine load
+    tc, td, tco, tdo = [], [], [], []
+    for _ in range(runs):      # saves and loads, with and without ctxdelta, alternate: all see the same machine load
         t = time.perf_counter()
         mithril_gpu.save(new, out, base=base_file)
         tc.append(time.perf_counter() - t)
         t = time.perf_counter()
         back = mithril_gpu.load(out, base=base_file)
         td.append(time.perf_counter() - t)
+        with _without_ctx():
+            t = time.perf_counter()
+            mithril_gpu.save(new, out_old, base=base_file)
+            tco.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        mithril_gpu.load(out_old, base=base_file)
+        tdo.append(time.perf_counter() - t)
     assert all(np.array_equal(raw_bytes(a), raw_bytes(b)) for a, b in zip(leaves(back).values(), ln.values()))
     with mithril_gpu.open(out, base=base_file) as f:
         sorted_share = sum(e.nbytes for e in f.index.tensors if e.ctx is not None) / raw
@@ -302,7 +308,9 @@ def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
             "zstd3": round(zstd3, 2), "zipnn": "-" if zipnn_r is None else round(zipnn_r, 2),
             "bound": round(bound, 2), "cond": round(cond, 2),
             "of_bound": f"{100 * ours / bound:.0f}%", "of_cond": f"{100 * ours / cond:.0f}%",
-            "comp_mbs": round(raw / statistics.median(tc) / 1e6), "dec_mbs": round(raw / statistics.median(td) / 1e6)}
+            "comp_mbs": round(raw / statistics.median(tc) / 1e6), "dec_mbs": round(raw / statistics.median(td) / 1e6),
+            "comp_vs": f"{statistics.median([a / b for a, b in zip(tco, tc)]):.2f}",
+            "dec_vs": f"{statistics.median([a / b for a, b in zip(tdo, td)]):.2f}"}
 
 
 def second_base(kind: str, files: list[str]) -> dict:
@@ -347,7 +355,8 @@ def main():
             ("before", "without ctxdelta"), ("sorted", "bytes context-sorted"),
             ("zstd3", "zstd-3, no delta"), ("zipnn", "zipnn, no delta"), ("bound", "order-0 bound (zigzag planes)"),
             ("cond", "base-conditioned bound"), ("of_bound", "mithril / order-0"), ("of_cond", "mithril / conditioned"),
-            ("comp_mbs", "delta save MB/s"), ("dec_mbs", "delta load MB/s")]
+            ("comp_mbs", "delta save MB/s"), ("dec_mbs", "delta load MB/s"),
+            ("comp_vs", "save speed vs without ctxdelta"), ("dec_vs", "load speed vs without ctxdelta")]
     title = (f"Real training run: {info['params'] / 1e6:.1f} M-parameter byte-level LM, {s} AdamW steps on the "
              f"standard library's sources (final loss {info['final_loss']}, {info['train_seconds']} s to train)")
     text = print_table(rows, cols, title)

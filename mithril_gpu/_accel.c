@@ -471,50 +471,112 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
  * scatters each element's delta to the next free position of its context; decoding gathers it
  * back from there. One histogram pass over the base, one pass over the elements. */
 #define CTX_MAXW 12
+/* The part is cut into CTX_K sub-parts moved in step (element j of each in turn), each from its
+ * own offsets (a sub-part's first position per context: the part's, plus the earlier sub-parts'
+ * counts), so that the offset increments form CTX_K independent chains the CPU overlaps; the
+ * order within each context stays the elements' order. Blocks of CTX_BLK elements of each
+ * sub-part have their deltas and contexts computed first, in branchless loops the compiler
+ * vectorises: key(v) = v ^ (-(v >> (B-1)) | sign bit), its inverse k ^ (((k >> (B-1)) - 1) | sign bit). */
+#define CTX_BLK 1024
+#define CTX_K 4                  /* the moves below are written out for 4 */
+#define CTX_CX(T) ((uint16_t)((y >> s) & cm))
+#define CTX_ENC(T, BITS, x0, b0, dst) do { T x = (x0), b = (b0); \
+    if (op == 0) dst = x ^ b; else { \
+        x ^= (T)(((T)(0 - (T)(x >> (BITS - 1))) | sb) & fm); b ^= (T)(((T)(0 - (T)(b >> (BITS - 1))) | sb) & fm); \
+        T v = (T)(x - b); dst = (T)((T)(v << 1) ^ (T)(0 - (T)(v >> (BITS - 1)))); } } while (0)
+#define CTX_DEC(T, BITS, z0, b0, dst) do { T z = (z0), b = (b0); \
+    if (op == 0) dst = z ^ b; else { \
+        b ^= (T)(((T)(0 - (T)(b >> (BITS - 1))) | sb) & fm); \
+        T k_ = (T)(b + (T)((z >> 1) ^ (T)(0 - (T)(z & 1)))); \
+        dst = (T)(k_ ^ (T)(((T)((T)(k_ >> (BITS - 1)) - 1) | sb) & fm)); } } while (0)
 #define CTX_T(T, BITS) do { \
     const T *X = (const T *)xs.buf, *Y = (const T *)bs.buf; T *O = (T *)os.buf; \
-    const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); \
-    for (Py_ssize_t i = 0; i < n; i++) hist[(Y[i] >> s) & cm]++; \
-    uint64_t run = 0; \
-    for (int c = 0; c < (1 << w); c++) { off[c] = run; run += hist[c]; } \
-    if (!inv) { for (Py_ssize_t i = 0; i < n; i++) { T x = X[i], b = Y[i]; uint64_t pos = off[(b >> s) & cm]++; \
-        T d; if (op == 0) d = x ^ b; else { \
-            if (fl) { x ^= (x & sb) ? (T)~(T)0 : sb; b ^= (b & sb) ? (T)~(T)0 : sb; } \
-            T v = (T)(x - b); d = (T)((T)(v << 1) ^ (T)(0 - (v >> (BITS - 1)))); } \
-        O[pos] = d; } } \
-    else { for (Py_ssize_t i = 0; i < n; i++) { T b = Y[i]; T z = X[off[(b >> s) & cm]++]; \
-        if (op == 0) { O[i] = z ^ b; continue; } \
-        if (fl) b ^= (b & sb) ? (T)~(T)0 : sb; \
-        T d = (T)((z >> 1) ^ (T)(0 - (z & 1))); T k = (T)(b + d); \
-        if (fl) { k = (k & sb) ? (T)(k ^ sb) : (T)~k; } O[i] = k; } } \
+    const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
+    const Py_ssize_t L = n / CTX_K; const int nc = 1 << w; \
+    for (Py_ssize_t j = 0; j < L; j++) for (int k = 0; k < CTX_K; k++) { T y = Y[k * L + j]; sub[k * nc + CTX_CX(T)]++; } \
+    for (Py_ssize_t j = CTX_K * L; j < n; j++) { T y = Y[j]; sub[(CTX_K - 1) * nc + CTX_CX(T)]++; } \
+    for (int c = 0; c < nc; c++) { uint64_t h = 0; for (int k = 0; k < CTX_K; k++) h += sub[k * nc + c]; hist[c] = h; } \
+    if (!have_ob) { uint64_t run = 0; for (int c = 0; c < nc; c++) { off[c] = run; run += hist[c]; } } \
+    for (int c = 0; c < nc; c++) { uint64_t o = off[c]; for (int k = 0; k < CTX_K; k++) { uint64_t h = sub[k * nc + c]; sub[k * nc + c] = o; o += h; } \
+        if (hist[c] && (o < off[c] || o > (uint64_t)nsorted)) bad = 1; } \
+    T dbuf[CTX_K][CTX_BLK]; uint16_t cbuf[CTX_K][CTX_BLK]; \
+    uint64_t *restrict s0 = sub, *restrict s1 = sub + nc, *restrict s2 = sub + 2 * nc, *restrict s3 = sub + 3 * nc; \
+    for (Py_ssize_t j0 = 0; j0 < L && !bad; j0 += CTX_BLK) { \
+        Py_ssize_t m = L - j0 < CTX_BLK ? L - j0 : CTX_BLK; \
+        for (int k = 0; k < CTX_K; k++) { const T *y_ = Y + k * L + j0; \
+            for (Py_ssize_t j = 0; j < m; j++) { T y = y_[j]; cbuf[k][j] = CTX_CX(T); } } \
+        if (!inv) { \
+            for (int k = 0; k < CTX_K; k++) { const T *x_ = X + k * L + j0, *y_ = Y + k * L + j0; \
+                for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, x_[j], y_[j], dbuf[k][j]); } \
+            for (Py_ssize_t j = 0; j < m; j++) { \
+                O[s0[cbuf[0][j]]++] = dbuf[0][j]; O[s1[cbuf[1][j]]++] = dbuf[1][j]; \
+                O[s2[cbuf[2][j]]++] = dbuf[2][j]; O[s3[cbuf[3][j]]++] = dbuf[3][j]; } \
+        } else { \
+            for (Py_ssize_t j = 0; j < m; j++) { \
+                dbuf[0][j] = X[s0[cbuf[0][j]]++]; dbuf[1][j] = X[s1[cbuf[1][j]]++]; \
+                dbuf[2][j] = X[s2[cbuf[2][j]]++]; dbuf[3][j] = X[s3[cbuf[3][j]]++]; } \
+            for (int k = 0; k < CTX_K; k++) { const T *y_ = Y + k * L + j0; T *o_ = O + k * L + j0; \
+                for (Py_ssize_t j = 0; j < m; j++) CTX_DEC(T, BITS, dbuf[k][j], y_[j], o_[j]); } \
+        } \
+    } \
+    for (Py_ssize_t i = CTX_K * L; i < n && !bad; i++) { T y = Y[i]; \
+        uint64_t p = s3[CTX_CX(T)]++; \
+        if (!inv) CTX_ENC(T, BITS, X[i], y, O[p]); else CTX_DEC(T, BITS, X[p], y, O[i]); } \
 } while (0)
 
-/* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out or None)
- * inverse 0: out = sorted stream of deltas of x against base; inverse 1: x is the sorted stream,
- * out = the original elements. counts_out (uint64[2^w]) receives the histogram. */
+#define CTX_HIST_T(T) do { const T *Y = (const T *)bs.buf; const T cm = (T)((1u << w) - 1); \
+    for (Py_ssize_t i = 0; i < n; i++) hist[(Y[i] >> s) & cm]++; } while (0)
+
+static void ctx_hist_c(Py_buffer bs, int isz, int s, int w, uint64_t *hist) {
+    Py_ssize_t n = bs.len / isz;
+    switch (isz) {
+        case 1: CTX_HIST_T(uint8_t); break;
+        case 2: CTX_HIST_T(uint16_t); break;
+        case 4: CTX_HIST_T(uint32_t); break;
+        default: CTX_HIST_T(uint64_t); break;
+    }
+}
+
+/* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)
+ * inverse 0: out = sorted stream of the deltas of x against base; inverse 1: x is the sorted
+ * stream, out = the original elements. counts_out (uint64[2^w]) receives the base's histogram.
+ * offsets (uint64[2^w]): the sorted positions of the first element of each context of this part
+ * of a tensor (base and, encoding, x, or decoding, out are the part; the sorted side is the whole
+ * stream); without it the part is the whole tensor. A position beyond the stream is an error. */
 static PyObject *ctx(PyObject *self, PyObject *args) {
-    Py_buffer xs, bs, os; int isz, op, fl, inv, s, w; PyObject *cnt;
-    if (!PyArg_ParseTuple(args, "y*y*w*iiiiiiO", &xs, &bs, &os, &isz, &op, &fl, &inv, &s, &w, &cnt)) return NULL;
-    Py_buffer cb; int have_cb = 0;
-    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || xs.len != bs.len || xs.len != os.len || xs.len % isz
-            || op < 0 || op > 1 || w < 1 || w > CTX_MAXW || s < 0 || s + w > 8 * isz) {
+    Py_buffer xs, bs, os; int isz, op, fl, inv, s, w; PyObject *cnt = Py_None, *offs = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*w*iiiiii|OO", &xs, &bs, &os, &isz, &op, &fl, &inv, &s, &w, &cnt, &offs)) return NULL;
+    Py_buffer cb, ob; int have_cb = 0, have_ob = 0;
+    Py_ssize_t part = inv ? os.len : xs.len, whole = inv ? xs.len : os.len;
+    int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && bs.len == part && part % isz == 0 && whole % isz == 0
+             && op >= 0 && op <= 1 && w >= 1 && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz
+             && (offs != Py_None || whole == part);
+    if (ok && cnt != Py_None) {
+        if (PyObject_GetBuffer(cnt, &cb, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) ok = -1;
+        else { have_cb = 1; ok = cb.len >= (Py_ssize_t)(sizeof(uint64_t) << w); }
+    }
+    if (ok == 1 && offs != Py_None) {
+        if (PyObject_GetBuffer(offs, &ob, PyBUF_C_CONTIGUOUS) < 0) ok = -1;
+        else { have_ob = 1; ok = ob.len >= (Py_ssize_t)(sizeof(uint64_t) << w); }
+    }
+    uint64_t *hist = NULL, *off = NULL, *sub = NULL;
+    if (ok == 1) {
+        hist = calloc((size_t)1 << w, sizeof(uint64_t)); off = malloc(sizeof(uint64_t) << w);
+        sub = calloc((size_t)CTX_K << w, sizeof(uint64_t));
+        if (!hist || !off || !sub) ok = -2;
+    }
+    if (ok != 1) {
+        free(hist); free(off); free(sub);
+        if (have_cb) PyBuffer_Release(&cb);
+        if (have_ob) PyBuffer_Release(&ob);
         PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
-        PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
+        if (ok == -2) return PyErr_NoMemory();
+        if (ok == 0) PyErr_SetString(PyExc_ValueError, "bad arguments");
+        return NULL;
     }
-    if (cnt != Py_None) {
-        if (PyObject_GetBuffer(cnt, &cb, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-            PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os); return NULL; }
-        have_cb = 1;
-        if (cb.len < (Py_ssize_t)(sizeof(uint64_t) << w)) {
-            PyBuffer_Release(&cb); PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
-            PyErr_SetString(PyExc_ValueError, "counts buffer too small"); return NULL; }
-    }
-    uint64_t *hist = calloc((size_t)1 << w, sizeof(uint64_t)), *off = malloc(sizeof(uint64_t) << w);
-    if (!hist || !off) {
-        free(hist); free(off); if (have_cb) PyBuffer_Release(&cb);
-        PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os); return PyErr_NoMemory(); }
-    Py_ssize_t n = xs.len / isz;
+    Py_ssize_t n = part / isz, nsorted = whole / isz; int bad = 0;
     Py_BEGIN_ALLOW_THREADS
+    if (have_ob) memcpy(off, ob.buf, sizeof(uint64_t) << w);
     switch (isz) {
         case 1: CTX_T(uint8_t, 8); break;
         case 2: CTX_T(uint16_t, 16); break;
@@ -523,8 +585,28 @@ static PyObject *ctx(PyObject *self, PyObject *args) {
     }
     if (have_cb) memcpy(cb.buf, hist, sizeof(uint64_t) << w);
     Py_END_ALLOW_THREADS
-    free(hist); free(off); if (have_cb) PyBuffer_Release(&cb);
+    free(hist); free(off); free(sub);
+    if (have_cb) PyBuffer_Release(&cb);
+    if (have_ob) PyBuffer_Release(&ob);
     PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
+    if (bad) { PyErr_SetString(PyExc_ValueError, "context offsets beyond the sorted stream"); return NULL; }
+    Py_RETURN_NONE;
+}
+
+/* ctx_hist(base, itemsize, s, w, counts_out): the histogram of contexts of base (uint64[2^w]) */
+static PyObject *ctx_hist(PyObject *self, PyObject *args) {
+    Py_buffer bs, cb; int isz, s, w;
+    if (!PyArg_ParseTuple(args, "y*iiiw*", &bs, &isz, &s, &w, &cb)) return NULL;
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || bs.len % isz || w < 1 || w > CTX_MAXW || s < 0
+            || s + w > 8 * isz || cb.len < (Py_ssize_t)(sizeof(uint64_t) << w)) {
+        PyBuffer_Release(&bs); PyBuffer_Release(&cb);
+        PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    memset(cb.buf, 0, sizeof(uint64_t) << w);
+    ctx_hist_c(bs, isz, s, w, (uint64_t *)cb.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bs); PyBuffer_Release(&cb);
     Py_RETURN_NONE;
 }
 
@@ -537,7 +619,8 @@ static PyMethodDef methods[] = {
     {"split", split, METH_VARARGS, "split(src, itemsize, exp_bits, man_bits, planes)"},
     {"merge", merge, METH_VARARGS, "merge(planes, itemsize, exp_bits, man_bits, out)"},
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
-    {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out): context-sorted delta"},
+    {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)"},
+    {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_accel", "mithril CPU fast paths", -1, methods};

@@ -30,6 +30,8 @@ except ImportError:  # not built: the numpy reference gives the same bytes, slow
     _accel = None
 
 JOB_BYTES = 4 << 20          # input bytes per job: big enough to amortise Python, small enough to balance
+PREFETCH_BYTES = 256 << 20   # delta items resolved ahead of the encoder (their coding chosen, sorted)
+PREFETCH_ITEMS = 4
 
 
 def default_threads() -> int:
@@ -86,14 +88,41 @@ def delta_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.nda
         delta_ref.encode(op, dt, x, base, out)
 
 
+CTX_PARALLEL_BYTES = 8 << 20     # a context sort of a larger tensor is split across threads
+
+
 def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarray, s: int, w: int,
-              inverse: bool, counts: np.ndarray | None = None) -> None:
+              inverse: bool, counts: np.ndarray | None = None, threads: int = 1) -> None:
     """Context-sorted delta (ctxdelta.py): ``out`` = the sorted stream of ``x``'s deltas, or with
     ``inverse`` the original elements from the sorted stream ``x``. ``counts`` (uint64[2^w]) gets
-    the elements per context."""
-    if _accel is not None and hasattr(_accel, "ctx"):
-        _accel.ctx(x, base, out, dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt)), int(inverse),
-                   s, w, counts)
+    the elements per context. With ``threads`` > 1 a large tensor is cut into parts sorted in
+    parallel (a histogram per part, then each part moves its elements from its own offsets: the
+    same counting sort, the same bytes)."""
+    if _accel is not None and hasattr(_accel, "ctx_hist"):
+        isz, opi, fl = dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
+        n = base.size // isz
+        parts = min(threads, max(1, base.size // (CTX_PARALLEL_BYTES // 2)))
+        if parts <= 1:
+            _accel.ctx(x, base, out, isz, opi, fl, int(inverse), s, w, counts)
+            return
+        cuts = [n * p // parts * isz for p in range(parts + 1)]
+        hists = np.zeros((parts, 1 << w), np.uint64)
+        with ThreadPoolExecutor(parts, thread_name_prefix="mithril-ctx") as ex:
+            list(ex.map(lambda p: _accel.ctx_hist(base[cuts[p]:cuts[p + 1]], isz, s, w, hists[p]), range(parts)))
+            total = hists.sum(axis=0, dtype=np.uint64)
+            starts = np.concatenate([[0], np.cumsum(total, dtype=np.uint64)[:-1]]).astype(np.uint64)
+            offs = starts[None, :] + np.concatenate([np.zeros((1, 1 << w), np.uint64),
+                                                     np.cumsum(hists, axis=0, dtype=np.uint64)[:-1]])
+
+            def move(p):
+                a, b = cuts[p], cuts[p + 1]
+                if inverse:
+                    _accel.ctx(x, base[a:b], out[a:b], isz, opi, fl, 1, s, w, None, offs[p].copy())
+                else:
+                    _accel.ctx(x[a:b], base[a:b], out, isz, opi, fl, 0, s, w, None, offs[p].copy())
+            list(ex.map(move, range(parts)))
+        if counts is not None:
+            counts[...] = total
         return
     if inverse:
         ctxdelta.decode(op, dt, x, base, s, w, out)
@@ -106,9 +135,10 @@ def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarr
 def _prepare_ctx(item) -> None:
     """Sort a context-sorted delta item's deltas once, and cut the stream into segments."""
     s, w = item.ctx
-    t = np.empty(item.nbytes, np.uint8)
+    t = item.stream_pool.get(item.nbytes) if item.stream_pool is not None else np.empty(item.nbytes, np.uint8)
     cnt = np.zeros(1 << w, np.uint64)
-    ctx_apply(item.delta_op, item.dtype, item.data, item.base, t, s, w, inverse=False, counts=cnt)
+    ctx_apply(item.delta_op, item.dtype, item.data, item.base, t, s, w, inverse=False, counts=cnt,
+              threads=item.ctx_threads)
     item.ctx_rows = ctxdelta.segments(cnt, item.chunk_elems)
     item.segs = [n for row in item.ctx_rows for n in row]
     item.ctx_stream = t
@@ -170,6 +200,8 @@ class EncodeItem:
     segs: list | None = None         # its segment sizes, once sorted
     ctx_rows: list | None = None     # the same, per chunk_elems block of the sorted stream
     ctx_stream: np.ndarray | None = None   # the sorted stream of deltas, while encoding
+    ctx_threads: int = 1             # threads for sorting it
+    stream_pool: object = None       # a BufferPool the sorted stream's buffer comes from (and goes back to)
 
     @property
     def nbytes(self) -> int:
@@ -309,8 +341,41 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
     def run(job):
         return [_encode_rows(items[i], r0, r1, coder, buffers) for i, r0, r1 in job]
 
+    # Items stored against a base are resolved (their coding chosen, a context-sorted delta sorted)
+    # on a helper thread, a few items ahead, so that this serial work overlaps the encoding of the
+    # items before them; at most PREFETCH_BYTES of items are resolved ahead of the encoder.
+    pending = [i for i, it in enumerate(items) if it.delta_op == "pending" and it.nbytes]
+    pending_set = set(pending)
+    helper = ThreadPoolExecutor(1, thread_name_prefix="mithril-plan") if pending and threads > 1 else None
+    ahead: dict[int, object] = {}
+    cursor = [0]                     # next position in ``pending`` to hand to the helper
+
+    streams = BufferPool()           # sorted streams of context-sorted deltas: recycled (fresh pages are slow)
+
+    def resolve_one(i):
+        items[i].ctx_threads, items[i].stream_pool = max(1, threads - 1), streams
+        items[i].resolve()
+
+    def prefetch(cur: int) -> None:
+        later = [j for j in ahead if j > cur]
+        nbytes, count = sum(items[j].nbytes for j in later), len(later)
+        while cursor[0] < len(pending):
+            j = pending[cursor[0]]
+            if j > cur and (nbytes >= PREFETCH_BYTES or count >= PREFETCH_ITEMS):
+                break
+            ahead[j] = helper.submit(resolve_one, j)
+            cursor[0] += 1
+            if j > cur:
+                nbytes, count = nbytes + items[j].nbytes, count + 1
+
     def before_submit(job):
         for i, _, _ in job:
+            if helper is not None and i in pending_set:
+                prefetch(i)
+                fut = ahead.pop(i, None)
+                if fut is not None:
+                    fut.result()
+            items[i].ctx_threads, items[i].stream_pool = threads, streams
             items[i].resolve()
 
     def consume(job, results):
@@ -324,11 +389,17 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
                 rb = sizes[i][1]
                 progress(min(r1 * rb, items[i].nbytes) - r0 * rb)
             if last_seg[i][1] == r1:     # drop references held only for this item
-                items[i].data = items[i].base = items[i].ctx_stream = None
+                if items[i].ctx_stream is not None:
+                    streams.put([items[i].ctx_stream])
+                items[i].data = items[i].base = items[i].ctx_stream = items[i].stream_pool = None
                 if items[i].on_done is not None:
                     items[i].on_done()
 
-    _run_ordered(jobs, run, consume, threads, before_submit)
+    try:
+        _run_ordered(jobs, run, consume, threads, before_submit)
+    finally:
+        if helper is not None:
+            helper.shutdown(wait=True, cancel_futures=True)
     return [(checksum.combine(d), c, d) for d, c in zip(digests, chunks)]
 
 
@@ -388,39 +459,62 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
     ``base`` is the base tensor's bytes for a delta entry ("same" entries are copied from it).
     """
     sizes = []
-    sorted_bufs: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # context-sorted deltas: (stream, unit offsets)
+    # context-sorted deltas: each entry's segments are decoded into a sorted stream (a buffer
+    # recycled from the entries unsorted before it: fresh pages cost more than the decoding), which
+    # is unsorted into ``out`` as soon as its last segment is in, then hashed whole
+    bounds_of: dict[int, np.ndarray] = {}
+    streams: dict[int, np.ndarray] = {}
+    left: dict[int, int] = {}
+    pool, lock = BufferPool(), threading.Lock()
+    whole_digest: dict[int, int] = {}
     for w, (e, out, base) in enumerate(work):
         if e.delta and e.delta["op"] == "same":
             out[...] = base
             sizes.append((0, 1))
         elif e.ctx is not None:
             isz = e.dtype.itemsize
-            sorted_bufs[w] = (np.empty(e.nbytes, np.uint8), np.concatenate([[0], np.cumsum(e.segs, dtype=np.int64)]) * isz)
+            bounds_of[w] = np.concatenate([[0], np.cumsum(e.segs, dtype=np.int64)]) * isz
+            left[w] = e.units
             sizes.append((e.units, e.chunk_elems * isz))
         else:
             sizes.append((e.rows, e.chunk_elems * e.dtype.itemsize))
     digests: list[list[int]] = [[] for _ in work]
 
+    def stream(w):
+        with lock:
+            if w not in streams:
+                streams[w] = pool.get(work[w][0].nbytes)
+            return streams[w]
+
+    def unsort(w):                     # rebuild the tensor from its sorted stream and its base, then hash it
+        e, out, base = work[w]         # (on this thread, while the pool decodes the next entries' chunks:
+        with lock:                     # measured faster than splitting the unsort across threads too)
+            t = streams.pop(w)
+        ctx_apply(e.delta["op"], e.dtype, t, base, out, e.ctx[0], e.ctx[1], inverse=True)
+        pool.put([t])
+        if verify:
+            whole_digest[w] = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize)
+
     def run(job):
-        return [_decode_units(buf, work[w][0], *sorted_bufs[w], r0, r1) if w in sorted_bufs
+        return [_decode_units(buf, work[w][0], stream(w), bounds_of[w], r0, r1) if w in bounds_of
                 else _decode_rows(buf, work[w][0], work[w][1], work[w][2], r0, r1, verify) for w, r0, r1 in job]
 
     def consume(job, results):
         for (w, r0, r1), digs in zip(job, results):
             digests[w].extend(digs)
+            if w in bounds_of:
+                if progress:
+                    progress(int(bounds_of[w][r1] - bounds_of[w][r0]))
+                left[w] -= r1 - r0
+                if left[w] == 0:
+                    unsort(w)
+                continue
             if progress:
-                if w in sorted_bufs:
-                    bounds = sorted_bufs[w][1]
-                    progress(int(bounds[r1] - bounds[r0]))
-                    continue
                 rb = sizes[w][1]
                 progress(min(r1 * rb, work[w][0].nbytes) - r0 * rb)
 
     try:
         _run_ordered(_plan_jobs(sizes), run, consume, threads)
-        for w, (stream, _) in sorted_bufs.items():    # unsort: rebuild the tensor from the stream and its base
-            e, out, base = work[w]
-            ctx_apply(e.delta["op"], e.dtype, stream, base, out, e.ctx[0], e.ctx[1], inverse=True)
     except MithrilError:
         raise
     except (ValueError, IndexError) as exc:  # a lying index that validation could not catch
@@ -428,8 +522,10 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
     if verify:
         for w, ((e, out, base), digs) in enumerate(zip(work, digests)):
             same = e.delta is not None and e.delta["op"] == "same"
-            whole = same or w in sorted_bufs
-            got = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize) if whole else checksum.combine(digs)
+            if w in whole_digest:
+                got = whole_digest[w]
+            else:
+                got = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize) if same else checksum.combine(digs)
             if got != e.checksum:
                 raise ChecksumMismatchError(
                     f"tensor {e.name!r} does not match its checksum: the file is damaged"

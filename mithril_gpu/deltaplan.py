@@ -43,9 +43,10 @@ def _plane_cost(p: np.ndarray) -> float:
     return min(float(p.size), bits / 8 + CHUNK_OVERHEAD + k / 4)
 
 
-def _ctx_estimate(item: EncodeItem, op: str, transform: str, x: np.ndarray, b: np.ndarray, total_elems: int) -> float:
-    """Estimated coded bytes of sample ``x`` as a context-sorted delta (segments as the writer cuts
-    them, at the sample's scale); and of the same sample unsorted, for a like-for-like comparison."""
+def _ctx_estimates(item: EncodeItem, op: str, transforms_: tuple, x: np.ndarray, b: np.ndarray,
+                   total_elems: int) -> dict:
+    """Estimated coded bytes of sample ``x`` as a context-sorted delta, per segment transform, with
+    segments cut as the writer cuts them (at the sample's scale)."""
     dt = item.dtype
     s, w = ctxdelta.default_ctx(dt)
     t = np.empty_like(x)
@@ -54,7 +55,7 @@ def _ctx_estimate(item: EncodeItem, op: str, transform: str, x: np.ndarray, b: n
     n = x.size // dt.itemsize
     frac = n / max(total_elems, 1)
     segs = [m for row in ctxdelta.segments(cnt, 1 << 62, max(1, int(ctxdelta.MIN_SEG * frac))) for m in row]
-    return _units_cost(dt, transform, t, segs, frac)
+    return {tr: _units_cost(dt, tr, t, segs, frac) for tr in transforms_}
 
 
 def _rows_cost(hist: np.ndarray) -> np.ndarray:
@@ -178,23 +179,61 @@ def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | No
     if op is None or ctxdelta.default_ctx(dt) is None or item.nbytes == 0:
         return op, transform, None
     isz = dt.itemsize
+    plain = "raw" if isz == 1 else "bytegroup"
+    if item.nbytes <= TRIAL_BYTES:           # small: code both ways for real (the cost model is rough there)
+        return _trial(item, op, transform, plain, x, b)
     xs, bs = _sample(x, isz), _sample(b, isz)
     n, total = xs.size // isz, item.nbytes // isz
     frac = n / total
-    plain = "raw" if isz == 1 else "bytegroup"
     d = np.empty_like(xs)
     delta_apply(op, dt, xs, bs, d, inverse=False)
     rows = max(1, -(-n // max(1, int(item.chunk_elems * frac))))
     per = -(-n // rows)
     row_units = [min(per, n - k * per) for k in range(rows) if n - k * per > 0]
     today = _units_cost(dt, transform, d, row_units, frac)
-    best = None
-    for tr in ("masked", plain):
-        c = _ctx_estimate(item, "zigzag", tr, xs, bs, total)
-        if best is None or c < best[0]:
-            best = (c, tr)
-    if best[0] < 0.99 * today:
-        return "zigzag", best[1], ctxdelta.default_ctx(dt)
+    est = _ctx_estimates(item, "zigzag", ("masked", plain), xs, bs, total)
+    tr = min(est, key=est.get)
+    if est[tr] < 0.98 * today:
+        return "zigzag", tr, ctxdelta.default_ctx(dt)
+    return op, transform, None
+
+
+TRIAL_BYTES = 256 << 10      # tensors up to this size choose by coding both ways, not by estimate
+_trial_coder = codecs.ChunkCoder(None)
+
+
+def _coded_size(dt, transform: str, src: np.ndarray, units) -> int:
+    """Bytes of ``src`` cut into ``units`` of elements, each coded as a row with ``transform``
+    by mithril's default coder."""
+    total, pos, isz = 0, 0, dt.itemsize
+    for m in units:
+        seg = src[pos:pos + m * isz]
+        pos += m * isz
+        if transform == "masked":
+            planes = split_masked(dt, seg)[1]
+        elif transform == "raw":
+            planes = [seg]
+        else:
+            planes = [np.empty(m * wd, np.uint8) for wd in transforms.plane_widths(dt, transform)]
+            split_planes(dt, transform, seg, planes)
+        total += sum(len(_trial_coder.encode(np.ascontiguousarray(p))[1]) for p in planes if p.size)
+    return total
+
+
+def _trial(item: EncodeItem, op: str, transform: str, plain: str, x: np.ndarray, b: np.ndarray):
+    dt, ce = item.dtype, item.chunk_elems
+    n = item.nbytes // dt.itemsize
+    d = np.empty_like(x)
+    delta_apply(op, dt, x, b, d, inverse=False)
+    today = _coded_size(dt, transform, d, [min(ce, n - r) for r in range(0, n, ce)])
+    s, w = ctxdelta.default_ctx(dt)
+    t, cnt = np.empty_like(x), np.zeros(1 << w, np.uint64)
+    ctx_apply("zigzag", dt, x, b, t, s, w, inverse=False, counts=cnt)
+    segs = [m for row in ctxdelta.segments(cnt, ce) for m in row]
+    sizes = {tr: _coded_size(dt, tr, t, segs) for tr in ("masked", plain)}
+    tr = min(sizes, key=sizes.get)
+    if sizes[tr] < today:
+        return "zigzag", tr, (s, w)
     return op, transform, None
 
 

@@ -86,8 +86,11 @@ def test_added_removed_and_changed_tensors(tmp_path):
         ops = {e.name: (e.delta or {}).get("op") for e in f.index.tensors}
         transforms = {e.name: e.transform for e in f.index.tensors}
         assert f.entry("same").stored_bytes == 0
+        sparse_bytes = f.entry("sparse_change").stored_bytes
     assert ops["same"] == "same" and ops["new"] is None and ops["reshaped"] is None and ops["retyped"] is None
-    assert ops["sparse_change"] in ("xor", "zigzag") and transforms["sparse_change"] == "masked"
+    # 52 changed elements of 5000: masked rows, or (chosen by coding both ways) sorted segments
+    assert ops["sparse_change"] in ("xor", "zigzag") and transforms["sparse_change"] in ("masked", "bytegroup")
+    assert sparse_bytes < 600, sparse_bytes
 
 
 def test_wrong_modified_and_missing_base(tmp_path):

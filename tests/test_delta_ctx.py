@@ -288,3 +288,98 @@ def test_gpu_load_falls_back_for_ctx_entries(tmp_path, force, monkeypatch):
         gpu.decode_into_device(f, [e], [out])
         assert out.numpy().tobytes() == mithril_gpu.api.tensor_bytes(b).tobytes()
     assert_same(mithril_gpu.load(tmp_path / "b.mth")["w"], b)
+
+
+@pytest.mark.skipif(cpu._accel is None or not hasattr(cpu._accel, "ctx_hist"), reason="C helper not built")
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_parallel_sort_gives_the_same_bytes(monkeypatch, threads):
+    monkeypatch.setattr(cpu, "CTX_PARALLEL_BYTES", 1024)
+    dt = dtypes.from_name("BF16")
+    rng = np.random.default_rng(threads)
+    x = (rng.standard_normal(10007) * 0.02).astype(np.float32).view("<u4") >> 16
+    x = x.astype("<u2").view(np.uint8)
+    b = x.copy()
+    b[::5] ^= 1
+    ref = ctxdelta.encode("zigzag", dt, x, b, 7, 8)
+    got, cnt = np.empty_like(x), np.zeros(256, np.uint64)
+    cpu.ctx_apply("zigzag", dt, x, b, got, 7, 8, inverse=False, counts=cnt, threads=threads)
+    assert got.tobytes() == ref.tobytes() and (cnt == ctxdelta.counts(dt, b, 7, 8)).all()
+    back = np.empty_like(x)
+    cpu.ctx_apply("zigzag", dt, got, b, back, 7, 8, inverse=True, threads=threads)
+    assert back.tobytes() == x.tobytes()
+    with pytest.raises(ValueError, match="beyond"):          # offsets that a part cannot hold
+        cpu._accel.ctx(x[:20], b[:20], got[:10], 2, 1, 1, 0, 7, 8, None, np.full(256, 3, np.uint64))
+
+
+def test_checkpointer_snapshot_copies_every_kind_of_tensor():
+    """The Checkpointer's in-memory base is a copy (through numpy for plain CPU tensors): bit-exact,
+    same dtype and shape, independent of the original."""
+    from mithril_gpu import checkpointer
+
+    state = {d: random_tensor(d, (3, 5), seed=4) for d in ALL_DTYPES}
+    state["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
+    state["empty"] = torch.zeros(0, 3)
+    state["strided"] = torch.arange(20.0).reshape(4, 5).t()
+    state["param"] = torch.nn.Parameter(torch.ones(4))
+    snap, leaves = checkpointer._snapshot(state)
+    assert_tree_same(snap, {k: v.detach() for k, v in state.items()})
+    assert not isinstance(snap["param"], torch.nn.Parameter)
+    for k, v in state.items():
+        if v.numel():
+            assert snap[k].data_ptr() != v.data_ptr()
+    state[torch.float32].add_(1)
+    assert not torch.equal(snap[torch.float32], state[torch.float32])
+
+
+def _resign(data: bytes, edit) -> bytes:
+    """Edit a file's index and re-sign it (checksum of the index recomputed): only the content
+    checks can catch the lie."""
+    import xxhash
+    import zstandard
+
+    off, length, _, magic = container.TRAILER.unpack(data[-32:])
+    d = json.loads(zstandard.ZstdDecompressor().decompress(data[off:off + length]))
+    edit(d)
+    raw = zstandard.ZstdCompressor().compress(json.dumps(d).encode())
+    return data[:off] + raw + container.TRAILER.pack(off, len(raw), xxhash.xxh64_intdigest(raw), magic)
+
+
+def _swap_segments(d):
+    t = d["tensors"][0]
+    t["segs"][0], t["segs"][1] = t["segs"][1], t["segs"][0]
+    t["nnz"][0], t["nnz"][1] = t["nnz"][1], t["nnz"][0]
+
+
+@pytest.mark.parametrize("edit", [
+    _swap_segments,
+    lambda d: d["tensors"][0].update(ctx=[6, 8]),                    # another permutation
+    lambda d: d["tensors"][0].update(ctx=[7, 9]),
+    lambda d: d["tensors"][0]["delta"].update(op="xor"),
+    lambda d: d.update(features=["delta"]),
+], ids=["swapped-segments", "other-shift", "other-width", "other-op", "feature-dropped"])
+def test_lying_index_never_decodes_silently(tmp_path, force, edit):
+    from mithril_gpu.errors import MithrilError
+
+    force("masked")
+    g = torch.Generator().manual_seed(11)
+    a = (torch.randn(6000, generator=g) * 0.02).to(torch.bfloat16)
+    b = (a.float() + torch.randn(6000, generator=g) * 1e-4).to(torch.bfloat16)
+    mithril_gpu.save({"w": a}, tmp_path / "a.mth", chunk_elems=1024)
+    mithril_gpu.save({"w": b}, tmp_path / "b.mth", chunk_elems=1024, base=tmp_path / "a.mth")
+    assert len(_ctx_entries(tmp_path / "b.mth")["w"].segs) > 2
+    (tmp_path / "bad.mth").write_bytes(_resign((tmp_path / "b.mth").read_bytes(), edit))
+    with pytest.raises(MithrilError):
+        mithril_gpu.load(tmp_path / "bad.mth", base=tmp_path / "a.mth")
+
+
+@pytest.mark.skipif(not hasattr(mithril_gpu.MthFile, "get_slice"), reason="no partial reads in this tree")
+def test_partial_reads_decode_a_sorted_tensor_whole(tmp_path, force):
+    force("masked")
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(300, 70, generator=g) * 0.02).to(torch.bfloat16)
+    b = (a.float() + torch.randn(300, 70, generator=g) * 1e-4).to(torch.bfloat16)
+    mithril_gpu.save({"w": a}, tmp_path / "a.mth", chunk_elems=1024)
+    mithril_gpu.save({"w": b}, tmp_path / "b.mth", chunk_elems=1024, base=tmp_path / "a.mth")
+    with mithril_gpu.open(tmp_path / "b.mth") as f:
+        assert f.entry("w").whole_only
+        assert_same(f.get_slice("w")[100:130, 5:9], b[100:130, 5:9])
