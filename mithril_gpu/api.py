@@ -9,7 +9,7 @@ from .deltaplan import plan_deltas
 from .errors import UnsupportedValueError, short
 from .loading import LoadReport  # noqa: F401  (part of the API: the warning load(strict=False) gives)
 from .progress import Progress
-from .reader import MthFile
+from .reader import SKIP_BASE, MthFile
 from .torchio import is_tensor, source_for, tensor_bytes, tensor_u8  # noqa: F401  (tensor_bytes, tensor_u8: for tools)
 from .transforms import default_transform
 from .writer import write_mth
@@ -20,7 +20,7 @@ _is_tensor = is_tensor     # older name, used by tools
 def save(obj, path, *, level: int | None = None, threads: int | None = None,
          chunk_elems: int = container.DEFAULT_CHUNK_ELEMS, metadata: dict | None = None,
          base=None, device: str = "auto", progress=None, _base_tensors: dict | None = None,
-         _mode: int | None = None) -> None:
+         _mode: int | None = None, _choices: dict | None = None, _written: list | None = None) -> None:
     """Compress a state dict (or any nest of dicts, lists, tuples, tensors and plain values) to ``path``.
 
     Args:
@@ -57,23 +57,26 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
                                 device_tensor=t if t.device.type == "cuda" else None))
     encoder = backends.choose_encoder(device, [t for _, t in leaves])
     with Progress(progress, sum(it.nbytes for it in items), "save") as bar:
-        write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
-                    progress=bar, encoder=encoder, base_tensors=_base_tensors, mode=_mode)
+        index = write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
+                            progress=bar, encoder=encoder, base_tensors=_base_tensors, mode=_mode, choices=_choices)
+    if _written is not None:          # the index written (with its identity), for the Checkpointer
+        _written.append(index)
 
 
 def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None, level=None,
-                threads=None, progress=None, encoder=None, base_tensors: dict | None = None, mode: int | None = None):
+                threads=None, progress=None, encoder=None, base_tensors: dict | None = None, mode: int | None = None,
+                choices: dict | None = None):
     """Write prepared items (the common end of save() and the CLI), planning deltas against ``base``."""
     threads = threads or default_threads()
     base_file, base_record, same = None, None, {}
     try:
         if base is not None:
-            base_file = base if isinstance(base, MthFile) else MthFile(base, threads=threads)
+            base_file = base if isinstance(base, MthFile) else _open_base(base, threads, items, base_tensors)
             if os.path.abspath(base_file.path) == os.path.abspath(os.fspath(path)):
                 raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
                                  "replace its own base; write it under another name")
             base_record = {"xxh64": base_file.identity, "path": _relative(base_file.path, path)}
-            same = plan_deltas(items, base_file, base_tensors)
+            same = plan_deltas(items, base_file, base_tensors, choices)
             matched = sum(it.nbytes for i, it in enumerate(items) if i in same or it.delta_op is not None)
             total = sum(it.nbytes for it in items)
             if total and matched < total / 2:
@@ -88,6 +91,21 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
     finally:
         if base_file is not None and base_file is not base:
             base_file.close()
+
+
+def _open_base(base, threads: int, items, base_tensors: dict | None) -> MthFile:
+    """The base file of a delta save. When the caller holds the base's tensors in memory (the
+    Checkpointer does), only the base's own index is read, not the files of its chain: a base
+    tensor is then decoded from disk only if it is missing from ``base_tensors``, and only a
+    tensor that is itself a delta needs the chain (then it is opened whole)."""
+    if not base_tensors:
+        return MthFile(base, threads=threads)
+    f = MthFile(base, threads=threads, base=SKIP_BASE)
+    if f.index.base is not None and any(it.name in f and it.name not in base_tensors and f.entry(it.name).delta
+                                        for it in items):
+        f.close()
+        f = MthFile(base, threads=threads)
+    return f
 
 
 def _relative(base_path: str, path) -> str:

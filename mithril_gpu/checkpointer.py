@@ -24,6 +24,7 @@ from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 from .writer import remove_stale_temps
 
 _NAME = re.compile(r"step-(\d+)\.mth\Z")
+RECHOOSE_EVERY = 4      # deltas re-choose each tensor's coding every this many saves (the first of a chain too)
 
 # what a checkpoint file in the directory is (Checkpointer._scan)
 _OK = "ok"              # restorable: its file and every base of its chain are there and are the right files
@@ -34,6 +35,12 @@ _GONE = "gone"          # deleted while the directory was being read
 
 class CheckpointNote(UserWarning):
     """A one-line note about a file in a Checkpointer's directory that it skips or deletes."""
+
+
+def _stat_key(path: str) -> tuple:
+    """What tells one version of a file from another (a file replaced or rewritten changes it)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _Info(NamedTuple):
@@ -99,6 +106,7 @@ class Checkpointer:
         self._pending_done = None
         self._infos: dict[int, tuple] = {}            # step -> (stat key, _Info): files already read
         self._noted: set = set()                      # (step, stat key) already warned about
+        self._choices: dict | None = None             # name -> how a delta codes it (deltaplan), reused a few saves
 
     # ------------------------------------------------------------ listing
 
@@ -122,17 +130,17 @@ class Checkpointer:
         """What the file of ``step`` is (read once per version of the file). Raises
         FileNotFoundError if it is not there, a FormatError or OSError if it cannot be read."""
         path = self.path(step)
-
-        def key():
-            st = os.stat(path)
-            return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-        k = key()
+        k = _stat_key(path)
         hit = self._infos.get(step)
         if hit is not None and hit[0] == k:
             return hit[1]
         with MthFile(path, verify=False, base=SKIP_BASE, threads=1) as f:
-            identity, rec = f.identity, f.index.base
+            info = self._info_of(f.identity, f.index.base)
+        if _stat_key(path) == k:             # the file did not change while it was read
+            self._infos[step] = (k, info)
+        return info
+
+    def _info_of(self, identity: str, rec: dict | None) -> _Info:
         base_step = base_identity = None
         if rec is not None:
             base_identity = rec.get("xxh64")
@@ -145,10 +153,15 @@ class Checkpointer:
                         os.path.basename(target) == os.path.basename(self.path(int(m.group(1)))):
                     base_step = int(m.group(1))
             # a base outside this directory is not the Checkpointer's to track: the chain ends there
-        info = _Info(identity, base_step, base_identity)
-        if key() == k:                       # the file did not change while it was read
-            self._infos[step] = (k, info)
-        return info
+        return _Info(identity, base_step, base_identity)
+
+    def _remember(self, path: str, index) -> None:
+        """Note what the file just written at ``path`` is, from the index written (no re-read)."""
+        m = _NAME.match(os.path.basename(path))
+        try:
+            self._infos[int(m.group(1))] = (_stat_key(path), self._info_of(index.identity, index.base))
+        except (OSError, AttributeError):
+            pass
 
     def _scan(self) -> dict[int, str]:
         """The status (_OK, _ORPHAN, _DAMAGED or _GONE) of every checkpoint file in the directory."""
@@ -272,10 +285,15 @@ class Checkpointer:
         base_tensors = None
         if not full and self._base_tensors is not None and self._last_step == prev:
             base_tensors = {n: (lambda t=t: api.tensor_bytes(t.to("cpu"))) for n, t in self._base_tensors.items()}
+        choices = None
+        if not full:     # a tensor's coding is chosen at the chain's first delta and every few deltas after
+            if self._choices is None or self._since_full % RECHOOSE_EVERY == 0:
+                self._choices = {}
+            choices = self._choices
         snapshot, leaves = state, None
         if self.keep_base_in_memory or not blocking:
             snapshot, leaves = _snapshot(state)
-        job = (snapshot, self.path(step), None if full else self.path(prev), base_tensors)
+        job = (snapshot, self.path(step), None if full else self.path(prev), base_tensors, choices)
         if blocking:
             self._write(*job)
             self._after_write(step, full, leaves)
@@ -305,11 +323,14 @@ class Checkpointer:
         self._after_write(*self._pending_done)
         return path
 
-    def _write(self, state, path, base_path, base_tensors) -> None:
+    def _write(self, state, path, base_path, base_tensors, choices) -> None:
+        written: list = []
         if base_path is None:
-            api.save(state, path, **self.save_kwargs)
+            api.save(state, path, _written=written, **self.save_kwargs)
         else:
-            api.save(state, path, base=base_path, _base_tensors=base_tensors, **self.save_kwargs)
+            api.save(state, path, base=base_path, _base_tensors=base_tensors, _choices=choices, _written=written,
+                     **self.save_kwargs)
+        self._remember(path, written[0])
         self._prune()
 
     def _after_write(self, step: int, full: bool, leaves) -> None:

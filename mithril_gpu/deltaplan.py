@@ -238,15 +238,25 @@ def _trial(item: EncodeItem, op: str, transform: str, plain: str, x: np.ndarray,
 
 
 class _Planned:
-    """Defers the op choice to when an item's bytes and its base's bytes are first fetched."""
+    """Defers the op choice to when an item's bytes and its base's bytes are first fetched.
+    ``choices`` (name -> (op, transform, ctx)), when given, is consulted first and records what
+    is chosen: the Checkpointer keeps it between the saves of a chain, so that a tensor's coding
+    is chosen once per few saves, not at every one."""
 
-    def __init__(self, item: EncodeItem, fetch_data, fetch_base):
-        self.item, self.fetch_data, self.fetch_base = item, fetch_data, fetch_base
+    def __init__(self, item: EncodeItem, fetch_data, fetch_base, choices: dict | None = None):
+        self.item, self.fetch_data, self.fetch_base, self.choices = item, fetch_data, fetch_base, choices
 
     def data(self):
         x = self.fetch_data() if callable(self.fetch_data) else self.fetch_data
-        b = self.fetch_base()
-        op, transform, ctx = choose_ctx(self.item, x, b)
+        hit = self.choices.get(self.item.name) if self.choices is not None else None
+        if hit is not None and hit[0] is None:          # chosen before: no delta (the base is not needed)
+            op, transform, ctx = hit
+            b = None
+        else:
+            b = self.fetch_base()
+            op, transform, ctx = hit if hit is not None else choose_ctx(self.item, x, b)
+            if self.choices is not None:
+                self.choices[self.item.name] = (op, transform, ctx)
         it = self.item
         it.transform = transform
         if op is None:
@@ -256,11 +266,13 @@ class _Planned:
         return x
 
 
-def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = None) -> dict[int, tuple[str, int]]:
+def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = None,
+                choices: dict | None = None) -> dict[int, tuple[str, int]]:
     """Mark items that can be stored against ``base_file``; return, for the items identical to a
     base tensor ("same"), {item position: (base name, checksum)}.
 
     ``base_tensors`` (name -> CPU uint8 bytes or callable) spares decoding the base from disk.
+    ``choices``: earlier choices to reuse, and where new ones are recorded (see :class:`_Planned`).
     """
     same = {}
     for i, it in enumerate(items):
@@ -280,7 +292,7 @@ def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = 
             fetch_base = src if callable(src) else (lambda s=src: s)
         else:
             fetch_base = (lambda name=it.name: base_file.get_bytes(name))
-        planned = _Planned(it, it.data, fetch_base)
+        planned = _Planned(it, it.data, fetch_base, choices)
         it.delta_op, it.base_name, it.base = "pending", it.name, None
         it.data = planned.data
     return same

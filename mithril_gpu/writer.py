@@ -407,5 +407,7 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
         index = Index(entries, tree, metadata, source, base, WRITER_NAME)
         raw = index.to_bytes()
         at = out.write(raw)
-        out.write(container.pack_trailer(at, raw))
+        trailer = container.pack_trailer(at, raw)
+        out.write(trailer)
+    index.identity = trailer[16:24][::-1].hex()     # the file's identity (FORMAT.md "Deltas"): its index_xxh64
     return index

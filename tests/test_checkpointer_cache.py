@@ -1,0 +1,88 @@
+"""What the Checkpointer already knows is not worked out again at every save (issue 10): a
+delta's base chain is not re-opened when the base tensors are in memory, the file just written is
+not re-read to learn its identity, and each tensor's coding is chosen once every few saves."""
+import os
+
+import pytest
+import torch
+
+import mithril_gpu
+from mithril_gpu import checkpointer, deltaplan
+from mithril_gpu.errors import MissingBaseError
+from mithril_gpu.reader import SKIP_BASE
+from mithril_gpu.torchio import tensor_bytes
+
+from conftest import assert_tree_same
+
+
+def _state(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(300, 100, generator=g).to(torch.bfloat16), "b": torch.randn(5000, generator=g),
+            "n": torch.arange(100)}
+
+
+def _next(state, k):
+    g = torch.Generator().manual_seed(100 + k)
+    out = {n: t.clone() for n, t in state.items()}
+    out["a"] += (torch.randn(300, 100, generator=g) * 1e-2).to(torch.bfloat16)
+    out["b"][::7] += 1e-3
+    return out
+
+
+def test_a_delta_with_its_base_in_memory_does_not_open_the_base_chain(tmp_path):
+    s0 = _state(0)
+    s1, s2 = _next(s0, 1), _next(_next(s0, 1), 2)
+    mithril_gpu.save(s0, tmp_path / "s0.mth")
+    mithril_gpu.save(s1, tmp_path / "s1.mth", base=tmp_path / "s0.mth")
+    os.remove(tmp_path / "s0.mth")                      # s1's own base is gone
+    with pytest.raises(MissingBaseError):               # as it must be without the tensors in memory
+        mithril_gpu.save(s2, tmp_path / "x.mth", base=tmp_path / "s1.mth")
+    held = {n: tensor_bytes(t) for n, t in s1.items()}
+    mithril_gpu.save(s2, tmp_path / "s2.mth", base=tmp_path / "s1.mth", _base_tensors=held)
+    with mithril_gpu.open(tmp_path / "s2.mth", base=SKIP_BASE) as f:      # (s1's chain cannot be read)
+        assert {f.info(k)["delta"] for k in f.keys()} & {"xor", "zigzag", "same"}
+    mithril_gpu.save(s0, tmp_path / "s0.mth")           # not the same file: identity differs...
+    mithril_gpu.save(s1, tmp_path / "s1b.mth", base=tmp_path / "s0.mth")
+    held = {n: tensor_bytes(t) for n, t in s1.items() if n != "n"}     # ...and a tensor not in memory
+    mithril_gpu.save(s2, tmp_path / "s2b.mth", base=tmp_path / "s1b.mth", _base_tensors=held)
+    assert_tree_same(mithril_gpu.load(tmp_path / "s2b.mth"), s2)
+
+
+def test_the_file_just_written_is_not_read_again(tmp_path, monkeypatch):
+    opened = []
+    real = checkpointer.MthFile
+
+    def spy(path, *a, **k):
+        opened.append(os.path.basename(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(checkpointer, "MthFile", spy)
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=4, keep=2)
+    state = _state(1)
+    for step in range(6):
+        state = _next(state, step)
+        ck.save({"model": state, "step": step}, step)
+    assert opened == []                                 # every file's identity came from its writer
+    assert ck.steps() == [4, 5]
+    assert_tree_same(ck.latest(), {"model": state, "step": 5})
+    ck2 = mithril_gpu.Checkpointer(tmp_path, full_every=4, keep=2)      # a new one reads them, once
+    assert ck2.steps() == [4, 5] and sorted(opened) == ["step-000000004.mth", "step-000000005.mth"]
+
+
+def test_codings_are_chosen_at_the_chains_first_delta_and_every_few_saves(tmp_path, monkeypatch):
+    calls = []
+    real = deltaplan.choose_ctx
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, b: calls.append(item.name) or real(item, x, b))
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    state, per_save = _state(2), []
+    saved = {}
+    for step in range(12):
+        state = _next(state, step)
+        before = len(calls)
+        ck.save(state, step)
+        per_save.append(len(calls) > before)
+        saved[step] = state
+    every = checkpointer.RECHOOSE_EVERY
+    want = [False] + [(k - 1) % every == 0 for k in range(1, 10)] + [False, True]   # step 10: full again
+    assert per_save == want
+    for step, st in saved.items():                      # reused choices decode bit-exact all the same
+        assert_tree_same(mithril_gpu.load(ck.path(step)), st)
