@@ -16,13 +16,35 @@ def _expected():
         return json.load(f)
 
 
-@pytest.mark.parametrize("name", ["golden_v1.mth", "golden_v1_delta.mth", "golden_v1_ctx.mth"])
+@pytest.mark.parametrize("name", ["golden_v1.mth", "golden_v1_delta.mth", "golden_v1_ctx.mth", "golden_v1_torch.mth"])
 def test_golden_tensors_decode_to_known_bytes(name):
     want = _expected()[name]
     with mithril_gpu.open(os.path.join(FIXTURES, name)) as f:
         assert sorted(f.keys()) == sorted(want)
         for key, digest in want.items():
             assert hashlib.sha256(f.get_bytes(key).tobytes()).hexdigest() == digest, key
+
+
+def test_golden_torch_values_and_row_digests():
+    """feature "torch" (torch.Size, dtype, device, OrderedDict._metadata), an ndarray node, and the
+    row digests a partial read checks, as the first writer of them wrote them."""
+    import collections
+
+    import numpy as np
+
+    path = os.path.join(FIXTURES, "golden_v1_torch.mth")
+    state = mithril_gpu.load(path)
+    assert state["shape"] == torch.Size([37, 64]) and type(state["shape"]) is torch.Size
+    assert state["dtype"] is torch.bfloat16 and state["device"] == torch.device("cuda", 1)
+    assert state[torch.float16] == "dtype key"
+    m = state["model"]
+    assert type(m) is collections.OrderedDict and list(m) == ["fc.weight", "fc.bias", "norm.running_mean"]
+    assert m._metadata == {"": {"version": 1}, "fc": {"version": 1}, "norm": {"version": 2}}
+    assert state["rng"].dtype == np.dtype(">u4") and state["rng"].tolist() == list(range(10))
+    with mithril_gpu.open(path) as f:
+        e = f.entry("model/fc.weight")
+        assert e.rows == 10 and len(e.row_digests) == 10
+        assert torch.equal(f.get_slice("model/fc.weight")[20:24], m["fc.weight"][20:24])
 
 
 def test_golden_tree_and_values():
