@@ -265,16 +265,17 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
     tlist = d.get("tensors")
     if not isinstance(tlist, list):
         _fail("tensors must be a list")
-    entries, names, spans = [], set(), []
+    entries, names, coded = [], set(), []
+    delta_ok, ctx_ok = "delta" in feats, "ctxdelta" in feats
     for i, t in enumerate(tlist):
-        e, span = _parse_tensor(t, i, data_end, "delta" in feats, "ctxdelta" in feats)
+        e, has_chunks = _parse_tensor(t, i, data_end, delta_ok, ctx_ok)
         entries.append(e)
-        if span is not None:
-            spans.append(span)
+        if has_chunks:
+            coded.append(e)
         if e.name in names:
             _fail(f"duplicate tensor name {short(e.name)!r}")
         names.add(e.name)
-    sizes = _check_layout(entries, spans, data_end)
+    sizes = _check_layout(entries, *_check_chunks(coded, data_end), data_end)
     meta = d.get("metadata")
     if meta is not None and not (isinstance(meta, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
@@ -290,19 +291,19 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
     return Index(entries, d.get("tree"), meta, source, base, str(d.get("writer", "")), *sizes)
 
 
-def _check_layout(entries: list[TensorEntry], spans: list, data_end: int) -> tuple[int, int, int]:
-    """Whole-file rules (vectorised): chunk payloads do not overlap, so the file's plane and tensor
-    bytes are bounded by its size; each base tensor is named by at most one delta entry. Returns
+def _check_layout(entries: list[TensorEntry], off: np.ndarray, csize: np.ndarray, planes: int,
+                  data_end: int) -> tuple[int, int, int]:
+    """Whole-file rules (vectorised): chunk payloads (at ``off``, of ``csize`` bytes, holding
+    ``planes`` plane bytes in all) do not overlap, so the file's plane and tensor bytes are
+    bounded by its size; each base tensor is named by at most one delta entry. Returns
     (payload, plane, tensor) byte totals."""
     refs = [e.delta["base"] for e in entries if e.delta is not None]
     if len(set(refs)) != len(refs):
         seen = set()
         dup = next(r for r in refs if r in seen or seen.add(r))
         _fail(f"two delta entries name the same base tensor {short(dup)!r}")
-    if not spans:
+    if not off.size:
         return 0, 0, 0
-    off = np.concatenate([s[0] for s in spans])
-    csize = np.concatenate([s[1] for s in spans])
     keep = csize > 0                            # empty chunks have no payload: they overlap nothing
     off, csize = off[keep], csize[keep]
     order = np.argsort(off, kind="stable")      # writers write in index order: usually sorted already
@@ -315,7 +316,6 @@ def _check_layout(entries: list[TensorEntry], spans: list, data_end: int) -> tup
         _fail(f"chunks overlap: the payloads at {int(off[k])}+{int(csize[k])} and {int(off[k + 1])}+"
               f"{int(csize[k + 1])} share bytes ({a}; {b}); every chunk must have its own bytes")
     payload = int(csize.sum())
-    planes = sum(s[2] for s in spans)
     tensor = sum(e.nbytes for e in entries if (e.delta or {}).get("op") != "same")
     data = max(0, data_end - PREAMBLE_SIZE)
     if payload > data or planes > codecs.ZSTD_MAX_EXPANSION * payload \
@@ -338,10 +338,8 @@ def _owners(entries: list[TensorEntry], offsets: set) -> list[str]:
     return found + ["?"] * (2 - len(found))
 
 
-def _check_chunks(e: TensorEntry, data_end: int):
-    """Every chunk of ``e`` inside [16, data_end), of a known codec, and able to hold its plane
-    (vectorised: a file of a 70 B-parameter model has about a million chunks). Returns the chunks'
-    offsets and sizes and the tensor's uncompressed plane bytes, for :func:`_check_layout`."""
+def _chunk_fields(e: TensorEntry) -> None:
+    """Refuse chunk fields of ``e`` that are not integers in [0, 2^62) (the message names the first)."""
     try:
         arr = np.array(e.chunks)
     except (ValueError, OverflowError):          # ragged nesting
@@ -349,21 +347,41 @@ def _check_chunks(e: TensorEntry, data_end: int):
     if arr.ndim != 1 or arr.dtype.kind not in "iub" or arr.dtype.itemsize > 8:
         bad = next((v for v in e.chunks if type(v) is not int or not 0 <= v < 1 << 62), None)
         _fail(f"tensor {short(e.name)!r}: chunk fields must be integers in [0, 2^62), found {bad!r}"[:300])
-    arr = arr.astype(np.int64)
+
+
+def _plane_sizes(e: TensorEntry) -> list[int]:
+    """Uncompressed bytes of every chunk of ``e``, in index order (per unit, per plane)."""
     P = len(e.widths)
-    arr = arr.reshape(e.units, P, 3)
-    off, csize, codec = arr[:, :, 0], arr[:, :, 1], arr[:, :, 2]
     if e.segs is not None:
-        counts = np.asarray(e.segs, dtype=np.int64)
+        counts = e.segs
     else:
-        counts = np.full(e.rows, e.chunk_elems, dtype=np.int64)
-        counts[-1] = e.row_count(e.rows - 1)
+        counts = [e.chunk_elems] * (e.rows - 1) + [e.row_count(e.rows - 1)] if e.rows else []
     if e.transform == "masked":
-        usize = np.empty((e.units, P), dtype=np.int64)
-        usize[:, 0] = (counts + 7) // 8
-        usize[:, 1:] = np.asarray(e.nnz, dtype=np.int64)[:, None]
-    else:
-        usize = counts[:, None] * np.asarray(e.widths, dtype=np.int64)[None, :]
+        return [x for c, n in zip(counts, e.nnz) for x in ((c + 7) // 8, *([n] * (P - 1)))]
+    if P == 1:
+        w = e.widths[0]
+        return [c * w for c in counts]
+    return [c * w for c in counts for w in e.widths]
+
+
+def _check_chunks(coded: list[TensorEntry], data_end: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every chunk of every entry in ``coded`` inside [16, data_end), of a known codec, and able to
+    hold its plane: one vectorised pass over all the chunks of the file (a 70 B-parameter model has
+    about a million). Returns the chunks' offsets and sizes and the uncompressed plane bytes in
+    all, for :func:`_check_layout`."""
+    if not coded:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    try:
+        arr = np.array([v for e in coded for v in e.chunks])
+    except (ValueError, OverflowError):
+        arr = np.array([None])
+    if arr.ndim != 1 or arr.dtype.kind not in "iub" or arr.dtype.itemsize > 8:
+        for e in coded:                          # name the first tensor at fault
+            _chunk_fields(e)
+        _fail("chunk fields must be integers in [0, 2^62)")
+    arr = arr.astype(np.int64).reshape(-1, 3)
+    off, csize, codec = arr[:, 0], arr[:, 1], arr[:, 2]
+    usize = np.array([x for e in coded for x in _plane_sizes(e)], dtype=np.int64)
     checks = [
         (off >= PREAMBLE_SIZE, "chunk offset before the data region"),
         ((csize >= 0) & (csize <= data_end) & (off <= data_end - csize), "chunk beyond the data region"),
@@ -374,18 +392,19 @@ def _check_chunks(e: TensorEntry, data_end: int):
     ]
     for ok, what in checks:
         if not ok.all():
-            row, plane = (int(v) for v in np.argwhere(~ok)[0])
+            k = int(np.argmin(ok))
+            starts = np.cumsum([0] + [len(e.chunks) // 3 for e in coded])
+            t = int(np.searchsorted(starts, k, side="right")) - 1
+            e = coded[t]
+            row, plane = divmod(k - int(starts[t]), len(e.widths))
             _fail(f"tensor {short(e.name)!r} row {row} plane {plane}: {what} "
-                  f"(offset {int(off[row, plane])}, size {int(csize[row, plane])}, codec {int(codec[row, plane])}, "
-                  f"plane {int(usize[row, plane])} bytes)")
-    planes = int(usize.sum())
-    if e.nbytes > MAX_TENSOR_PER_PLANE_BYTE * planes:      # cannot happen for a shape and chunks checked above
-        _fail(f"tensor {short(e.name)!r}: {e.nbytes} bytes from {planes} bytes of planes")
-    return off.reshape(-1), csize.reshape(-1), planes
+                  f"(offset {int(off[k])}, size {int(csize[k])}, codec {int(codec[k])}, plane {int(usize[k])} bytes)")
+    return off, csize, int(usize.sum())
 
 
 def _parse_tensor(t, i: int, data_end: int, delta_ok: bool, ctx_ok: bool = False):
-    """One tensor entry, validated; with its chunks' (offsets, sizes, plane bytes), or None."""
+    """One tensor entry, validated but for its chunks' values (see :func:`_check_chunks`), and
+    whether it has chunks."""
     if not isinstance(t, dict):
         _fail(f"tensor #{i} is not an object")
     name = t.get("name")
@@ -445,7 +464,7 @@ def _parse_tensor(t, i: int, data_end: int, delta_ok: bool, ctx_ok: bool = False
     if not isinstance(chunks, list) or len(chunks) != expect:
         _fail(f"tensor {sname!r}: expected {expect} chunk fields, found "
               f"{len(chunks) if isinstance(chunks, list) else type(chunks).__name__}")
-    return e, (_check_chunks(e, data_end) if expect else None)
+    return e, expect > 0
 
 
 def _parse_ctx(e: TensorEntry, t: dict, sname: str, ctx_ok: bool) -> None:
