@@ -94,17 +94,23 @@ def _mode_of(src: str) -> int | None:
         return None
 
 
+def _check_out_dir(a, what: str) -> None:
+    """OUT of a command whose IN is ``what`` (a directory): not IN or inside it, and a directory if it exists."""
+    src, dst = os.path.abspath(a.input), os.path.abspath(a.output)
+    if dst == src or dst.startswith(src + os.sep):
+        raise MithrilError(f"OUT ({short(a.output)}) must not be IN or inside it")
+    if os.path.lexists(dst) and not os.path.isdir(dst):
+        raise MithrilError(f"IN ({short(a.input)}) is {what}, so OUT must be a directory too, and "
+                           f"{short(a.output)} exists and is not")
+
+
 def _walk_dir(a, verb: str, convert, base_for) -> int:
     """Run the command on every checkpoint file of directory IN, mirrored into OUT (subfolders
     kept), and copy every other file as it is. ``convert(src, dst)`` gives the output path of a
     checkpoint file (None: not one); ``base_for(rel, name)`` the --base for that file. Every check
     is made before anything is written."""
     src_root, dst_root = os.path.abspath(a.input), os.path.abspath(a.output)
-    if dst_root == src_root or dst_root.startswith(src_root + os.sep):
-        raise MithrilError(f"OUT ({short(a.output)}) must not be IN or inside it")
-    if os.path.lexists(dst_root) and not os.path.isdir(dst_root):
-        raise MithrilError(f"IN ({short(a.input)}) is a directory, so OUT must be one too, and "
-                           f"{short(a.output)} exists and is not")
+    _check_out_dir(a, "a directory")
     if not os.path.exists(dst_root) and a.output.rstrip("/" + os.sep).endswith(DIR_OUT_SUFFIXES):
         raise MithrilError(f"IN ({short(a.input)}) is a directory, so OUT must be a directory too, and "
                            f"{short(a.output)} names a file: give a directory name")

@@ -909,58 +909,47 @@ def format_info(s: dict) -> str:
 
 # ---------------------------------------------------------------- the `mithril` command on DCP directories
 
-def _cli_out(a) -> None:
-    src, dst = os.path.abspath(a.input), os.path.abspath(a.output)
-    if dst == src or dst.startswith(src + os.sep):
-        raise MithrilError(f"OUT ({short(a.output)}) must not be IN or inside it")
-    if os.path.lexists(dst) and not os.path.isdir(dst):
-        raise MithrilError(f"IN ({short(a.input)}) is a DCP checkpoint directory, so OUT must be a directory, and "
-                           f"{short(a.output)} exists and is not")
-    if os.path.isdir(dst) and os.listdir(dst) and not a.force:
-        raise MithrilError(f"OUT ({short(a.output)}) exists: pass -f/--force to write into it")
-
-
 def _dir_size(path) -> int:
     """Bytes of the regular files directly in ``path`` (a DCP checkpoint has no subfolders)."""
     return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
 
 
-def cli_compress(a) -> int:
-    """``mithril compress DCP_DIR OUT_DIR [--base MITHRIL_DCP_DIR]``."""
+def _cli_convert(a, compress: bool) -> int:
+    """``mithril compress DCP_DIR OUT_DIR [--base MITHRIL_DCP_DIR]`` and ``mithril decompress
+    MITHRIL_DCP_DIR OUT_DIR`` (back to a stock FileSystemWriter checkpoint)."""
     import time
 
-    from .cli import _summary
+    from .cli import _check_out_dir, _summary
 
-    if is_mithril_dcp_dir(a.input):
-        raise MithrilError(f"{short(a.input)} is already a mithril DCP checkpoint")
-    _cli_out(a)
-    if a.base is not None and not is_mithril_dcp_dir(a.base):
-        raise MithrilError(f"--base {short(a.base)} is not a mithril DCP checkpoint directory (no {METADATA_NAME})")
+    if is_mithril_dcp_dir(a.input) == compress:
+        raise MithrilError(f"{short(a.input)} is already a mithril DCP checkpoint" if compress else
+                           f"{short(a.input)} is a stock DCP checkpoint (FileSystemWriter): nothing to decompress")
+    _check_out_dir(a, "a DCP checkpoint directory")
+    if os.path.isdir(a.output) and os.listdir(a.output) and not a.force:
+        raise MithrilError(f"OUT ({short(a.output)}) exists: pass -f/--force to write into it")
     t0 = time.perf_counter()
-    compress_dir(a.input, a.output, base=a.base, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems)
-    raw, packed = _dir_size(a.input), _dir_size(a.output)
+    if compress:
+        if a.base is not None and not is_mithril_dcp_dir(a.base):
+            raise MithrilError(f"--base {short(a.base)} is not a mithril DCP checkpoint directory (no {METADATA_NAME})")
+        compress_dir(a.input, a.output, base=a.base, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems)
+        raw, packed = _dir_size(a.input), _dir_size(a.output)
+    else:
+        decompress_dir(a.input, a.output, verify=not a.no_verify, threads=a.threads, base=a.base)
+        raw, packed = _dir_size(a.output), _dir_size(a.input)
     if not a.quiet:
-        print(_summary("compressed DCP checkpoint", a.input, a.output, raw, packed, time.perf_counter() - t0,
-                       packing=True))
+        print(_summary(f"{'compressed' if compress else 'decompressed'} DCP checkpoint", a.input, a.output, raw,
+                       packed, time.perf_counter() - t0, packing=compress))
     return 0
+
+
+def cli_compress(a) -> int:
+    """``mithril compress DCP_DIR OUT_DIR [--base MITHRIL_DCP_DIR]``."""
+    return _cli_convert(a, compress=True)
 
 
 def cli_decompress(a) -> int:
     """``mithril decompress MITHRIL_DCP_DIR OUT_DIR``: back to a stock (FileSystemWriter) checkpoint."""
-    import time
-
-    from .cli import _summary
-
-    if not is_mithril_dcp_dir(a.input):
-        raise MithrilError(f"{short(a.input)} is a stock DCP checkpoint (FileSystemWriter): nothing to decompress")
-    _cli_out(a)
-    t0 = time.perf_counter()
-    decompress_dir(a.input, a.output, verify=not a.no_verify, threads=a.threads, base=a.base)
-    raw, packed = _dir_size(a.output), _dir_size(a.input)
-    if not a.quiet:
-        print(_summary("decompressed DCP checkpoint", a.input, a.output, raw, packed, time.perf_counter() - t0,
-                       packing=False))
-    return 0
+    return _cli_convert(a, compress=False)
 
 
 def cli_info(a) -> int:
