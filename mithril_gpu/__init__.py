@@ -9,8 +9,8 @@ Importing this package never needs CUDA, CuPy or nvCOMP; torch is imported on fi
 from .api import load, open, save  # noqa: A004
 from .container import VERSION as FORMAT_VERSION
 from .errors import (BackendUnavailableError, BaseMismatchError, ChecksumMismatchError, CorruptFileError,
-                     FormatError, MissingBaseError, MithrilError, NotMithrilFileError, StateMismatchError,
-                     TruncatedFileError, UnsupportedValueError, UnsupportedVersionError)
+                     FormatError, IncompleteCheckpointError, MissingBaseError, MithrilError, NotMithrilFileError,
+                     StateMismatchError, TruncatedFileError, UnsupportedValueError, UnsupportedVersionError)
 from .reader import MthFile
 from . import api, tree  # noqa: F401  (submodules used by tools: tree.encode, api.tensor_bytes)
 
@@ -20,7 +20,7 @@ __all__ = [
     "save", "load", "open", "MthFile", "FORMAT_VERSION", "MithrilError", "FormatError",
     "NotMithrilFileError", "UnsupportedVersionError", "TruncatedFileError", "CorruptFileError",
     "ChecksumMismatchError", "UnsupportedValueError", "BaseMismatchError", "MissingBaseError",
-    "BackendUnavailableError", "StateMismatchError", "Checkpointer",
+    "BackendUnavailableError", "StateMismatchError", "IncompleteCheckpointError", "Checkpointer",
 ]
 
 

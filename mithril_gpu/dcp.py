@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from . import container
-from .errors import (BaseMismatchError, CorruptFileError, FormatError, MithrilError, UnsupportedValueError,
-                     short)
+from .errors import (BaseMismatchError, CorruptFileError, FormatError, IncompleteCheckpointError,  # noqa: F401
+                     MithrilError, UnsupportedValueError, short)
 
 METADATA_NAME = "mithril_dcp.json"       # the commit point of a mithril DCP checkpoint
 STOCK_METADATA_NAME = ".metadata"        # the commit point of a FileSystemWriter checkpoint
@@ -55,11 +55,6 @@ FORMAT_NAME = "mithril-dcp"
 FORMAT_VERSION = 1
 MAX_METADATA_BYTES = 256 << 20
 _RANK_FILE = re.compile(r"^__(\d+)_([0-9a-f]{8})\.mth$")
-
-
-class IncompleteCheckpointError(FormatError):
-    """A DCP checkpoint directory without a committed metadata file: its save did not finish (or
-    it is not a mithril DCP checkpoint)."""
 
 
 @dataclass(frozen=True)

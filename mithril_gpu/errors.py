@@ -35,6 +35,11 @@ class ChecksumMismatchError(CorruptFileError):
     """A tensor decoded to bytes whose checksum differs from the one recorded at save time."""
 
 
+class IncompleteCheckpointError(FormatError):
+    """A checkpoint directory without its commit point (a DCP checkpoint without a committed
+    metadata file, or with a rank file missing): its save did not finish, or it is not one."""
+
+
 class UnsupportedValueError(MithrilError, TypeError):
     """save() was given a value it cannot store without pickle (a custom object, say)."""
 
