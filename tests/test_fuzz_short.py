@@ -3,7 +3,6 @@ cores. Deselect with ``-m "not fuzz"``; MITHRIL_FUZZ_INPUTS and MITHRIL_FUZZ_SEE
 run (the inputs are a function of the seed, so a failure here replays anywhere)."""
 import os
 import sys
-import warnings
 
 import pytest
 
@@ -12,9 +11,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "fuzz"))
 import fuzz_mth  # noqa: E402
 
-with warnings.catch_warnings():     # until pyproject.toml registers the "fuzz" marker
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    pytestmark = pytest.mark.fuzz
+pytestmark = pytest.mark.fuzz         # registered in pyproject.toml
 
 
 def test_short_fuzz_run_finds_nothing(tmp_path):
