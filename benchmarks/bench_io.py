@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,8 @@ def main() -> None:
             print(f"run {r}: " + ", ".join(f"{k} {speeds[k][-1]:.0f} MB/s" for k in kinds), flush=True)
     finally:
         writer.AtomicFile = kinds["this tree"]
+        if a.dir is None:
+            shutil.rmtree(d, ignore_errors=True)
     names = list(kinds)
     ratios = [x / y for x, y in zip(speeds[names[0]], speeds[names[1]])]
     print(f"\n{nbytes / 1e6:.0f} MB bf16, {a.threads} threads, {a.runs} runs, file replaced each time, fsync included")
