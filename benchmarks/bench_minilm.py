@@ -2,6 +2,7 @@
 side with the tools users would pick instead, in the same run on the same machine.
 
     python benchmarks/bench_minilm.py [--runs 9] [--threads 2] [--dtypes fp32,bf16,fp16]
+    python benchmarks/bench_minilm.py --paired --methods "mithril,mithril per-row,zipnn in-memory,zipnn 0.5.4"
 
 Each method goes from an in-memory CPU state dict to a file and back, output fsynced inside the
 timing (mithril's save is atomic and fsyncs; the others are given the same). Times are medians
@@ -54,6 +55,26 @@ def method_mithril(sd, dname, path, threads):
     return comp, dec
 
 
+def method_mithril_per_row(sd, dname, path, threads):
+    """mithril with the per-row CPU path (cpu.FUSED = False), the reference of the fused one."""
+    from mithril_gpu import cpu
+
+    def comp():
+        old, cpu.FUSED = cpu.FUSED, False
+        try:
+            mithril_gpu.save(sd, path, threads=threads)
+        finally:
+            cpu.FUSED = old
+
+    def dec():
+        old, cpu.FUSED = cpu.FUSED, False
+        try:
+            return mithril_gpu.load(path, threads=threads)
+        finally:
+            cpu.FUSED = old
+    return comp, dec
+
+
 def method_zstd1(sd, dname, path, threads):
     import zstandard
 
@@ -100,6 +121,30 @@ def method_zipnn(sd, dname, path, threads):
     return comp, dec
 
 
+def method_zipnn_memory(sd, dname, path, threads):
+    """zipnn 0.5.4 from a bytearray to bytes and back, no file (what zipnn's own numbers measure)."""
+    import zipnn
+
+    z = zipnn.ZipNN(bytearray_dtype=ZIPNN_NAMES[dname], threads=threads)
+    raw = raw_bytes(sd)
+    holder = {}
+
+    def comp():
+        holder["out"] = z.compress(holder.pop("buf"))
+
+    def prepare():
+        holder["buf"] = bytearray(raw)
+
+    def dec():
+        return z.decompress(holder["out"])
+
+    def size():
+        return len(holder["out"])
+    comp.prepare = prepare
+    comp.size = size
+    return comp, dec
+
+
 def method_torch_save(sd, dname, path, threads):
     def comp():
         torch.save(sd, path)
@@ -143,8 +188,10 @@ def method_dcp_zstd(sd, dname, path, threads):
 
 METHODS = {
     "mithril": method_mithril,
+    "mithril per-row": method_mithril_per_row,
     "zstd-1 raw": method_zstd1,
     "zipnn 0.5.4": method_zipnn,
+    "zipnn in-memory": method_zipnn_memory,
     "torch.save": method_torch_save,
     "safetensors": method_safetensors,
     "DCP+zstd": method_dcp_zstd,
@@ -214,6 +261,40 @@ def peak_ratio(method, src, dst, dname, threads) -> str:
 
 # ------------------------------------------------------------------ main
 
+def paired(sd, dname, names, tmp, threads, runs):
+    """Every method's save, then every method's load, round-robin, ``runs`` times (after a warm-up):
+    per method the median time, and per pair the median and best of the per-round ratios, which
+    cancel the machine's drift."""
+    import statistics
+    import time
+
+    fns = {}
+    for name in names:
+        fns[name] = METHODS[name](sd, dname, os.path.join(tmp, f"p-{dname}-{name.replace(' ', '_')}"), threads)
+    times = {(n, w): [] for n in names for w in ("save", "load")}
+    for r in range(runs + 1):
+        for w, k in (("save", 0), ("load", 1)):
+            for n in names:
+                fn = fns[n][k]
+                if k == 0 and hasattr(fn, "prepare"):
+                    fn.prepare()
+                t = time.perf_counter()
+                fn()
+                if r:
+                    times[(n, w)].append(time.perf_counter() - t)
+    raw = sum(v.numel() * v.element_size() for v in sd.values())
+    print(f"\n{dname}, {threads} threads, {runs} rounds: median MB/s")
+    for n in names:
+        print(f"  {n:18s} save {raw / statistics.median(times[(n, 'save')]) / 1e6:7.0f}"
+              f"   load {raw / statistics.median(times[(n, 'load')]) / 1e6:7.0f}")
+    print("  paired speed ratios (A faster than B by): median, best")
+    for i, a_ in enumerate(names):
+        for b_ in names[i + 1:]:
+            for w in ("save", "load"):
+                q = [tb / ta for ta, tb in zip(times[(a_, w)], times[(b_, w)])]
+                print(f"    {w} {a_} / {b_}: x{statistics.median(q):.2f}, x{max(q):.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median); default 5")
@@ -222,6 +303,8 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-peak", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="where the table (.md/.json) and plot go")
+    ap.add_argument("--paired", action="store_true",
+                    help="instead of the table: all methods round-robin in each run, with paired ratios")
     ap.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.peak_child:
@@ -237,6 +320,14 @@ def main():
     print(f"measuring {len(names)} methods x {len(dnames)} dtypes, {a.runs} runs each"
           f"{'' if a.no_peak else ' and peak memory'}; the table follows", flush=True)
     tmp = tempfile.mkdtemp(prefix="mithril-bench-")
+    if a.paired:
+        try:
+            for dname in dnames:
+                sd = {k: v.to(DTYPES[dname]).contiguous() for k, v in src.items()}
+                paired(sd, dname, names, tmp, a.threads, a.runs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         for dname in dnames:
             sd = {k: v.to(DTYPES[dname]).contiguous() for k, v in src.items()}
@@ -249,7 +340,7 @@ def main():
                 path = os.path.join(tmp, f"out-{dname}-{name.replace(' ', '_')}")
                 comp, dec = METHODS[name](sd, dname, path, a.threads)
                 tc = timed(comp, a.runs)
-                size = size_of(path)
+                size = comp.size() if hasattr(comp, "size") else size_of(path)
                 td = timed(dec, a.runs)
                 row = {"dtype": dname, "method": name, "ratio": round(raw / size, 4),
                        "comp_mbs": round(raw / tc / 1e6), "dec_mbs": round(raw / td / 1e6),
@@ -273,8 +364,11 @@ def main():
         f.write(text + "\n")
     with open(paths["JSON"], "w") as f:
         json.dump(rows, f, indent=1)
-    with contextlib.redirect_stdout(io.StringIO()):     # (plot() names its file; all three are named below)
-        plot(rows, paths["plot"], "all-MiniLM-L6-v2: ratio vs throughput (file to file, fsynced)")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):     # (plot() names its file; all three are named below)
+            plot(rows, paths["plot"], "all-MiniLM-L6-v2: ratio vs throughput (file to file, fsynced)")
+    except ImportError:                                     # matplotlib is optional
+        del paths["plot"]
     print()
     for what, path in paths.items():
         rel = os.path.relpath(path)

@@ -85,6 +85,29 @@ static PyObject *split(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* the inverse of split into o (n elements); pp: np_ plane pointers */
+static void merge_c(const uint8_t *const *pp, Py_ssize_t n, int isz, int e, int m, int np_, uint8_t *o) {
+    if (!e) {
+        if (isz == 2) { const uint8_t *a = pp[0], *b = pp[1];
+            for (Py_ssize_t i = 0; i < n; i++) { o[2*i] = a[i]; o[2*i+1] = b[i]; } }
+        else if (isz == 4) { const uint8_t *a = pp[0], *b = pp[1], *c = pp[2], *d = pp[3];
+            for (Py_ssize_t i = 0; i < n; i++) { o[4*i] = a[i]; o[4*i+1] = b[i]; o[4*i+2] = c[i]; o[4*i+3] = d[i]; } }
+        else for (int k = 0; k < isz; k++) { const uint8_t *a = pp[k];
+            for (Py_ssize_t i = 0; i < n; i++) o[isz*i+k] = a[i]; }
+    } else if (isz == 2) {
+        uint16_t *x = (uint16_t *)o; const uint8_t *ex = pp[0], *r0 = pp[1];
+        const uint8_t *r1 = np_ == 3 ? pp[2] : NULL; uint16_t mmask = (1u << m) - 1;
+        for (Py_ssize_t i = 0; i < n; i++) { uint16_t r = r0[i] | (r1 ? (uint16_t)r1[i] << 8 : 0);
+            x[i] = (uint16_t)(((r >> m) << 15) | ((uint16_t)ex[i] << m) | (r & mmask)); }
+    } else {
+        uint32_t *x = (uint32_t *)o; const uint8_t *ex = pp[0]; int nr = np_ - 1;
+        uint32_t mmask = (1u << m) - 1;
+        for (Py_ssize_t i = 0; i < n; i++) { uint32_t r = 0;
+            for (int k = 0; k < nr; k++) r |= (uint32_t)((const uint8_t *)pp[1+k])[i] << (8*k);
+            x[i] = ((r >> m) << 31) | ((uint32_t)ex[i] << m) | (r & mmask); }
+    }
+}
+
 /* merge(planes, itemsize, exp_bits, man_bits, out) */
 static PyObject *merge(PyObject *self, PyObject *args) {
     Py_buffer out; int isz, e, m; PyObject *pl; Py_buffer p[MAXP];
@@ -95,27 +118,9 @@ static PyObject *merge(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
         PyBuffer_Release(&out); return NULL;
     }
-    uint8_t *o = out.buf;
+    const uint8_t *pp[MAXP]; for (int k = 0; k < np_; k++) pp[k] = p[k].buf;
     Py_BEGIN_ALLOW_THREADS
-    if (!e) {
-        if (isz == 2) { const uint8_t *a = p[0].buf, *b = p[1].buf;
-            for (Py_ssize_t i = 0; i < n; i++) { o[2*i] = a[i]; o[2*i+1] = b[i]; } }
-        else if (isz == 4) { const uint8_t *a = p[0].buf, *b = p[1].buf, *c = p[2].buf, *d = p[3].buf;
-            for (Py_ssize_t i = 0; i < n; i++) { o[4*i] = a[i]; o[4*i+1] = b[i]; o[4*i+2] = c[i]; o[4*i+3] = d[i]; } }
-        else for (int k = 0; k < isz; k++) { const uint8_t *a = p[k].buf;
-            for (Py_ssize_t i = 0; i < n; i++) o[isz*i+k] = a[i]; }
-    } else if (isz == 2) {
-        uint16_t *x = (uint16_t *)o; const uint8_t *ex = p[0].buf, *r0 = p[1].buf;
-        const uint8_t *r1 = np_ == 3 ? p[2].buf : NULL; uint16_t mmask = (1u << m) - 1;
-        for (Py_ssize_t i = 0; i < n; i++) { uint16_t r = r0[i] | (r1 ? (uint16_t)r1[i] << 8 : 0);
-            x[i] = (uint16_t)(((r >> m) << 15) | ((uint16_t)ex[i] << m) | (r & mmask)); }
-    } else {
-        uint32_t *x = (uint32_t *)o; const uint8_t *ex = p[0].buf; int nr = np_ - 1;
-        uint32_t mmask = (1u << m) - 1;
-        for (Py_ssize_t i = 0; i < n; i++) { uint32_t r = 0;
-            for (int k = 0; k < nr; k++) r |= (uint32_t)((const uint8_t *)p[1+k].buf)[i] << (8*k);
-            x[i] = ((r >> m) << 31) | ((uint32_t)ex[i] << m) | (r & mmask); }
-    }
+    merge_c(pp, n, isz, e, m, np_, out.buf);
     Py_END_ALLOW_THREADS
     release(p, np_); PyBuffer_Release(&out);
     Py_RETURN_NONE;
@@ -137,6 +142,17 @@ static PyObject *merge(PyObject *self, PyObject *args) {
         if (fl) { k = (k & sb) ? (T)(k ^ sb) : (T)~k; } O[i] = k; } } \
 } while (0)
 
+typedef struct { void *buf; } ptrbuf;
+static void delta_c(const uint8_t *x, const uint8_t *b, uint8_t *o, Py_ssize_t n, int isz, int op, int fl, int inv) {
+    ptrbuf xs = {(void *)x}, bs = {(void *)b}, os = {(void *)o};
+    switch (isz) {
+        case 1: DELTA_T(uint8_t, 8); break;
+        case 2: DELTA_T(uint16_t, 16); break;
+        case 4: DELTA_T(uint32_t, 32); break;
+        default: DELTA_T(uint64_t, 64); break;
+    }
+}
+
 static PyObject *delta(PyObject *self, PyObject *args) {
     Py_buffer xs, bs, os; int isz, op, fl, inv;
     if (!PyArg_ParseTuple(args, "y*y*w*iiii", &xs, &bs, &os, &isz, &op, &fl, &inv)) return NULL;
@@ -157,6 +173,14 @@ static PyObject *delta(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* one compiled copy (never inlined), so that every caller gets the very same double */
+__attribute__((noinline)) static double entropy_c(const uint8_t *s, Py_ssize_t len, Py_ssize_t step) {
+    uint32_t counts[256] = {0}; Py_ssize_t total = 0; double h = 0.0;
+    for (Py_ssize_t i = 0; i < len; i += step) { counts[s[i]]++; total++; }
+    for (int k = 0; k < 256; k++) if (counts[k]) { double q = (double)counts[k] / total; h -= q * __builtin_log2(q); }
+    return h;
+}
+
 /* entropy(buf, step): order-0 entropy in bits per byte of buf[0], buf[step], buf[2*step], ... */
 static PyObject *entropy(PyObject *self, PyObject *args) {
     Py_buffer b; Py_ssize_t step;
@@ -164,10 +188,7 @@ static PyObject *entropy(PyObject *self, PyObject *args) {
     if (step < 1) step = 1;
     double h = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    uint32_t counts[256] = {0};
-    const uint8_t *s = b.buf; Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < b.len; i += step) { counts[s[i]]++; total++; }
-    for (int k = 0; k < 256; k++) if (counts[k]) { double q = (double)counts[k] / total; h -= q * __builtin_log2(q); }
+    h = entropy_c(b.buf, b.len, step);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&b);
     return PyFloat_FromDouble(h);
@@ -610,7 +631,340 @@ static PyObject *ctx_hist(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Fused per-job paths: one call (GIL released throughout) for a run of units of one tensor.
+ * kind: 0 raw, 1 bytegroup, 2 fieldsplit, 3 masked. op: -1 none, 0 xor, 1 zigzag. */
+
+static int nplanes_of(int kind, int isz, int m) {
+    if (kind == 0) return 1;
+    if (kind == 1) return isz;
+    if (kind == 2) return 1 + (1 + m + 7) / 8;
+    return 1 + isz;
+}
+
+static Py_ssize_t masked_split_c(const uint8_t *s, Py_ssize_t n, int isz, uint8_t *m, uint8_t **pb) {
+    Py_ssize_t nnz = 0;
+    switch (isz) {
+        case 1: MASKED_SPLIT_T(uint8_t, 1); break;
+        case 2: MASKED_SPLIT_T(uint16_t, 2); break;
+        case 4: MASKED_SPLIT_T(uint32_t, 4); break;
+        default: MASKED_SPLIT_T(uint64_t, 8); break;
+    }
+    return nnz;
+}
+
+static Py_ssize_t masked_merge_c(const uint8_t *m, const uint8_t *const *pb, Py_ssize_t nnz, Py_ssize_t n, int isz, uint8_t *o8) {
+    ptrbuf out = {(void *)o8}; Py_ssize_t j = 0;
+    switch (isz) {
+        case 1: MASKED_MERGE_T(uint8_t, 1); break;
+        case 2: MASKED_MERGE_T(uint16_t, 2); break;
+        case 4: MASKED_MERGE_T(uint32_t, 4); break;
+        default: MASKED_MERGE_T(uint64_t, 8); break;
+    }
+    return j;
+}
+
+static int check_bounds(const int64_t *B, Py_ssize_t U, Py_ssize_t len, int isz, Py_ssize_t *maxunit) {
+    *maxunit = 0;
+    if (B[0] < 0) return -1;
+    for (Py_ssize_t u = 0; u < U; u++) {
+        if (B[u + 1] < B[u] || B[u + 1] > len || (B[u + 1] - B[u]) % isz) return -1;
+        if (B[u + 1] - B[u] > *maxunit) *maxunit = B[u + 1] - B[u];
+    }
+    return 0;
+}
+
+/* encode_units(src, bounds, dsrc, drb, d0, d1, base, itemsize, kind, exp_bits, man_bits, op, is_float,
+ *              huff, store_bits, sample, arena, rec, nnz_out, dig_out) -> arena bytes used
+ * Units u are src[bounds[u]:bounds[u+1]] (deltas against base at the same offsets when op >= 0),
+ * each split into its planes, laid out one after the other in arena. For each plane, rec gets
+ * (state, offset in arena, length): state 0 stored (the plane's bytes), 1 a finished zstd frame
+ * of Huffman literals (plane 0 of fieldsplit when huff), 2 the plane, still to be zstd-coded.
+ * A plane is stored when empty, or when it holds at least 256 bytes and the order-0 entropy of
+ * every max(1, len / sample)-th byte is above store_bits (codecs.ChunkCoder.encode's gate).
+ * dig_out gets XXH64 of rows d0..d1-1 of dsrc (rows of drb bytes, the last one shorter). */
+typedef struct {
+    Py_buffer src, bnd, dsrc, arena, rec, nz, dig, base;
+    int have_base, isz, kind, e, m, op, fl, huff, P;
+    Py_ssize_t drb, d0, d1, sample, U, maxunit, used;
+    double store_bits;
+} encjob;
+
+static void enc_release(encjob *j) {
+    PyBuffer_Release(&j->src); PyBuffer_Release(&j->bnd); PyBuffer_Release(&j->dsrc); PyBuffer_Release(&j->arena);
+    PyBuffer_Release(&j->rec); PyBuffer_Release(&j->nz); PyBuffer_Release(&j->dig);
+    if (j->have_base) PyBuffer_Release(&j->base);
+}
+
+/* parse and check one call's arguments (with the GIL); on error an exception is set and nothing is held */
+static int enc_parse(PyObject *args, encjob *j) {
+    PyObject *bo; const char *err = NULL;
+    memset(j, 0, sizeof(*j));
+    if (!PyTuple_Check(args)) { PyErr_SetString(PyExc_TypeError, "a tuple of arguments"); return -1; }
+    if (!PyArg_ParseTuple(args, "y*y*y*nnnOiiiiiiidnw*w*w*w*", &j->src, &j->bnd, &j->dsrc, &j->drb, &j->d0, &j->d1, &bo,
+                          &j->isz, &j->kind, &j->e, &j->m, &j->op, &j->fl, &j->huff, &j->store_bits, &j->sample,
+                          &j->arena, &j->rec, &j->nz, &j->dig)) return -1;
+    if (bo != Py_None) {
+        if (PyObject_GetBuffer(bo, &j->base, PyBUF_C_CONTIGUOUS) < 0) { j->have_base = 0; enc_release(j); return -1; }
+        j->have_base = 1;
+    }
+    int isz = j->isz, kind = j->kind;
+    j->U = j->bnd.len / 8 - 1;
+    const int64_t *B = j->bnd.buf;
+    j->P = nplanes_of(kind, isz, j->m);
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || kind < 0 || kind > 3 || j->U < 0 || j->bnd.len % 8
+            || (kind == 2 && !((isz == 2 || isz == 4) && j->e > 0 && j->m > 0 && j->e + j->m + 1 == 8 * isz))
+            || j->P > MAXP + 1 || j->op < -1 || j->op > 1 || (j->op >= 0) != j->have_base
+            || (j->have_base && j->base.len != j->src.len)
+            || j->sample < 1 || j->drb < 1 || j->d0 < 0 || j->d1 < j->d0 || (j->d1 > j->d0 && (j->d1 - 1) * j->drb >= j->dsrc.len)
+            || j->rec.len < (Py_ssize_t)(j->U * j->P * 3 * 8) || j->nz.len < j->U * 8 || j->dig.len < (j->d1 - j->d0) * 8)
+        err = "bad arguments";
+    else if (j->U > 0 && check_bounds(B, j->U, j->src.len, isz, &j->maxunit) < 0) err = "bad unit bounds";
+    else {
+        Py_ssize_t need = 0;
+        for (Py_ssize_t u = 0; u < j->U; u++) {
+            Py_ssize_t n = (B[u + 1] - B[u]) / isz;
+            need += kind == 3 ? (n + 7) / 8 + n * isz : n * (kind == 0 ? isz : j->P);
+        }
+        if (j->arena.len < need) err = "arena too small";
+    }
+    if (err) { enc_release(j); PyErr_SetString(PyExc_ValueError, err); return -1; }
+    return 0;
+}
+
+/* the work (no GIL): 0, or -1 when out of memory */
+static int enc_run(encjob *j) {
+    int isz = j->isz, kind = j->kind, e = j->e, m = j->m, op = j->op, fl = j->fl, P = j->P;
+    Py_ssize_t maxunit = j->maxunit, sample = j->sample;
+    const int64_t *B = j->bnd.buf;
+    uint8_t *tmp = NULL, *hs = NULL; int oom = 0; Py_ssize_t pos = 0;
+    if (op >= 0 && kind != 0 && maxunit) { tmp = malloc(maxunit); oom |= !tmp; }
+    if (j->huff && maxunit) { hs = malloc(2 * (size_t)maxunit + 256); oom |= !hs; }
+    const uint8_t *S = j->dsrc.buf;
+    for (Py_ssize_t r = j->d0; r < j->d1 && !oom; r++) {
+        Py_ssize_t a = r * j->drb, len = j->dsrc.len - a < j->drb ? j->dsrc.len - a : j->drb;
+        ((uint64_t *)j->dig.buf)[r - j->d0] = xxh64(S + a, (size_t)len, 0);
+    }
+    uint8_t *A = j->arena.buf; int64_t *R = j->rec.buf;
+    for (Py_ssize_t u = 0; u < j->U && !oom; u++) {
+        Py_ssize_t a = B[u], len = B[u + 1] - B[u], n = len / isz;
+        const uint8_t *x = (const uint8_t *)j->src.buf + a;
+        const uint8_t *bp = j->have_base ? (const uint8_t *)j->base.buf + a : NULL;
+        uint8_t *pl[MAXP + 1]; Py_ssize_t plen[MAXP + 1];
+        ((int64_t *)j->nz.buf)[u] = 0;
+        if (kind == 0) {
+            pl[0] = A + pos; plen[0] = len;
+            if (op >= 0) delta_c(x, bp, pl[0], n, isz, op, fl, 0);
+            else if (len) memcpy(pl[0], x, len);
+            pos += len;
+        } else {
+            if (op >= 0) { delta_c(x, bp, tmp, n, isz, op, fl, 0); x = tmp; }
+            if (kind == 3) {
+                pl[0] = A + pos; plen[0] = (n + 7) / 8; pos += plen[0];
+                for (int k = 0; k < isz; k++) { pl[1 + k] = A + pos; pos += n; }
+                Py_ssize_t nnz = masked_split_c(x, n, isz, pl[0], pl + 1);
+                for (int k = 0; k < isz; k++) plen[1 + k] = nnz;
+                ((int64_t *)j->nz.buf)[u] = nnz;
+            } else {
+                Py_buffer pb[MAXP];
+                for (int k = 0; k < P; k++) { pl[k] = A + pos; plen[k] = n; pb[k].buf = pl[k]; pos += n; }
+                if (kind == 1) bytegroup_split(x, n, isz, pb);
+                else if (isz == 2) split16(x, n, e, m, pl[0], pl[1], P == 3 ? pl[2] : NULL);
+                else split32(x, n, e, m, P - 1, pb);
+            }
+        }
+        for (int k = 0; k < P; k++) {
+            int64_t *r = R + 3 * (u * P + k);
+            Py_ssize_t L = plen[k], step = L / sample > 1 ? L / sample : 1;
+            r[1] = pl[k] - A; r[2] = L;
+            if (L == 0 || (L >= 256 && entropy_c(pl[k], L, step) > j->store_bits)) { r[0] = 0; continue; }
+            if (j->huff && kind == 2 && k == 0) {
+                size_t f = huff_frame_c(pl[k], (size_t)L, hs, 2 * (size_t)maxunit + 256);
+                if (f) { memcpy(pl[k], hs, f); r[0] = 1; r[2] = (int64_t)f; continue; }
+            }
+            r[0] = 2;
+        }
+    }
+    free(tmp); free(hs);
+    j->used = pos;
+    return oom ? -1 : 0;
+}
+
+static PyObject *encode_units(PyObject *self, PyObject *args) {
+    encjob j; int rc;
+    if (enc_parse(args, &j) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = enc_run(&j);
+    Py_END_ALLOW_THREADS
+    enc_release(&j);
+    if (rc < 0) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(j.used);
+}
+
+/* encode_many(calls): encode_units for each tuple of arguments in the list ``calls``, all of
+ * them with one release of the GIL (a job of many small tensors). Returns the list of results. */
+static PyObject *encode_many(PyObject *self, PyObject *args) {
+    PyObject *calls;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &calls)) return NULL;
+    Py_ssize_t N = PyList_GET_SIZE(calls), got = 0; int rc = 0;
+    encjob *js = PyMem_Calloc(N + 1, sizeof(encjob));
+    if (!js) return PyErr_NoMemory();
+    for (; got < N; got++) if (enc_parse(PyList_GET_ITEM(calls, got), &js[got]) < 0) break;
+    if (got == N) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < N && !rc; i++) rc = enc_run(&js[i]);
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t i = 0; i < got; i++) enc_release(&js[i]);
+    PyObject *res = NULL;
+    if (got == N && !rc) {
+        res = PyList_New(N);
+        for (Py_ssize_t i = 0; res && i < N; i++) {
+            PyObject *v = PyLong_FromSsize_t(js[i].used);
+            if (!v) { Py_CLEAR(res); break; }
+            PyList_SET_ITEM(res, i, v);
+        }
+    } else if (rc) PyErr_NoMemory();
+    PyMem_Free(js);
+    return res;
+}
+
+/* decode_units(planes, bounds, out, base, itemsize, kind, exp_bits, man_bits, op, is_float, nnz, dig_out)
+ *   -> -1, or the first unit whose bitmap does not count nnz[u] elements
+ * The inverse of encode_units: planes (a tuple of P buffers per unit, each at least the plane's
+ * size) are merged into out[bounds[u]:bounds[u+1]] (the delta inverted against base at the same
+ * offsets when op >= 0), and when dig_out is not empty it gets XXH64 of each unit's bytes. */
+typedef struct {
+    Py_buffer bnd, out, nz, dig, base; Py_buffer *pv;
+    int have_base, got, isz, kind, e, m, op, fl, P, verify;
+    Py_ssize_t U, maxunit, bad;
+} decjob;
+
+static void dec_release(decjob *j) {
+    if (j->pv) { for (int i = 0; i < j->got; i++) PyBuffer_Release(&j->pv[i]); PyMem_Free(j->pv); j->pv = NULL; }
+    PyBuffer_Release(&j->bnd); PyBuffer_Release(&j->out); PyBuffer_Release(&j->nz); PyBuffer_Release(&j->dig);
+    if (j->have_base) PyBuffer_Release(&j->base);
+}
+
+static int dec_parse(PyObject *args, decjob *j) {
+    PyObject *pl, *bo; const char *err = NULL;
+    memset(j, 0, sizeof(*j));
+    if (!PyTuple_Check(args)) { PyErr_SetString(PyExc_TypeError, "a tuple of arguments"); return -1; }
+    if (!PyArg_ParseTuple(args, "O!y*w*Oiiiiiiy*w*", &PyTuple_Type, &pl, &j->bnd, &j->out, &bo, &j->isz, &j->kind, &j->e,
+                          &j->m, &j->op, &j->fl, &j->nz, &j->dig)) return -1;
+    if (bo != Py_None) {
+        if (PyObject_GetBuffer(bo, &j->base, PyBUF_C_CONTIGUOUS) < 0) { dec_release(j); return -1; }
+        j->have_base = 1;
+    }
+    int isz = j->isz, kind = j->kind;
+    j->U = j->bnd.len / 8 - 1;
+    const int64_t *B = j->bnd.buf;
+    j->P = nplanes_of(kind, isz, j->m);
+    j->verify = j->dig.len > 0;
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || kind < 0 || kind > 3 || j->U < 0 || j->bnd.len % 8
+            || (kind == 2 && !((isz == 2 || isz == 4) && j->e > 0 && j->m > 0 && j->e + j->m + 1 == 8 * isz))
+            || j->P > MAXP + 1 || j->op < -1 || j->op > 1 || (j->op >= 0) != j->have_base
+            || (j->have_base && j->base.len != j->out.len)
+            || PyTuple_GET_SIZE(pl) != j->U * j->P || (kind == 3 && j->nz.len < j->U * 8) || (j->verify && j->dig.len < j->U * 8)) {
+        err = "bad arguments"; goto fail;
+    }
+    if (j->U > 0 && check_bounds(B, j->U, j->out.len, isz, &j->maxunit) < 0) { err = "bad unit bounds"; goto fail; }
+    j->pv = PyMem_Calloc(j->U * j->P + 1, sizeof(Py_buffer));
+    if (!j->pv) { PyErr_NoMemory(); goto fail; }
+    for (; j->got < j->U * j->P; j->got++)
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(pl, j->got), &j->pv[j->got], PyBUF_C_CONTIGUOUS) < 0) goto fail;
+    const int64_t *NZ = j->nz.buf;
+    for (Py_ssize_t u = 0; u < j->U; u++) {       /* every plane holds at least its size */
+        Py_ssize_t n = (B[u + 1] - B[u]) / isz;
+        if (kind == 3 && (NZ[u] < 0 || NZ[u] > n)) { err = "bad nnz"; goto fail; }
+        for (int k = 0; k < j->P; k++) {
+            Py_ssize_t want = kind == 0 ? n * isz : kind != 3 ? n : k == 0 ? (n + 7) / 8 : NZ[u];
+            if (j->pv[u * j->P + k].len < want) { err = "plane too small"; goto fail; }
+        }
+    }
+    return 0;
+fail:
+    dec_release(j);
+    if (err) PyErr_SetString(PyExc_ValueError, err);
+    return -1;
+}
+
+static int dec_run(decjob *j) {
+    int isz = j->isz, kind = j->kind, op = j->op, fl = j->fl, P = j->P;
+    const int64_t *B = j->bnd.buf, *NZ = j->nz.buf;
+    uint8_t *tmp = NULL;
+    j->bad = -1;
+    if (op >= 0 && kind != 0 && j->maxunit) { tmp = malloc(j->maxunit); if (!tmp) return -1; }
+    for (Py_ssize_t u = 0; u < j->U; u++) {
+        Py_ssize_t a = B[u], len = B[u + 1] - B[u], n = len / isz;
+        uint8_t *o = (uint8_t *)j->out.buf + a, *t = op >= 0 ? tmp : o;
+        const uint8_t *bp = j->have_base ? (const uint8_t *)j->base.buf + a : NULL;
+        const uint8_t *pp[MAXP + 1];
+        for (int k = 0; k < P; k++) pp[k] = j->pv[u * P + k].buf;
+        if (kind == 0) {
+            if (op >= 0) delta_c(pp[0], bp, o, n, isz, op, fl, 1);
+            else if (len) memcpy(o, pp[0], len);
+        } else {
+            if (kind == 3) {
+                if (masked_merge_c(pp[0], pp + 1, NZ[u], n, isz, t) != NZ[u]) { j->bad = u; break; }
+            } else merge_c(pp, n, isz, kind == 2 ? j->e : 0, kind == 2 ? j->m : 0, P, t);
+            if (op >= 0) delta_c(t, bp, o, n, isz, op, fl, 1);
+        }
+        if (j->verify) ((uint64_t *)j->dig.buf)[u] = xxh64(o, (size_t)len, 0);
+    }
+    free(tmp);
+    return 0;
+}
+
+static PyObject *decode_units(PyObject *self, PyObject *args) {
+    decjob j; int rc;
+    if (dec_parse(args, &j) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dec_run(&j);
+    Py_END_ALLOW_THREADS
+    dec_release(&j);
+    if (rc < 0) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(j.bad);
+}
+
+/* decode_many(calls): decode_units for each tuple of arguments in the list, with one release of
+ * the GIL; stops at the first call that finds a bad bitmap. Returns the list of results (-1, or
+ * the bad unit; calls after a bad one are not run and give -2). */
+static PyObject *decode_many(PyObject *self, PyObject *args) {
+    PyObject *calls;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &calls)) return NULL;
+    Py_ssize_t N = PyList_GET_SIZE(calls), got = 0; int rc = 0;
+    decjob *js = PyMem_Calloc(N + 1, sizeof(decjob));
+    if (!js) return PyErr_NoMemory();
+    for (; got < N; got++) if (dec_parse(PyList_GET_ITEM(calls, got), &js[got]) < 0) break;
+    for (Py_ssize_t i = 0; i < N; i++) js[i].bad = -2;
+    if (got == N) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < N && !rc; i++) {
+            rc = dec_run(&js[i]);
+            if (js[i].bad >= 0) break;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t i = 0; i < got; i++) dec_release(&js[i]);
+    PyObject *res = NULL;
+    if (got == N && !rc) {
+        res = PyList_New(N);
+        for (Py_ssize_t i = 0; res && i < N; i++) {
+            PyObject *v = PyLong_FromSsize_t(js[i].bad);
+            if (!v) { Py_CLEAR(res); break; }
+            PyList_SET_ITEM(res, i, v);
+        }
+    } else if (rc) PyErr_NoMemory();
+    PyMem_Free(js);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"decode_many", decode_many, METH_VARARGS, "decode_many([argument tuples of decode_units]) -> [results], one GIL release"},
+    {"encode_many", encode_many, METH_VARARGS, "encode_many([argument tuples of encode_units]) -> [arena bytes used], one GIL release"},
+    {"encode_units", encode_units, METH_VARARGS, "encode_units(...) -> arena bytes used: split, gate, Huffman and digests of a run of units"},
+    {"decode_units", decode_units, METH_VARARGS, "decode_units(...) -> -1 or a bad unit: merge, delta inverse and digests of a run of units"},
     {"masked_split", masked_split, METH_VARARGS, "masked_split(src, itemsize, mask_out, planes) -> nnz"},
     {"masked_merge", masked_merge, METH_VARARGS, "masked_merge(mask, planes, nnz, itemsize, out) -> 0 or -1"},
     {"huff_frame", huff_frame, METH_VARARGS, "huff_frame(src, dst) -> size of a literals-only zstd frame in dst, or 0"},

@@ -4,6 +4,14 @@ Work is cut into jobs of whole rows (a row is ``chunk_elems`` elements of one te
 chunk of each of its planes). Jobs run on ``threads`` threads; their results are written in
 job order, so the file is byte-identical whatever the thread count. Hot loops run in the
 optional C helper ``_accel`` (GIL released) and otherwise in the numpy reference.
+
+With ``_accel`` and python-zstandard's C backend, a job is "fused" (``FUSED``): one C call
+(``encode_many`` / ``decode_many``) does every run of rows of the job, and one python-zstandard
+call (``multi_compress_to_buffer`` / ``multi_decompress_to_buffer``) codes all the planes that
+libzstd handles, so a job returns to Python (and takes the GIL back) about twice instead of
+several times per row and plane. The per-row path (``MITHRIL_FUSED=0``) is its reference: the
+same bytes (tests/test_fused.py) and the same errors (a fused run that meets anything to refuse
+is decoded again by the per-row path, which raises what it always raised).
 """
 from __future__ import annotations
 
@@ -28,6 +36,26 @@ try:
     from . import _accel
 except ImportError:  # not built: the numpy reference gives the same bytes, slower
     _accel = None
+
+try:
+    import zstandard as _zstd
+    _MULTI = getattr(_zstd, "backend", "") == "cext" and hasattr(_zstd.ZstdCompressor, "multi_compress_to_buffer") \
+        and hasattr(_zstd.ZstdDecompressor, "multi_decompress_to_buffer")     # (the cffi backend lacks them)
+except ImportError:  # pragma: no cover
+    _zstd, _MULTI = None, False
+
+# The fused path: per job, one C call per tensor run (digests, deltas, planes, entropy gate,
+# Huffman literal frames; GIL released) and one python-zstandard call for all the planes that
+# libzstd still codes (or decodes), instead of a return to Python per row and plane. Same bytes,
+# same checks. MITHRIL_FUSED=0 (or FUSED = False) keeps the per-row path, the reference.
+FUSED = os.environ.get("MITHRIL_FUSED", "1") != "0"
+
+
+def fused() -> bool:
+    return FUSED and _MULTI and _accel is not None and hasattr(_accel, "encode_units")
+
+
+_KIND = {"raw": 0, "bytegroup": 1, "fieldsplit": 2, "masked": 3}
 
 JOB_BYTES = 4 << 20          # input bytes per job: big enough to amortise Python, small enough to balance
 PREFETCH_BYTES = 256 << 20   # delta items resolved ahead of the encoder (their coding chosen, sorted)
@@ -278,6 +306,72 @@ def _encode_unit(item, seg, coder, take, out, nnzs, widths) -> None:
         out.extend(coder.encode(p) for p in planes)
 
 
+def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPool):
+    """The fused counterpart of ``[_encode_rows(...) for each segment of job]``, with the same
+    result: per segment (row digests, [(codec, payload)], buffers to give back, nonzero counts).
+    The same decisions as ``codecs.ChunkCoder.encode``, the same bytes."""
+    segs, held, zviews, calls = [], [], [], []
+    for i, r0, r1 in job:
+        it = items[i]
+        dt, isz = it.dtype, it.dtype.itemsize
+        rb = it.chunk_elems * isz
+        kind = _KIND[it.transform]
+        e, m = (dt.exp_bits, dt.man_bits) if kind == 2 else (0, 0)
+        if it.ctx is not None:        # units: segments of the sorted stream; digests: rows of the original
+            pos, bl = r0 * rb, [r0 * rb]
+            for r in range(r0, r1):
+                for n in it.ctx_rows[r]:
+                    pos += n * isz
+                    bl.append(pos)
+            src, base, op, huff = it.ctx_stream, None, -1, 0
+        else:
+            nbytes = it.nbytes          # (plain lists: numpy's small operations may release the GIL)
+            bl = [min(r * rb, nbytes) for r in range(r0, r1 + 1)]
+            src, base = it.data, it.base if it.delta_op is not None else None
+            op = -1 if it.delta_op is None else delta_ref.OPS.index(it.delta_op)
+            huff = int(coder.level is None and kind == 2)
+        bounds = np.array(bl, np.int64)
+        U = len(bl) - 1
+        nplanes = len(transforms.plane_widths(dt, it.transform))
+        total = (bl[-1] - bl[0]) // isz
+        need = (sum((b - a) // isz + 7 >> 3 for a, b in zip(bl, bl[1:])) + total * isz if kind == 3
+                else total * (isz if kind == 0 else nplanes))
+        arena = pool.get(need)
+        held.append(arena)
+        rec = np.empty((U * nplanes, 3), np.int64)
+        nnz = np.zeros(U, np.int64)
+        digs = np.empty(r1 - r0, np.uint64)
+        calls.append((src, bounds, it.data, rb, r0, r1, base, isz, kind, e, m, op, int(delta_ref.is_float(dt)), huff,
+                      codecs.STORE_ENTROPY_BITS, codecs._SAMPLE, arena, rec, nnz, digs))
+    _accel.encode_many(calls)          # the whole job with one release of the GIL
+    for c in calls:
+        arena, rec, nnz, digs = c[16:]
+        mv = memoryview(arena)
+        recs = rec.tolist()
+        for state, off, n in recs:
+            if state == 2:
+                zviews.append(mv[off:off + n])
+        segs.append((digs.tolist(), recs, mv, nnz.tolist() if c[8] == 3 else []))
+    zout = coder._cctx().multi_compress_to_buffer(zviews, threads=1) if zviews else None
+    out, z = [], 0
+    for digs, recs, mv, nnzs in segs:
+        coded = []
+        for state, off, n in recs:
+            if state == 2:
+                frame = zout[z]
+                z += 1
+                if len(frame) < n:
+                    coded.append((codecs.ZSTD, frame.tobytes()))
+                    continue
+            elif state == 1:      # as ChunkCoder.encode: frames are bytes made here, stored planes views
+                coded.append((codecs.ZSTD, bytes(mv[off:off + n])))
+                continue
+            coded.append((codecs.STORED, mv[off:off + n]))
+        out.append((digs, coded, [], nnzs))
+    out[-1][2].extend(held)           # given back to the pool once the payloads are written
+    return out
+
+
 def _plan_jobs(sizes: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
     """Cut work into jobs of about JOB_BYTES: lists of (item, first row, end row) segments.
 
@@ -338,7 +432,11 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
     last_seg = {i: (j, r1) for j, job in enumerate(jobs) for (i, _, r1) in job}
     buffers = BufferPool()
 
+    use_fused = fused()
+
     def run(job):
+        if use_fused:
+            return _encode_job_fused(items, job, coder, buffers)
         return [_encode_rows(items[i], r0, r1, coder, buffers) for i, r0, r1 in job]
 
     # Items stored against a base are resolved (their coding chosen, a context-sorted delta sorted)
@@ -380,11 +478,11 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
 
     def consume(job, results):
         for (i, r0, r1), (digs, coded, held, nnzs) in zip(job, results):
-            digests[i].extend(digs)
-            items[i].nnz.extend(nnzs)
             for codec, payload in coded:
                 chunks[i].extend((write(payload), len(payload), codec))
             buffers.put(held)
+            digests[i].extend(digs)
+            items[i].nnz.extend(nnzs)
             if progress:
                 rb = sizes[i][1]
                 progress(min(r1 * rb, items[i].nbytes) - r0 * rb)
@@ -405,10 +503,139 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
 
 # ---------------------------------------------------------------- decoding
 
+class _Fallback(Exception):
+    """The fused decoder met something to refuse: the per-row path decodes the run again and
+    raises the very error it always raised."""
+
+
+def _decode_prepare(buf, e: TensorEntry, u0: int, u1: int, bounds: list, out: np.ndarray,
+                    base: np.ndarray | None, verify: bool):
+    """Units [u0, u1) of ``e``, to go into ``out[bounds[0]:bounds[-1]]`` (unit u at bounds[u - u0];
+    ``base`` at the same offsets, for a delta): (planes, their positions that hold zstd frames, the
+    sizes these decode to, the rest of the arguments of ``_accel.decode_units``). Raises _Fallback
+    on anything the per-row path would refuse. (Plain lists: a run is often a row or two, where
+    numpy's fixed costs would dominate.)"""
+    dt, isz = e.dtype, e.dtype.itemsize
+    widths = e.widths
+    P = len(widths)
+    kind = _KIND[e.transform]
+    U = u1 - u0
+    usz = []
+    if kind == 3:
+        nnz = e.nnz[u0:u1]
+        for u in range(U):
+            usz.append((bounds[u + 1] - bounds[u]) // isz + 7 >> 3)
+            usz.extend([nnz[u]] * isz)
+        nnz = np.array(nnz, np.int64)
+    else:
+        nnz = _NO_NNZ
+        for u in range(U):
+            n = (bounds[u + 1] - bounds[u]) // isz
+            usz.extend([n * w for w in widths])
+    flat = e.chunks[3 * P * u0:3 * P * u1]
+    nb = len(buf)
+    planes, zi, zs = [], [], []
+    for k, size in enumerate(usz):
+        o, c, codec = flat[3 * k], flat[3 * k + 1], flat[3 * k + 2]
+        if o < 0 or o + c > nb:
+            raise _Fallback
+        if codec == codecs.ZSTD and size > 0:
+            zi.append(k)
+            zs.append(size)
+        elif codec != codecs.STORED or c != size:
+            raise _Fallback
+        planes.append(buf[o:o + c])
+    lo, hi = bounds[0], bounds[-1]
+    op = -1 if base is None else delta_ref.OPS.index(e.delta["op"])
+    e_, m_ = (dt.exp_bits, dt.man_bits) if kind == 2 else (0, 0)
+    rest = (np.array(bounds, np.int64) - lo, out[lo:hi], None if base is None else base[lo:hi], isz, kind, e_, m_, op,
+            int(delta_ref.is_float(dt)), nnz, np.empty(U if verify else 0, np.uint64))
+    return planes, zi, zs, rest
+
+
+def _unzstd(parts) -> None:
+    """One python-zstandard call for the zstd frames of every prepared run in ``parts``."""
+    frames, sizes = [], []
+    for planes, zi, zs, _ in parts:
+        frames.extend(planes[k] for k in zi)
+        sizes.extend(zs)
+    if not frames:
+        return
+    try:
+        zout = _dctx_multi().multi_decompress_to_buffer(frames, decompressed_sizes=np.array(sizes, np.uint64).tobytes(),
+                                                         threads=1)
+    except (_zstd.ZstdError, ValueError, TypeError, MemoryError):
+        raise _Fallback from None
+    t = 0
+    for planes, zi, _, _ in parts:
+        for k in zi:
+            planes[k] = zout[t]
+            t += 1
+
+
+_BAD_MASK = "masked chunk: the bitmap does not match the number of stored elements"
+
+
+def _decode_fused(buf, e: TensorEntry, u0: int, u1: int, bounds: list, out: np.ndarray,
+                  base: np.ndarray | None, verify: bool) -> list[int]:
+    """One run, fused: one python-zstandard call for its zstd chunks, one C call for merges, delta
+    inverse and digests. Returns the units' digests (when ``verify``). Raises _Fallback."""
+    part = _decode_prepare(buf, e, u0, u1, bounds, out, base, verify)
+    _unzstd([part])
+    planes, _, _, rest = part
+    if _accel.decode_units(tuple(planes), *rest) >= 0:
+        raise CorruptFileError(_BAD_MASK)
+    return rest[-1].tolist()
+
+
+def _decode_job_fused(buf, work, job, verify: bool, stream, bounds_of) -> list:
+    """A job of several runs (``decode_all``'s), fused: one python-zstandard call and one C call
+    for all of them. Raises _Fallback (the caller decodes the runs one by one)."""
+    parts = []
+    for w, r0, r1 in job:
+        e, out, base = work[w]
+        if w in bounds_of:
+            parts.append(_decode_prepare(buf, e, r0, r1, bounds_of[w][r0:r1 + 1].tolist(), stream(w), None, False))
+        else:
+            rb, nbytes = e.chunk_elems * e.dtype.itemsize, e.nbytes
+            parts.append(_decode_prepare(buf, e, r0, r1, [min(r * rb, nbytes) for r in range(r0, r1 + 1)], out,
+                                         base if e.delta else None, verify))
+    _unzstd(parts)
+    res = _accel.decode_many([(tuple(planes), *rest) for planes, _, _, rest in parts])
+    if any(r != -1 for r in res):
+        raise _Fallback                  # the runs one by one raise the very error, at the very run
+    return [[] if w in bounds_of else part[3][-1].tolist() for (w, _, _), part in zip(job, parts)]
+
+
+_NO_NNZ = np.zeros(0, np.int64)
+_ddlocal = threading.local()
+
+
+def _dctx_multi():
+    d = getattr(_ddlocal, "dctx", None)
+    if d is None:
+        d = _ddlocal.dctx = _zstd.ZstdDecompressor()
+    return d
+
+
 def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, row0: int, row1: int,
                  verify: bool, origin: int = 0) -> list[int]:
     """Decode rows [row0, row1) of ``e``; ``out`` (and ``base``) hold the tensor's bytes from byte
     ``origin`` on (0: the whole tensor). Returns the rows' digests when ``verify``."""
+    if fused() and row1 > row0:
+        rb = e.chunk_elems * e.dtype.itemsize
+        nbytes = e.nbytes
+        bounds = [min(r * rb, nbytes) - origin for r in range(row0, row1 + 1)]
+        try:
+            return _decode_fused(buf, e, row0, row1, bounds, out, base if e.delta else None, verify)
+        except _Fallback:
+            pass
+    return _decode_rows_ref(buf, e, out, base, row0, row1, verify, origin)
+
+
+def _decode_rows_ref(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, row0: int, row1: int,
+                     verify: bool, origin: int = 0) -> list[int]:
+    """The per-row path (the reference of the fused one)."""
     dt, isz = e.dtype, e.dtype.itemsize
     rb = e.chunk_elems * isz
     op = e.delta["op"] if e.delta else None
@@ -436,6 +663,11 @@ def _decode_rows(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | None, 
 def _decode_units(buf, e: TensorEntry, stream: np.ndarray, bounds: np.ndarray, u0: int, u1: int) -> list[int]:
     """Decode segments [u0, u1) of a context-sorted delta into its sorted stream (no digests:
     rows are checked once the stream is unsorted)."""
+    if fused() and u1 > u0:
+        try:
+            return _decode_fused(buf, e, u0, u1, bounds[u0:u1 + 1].tolist(), stream, None, False)
+        except _Fallback:
+            pass
     dt = e.dtype
     for u in range(u0, u1):
         planes = []
@@ -495,7 +727,14 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
         if verify:
             whole_digest[w] = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize)
 
+    use_fused = fused()
+
     def run(job):
+        if use_fused and len(job) > 1:       # several runs (small tensors): one C call for all of them
+            try:
+                return _decode_job_fused(buf, work, job, verify, stream, bounds_of)
+            except _Fallback:
+                pass
         return [_decode_units(buf, work[w][0], stream(w), bounds_of[w], r0, r1) if w in bounds_of
                 else _decode_rows(buf, work[w][0], work[w][1], work[w][2], r0, r1, verify) for w, r0, r1 in job]
 
