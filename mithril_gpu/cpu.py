@@ -277,22 +277,13 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
             d = take(b - a)
             delta_apply(item.delta_op, dt, seg, item.base[a:b], d, inverse=False)
             seg = d
-        if item.transform == "raw":
-            out.append(coder.encode(seg))
-        elif item.transform == "masked":
-            nnz, planes = split_masked(dt, seg, take)
-            nnzs.append(nnz)
-            out.extend(coder.encode(p) for p in planes)
-        else:
-            planes = [take((b - a) // isz * w) for w in widths]
-            split_planes(dt, item.transform, seg, planes)
-            exp_plane = item.transform == "fieldsplit"
-            out.extend(coder.encode(p, literals=exp_plane and k == 0) for k, p in enumerate(planes))
+        _encode_unit(item, seg, coder, take, out, nnzs, widths)
     return digests, out, held, nnzs
 
 
 def _encode_unit(item, seg, coder, take, out, nnzs, widths) -> None:
-    """Planes of one segment of a context-sorted delta (its deltas are already taken)."""
+    """Code the planes of one unit: a row (its delta already taken), or a segment of a
+    context-sorted delta's sorted stream."""
     dt = item.dtype
     if item.transform == "raw":
         out.append(coder.encode(seg))
@@ -303,7 +294,8 @@ def _encode_unit(item, seg, coder, take, out, nnzs, widths) -> None:
     else:
         planes = [take(seg.size // dt.itemsize * w) for w in widths]
         split_planes(dt, item.transform, seg, planes)
-        out.extend(coder.encode(p) for p in planes)
+        exp_plane = item.transform == "fieldsplit"       # its exponent plane: Huffman literals (codecs)
+        out.extend(coder.encode(p, literals=exp_plane and k == 0) for k, p in enumerate(planes))
 
 
 def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPool):
