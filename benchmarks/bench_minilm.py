@@ -228,7 +228,10 @@ def peak_child(method: str, src: str, dst: str, dname: str, threads: int) -> Non
     with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current RSS
         f.write("5")
     base = _status_kb("VmRSS")
-    if method == "mithril":
+    if method in ("mithril", "mithril per-row"):        # both from the file, as the CLI does
+        from mithril_gpu import cpu
+
+        cpu.FUSED = cpu.FUSED and method == "mithril"
         cli.main(["compress", src, dst, "-q", "-f", "--threads", str(threads)])
     elif method == "zipnn 0.5.4":
         data = bytearray(open(src, "rb").read())
@@ -238,6 +241,8 @@ def peak_child(method: str, src: str, dst: str, dname: str, threads: int) -> Non
     else:
         sd = load_file(src)
         comp, _ = METHODS[method](sd, dname, dst, threads)
+        if hasattr(comp, "prepare"):
+            comp.prepare()
         comp()
     print(json.dumps({"peak_kb": _status_kb("VmHWM") - base}))
 
