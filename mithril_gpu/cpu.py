@@ -635,17 +635,8 @@ def _decode_rows_ref(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | No
     digests = []
     for r in range(row0, row1):
         a, b = r * rb - origin, min((r + 1) * rb, e.nbytes) - origin
-        planes = []
-        for p, usize in enumerate(e.plane_sizes(r)):
-            off, csize, codec = e.chunk(r, p)
-            planes.append(codecs.decode(codec, buf[off:off + csize], usize, scratch(f"d{p}", usize)))
         target = out[a:b] if op is None else scratch("delta", b - a)
-        if e.transform == "raw":
-            target[...] = np.frombuffer(planes[0], np.uint8)
-        elif e.transform == "masked":
-            merge_masked(dt, planes, target)
-        else:
-            merge_planes(dt, e.transform, planes, target)
+        _decode_unit(buf, e, r, target)
         if op is not None:
             delta_apply(op, dt, target, base[a:b], out[a:b], inverse=True)
         if verify:
@@ -661,20 +652,24 @@ def _decode_units(buf, e: TensorEntry, stream: np.ndarray, bounds: np.ndarray, u
             return _decode_fused(buf, e, u0, u1, bounds[u0:u1 + 1].tolist(), stream, None, False)
         except _Fallback:
             pass
-    dt = e.dtype
     for u in range(u0, u1):
-        planes = []
-        for p, usize in enumerate(e.plane_sizes(u)):
-            off, csize, codec = e.chunk(u, p)
-            planes.append(codecs.decode(codec, buf[off:off + csize], usize, scratch(f"d{p}", usize)))
-        target = stream[int(bounds[u]):int(bounds[u + 1])]
-        if e.transform == "raw":
-            target[...] = np.frombuffer(planes[0], np.uint8)
-        elif e.transform == "masked":
-            merge_masked(dt, planes, target)
-        else:
-            merge_planes(dt, e.transform, planes, target)
+        _decode_unit(buf, e, u, stream[int(bounds[u]):int(bounds[u + 1])])
     return []
+
+
+def _decode_unit(buf, e: TensorEntry, u: int, target: np.ndarray) -> None:
+    """Decode the chunks of unit ``u`` of ``e`` (a row, or a segment of a context-sorted delta)
+    and merge its planes into ``target`` (the unit's bytes, before any delta is undone)."""
+    planes = []
+    for p, usize in enumerate(e.plane_sizes(u)):
+        off, csize, codec = e.chunk(u, p)
+        planes.append(codecs.decode(codec, buf[off:off + csize], usize, scratch(f"d{p}", usize)))
+    if e.transform == "raw":
+        target[...] = np.frombuffer(planes[0], np.uint8)
+    elif e.transform == "masked":
+        merge_masked(e.dtype, planes, target)
+    else:
+        merge_planes(e.dtype, e.transform, planes, target)
 
 
 def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]], threads: int,
