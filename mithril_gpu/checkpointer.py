@@ -156,11 +156,11 @@ class Checkpointer:
         return _Info(identity, base_step, base_identity)
 
     def _remember(self, path: str, index) -> None:
-        """Note what the file just written at ``path`` is, from the index written (no re-read)."""
-        m = _NAME.match(os.path.basename(path))
+        """Note what the file just written at ``path`` (one of ours) is, from the index written (no re-read)."""
+        step = int(_NAME.match(os.path.basename(path)).group(1))
         try:
-            self._infos[int(m.group(1))] = (_stat_key(path), self._info_of(index.identity, index.base))
-        except (OSError, AttributeError):
+            self._infos[step] = (_stat_key(path), self._info_of(index.identity, index.base))
+        except OSError:                      # gone already: the next scan reads what is there
             pass
 
     def _scan(self) -> dict[int, str]:

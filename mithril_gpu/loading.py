@@ -100,8 +100,7 @@ def _load_into(f, targets: dict, progress=None) -> None:
     (or through a CPU buffer, one tensor at a time, when the GPU backend cannot run)."""
     import torch
 
-    def direct(t):   # its memory can take the bytes as they are (tensor_u8 is then a view of it)
-        return t.is_contiguous() and not t.is_conj() and not t.is_neg()
+    direct = torchio.takes_bytes
 
     cpu_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cpu" and direct(t)]
     dev_pairs = [(e, t) for e, t in targets.values() if t.device.type == "cuda" and direct(t)]

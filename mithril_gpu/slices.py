@@ -61,16 +61,16 @@ class TensorSlice:
 
     def __getitem__(self, key):
         """The box ``key`` (ints, slices with positive steps, ``...``) as a fresh CPU tensor."""
+        import torch
+
         box, drop = _box(key, self._e.shape)
         out_shape = [len(range(*s)) for s in box]
         if math.prod(out_shape) == 0:
-            import torch
-
             return torch.empty([n for d, n in enumerate(out_shape) if d not in drop], dtype=self.dtype)
-        region, lo = self._region(box)
-        sub = region.as_strided([hi - a for a, hi, _ in _spans(box)], _strides(self._e.shape))
+        spans = _spans(box)
+        sub = self._region(spans).as_strided([hi - a for a, hi, _ in spans], _strides(self._e.shape))
         sub = sub[tuple(slice(0, None, step) for _, _, step in box)]
-        sub = sub.clone(memory_format=_contiguous())
+        sub = sub.clone(memory_format=torch.contiguous_format)
         return sub.reshape([n for d, n in enumerate(out_shape) if d not in drop])
 
     def read_into(self, key, out) -> None:
@@ -92,19 +92,13 @@ class TensorSlice:
         with torch.no_grad():
             out.copy_(self[key])
 
-    def _region(self, box):
-        """The decoded elements from the box's first to its last (a flat tensor), and the first's index."""
+    def _region(self, spans):
+        """The decoded elements from the box's first to its last, as a flat tensor (``spans``: see :func:`_spans`)."""
         strides = _strides(self._e.shape)
-        first = sum(a * s for (a, _, _), s in zip(box, strides))
-        last = sum((b - 1 - (b - 1 - a) % st) * s for (a, b, st), s in zip(box, strides))
+        first = sum(a * s for (a, _, _), s in zip(spans, strides))
+        last = sum((hi - 1) * s for (_, hi, _), s in zip(spans, strides))
         raw = self._f.decode_range(self._e, first, last + 1)
-        return torchio.as_tensor(raw, self._e.dtype, [last + 1 - first]), first
-
-
-def _contiguous():
-    import torch
-
-    return torch.contiguous_format
+        return torchio.as_tensor(raw, self._e.dtype, [last + 1 - first])
 
 
 def _strides(shape) -> list[int]:

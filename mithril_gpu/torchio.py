@@ -56,10 +56,16 @@ def source_for(t):
     return lambda: tensor_bytes(t.detach().to("cpu"))
 
 
+def takes_bytes(t) -> bool:
+    """Whether tensor ``t``'s memory can take decoded bytes as they are (one contiguous block with
+    no lazy conjugate or negation bit: :func:`tensor_u8` is then a view of it)."""
+    return t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
 def writable_bytes(t) -> np.ndarray | None:
-    """The memory of CPU tensor ``t`` as a writable flat uint8 numpy array, or None when its bytes
-    are not one contiguous block that can take decoded bytes as they are."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+    """The memory of CPU tensor ``t`` as a writable flat uint8 numpy array, or None when it cannot
+    take decoded bytes as they are (:func:`takes_bytes`)."""
+    if t.device.type != "cpu" or not takes_bytes(t):
         return None
     return tensor_u8(t).numpy()
 
