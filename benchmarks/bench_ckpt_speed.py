@@ -70,11 +70,12 @@ def profile_breakdown(a: dict, b: dict, tmp: str) -> None:
     import cProfile
     import pstats
 
-    cats = {"snapshot copy": ["method 'copy' of 'numpy.ndarray'", "clone"], "context sort (C)": ["_accel.ctx"],
+    cats = {"snapshot copy": ["method 'copy' of 'numpy.ndarray'", "clone", "copyto"], "context sort (C)": ["_accel.ctx"],
             "coding choice": ["deltaplan.py"], "masked split (C)": ["masked_split"], "zstd": ["ZstdCompressor"],
             "huffman literals (C)": ["huff_frame"], "plane split (C)": ["_accel.split"], "xxh64 (C)": ["_accel.xxh64"],
             "entropy sampling (C)": ["_accel.entropy"], "file write": ["BufferedWriter", "posix.write", "fsync"],
-            "delta op (C)": ["_accel.delta"]}
+            "delta op (C)": ["_accel.delta"], "fused coding (C)": ["encode_many"],
+            "waiting on threads": ["method 'acquire' of '_thread.lock'", "method 'acquire' of '_thread.RLock'"]}
 
     def run(label, fn):
         pr = cProfile.Profile()
@@ -103,6 +104,7 @@ def main():
     ap.add_argument("--pair", default="299,300")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--chain", type=int, default=3, help="later delta saves timed after the first (default 3)")
     ap.add_argument("--no-ctx", action="store_true", help="delta saves without context-sorted deltas")
     ap.add_argument("--profile", action="store_true", help="also profile one save of each kind on one thread")
     args = ap.parse_args()
@@ -114,7 +116,7 @@ def main():
     print(f"state dict: {len(b)} tensors, {raw / 1e6:.0f} MB bf16, pair {sa}->{sb}, threads {cpu.default_threads()}",
           flush=True)
     tmp = tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP"))
-    full_t, delta_t, full_cpu, delta_cpu, ckfull_t = [], [], [], [], []
+    full_t, delta_t, full_cpu, delta_cpu, ckfull_t, chain_t = [], [], [], [], [], []
     sizes = {}
     for r in range(args.runs):
         path = os.path.join(tmp, "full.mth")
@@ -139,10 +141,19 @@ def main():
         sizes["delta"] = os.path.getsize(ck.path(1))
         with mithril_gpu.open(ck.path(1)) as f:
             sizes["ctx share"] = sum(e.nbytes for e in f.index.tensors if e.ctx is not None) / raw
+        later = []
+        for k in range(args.chain):          # later deltas of the chain (each tensor's coding choice reused)
+            t = time.perf_counter()
+            ck.save(a if k % 2 == 0 else b, 2 + k)
+            later.append(time.perf_counter() - t)
+            sizes["later"] = os.path.getsize(ck.path(2 + k))
+        if later:
+            chain_t.append(statistics.median(later))
         ck.close()
         shutil.rmtree(d)
         print(f"  run {r}: full {full_t[-1]:.2f} s ({full_cpu[-1]:.2f} CPU), Checkpointer full {ckfull_t[-1]:.2f} s, Checkpointer delta {delta_t[-1]:.2f} s "
-              f"({delta_cpu[-1]:.2f} CPU)", flush=True)
+              f"({delta_cpu[-1]:.2f} CPU)" + (f", later deltas {' '.join(f'{v:.2f}' for v in later)} s" if later else ""),
+              flush=True)
     fm, dm = statistics.median(full_t), statistics.median(delta_t)
     ratio = statistics.median([d / f for d, f in zip(delta_t, full_t)])
     print(f"full save: {fm:.2f} s ({raw / fm / 1e6:.0f} MB/s), ratio {raw / sizes['full']:.2f}")
@@ -151,6 +162,11 @@ def main():
     ckf = statistics.median(ckfull_t)
     print(f"Checkpointer full save (snapshot included): {ckf:.2f} s ({raw / ckf / 1e6:.0f} MB/s); delta / that, "
           f"median of paired runs: {statistics.median([d / f for d, f in zip(delta_t, ckfull_t)]):.2f}")
+    if chain_t:
+        cm = statistics.median(chain_t)
+        print(f"Checkpointer later deltas of a chain (choices reused; alternately back to the base): {cm:.2f} s "
+              f"({raw / cm / 1e6:.0f} MB/s), ratio {raw / sizes['later']:.2f}; / full save, median of paired runs: "
+              f"{statistics.median([d / f for d, f in zip(chain_t, full_t)]):.2f}")
     print(f"delta / full time, median of paired runs: {ratio:.2f}; CPU seconds (all threads): full "
           f"{statistics.median(full_cpu):.2f}, delta {statistics.median(delta_cpu):.2f}")
     if args.profile:

@@ -320,7 +320,47 @@ def second_base(kind: str, files: list[str]) -> dict:
     row = {"pair": kind, "bound": round(zigzag_bound(n, o), 2), "cond": round(conditioned_bound(n, o), 2)}
     for extra in ("prevsign", "prevmag", "momentum"):
         row[extra] = round(conditioned_bound(n, o, z, extra), 2)
+    row.update(coded_with_prevsign(n, o, z))
     return row
+
+
+def coded_with_prevsign(new: dict, old: dict, older: dict) -> dict:
+    """What the previous change's sign gains once coded (not a bound): the changed float tensors
+    of ``new`` coded by mithril's own coder as zigzag deltas, each tensor the best of plain rows,
+    sorted by the base exponent (ctxdelta today) and sorted by (base exponent, sign class of the
+    change base - older: none, down, up), with the writer's segment cuts; ratios of those tensors'
+    raw bytes to their coded bytes."""
+    from mithril_gpu import ctxdelta, deltaplan
+
+    raw = today = with_sign = 0
+    for name, t in new.items():
+        b, z = old.get(name), older.get(name)
+        dt = mdtypes.from_torch(t.dtype)
+        if b is None or z is None or not mdelta.is_float(dt) or t.numel() < 1024 \
+                or any(v.dtype != t.dtype or v.shape != t.shape for v in (b, z)):
+            continue
+        x, y, y2 = raw_bytes(t), raw_bytes(b), raw_bytes(z)
+        if np.array_equal(x, y):
+            continue
+        ut, ce, n = np.dtype(mdelta._UINT[t.element_size()]).type, 1 << 17, t.numel()
+        d, p = np.empty_like(x), np.empty_like(x)
+        mdelta.encode("zigzag", dt, x, y, d)
+        mdelta.encode("zigzag", dt, y, y2, p)
+        pv = p.view(ut)
+        e = ((y.view(ut) >> ut(dt.man_bits)) & ut((1 << dt.exp_bits) - 1)).astype(np.int64)
+        sizes = [min(deltaplan._coded_size(dt, tr, d, [min(ce, n - r) for r in range(0, n, ce)])
+                     for tr in ("masked", "bytegroup"))]
+        for c in (e, e * 3 + np.where(pv == 0, 0, np.where(pv & ut(1), 1, 2))):
+            srt = d.view(ut)[np.argsort(c, kind="stable")].view(np.uint8)
+            segs = [m for row in ctxdelta.segments(np.bincount(c), ce) for m in row]
+            sizes.append(min(deltaplan._coded_size(dt, tr, srt, segs) for tr in ("masked", "bytegroup")))
+        raw += x.size
+        today += min(sizes[:2])
+        with_sign += min(sizes)
+    if not raw:
+        return {"coded": "-", "coded_sign": "-", "coded_gain": "-"}
+    return {"coded": round(raw / today, 2), "coded_sign": round(raw / with_sign, 2),
+            "coded_gain": f"{today / with_sign - 1:+.1%}"}
 
 
 def main():
@@ -375,8 +415,10 @@ def main():
         text += "\n\n" + print_table(second, [
             ("pair", "pair"), ("bound", "order-0 bound"), ("cond", "conditioned on base exponent"),
             ("prevsign", "+ sign of the previous change"), ("prevmag", "+ log2 size of the previous change"),
-            ("momentum", "residual of predicting the previous change")],
-            "What a second base would add (per-context entropy bounds, table costs ignored)")
+            ("momentum", "residual of predicting the previous change"),
+            ("coded", "coded today (changed float tensors)"), ("coded_sign", "coded, + sign of the previous change"),
+            ("coded_gain", "coded gain")],
+            "What a second base would add (per-context entropy bounds, table costs ignored; then coded sizes)")
         with open(os.path.join(HERE, "out", "deltas.md"), "w") as fh:
             fh.write(text + "\n")
     with open(os.path.join(HERE, "out", "deltas.json"), "w") as fh:

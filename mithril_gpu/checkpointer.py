@@ -18,6 +18,8 @@ import threading
 import warnings
 from typing import NamedTuple
 
+import numpy as np
+
 from . import api, tree as tree_mod
 from .errors import BaseMismatchError, CorruptFileError, MissingBaseError, MithrilError, short
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
@@ -290,14 +292,15 @@ class Checkpointer:
             if self._choices is None or self._since_full % RECHOOSE_EVERY == 0:
                 self._choices = {}
             choices = self._choices
-        snapshot, leaves = state, None
-        if self.keep_base_in_memory or not blocking:
-            snapshot, leaves = _snapshot(state)
-        job = (snapshot, self.path(step), None if full else self.path(prev), base_tensors, choices)
         if blocking:
-            self._write(*job)
-            self._after_write(step, full, leaves)
+            # The state cannot change while a blocking save runs, so it is coded as it is, and the
+            # copy kept for the next delta is taken afterwards, into the previous copy's memory
+            # where the layouts match (no second copy held, no fresh pages to fault in).
+            self._write(state, self.path(step), None if full else self.path(prev), base_tensors, choices)
+            self._after_write(step, full, None, state)
             return self.path(step)
+        snapshot, leaves = _snapshot(state)
+        job = (snapshot, self.path(step), None if full else self.path(prev), base_tensors, choices)
         from concurrent.futures import ThreadPoolExecutor
 
         if self._executor is None:
@@ -333,11 +336,22 @@ class Checkpointer:
         self._remember(path, written[0])
         self._prune()
 
-    def _after_write(self, step: int, full: bool, leaves) -> None:
+    def _after_write(self, step: int, full: bool, leaves, state=None) -> None:
+        """Record a written save; ``leaves``: its snapshot's named tensors, or None to copy them
+        from ``state`` now (a blocking save)."""
         self._since_full = 0 if full else self._since_full + 1
         self._last_step = step
-        if self.keep_base_in_memory:
+        if not self.keep_base_in_memory:
+            return
+        if leaves is not None:
             self._base_tensors = dict(leaves)
+            return
+        old, self._base_tensors = self._base_tensors, None      # never a half-refreshed copy
+        try:
+            self._base_tensors = _refresh(old or {}, state)
+        except Exception as e:      # the checkpoint is written; only the next delta's shortcut is lost
+            warnings.warn(CheckpointNote(f"mithril: could not keep step {step}'s tensors in memory "
+                                         f"({short(e)}); the next delta reads its base from disk"), stacklevel=3)
 
     def _prune(self) -> None:
         """Delete the orphans, and (with ``keep``) the files no kept checkpoint needs.
@@ -412,6 +426,34 @@ def _snapshot(state):
     else:
         clones = [(name, _clone(t)) for name, t in leaves]
     return tree_mod.decode(node, lambda i: clones[i][1]), clones
+
+
+def _refresh(old: dict, state) -> dict:
+    """Copies of ``state``'s named tensors, written into the tensors of ``old`` (the previous
+    copies) where name, dtype, shape and device match, fresh clones elsewhere."""
+    _, leaves = tree_mod.encode(state, _is_tensor)
+
+    def copy(nt):
+        name, t = nt
+        o = old.get(name)
+        t = t.detach()
+        if o is None or o.dtype != t.dtype or o.shape != t.shape or o.device != t.device or not o.is_contiguous() \
+                or t.layout is not torch_strided() or o.layout is not torch_strided() or t.is_quantized \
+                or t.is_conj() or t.is_neg():
+            return name, _clone(t)
+        if o.device.type == "cpu" and t.is_contiguous() and t.numel():
+            np.copyto(api.tensor_u8(o).numpy(), api.tensor_u8(t).numpy())     # numpy: 5x torch's copy for bf16
+        else:
+            o.copy_(t)
+        return name, o
+
+    big = sum(t.numel() * t.element_size() for _, t in leaves) > (64 << 20)
+    if big and len(leaves) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2, thread_name_prefix="mithril-snap") as ex:
+            return dict(ex.map(copy, leaves))
+    return dict(map(copy, leaves))
 
 
 def _is_tensor(x) -> bool:

@@ -86,3 +86,50 @@ def test_codings_are_chosen_at_the_chains_first_delta_and_every_few_saves(tmp_pa
     assert per_save == want
     for step, st in saved.items():                      # reused choices decode bit-exact all the same
         assert_tree_same(mithril_gpu.load(ck.path(step)), st)
+
+
+def test_a_blocking_save_keeps_its_base_in_the_previous_copys_memory(tmp_path):
+    """A blocking save codes the state as it is and then copies it into the memory of the
+    previous save's copy: no snapshot before, no second copy held, never aliased with the caller's
+    tensors (which the caller changes in place between saves)."""
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    state = _state(3)
+    ck.save(state, 0)
+    held = {n: t.data_ptr() for n, t in ck._base_tensors.items()}
+    assert all(held[n] != t.data_ptr() for n, t in state.items())
+    saved = [{n: t.clone() for n, t in state.items()}]
+    for step in range(1, 5):
+        for n, t in _next(state, step).items():          # the training loop changes the tensors in place
+            state[n].copy_(t)
+        ck.save(state, step)
+        saved.append({n: t.clone() for n, t in state.items()})
+        assert {n: t.data_ptr() for n, t in ck._base_tensors.items()} == held
+        assert_tree_same(ck._base_tensors, state)
+    state["a"] += 1                                       # after the last save: not in any checkpoint
+    for step, want in enumerate(saved):
+        assert_tree_same(ck.load(step), want)
+
+
+@pytest.mark.filterwarnings("ignore::mithril_gpu.writer.BaseNote")
+def test_a_changed_layout_gets_a_fresh_copy_and_a_failed_copy_only_costs_the_shortcut(tmp_path, monkeypatch):
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    state = _state(4)
+    ck.save(state, 0)
+    ptr = ck._base_tensors["a"].data_ptr()
+    state["a"] = torch.zeros(10, 10, dtype=torch.bfloat16)     # a new shape: a new copy, never a partial write
+    ck.save(state, 1)
+    assert ck._base_tensors["a"].shape == (10, 10) and ck._base_tensors["a"].data_ptr() != ptr
+    assert_tree_same(ck.load(1), state)
+
+    def fail(*a, **k):
+        raise MemoryError("no room")
+    monkeypatch.setattr(checkpointer.np, "copyto", fail)
+    state = _next(state | {"a": torch.zeros(300, 100, dtype=torch.bfloat16)}, 2)
+    with pytest.warns(checkpointer.CheckpointNote, match="could not keep step 2's tensors in memory"):
+        assert ck.save(state, 2) == ck.path(2)
+    assert ck._base_tensors is None
+    monkeypatch.undo()
+    nxt = _next(state, 3)
+    ck.save(nxt, 3)                                       # its base read from disk
+    assert_tree_same(ck.load(3), nxt)
+    assert_tree_same(ck.load(2), state)
