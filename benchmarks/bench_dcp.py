@@ -1,7 +1,7 @@
 """DCP storage writers side by side: FileSystemWriter, FileSystemWriter + its ZStandard extension,
 MithrilWriter (full) and MithrilWriter (delta against the full one, one optimizer step later).
 
-    python benchmarks/bench_dcp.py [--mb 560] [--out DIR] [--threads 1]
+    python benchmarks/bench_dcp.py [--mb 560] [--out DIR] [--threads 1] [--runs 5]
 
 Two ranks (torch.multiprocessing.spawn, gloo, CPU), each holding half of a training state as
 Shard(0) DTensors: bf16 weights and fp32 AdamW moments (exp_avg, exp_avg_sq), plus step counters.
@@ -12,8 +12,11 @@ of real bf16/fp32 training states, but no benchmark on synthetic data settles re
 Reported, per writer: bytes on disk, ratio against FileSystemWriter, save and load wall time
 (slowest rank, after a barrier; outputs fsynced; loads read what the page cache holds) and peak
 extra anonymous resident memory (RssAnon) of a rank during save and load, sampled every 5 ms.
-Every load is checked bit-exact against the state saved. Run it once: the machine is shared, and
-timings are noisy.
+Every load is checked bit-exact against the state saved. Each save starts with no writeback of
+earlier files pending (os.sync() first: between the saves of a training run there is time for
+it; without it, a save pays for its predecessor's writeback). The methods run in turn, --runs times,
+so that all see the same machine; times are medians, and each method's speed relative to
+FileSystemWriter is the median of the runs' paired ratios (the machine is shared and noisy).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -180,29 +184,37 @@ def worker(rank, world, args, root):
         ("MithrilWriter (delta, next step)", s2, lambda: MithrilWriter(d("md"), base=d("mf"), threads=args.threads),
          lambda: MithrilReader(d("md"), threads=args.threads), "md"),
     ]
-    rows = []
-    for label, state, writer, reader, name in methods:
-        dist.barrier()
-        with Peak() as pk_save:
-            t = time.perf_counter()
-            dcp.save(state, storage_writer=writer())
-            t_save = time.perf_counter() - t
-        dist.barrier()
-        target = zeros_like_state(state)
-        dist.barrier()
-        with Peak() as pk_load:
-            t = time.perf_counter()
-            dcp.load(target, storage_reader=reader())
-            t_load = time.perf_counter() - t
-        ok = same(target, state)
-        del target
-        res = torch.tensor([t_save, t_load, pk_save.extra / 1e6, pk_load.extra / 1e6, float(not ok)])
-        dist.all_reduce(res, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            rows.append({"method": label, "bytes": dir_bytes(d(name)), "save_s": res[0].item(),
-                         "load_s": res[1].item(), "save_peak_mb": res[2].item(), "load_peak_mb": res[3].item(),
-                         "bit_exact": res[4].item() == 0})
-            print(f"  {label}: done", flush=True)
+    rows = {}
+    for run in range(args.runs):          # the methods in turn, run after run: all see the same machine
+        for label, state, writer, reader, name in methods:
+            os.sync()          # no writeback of the previous method's files pending (as between the saves of a run)
+            dist.barrier()
+            with Peak() as pk_save:
+                t = time.perf_counter()
+                dcp.save(state, storage_writer=writer())
+                t_save = time.perf_counter() - t
+            dist.barrier()
+            target = zeros_like_state(state)
+            dist.barrier()
+            with Peak() as pk_load:
+                t = time.perf_counter()
+                dcp.load(target, storage_reader=reader())
+                t_load = time.perf_counter() - t
+            ok = same(target, state)
+            del target
+            res = torch.tensor([t_save, t_load, pk_save.extra / 1e6, pk_load.extra / 1e6, float(not ok)])
+            dist.all_reduce(res, op=dist.ReduceOp.MAX)
+            if rank == 0:
+                row = rows.setdefault(label, {"method": label, "save_s": [], "load_s": [], "save_peak_mb": 0.0,
+                                              "load_peak_mb": 0.0, "bit_exact": True})
+                row["bytes"] = dir_bytes(d(name))
+                row["save_s"].append(res[0].item())
+                row["load_s"].append(res[1].item())
+                row["save_peak_mb"] = max(row["save_peak_mb"], res[2].item())
+                row["load_peak_mb"] = max(row["load_peak_mb"], res[3].item())
+                row["bit_exact"] = row["bit_exact"] and res[4].item() == 0
+                print(f"  run {run}: {label}: save {t_save:.2f} s, load {t_load:.2f} s", flush=True)
+    rows = list(rows.values())
     if rank == 0:
         state_bytes = 0
         for part in (s1["model"], s1["optim"]["state"]):
@@ -220,6 +232,7 @@ def main():
     ap.add_argument("--mb", type=int, default=560, help="state size in MB over both ranks (default 560)")
     ap.add_argument("--threads", type=int, default=1, help="mithril threads per rank (default 1: 2 ranks, 2 cores)")
     ap.add_argument("--out", default=None, help="where the checkpoints go (default: a temporary folder, removed)")
+    ap.add_argument("--runs", type=int, default=5, help="runs of every method, in turn (default 5)")
     args = ap.parse_args()
     root = args.out or tempfile.mkdtemp(prefix="bench_dcp_")
     os.makedirs(root, exist_ok=True)
@@ -232,13 +245,22 @@ def main():
         print(f"\nstate: {res['state_bytes'] / 1e6:,.0f} MB over 2 ranks (bf16 weights, fp32 AdamW moments); "
               f"torch {torch.__version__}; mithril threads per rank: {args.threads}; "
               f"{time.perf_counter() - t0:.0f} s in all\n")
-        print("| writer | on disk (MB) | ratio vs FileSystemWriter | save (s) | load (s) | "
+        fs = res["rows"][0]
+        print(f"{args.runs} runs, methods in turn; times are medians (range), 'vs FS' the median of the runs' "
+              "paired ratios (time / FileSystemWriter's time in the same run: below 1 is faster)\n")
+        print("| writer | on disk (MB) | ratio vs FileSystemWriter | save (s) | save vs FS | load (s) | load vs FS | "
               "peak extra RssAnon per rank, save / load (MB) | bit-exact |")
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
+
+        def span(v):
+            return f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else f"{v[0]:.2f}"
+
+        def vs(v, ref):
+            return f"{statistics.median([a / b for a, b in zip(v, ref)]):.2f}"
         for r in res["rows"]:
-            print(f"| {r['method']} | {r['bytes'] / 1e6:,.1f} | {base / r['bytes']:.3f} | {r['save_s']:.2f} | "
-                  f"{r['load_s']:.2f} | {r['save_peak_mb']:,.0f} / {r['load_peak_mb']:,.0f} | "
-                  f"{'yes' if r['bit_exact'] else 'NO'} |")
+            print(f"| {r['method']} | {r['bytes'] / 1e6:,.1f} | {base / r['bytes']:.3f} | {span(r['save_s'])} | "
+                  f"{vs(r['save_s'], fs['save_s'])} | {span(r['load_s'])} | {vs(r['load_s'], fs['load_s'])} | "
+                  f"{r['save_peak_mb']:,.0f} / {r['load_peak_mb']:,.0f} | {'yes' if r['bit_exact'] else 'NO'} |")
     finally:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from . import container
+from .writer import OLD_FILE_BYTES, free_in_background
 from .errors import (BaseMismatchError, CorruptFileError, FormatError, IncompleteCheckpointError,  # noqa: F401
                      MithrilError, UnsupportedValueError, short)
 
@@ -520,17 +521,27 @@ class MithrilReader(StorageReader):
 
 
 def _remove_unlisted(directory: str, files: dict) -> None:
-    """After a commit: remove rank files of earlier saves into the same directory."""
+    """After a commit: remove rank files of earlier saves into the same directory (big ones on a
+    background thread, off the save's critical path; any left by a killed process go at the next
+    save)."""
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
         if _RANK_FILE.match(name) and name not in files:
+            path = os.path.join(directory, name)
             try:
-                os.unlink(os.path.join(directory, name))
+                big = os.stat(path, follow_symlinks=False).st_size >= OLD_FILE_BYTES
             except OSError:
-                pass
+                continue
+            if big:
+                free_in_background(path)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
 
 def read_box(f, name: str, key: tuple, out) -> None:

@@ -211,6 +211,16 @@ def _free_old(path: str) -> None:
     _old_files.discard(path)
 
 
+def free_in_background(path: str) -> None:
+    """Unlink ``path`` on a background thread: freeing a big file's blocks takes the file system
+    ~0.1 s per GB, which need not be on a save's critical path. Finished at interpreter exit; a
+    process killed first leaves the file, which its owner's next save removes."""
+    import threading
+
+    _old_files.add(path)
+    threading.Thread(target=_free_old, args=(path,), name="mithril-free-old", daemon=True).start()
+
+
 @atexit.register
 def _free_old_at_exit() -> None:
     for path in list(_old_files):
@@ -314,9 +324,7 @@ class AtomicFile:
         except OSError:
             pass
         if old is not None:
-            import threading
-
-            threading.Thread(target=_free_old, args=(old,), name="mithril-free-old", daemon=True).start()
+            free_in_background(old)
 
     def _keep_old(self) -> str | None:
         """A second link to a big file about to be replaced (so the rename does not free it), or None."""

@@ -270,3 +270,29 @@ def test_compress_reads_the_zstandard_extension(tmp_path):
     got = _load_single(tmp_path / "c", dcp.MithrilReader)
     assert_same(got["w"], state["w"])
     assert_same(got["m"], state["m"])
+
+
+def test_earlier_rank_files_are_removed_after_a_commit_big_ones_off_the_critical_path(tmp_path, monkeypatch):
+    import threading
+
+    from mithril_gpu import writer
+
+    keep, small, big, other = "__0_0123abcd.mth", "__1_0123abcd.mth", "__0_89abcdef.mth", "notes.txt"
+    for name in (keep, small, other):
+        (tmp_path / name).write_bytes(b"x" * 100)
+    with open(tmp_path / big, "wb") as fh:          # sparse: big by size, cheap to make
+        fh.truncate(writer.OLD_FILE_BYTES)
+    held = threading.Event()
+    real = writer._free_old
+
+    def slow_free(p):                 # hold the background unlink until the test has looked
+        held.wait(5)
+        real(p)
+    monkeypatch.setattr(writer, "_free_old", slow_free)
+    dcp._remove_unlisted(str(tmp_path), {keep: {}})
+    assert sorted(os.listdir(tmp_path)) == sorted([keep, big, other])     # the small one at once
+    held.set()
+    for t in threading.enumerate():
+        if t.name == "mithril-free-old":
+            t.join(5)
+    assert sorted(os.listdir(tmp_path)) == sorted([keep, other]) and not writer._old_files
