@@ -160,7 +160,7 @@ def main():
     print(f"Checkpointer delta save: {dm:.2f} s ({raw / dm / 1e6:.0f} MB/s), ratio {raw / sizes['delta']:.2f}, "
           f"{100 * sizes['ctx share']:.0f}% of bytes context-sorted")
     ckf = statistics.median(ckfull_t)
-    print(f"Checkpointer full save (snapshot included): {ckf:.2f} s ({raw / ckf / 1e6:.0f} MB/s); delta / that, "
+    print(f"Checkpointer full save (a first save: its in-memory copy made into fresh memory): {ckf:.2f} s ({raw / ckf / 1e6:.0f} MB/s); delta / that, "
           f"median of paired runs: {statistics.median([d / f for d, f in zip(delta_t, ckfull_t)]):.2f}")
     if chain_t:
         cm = statistics.median(chain_t)

@@ -1,7 +1,7 @@
 """DCP storage writers side by side: FileSystemWriter, FileSystemWriter + its ZStandard extension,
 MithrilWriter (full) and MithrilWriter (delta against the full one, one optimizer step later).
 
-    python benchmarks/bench_dcp.py [--mb 560] [--out DIR] [--threads 1] [--runs 5]
+    python benchmarks/bench_dcp.py [--mb 560] [--out DIR] [--threads 1] [--runs 5] [--methods fs,zs,mf,md]
 
 Two ranks (torch.multiprocessing.spawn, gloo, CPU), each holding half of a training state as
 Shard(0) DTensors: bf16 weights and fp32 AdamW moments (exp_avg, exp_avg_sq), plus step counters.
@@ -184,6 +184,8 @@ def worker(rank, world, args, root):
         ("MithrilWriter (delta, next step)", s2, lambda: MithrilWriter(d("md"), base=d("mf"), threads=args.threads),
          lambda: MithrilReader(d("md"), threads=args.threads), "md"),
     ]
+    keep = args.methods.split(",")
+    methods = [m for m in methods if m[4] in keep]
     rows = {}
     for run in range(args.runs):          # the methods in turn, run after run: all see the same machine
         for label, state, writer, reader, name in methods:
@@ -233,7 +235,13 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="mithril threads per rank (default 1: 2 ranks, 2 cores)")
     ap.add_argument("--out", default=None, help="where the checkpoints go (default: a temporary folder, removed)")
     ap.add_argument("--runs", type=int, default=5, help="runs of every method, in turn (default 5)")
+    ap.add_argument("--methods", default="fs,zs,mf,md",
+                    help="which, of fs (FileSystemWriter, always first: the reference), zs (+ ZStandard), "
+                         "mf (MithrilWriter full), md (MithrilWriter delta: needs mf)")
     args = ap.parse_args()
+    picked = args.methods.split(",")
+    if picked[0] != "fs" or not set(picked) <= {"fs", "zs", "mf", "md"} or ("md" in picked and "mf" not in picked):
+        ap.error("--methods: fs first, then any of zs, mf, md (md needs mf)")
     root = args.out or tempfile.mkdtemp(prefix="bench_dcp_")
     os.makedirs(root, exist_ok=True)
     try:

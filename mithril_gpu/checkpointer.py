@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import api, tree as tree_mod
+from . import api, checksum, tree as tree_mod
 from .errors import BaseMismatchError, CorruptFileError, MissingBaseError, MithrilError, short
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 from .writer import remove_stale_temps
@@ -292,15 +292,34 @@ class Checkpointer:
             if self._choices is None or self._since_full % RECHOOSE_EVERY == 0:
                 self._choices = {}
             choices = self._choices
-        if blocking:
-            # The state cannot change while a blocking save runs, so it is coded as it is, and the
-            # copy kept for the next delta is taken afterwards, into the previous copy's memory
-            # where the layouts match (no second copy held, no fresh pages to fault in).
-            self._write(state, self.path(step), None if full else self.path(prev), base_tensors, choices)
-            self._after_write(step, full, None, state)
+        base_path = None if full else self.path(prev)
+        if blocking and self.keep_base_in_memory and _on_cpu(state):
+            # A blocking save of CPU tensors codes the state as it is; the copy kept for the next
+            # delta is taken afterwards, into the previous copy's memory where the layouts match (no
+            # snapshot first, no fresh pages to fault in), and checked against the file's
+            # checksums. Had anything (another thread) changed the state meanwhile, the file or the
+            # copy could disagree with the state: the save is then done again from a snapshot.
+            index = self._write(state, self.path(step), base_path, base_tensors, choices)
+            old, self._base_tensors = self._base_tensors, None
+            leaves = None
+            try:
+                leaves = _refresh(old or {}, state, index)
+            except Exception as e:      # the checkpoint is written; only the next delta's shortcut is lost
+                warnings.warn(CheckpointNote(f"mithril: could not keep step {step}'s tensors in memory "
+                                             f"({short(e)}); the next delta reads its base from disk"), stacklevel=2)
+            if leaves is _CHANGED:
+                snapshot, leaves = _snapshot(state)
+                self._write(snapshot, self.path(step), base_path, None, choices)
+            self._after_write(step, full, leaves)
             return self.path(step)
-        snapshot, leaves = _snapshot(state)
-        job = (snapshot, self.path(step), None if full else self.path(prev), base_tensors, choices)
+        snapshot, leaves = state, None
+        if self.keep_base_in_memory or not blocking:        # CUDA tensors: copied on their device first
+            snapshot, leaves = _snapshot(state)
+        if blocking:
+            self._write(snapshot, self.path(step), base_path, base_tensors, choices)
+            self._after_write(step, full, leaves)
+            return self.path(step)
+        job = (snapshot, self.path(step), base_path, base_tensors, choices)
         from concurrent.futures import ThreadPoolExecutor
 
         if self._executor is None:
@@ -326,7 +345,8 @@ class Checkpointer:
         self._after_write(*self._pending_done)
         return path
 
-    def _write(self, state, path, base_path, base_tensors, choices) -> None:
+    def _write(self, state, path, base_path, base_tensors, choices):
+        """Write one checkpoint file and prune; returns the index written."""
         written: list = []
         if base_path is None:
             api.save(state, path, _written=written, **self.save_kwargs)
@@ -335,23 +355,16 @@ class Checkpointer:
                      **self.save_kwargs)
         self._remember(path, written[0])
         self._prune()
+        return written[0]
 
-    def _after_write(self, step: int, full: bool, leaves, state=None) -> None:
-        """Record a written save; ``leaves``: its snapshot's named tensors, or None to copy them
-        from ``state`` now (a blocking save)."""
+    def _after_write(self, step: int, full: bool, leaves) -> None:
+        """Record a written save; ``leaves``: the named tensors kept in memory as its copy (None:
+        none kept)."""
+        self._base_tensors = None            # first: never a copy labelled with the wrong step
         self._since_full = 0 if full else self._since_full + 1
         self._last_step = step
-        if not self.keep_base_in_memory:
-            return
-        if leaves is not None:
+        if self.keep_base_in_memory and leaves is not None:
             self._base_tensors = dict(leaves)
-            return
-        old, self._base_tensors = self._base_tensors, None      # never a half-refreshed copy
-        try:
-            self._base_tensors = _refresh(old or {}, state)
-        except Exception as e:      # the checkpoint is written; only the next delta's shortcut is lost
-            warnings.warn(CheckpointNote(f"mithril: could not keep step {step}'s tensors in memory "
-                                         f"({short(e)}); the next delta reads its base from disk"), stacklevel=3)
 
     def _prune(self) -> None:
         """Delete the orphans, and (with ``keep``) the files no kept checkpoint needs.
@@ -428,10 +441,26 @@ def _snapshot(state):
     return tree_mod.decode(node, lambda i: clones[i][1]), clones
 
 
-def _refresh(old: dict, state) -> dict:
-    """Copies of ``state``'s named tensors, written into the tensors of ``old`` (the previous
-    copies) where name, dtype, shape and device match, fresh clones elsewhere."""
+_CHANGED = object()      # _refresh: the state is not what the file holds
+
+
+def _on_cpu(state) -> bool:
     _, leaves = tree_mod.encode(state, _is_tensor)
+    return all(t.device.type == "cpu" for _, t in leaves)
+
+
+def _copy_bytes(dst, src) -> None:
+    """dst[...] = src for two uint8 arrays (numpy: 5x torch's copy for bf16; releases the GIL)."""
+    np.copyto(dst, src)
+
+
+def _refresh(old: dict, state, index) -> dict | object:
+    """Copies of ``state``'s named tensors (all on the CPU), written into the tensors of ``old``
+    (the previous copies) where name, dtype and shape match, fresh clones elsewhere; or
+    ``_CHANGED`` if a copy's checksum is not the one ``index`` (the file just written from
+    ``state``) holds for it."""
+    _, leaves = tree_mod.encode(state, _is_tensor)
+    entries = {e.name: e for e in index.tensors}
 
     def copy(nt):
         name, t = nt
@@ -439,21 +468,28 @@ def _refresh(old: dict, state) -> dict:
         t = t.detach()
         if o is None or o.dtype != t.dtype or o.shape != t.shape or o.device != t.device or not o.is_contiguous() \
                 or t.layout is not torch_strided() or o.layout is not torch_strided() or t.is_quantized \
-                or t.is_conj() or t.is_neg():
-            return name, _clone(t)
-        if o.device.type == "cpu" and t.is_contiguous() and t.numel():
-            np.copyto(api.tensor_u8(o).numpy(), api.tensor_u8(t).numpy())     # numpy: 5x torch's copy for bf16
+                or t.is_conj() or t.is_neg() or o.is_inference():
+            o = _clone(t)
+        elif t.is_contiguous() and t.numel():
+            _copy_bytes(api.tensor_u8(o).numpy(), api.tensor_u8(t).numpy())
         else:
             o.copy_(t)
-        return name, o
+        e = entries.get(name)
+        same = e is not None and checksum.tensor_checksum(api.tensor_u8(o).numpy(),
+                                                          e.chunk_elems * e.dtype.itemsize) == e.checksum
+        return name, o, same
 
     big = sum(t.numel() * t.element_size() for _, t in leaves) > (64 << 20)
     if big and len(leaves) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(2, thread_name_prefix="mithril-snap") as ex:
-            return dict(ex.map(copy, leaves))
-    return dict(map(copy, leaves))
+            out = list(ex.map(copy, leaves))
+    else:
+        out = list(map(copy, leaves))
+    if not all(same for _, _, same in out):
+        return _CHANGED
+    return {name: o for name, o, _ in out}
 
 
 def _is_tensor(x) -> bool:

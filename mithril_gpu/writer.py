@@ -218,7 +218,10 @@ def free_in_background(path: str) -> None:
     import threading
 
     _old_files.add(path)
-    threading.Thread(target=_free_old, args=(path,), name="mithril-free-old", daemon=True).start()
+    try:
+        threading.Thread(target=_free_old, args=(path,), name="mithril-free-old", daemon=True).start()
+    except RuntimeError:           # no thread to be had (a limit, interpreter shutdown): free it here
+        _free_old(path)
 
 
 @atexit.register

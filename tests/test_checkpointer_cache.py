@@ -123,7 +123,7 @@ def test_a_changed_layout_gets_a_fresh_copy_and_a_failed_copy_only_costs_the_sho
 
     def fail(*a, **k):
         raise MemoryError("no room")
-    monkeypatch.setattr(checkpointer.np, "copyto", fail)
+    monkeypatch.setattr(checkpointer, "_copy_bytes", fail)
     state = _next(state | {"a": torch.zeros(300, 100, dtype=torch.bfloat16)}, 2)
     with pytest.warns(checkpointer.CheckpointNote, match="could not keep step 2's tensors in memory"):
         assert ck.save(state, 2) == ck.path(2)
@@ -132,4 +132,34 @@ def test_a_changed_layout_gets_a_fresh_copy_and_a_failed_copy_only_costs_the_sho
     nxt = _next(state, 3)
     ck.save(nxt, 3)                                       # its base read from disk
     assert_tree_same(ck.load(3), nxt)
+    assert_tree_same(ck.load(2), state)
+
+
+def test_a_state_changed_by_someone_else_during_a_blocking_save_is_saved_again_from_a_snapshot(tmp_path, monkeypatch):
+    """The copy kept in memory is checked against the file's checksums: had another thread
+    changed the state while it was being written (here: right after the file was coded), the
+    file or the copy would disagree with the state, and the next delta would be built on the
+    wrong base. The save is then done again from a snapshot, so that file, copy and state agree."""
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    state = _state(5)
+    ck.save(state, 0)
+    real, calls = checkpointer.api.save, []
+
+    def save_then_change(obj, path, **kw):
+        real(obj, path, **kw)
+        calls.append(path)
+        if len(calls) == 1:
+            state["a"][0, 0] += 1          # another thread's update lands after the coding
+    monkeypatch.setattr(checkpointer.api, "save", save_then_change)
+    nxt = _next(state, 1)
+    for n, t in nxt.items():
+        state[n].copy_(t)
+    ck.save(state, 1)
+    assert len(calls) == 2                      # done again
+    assert_tree_same(ck._base_tensors, state)
+    assert_tree_same(ck.load(1), state)
+    monkeypatch.undo()
+    for n, t in _next(state, 2).items():
+        state[n].copy_(t)
+    ck.save(state, 2)                           # a delta on the kept copy: restores bit-exact
     assert_tree_same(ck.load(2), state)
