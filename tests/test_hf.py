@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_same, subprocess_env
-from test_trainer_folder import assert_values_same, load_weights_only, run, sha
+from test_trainer_folder import assert_restored, run
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")    # the Trainer needs it
@@ -180,20 +180,6 @@ def train(out, callbacks=(), resume=None, steps=8, eval_dataset=None, **kw):
     Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=eval_dataset, callbacks=list(callbacks)).train(
         resume_from_checkpoint=None if resume is None else str(resume))
     return model
-
-
-TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
-
-
-def assert_restored(raw, back):
-    """Every file back: byte-identical, or for torch files, the same values read back."""
-    assert sorted(os.listdir(back)) == sorted(os.listdir(raw))
-    for name in os.listdir(raw):
-        if name in TORCH_FILES:
-            assert_values_same(load_weights_only(os.path.join(raw, name)), load_weights_only(os.path.join(back, name)),
-                               name)
-        else:
-            assert sha(os.path.join(raw, name)) == sha(os.path.join(back, name)), name
 
 
 def test_callback_with_deltas_then_resume_from_the_decompressed_folder_is_bit_exact(tmp_path):
