@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from . import container
-from .writer import OLD_FILE_BYTES, free_in_background
+from .writer import free_in_background
 from .errors import (BaseMismatchError, CorruptFileError, FormatError, IncompleteCheckpointError,  # noqa: F401
                      MithrilError, UnsupportedValueError, short)
 
@@ -530,18 +530,7 @@ def _remove_unlisted(directory: str, files: dict) -> None:
         return
     for name in names:
         if _RANK_FILE.match(name) and name not in files:
-            path = os.path.join(directory, name)
-            try:
-                big = os.stat(path, follow_symlinks=False).st_size >= OLD_FILE_BYTES
-            except OSError:
-                continue
-            if big:
-                free_in_background(path)
-            else:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            free_in_background(os.path.join(directory, name))
 
 
 def read_box(f, name: str, key: tuple, out) -> None:

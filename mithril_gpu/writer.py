@@ -212,11 +212,18 @@ def _free_old(path: str) -> None:
 
 
 def free_in_background(path: str) -> None:
-    """Unlink ``path`` on a background thread: freeing a big file's blocks takes the file system
-    ~0.1 s per GB, which need not be on a save's critical path. Finished at interpreter exit; a
-    process killed first leaves the file, which its owner's next save removes."""
+    """Unlink ``path``: at once if it is smaller than ``OLD_FILE_BYTES`` (or gone), else on a
+    background thread: freeing a big file's blocks takes the file system ~0.1 s per GB, which need
+    not be on a save's critical path. Finished at interpreter exit; a process killed first leaves
+    the file, which its owner's next save removes."""
     import threading
 
+    try:
+        if os.stat(path, follow_symlinks=False).st_size < OLD_FILE_BYTES:
+            os.unlink(path)
+            return
+    except OSError:
+        return
     _old_files.add(path)
     try:
         threading.Thread(target=_free_old, args=(path,), name="mithril-free-old", daemon=True).start()
