@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <stddef.h>
 
 #define MAXP 8
 
@@ -255,10 +256,10 @@ static int cmp_hsym(const void *a, const void *b) {
 /* Huffman code lengths (two-queue method on sorted counts), then limited to HUF_MAXBITS and
  * made complete (Kraft sum exactly 1, as zstd requires). */
 static void huff_lengths(const uint32_t *counts, int maxsym, uint8_t *len) {
-    hsym s[129]; int m = 0;
+    hsym s[257]; int m = 0;
     for (int k = 0; k <= maxsym; k++) { len[k] = 0; if (counts[k]) { s[m].count = counts[k]; s[m].sym = k; m++; } }
     qsort(s, m, sizeof(hsym), cmp_hsym);
-    uint64_t w[2 * 129]; int parent[2 * 129];
+    uint64_t w[2 * 257]; int parent[2 * 257];
     for (int i = 0; i < m; i++) w[i] = s[i].count;
     int leaf = 0, node = m, nodes_end = m;
     for (int k = 0; k < m - 1; k++) {          /* build internal nodes m .. 2m-2 */
@@ -271,9 +272,10 @@ static void huff_lengths(const uint32_t *counts, int maxsym, uint8_t *len) {
         parent[pick[0]] = parent[pick[1]] = nodes_end;
         nodes_end++;
     }
-    int depth[2 * 129]; depth[nodes_end - 1] = 0;
+    if (m < 2) { if (m == 1) len[s[0].sym] = 1; return; }
+    int depth[2 * 257]; depth[nodes_end - 1] = 0;
     for (int i = nodes_end - 2; i >= 0; i--) depth[i] = depth[parent[i]] + 1;
-    int L[129];
+    int L[257];
     for (int i = 0; i < m; i++) L[i] = depth[i] > HUF_MAXBITS ? HUF_MAXBITS : depth[i];
     /* Kraft sum in units of 2^-MAXBITS */
     int64_t K = 0, ONE = (int64_t)1 << HUF_MAXBITS;
@@ -960,6 +962,288 @@ static PyObject *decode_many(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* ---------------------------------------------------------------- rANS chunks (codec 2, feature "ans")
+ * FORMAT.md "The ans codec" is the definition; mithril_gpu/ans.py the numpy reference (tests
+ * compare the bytes). A payload: u8 L (table log), u8 lanes, u8 nsym - 1, the symbols (a list
+ * when nsym < 32, else a 32-byte bitmap), nsym LEB128 frequencies summing to 2^L, lanes u32
+ * initial states, then u16 words. Symbol i is decoded by lane i % lanes; a lane whose state falls
+ * under 2^16 after a symbol reads the next word. Every state ends at 2^16, every word is read. */
+#define ANS_LOW 65536u
+#define ANS_MAXLANES 32
+#define ANS_MAXLOG 15
+#define ANS_LOG 12                 /* the table log this writer uses */
+
+/* counts -> frequencies summing to 2^L, every present symbol at least 1 (integer only: the
+ * reference computes the same) */
+static void ans_normalize(const uint64_t *cnt, uint64_t n, int L, uint32_t *f) {
+    uint64_t M = 1ull << L; int64_t sum = 0; int big = -1;
+    for (int s = 0; s < 256; s++) {
+        f[s] = 0;
+        if (!cnt[s]) continue;
+        uint64_t v = (2 * cnt[s] * M + n) / (2 * n);
+        if (v < 1) v = 1;
+        f[s] = (uint32_t)v; sum += (int64_t)v;
+        if (big < 0 || cnt[s] > cnt[big]) big = s;
+    }
+    int64_t diff = (int64_t)M - sum;
+    if (diff > 0) f[big] += (uint32_t)diff;
+    while (diff < 0) {
+        int b = -1;
+        for (int s = 0; s < 256; s++) if (f[s] > 1 && (b < 0 || f[s] > f[b])) b = s;
+        if (b < 0) break;                          /* more symbols than slots: the caller never asks */
+        uint32_t take = f[b] - 1;
+        if ((int64_t)take > -diff) take = (uint32_t)(-diff);
+        f[b] -= take; diff += take;
+    }
+}
+
+/* the header (L, lanes, symbols, frequencies); returns its size */
+static size_t ans_header(uint8_t *d, int L, int lanes, const uint32_t *f) {
+    int nsym = 0; size_t h = 3;
+    for (int s = 0; s < 256; s++) nsym += f[s] != 0;
+    d[0] = (uint8_t)L; d[1] = (uint8_t)lanes; d[2] = (uint8_t)(nsym - 1);
+    if (nsym < 32) { for (int s = 0; s < 256; s++) if (f[s]) d[h++] = (uint8_t)s; }
+    else { memset(d + h, 0, 32); for (int s = 0; s < 256; s++) if (f[s]) d[h + (s >> 3)] |= (uint8_t)(1u << (s & 7)); h += 32; }
+    for (int s = 0; s < 256; s++) if (f[s]) {
+        uint32_t v = f[s];
+        while (v >= 128) { d[h++] = (uint8_t)(v | 128); v >>= 7; }
+        d[h++] = (uint8_t)v;
+    }
+    return h;
+}
+
+/* encode src[0:n] with frequencies f (present symbols of src all have f > 0) into dst; returns
+ * the payload size, or 0 when it would not fit in cap bytes (the check is per round of lanes, so
+ * a payload within 2 * lanes bytes of cap may be refused: a writer's decision, which only cap decides) */
+static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int lanes, const uint32_t *f, uint8_t *dst, size_t cap) {
+    int nsym = 0; size_t hl = 3;
+    for (int s = 0; s < 256; s++) if (f[s]) { nsym++; hl += f[s] < 128 ? 1 : f[s] < 16384 ? 2 : 3; }
+    hl += nsym < 32 ? (size_t)nsym : 32;
+    if (cap < hl + 4 * (size_t)lanes + 2 * (size_t)lanes + 2) return 0;
+    size_t h = ans_header(dst, L, lanes, f), st = h;
+    h += 4 * (size_t)lanes;
+    /* x / f without dividing: q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1, l = ceil(log2 f),
+     * exact for every 32-bit x (Granlund and Montgomery 1994, theorem 4.2) */
+    typedef struct { uint64_t rcp; uint32_t xmax, sh, cum, cmpl; } encsym;
+    encsym T[256]; uint32_t c = 0;
+    const uint32_t M = 1u << L;
+    for (int s = 0; s < 256; s++) {
+        int l = 0;
+        while (f[s] && (1u << l) < f[s]) l++;
+        T[s].cum = c; c += f[s]; T[s].xmax = f[s];      /* emit when x >> (32 - L) >= f */
+        T[s].sh = (uint32_t)l; T[s].rcp = f[s] ? (uint64_t)(((unsigned __int128)1 << (32 + l)) / f[s]) + 1 : 0;
+        T[s].cmpl = M - f[s];
+    }
+    uint32_t x[ANS_MAXLANES];
+    for (int j = 0; j < lanes; j++) x[j] = ANS_LOW;
+    uint8_t *end = dst + cap, *p = end, *lim = dst + h;
+    const int hs = 32 - L;
+#define ANS_ENC(I, J) do { uint32_t xs = x[J]; const encsym *t_ = &T[src[I]]; \
+        uint32_t emit = (xs >> hs) >= t_->xmax; \
+        p[-2] = (uint8_t)xs; p[-1] = (uint8_t)(xs >> 8); p -= 2 * emit; xs >>= 16 * emit; \
+        uint32_t q = (uint32_t)((uint64_t)(((unsigned __int128)xs * t_->rcp) >> 32) >> t_->sh); \
+        x[J] = xs + t_->cum + q * t_->cmpl; } while (0)
+    size_t full = n - n % (size_t)lanes;
+    for (size_t i = n; i > full; i--) {           /* the last, partial round: lanes 0 .. n - full - 1 */
+        if (p - lim < 2) return 0;
+        ANS_ENC(i - 1, (int)(i - 1 - full));
+    }
+    if (lanes == 32) {
+        for (size_t r = full; r > 0; r -= 32) {
+            if (p - lim < 64) return 0;
+            for (int j = 31; j >= 0; j--) ANS_ENC(r - 32 + (size_t)j, j);
+        }
+    } else {
+        for (size_t r = full; r > 0; r -= (size_t)lanes) {
+            if (p - lim < 2 * (ptrdiff_t)lanes) return 0;
+            for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j);
+        }
+    }
+#undef ANS_ENC
+    size_t words = (size_t)(end - p);
+    memmove(dst + h, p, words);
+    for (int j = 0; j < lanes; j++) { uint32_t v = x[j]; memcpy(dst + st + 4 * (size_t)j, &v, 4); }
+    return h + words;
+}
+
+/* decode a payload of len bytes into dst[0:n]: 0, or -1 when it is not a valid payload for n symbols */
+static int ans_decode_c(const uint8_t *src, size_t len, uint8_t *dst, size_t n) {
+    if (len < 3) return -1;
+    int L = src[0], lanes = src[1], nsym = src[2] + 1;
+    if (L < 1 || L > ANS_MAXLOG || lanes < 1 || lanes > ANS_MAXLANES || nsym > (1 << L)) return -1;
+    size_t h = 3; uint8_t syms[256]; int k = 0;
+    if (nsym < 32) {
+        if (len < h + (size_t)nsym) return -1;
+        for (int i = 0; i < nsym; i++) { syms[i] = src[h + i]; if (i && syms[i] <= syms[i - 1]) return -1; }
+        h += (size_t)nsym;
+    } else {
+        if (len < h + 32) return -1;
+        for (int s = 0; s < 256; s++) if (src[h + (s >> 3)] >> (s & 7) & 1) { if (k == nsym) return -1; syms[k++] = (uint8_t)s; }
+        if (k != nsym) return -1;
+        h += 32;
+    }
+    uint32_t f[256]; uint64_t total = 0;
+    for (int i = 0; i < nsym; i++) {
+        uint32_t v = 0; int sh = 0;
+        for (;;) {
+            if (h >= len || sh > 14) return -1;
+            uint8_t b = src[h++];
+            v |= (uint32_t)(b & 127) << sh; sh += 7;
+            if (!(b & 128)) break;
+        }
+        if (v == 0 || v > (1u << L)) return -1;
+        f[i] = v; total += v;
+    }
+    if (total != (1ull << L) || len < h + 4 * (size_t)lanes || (len - h - 4 * (size_t)lanes) % 2) return -1;
+    uint32_t M = 1u << L, mask = M - 1;
+    uint8_t *sym = malloc(M); uint32_t *fb = malloc(4 * (size_t)M);
+    if (!sym || !fb) { free(sym); free(fb); return -2; }
+    for (uint32_t i = 0, c = 0; i < (uint32_t)nsym; c += f[i], i++)
+        for (uint32_t t = 0; t < f[i]; t++) { sym[c + t] = syms[i]; fb[c + t] = f[i] | t << 16; }
+    uint32_t x[ANS_MAXLANES];
+    for (int j = 0; j < lanes; j++) { memcpy(&x[j], src + h + 4 * (size_t)j, 4); if (x[j] < ANS_LOW) { free(sym); free(fb); return -1; } }
+    const uint8_t *p = src + h + 4 * (size_t)lanes, *end = src + len;
+    int bad = 0;
+#define ANS_DEC(I, J) do { uint32_t xs = x[J], sl = xs & mask, e_ = fb[sl]; dst[I] = sym[sl]; \
+        xs = (e_ & 0xffff) * (xs >> L) + (e_ >> 16); \
+        uint32_t need = xs < ANS_LOW, w_ = (uint32_t)p[0] | (uint32_t)p[1] << 8; \
+        x[J] = (xs << (16 * need)) | (w_ & (0u - need)); p += 2 * need; } while (0)
+    /* whole rounds run unchecked (and read p[0], p[1] even when not needed) while more than a
+     * round's worth of words is left; the rest is checked symbol by symbol */
+    size_t full = n - n % (size_t)lanes, r = 0;
+    for (; r < full && end - p >= 2 * (ptrdiff_t)lanes + 2; r += (size_t)lanes)
+        for (int j = 0; j < lanes; j++) ANS_DEC(r + (size_t)j, j);
+    for (size_t i = r; i < n; i++) {
+        int j = (int)((i - r) % (size_t)lanes);
+        uint32_t xs = x[j], sl = xs & mask, e_ = fb[sl]; dst[i] = sym[sl];
+        xs = (e_ & 0xffff) * (xs >> L) + (e_ >> 16);
+        if (xs < ANS_LOW) { if (p + 2 > end) { bad = 1; break; } xs = xs << 16 | (uint32_t)p[0] | (uint32_t)p[1] << 8; p += 2; }
+        x[j] = xs;
+    }
+#undef ANS_DEC
+    free(sym); free(fb);
+    if (bad || p != end) return -1;
+    for (int j = 0; j < lanes; j++) if (x[j] != ANS_LOW) return -1;
+    return 0;
+}
+
+/* lanes a writer uses for n symbols: one per 8 Ki symbols, a power of two, at most 32 */
+static int ans_lanes(size_t n) {
+    int l = 1;
+    while (l < ANS_MAXLANES && (size_t)l * 2 * 8192 <= n) l *= 2;
+    return l;
+}
+
+/* the writer's policy: an ans payload of src when its estimate is at least 3% under a Huffman
+ * coding's (zstd's literals) and it has 2 or more symbols; 0 otherwise (or when it does not fit) */
+#define ANS_MIN_SYMBOLS 64
+static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+    if (n < ANS_MIN_SYMBOLS || n > 0xffffffffu) return 0;
+    uint32_t c4[4][256] = {{0}}, cnt32[256]; uint64_t cnt[256];
+    size_t i4 = 0;
+    for (; i4 + 4 <= n; i4 += 4) { c4[0][src[i4]]++; c4[1][src[i4 + 1]]++; c4[2][src[i4 + 2]]++; c4[3][src[i4 + 3]]++; }
+    for (; i4 < n; i4++) c4[0][src[i4]]++;
+    int nsym = 0, maxsym = 0;
+    for (int k = 0; k < 256; k++) {
+        cnt32[k] = c4[0][k] + c4[1][k] + c4[2][k] + c4[3][k]; cnt[k] = cnt32[k];
+        if (cnt[k]) { nsym++; maxsym = k; }
+    }
+    if (nsym < 2) return 0;
+    uint32_t f[256]; uint8_t hl[256];
+    ans_normalize(cnt, n, ANS_LOG, f);
+    huff_lengths(cnt32, maxsym, hl);
+    int lanes = ans_lanes(n);
+    double ans_bits = 8.0 * (3 + (nsym < 32 ? nsym : 32) + 2 * nsym + 4 * lanes), huf_bits = 8.0 * (12 + nsym / 2);
+    for (int k = 0; k <= maxsym; k++) if (cnt[k]) {
+        ans_bits += (double)cnt[k] * (ANS_LOG - __builtin_log2((double)f[k]));
+        huf_bits += (double)cnt[k] * hl[k];
+    }
+    if (ans_bits > 0.97 * huf_bits && ans_bits > 0.97 * 8.0 * (double)n) return 0;
+    return ans_encode_c(src, n, ANS_LOG, lanes, f, dst, cap < n ? cap : n);   /* never more than the plane */
+}
+
+/* ans_encode(src, out, L=0, lanes=0) -> payload size in out, or 0. With L = 0 the writer's policy
+ * (ans_try_c); otherwise src coded with table log L and ``lanes`` lanes, frequencies normalized
+ * from its counts (the reference's encode, for tests). */
+static PyObject *ans_encode(PyObject *self, PyObject *args) {
+    Py_buffer s, o; int L = 0, lanes = 0; size_t r = 0; int bad = 0;
+    if (!PyArg_ParseTuple(args, "y*w*|ii", &s, &o, &L, &lanes)) return NULL;
+    if (L && (L < 1 || L > ANS_MAXLOG || lanes < 1 || lanes > ANS_MAXLANES)) bad = 1;
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        if (!L) r = ans_try_c(s.buf, (size_t)s.len, o.buf, (size_t)o.len);
+        else {
+            uint64_t cnt[256] = {0}; uint32_t f[256]; int nsym = 0;
+            const uint8_t *p = s.buf;
+            for (Py_ssize_t i = 0; i < s.len; i++) cnt[p[i]]++;
+            for (int k = 0; k < 256; k++) nsym += cnt[k] != 0;
+            if (s.len && nsym <= (1 << L)) { ans_normalize(cnt, (uint64_t)s.len, L, f); r = ans_encode_c(s.buf, (size_t)s.len, L, lanes, f, o.buf, (size_t)o.len); }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&s); PyBuffer_Release(&o);
+    if (bad) { PyErr_SetString(PyExc_ValueError, "bad table log or lanes"); return NULL; }
+    return PyLong_FromSize_t(r);
+}
+
+/* ans_encode_many(planes, out, rec) -> bytes of out used: ans_try_c for each plane of the list,
+ * payloads one after the other in out; rec (int64, 2 per plane) gets (offset, size), size 0
+ * where ans does not pay. One release of the GIL. */
+static PyObject *ans_encode_many(PyObject *self, PyObject *args) {
+    PyObject *lst; Py_buffer o, rec;
+    if (!PyArg_ParseTuple(args, "O!w*w*", &PyList_Type, &lst, &o, &rec)) return NULL;
+    Py_ssize_t N = PyList_GET_SIZE(lst), got = 0; size_t pos = 0;
+    Py_buffer *v = PyMem_Calloc(N + 1, sizeof(Py_buffer));
+    if (!v) { PyBuffer_Release(&o); PyBuffer_Release(&rec); return PyErr_NoMemory(); }
+    for (; got < N; got++) if (PyObject_GetBuffer(PyList_GET_ITEM(lst, got), &v[got], PyBUF_C_CONTIGUOUS) < 0) break;
+    int ok = got == N && rec.len >= N * 16;
+    if (ok) {
+        int64_t *R = rec.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < N; i++) {
+            size_t r = ans_try_c(v[i].buf, (size_t)v[i].len, (uint8_t *)o.buf + pos, (size_t)o.len - pos);
+            R[2 * i] = (int64_t)pos; R[2 * i + 1] = (int64_t)r; pos += r;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&v[i]);
+    PyMem_Free(v); PyBuffer_Release(&o); PyBuffer_Release(&rec);
+    if (!ok) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "rec too small"); return NULL; }
+    return PyLong_FromSize_t(pos);
+}
+
+/* ans_decode_many(pairs) -> index of the first payload that does not decode, or -1: each pair
+ * (payload, out) decoded into all of out. One release of the GIL. */
+static PyObject *ans_decode_many(PyObject *self, PyObject *args) {
+    PyObject *lst;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &lst)) return NULL;
+    Py_ssize_t N = PyList_GET_SIZE(lst), got = 0, bad = -1; int oom = 0;
+    Py_buffer *v = PyMem_Calloc(2 * N + 2, sizeof(Py_buffer));
+    if (!v) return PyErr_NoMemory();
+    for (; got < N; got++) {
+        PyObject *t = PyList_GET_ITEM(lst, got);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2) { PyErr_SetString(PyExc_TypeError, "(payload, out) pairs"); break; }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(t, 0), &v[2 * got], PyBUF_C_CONTIGUOUS) < 0) break;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(t, 1), &v[2 * got + 1], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+            PyBuffer_Release(&v[2 * got]); break;
+        }
+    }
+    if (got == N) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < N; i++) {
+            int r = ans_decode_c(v[2 * i].buf, (size_t)v[2 * i].len, v[2 * i + 1].buf, (size_t)v[2 * i + 1].len);
+            if (r == -2) { oom = 1; break; }
+            if (r < 0) { bad = i; break; }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t i = 0; i < got; i++) { PyBuffer_Release(&v[2 * i]); PyBuffer_Release(&v[2 * i + 1]); }
+    PyMem_Free(v);
+    if (got != N) return NULL;
+    if (oom) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(bad);
+}
+
 static PyMethodDef methods[] = {
     {"decode_many", decode_many, METH_VARARGS, "decode_many([argument tuples of decode_units]) -> [results], one GIL release"},
     {"encode_many", encode_many, METH_VARARGS, "encode_many([argument tuples of encode_units]) -> [arena bytes used], one GIL release"},
@@ -975,6 +1259,9 @@ static PyMethodDef methods[] = {
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
     {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)"},
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
+    {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0) -> payload size or 0 (L=0: the writer's policy)"},
+    {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> bytes used; rec gets (offset, size) per plane"},
+    {"ans_decode_many", ans_decode_many, METH_VARARGS, "ans_decode_many([(payload, out)]) -> -1 or the first bad pair"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_accel", "mithril CPU fast paths", -1, methods};

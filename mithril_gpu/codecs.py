@@ -7,11 +7,18 @@ id     name      payload
 =====  ========  ==============================================================
 0      stored    the chunk's bytes as they are
 1      zstd      one standard zstd frame (RFC 8878) holding exactly the chunk
+2      ans       a static rANS payload (``ans.py``; files with the feature "ans")
 =====  ========  ==============================================================
 
 The CPU path codes zstd with ``zstandard`` (libzstd), except float exponent planes, for which
 ``_accel.huff_frame`` writes frames of Huffman-coded literals only; the GPU path writes frames
 with nvCOMP's zstd (RAW bitstream). Any zstd decoder reads all of them.
+
+``ans`` is used only for the planes of delta entries (whose GPU loads decode on the CPU), and only
+with the C helper: ``_accel.ans_encode`` estimates a plane's rANS size against a Huffman coding of
+it and codes it when that is at least 3% smaller; the chunk is then the smaller of that and zstd's
+frame. It pays where Huffman coding cannot spend less than a bit on a byte: the bitmaps and
+value planes of sparse, small deltas.
 """
 from __future__ import annotations
 
@@ -20,11 +27,13 @@ import threading
 import numpy as np
 import zstandard
 
+from . import ans
 from .errors import CorruptFileError
 
 STORED = 0
 ZSTD = 1
-CODEC_NAMES = {STORED: "stored", ZSTD: "zstd"}
+ANS = 2
+CODEC_NAMES = {STORED: "stored", ZSTD: "zstd", ANS: "ans"}
 
 # A chunk whose sampled order-0 entropy is above this many bits per byte is stored without
 # trying zstd: it would not shrink (the sign+mantissa planes of trained floats are such).
@@ -62,6 +71,10 @@ try:
     from ._accel import entropy as _entropy, huff_frame as _huff_frame
 except ImportError:
     _entropy = _huff_frame = None
+try:
+    from ._accel import ans_decode_many as _ans_decode_many, ans_encode as _ans_encode
+except ImportError:
+    _ans_encode = _ans_decode_many = None
 
 
 def sampled_entropy_bits(chunk: np.ndarray) -> float:
@@ -94,13 +107,15 @@ class ChunkCoder:
             c = self._local.cctx = zstandard.ZstdCompressor(compression_params=self._params)
         return c
 
-    def encode(self, chunk: np.ndarray, literals: bool = False) -> tuple[int, bytes | memoryview]:
+    def encode(self, chunk: np.ndarray, literals: bool = False, use_ans: bool = False) -> tuple[int, bytes | memoryview]:
         """Code one chunk (uint8). Returns ``(codec id, payload)``; never larger than stored.
 
         A stored payload is a view of ``chunk``: the caller keeps it unchanged until written.
         ``literals`` marks a float exponent plane: with the default level it is coded as a zstd
         frame of Huffman literals only (``_accel.huff_frame``), which is smaller and faster
         there than libzstd's own choice; libzstd codes it when that form does not apply.
+        ``use_ans`` (a delta entry's plane) lets an ``ans`` payload replace the zstd frame or the
+        stored bytes when the C helper's estimate calls for it and it is smaller.
         """
         if chunk.size == 0:
             return STORED, b""
@@ -113,9 +128,13 @@ class ChunkCoder:
             if n:
                 return ZSTD, bytes(out[:n])
         payload = self._cctx().compress(chunk.data)
-        if len(payload) >= chunk.size:
-            return stored
-        return ZSTD, payload
+        best = stored if len(payload) >= chunk.size else (ZSTD, payload)
+        if use_ans and _ans_encode is not None:
+            out = self._huff_out(chunk.size + 64)
+            n = _ans_encode(chunk, out)
+            if n and n < len(best[1]):
+                return ANS, bytes(out[:n])
+        return best
 
 
 _dlocal = threading.local()
@@ -138,6 +157,8 @@ def decode(codec: int, payload, usize: int, scratch: np.ndarray | None = None):
         if len(payload) != usize:
             raise CorruptFileError(f"stored chunk holds {len(payload)} bytes, expected {usize}: the file is damaged")
         return payload
+    if codec == ANS:
+        return decode_ans(payload, usize, scratch)
     if codec != ZSTD:
         raise CorruptFileError(f"unknown codec id {codec}: the file is damaged")
     try:
@@ -161,4 +182,16 @@ def decode(codec: int, payload, usize: int, scratch: np.ndarray | None = None):
     if got != usize or extra:
         raise CorruptFileError(f"a chunk's zstd frame decodes to {'more' if extra else got} bytes, expected {usize}: "
                                "the file is damaged")
+    return out
+
+
+def decode_ans(payload, usize: int, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Decode an ``ans`` chunk of ``usize`` bytes (the C helper, or the numpy reference)."""
+    if usize <= 0 or len(payload) * ZSTD_MAX_EXPANSION < usize:
+        raise CorruptFileError(f"an ans chunk of {len(payload)} bytes cannot hold {usize}: the file is damaged")
+    if _ans_decode_many is None:
+        return ans.decode(payload, usize)
+    out = scratch if scratch is not None else np.empty(usize, np.uint8)
+    if _ans_decode_many([(payload, out)]) != -1:
+        raise CorruptFileError("an ans chunk does not decode: the file is damaged")
     return out

@@ -45,7 +45,7 @@ MAX_CTX_BITS = 12                      # a context-sorted delta has at most 2^12
 DEFAULT_CHUNK_ELEMS = 1 << 17          # 128 Ki elements: 128 KiB per one-byte plane
 
 # Features a v1 reader understands. A file lists those it uses; a reader refuses unknown ones.
-FEATURES = frozenset({"delta", "ndarray", "torch", "ctxdelta"})
+FEATURES = frozenset({"delta", "ndarray", "torch", "ctxdelta", "ans"})
 DELTA_OPS = ("xor", "zigzag", "same")
 
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
@@ -160,7 +160,9 @@ class Index:
         from . import tree as tree_mod
 
         features = (["delta"] if self.base is not None else []) \
-            + (["ctxdelta"] if any(t.ctx is not None for t in self.tensors) else []) + sorted(tree_mod.features(self.tree))
+            + (["ctxdelta"] if any(t.ctx is not None for t in self.tensors) else []) \
+            + (["ans"] if any(c == codecs.ANS for t in self.tensors for c in t.chunks[2::3]) else []) \
+            + sorted(tree_mod.features(self.tree))
         d = {"mithril": VERSION, "features": features, "writer": self.writer,
              "tensors": [t.to_json() for t in self.tensors], "tree": self.tree,
              "metadata": self.metadata, "source": self.source, "base": self.base}
@@ -275,7 +277,7 @@ def parse_index(raw: bytes, digest: int, data_end: int) -> Index:
         if e.name in names:
             _fail(f"duplicate tensor name {short(e.name)!r}")
         names.add(e.name)
-    sizes = _check_layout(entries, *_check_chunks(coded, data_end), data_end)
+    sizes = _check_layout(entries, *_check_chunks(coded, data_end, "ans" in feats), data_end)
     meta = d.get("metadata")
     if meta is not None and not (isinstance(meta, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
@@ -364,7 +366,7 @@ def _plane_sizes(e: TensorEntry) -> list[int]:
     return [c * w for c in counts for w in e.widths]
 
 
-def _check_chunks(coded: list[TensorEntry], data_end: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _check_chunks(coded: list[TensorEntry], data_end: int, ans_ok: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Every chunk of every entry in ``coded`` inside [16, data_end), of a known codec, and able to
     hold its plane: one vectorised pass over all the chunks of the file (a 70 B-parameter model has
     about a million). Returns the chunks' offsets and sizes and the uncompressed plane bytes in
@@ -385,10 +387,13 @@ def _check_chunks(coded: list[TensorEntry], data_end: int) -> tuple[np.ndarray, 
     checks = [
         (off >= PREAMBLE_SIZE, "chunk offset before the data region"),
         ((csize >= 0) & (csize <= data_end) & (off <= data_end - csize), "chunk beyond the data region"),
-        ((codec == codecs.STORED) | (codec == codecs.ZSTD), "unknown codec id"),
+        ((codec == codecs.STORED) | (codec == codecs.ZSTD) | ((codec == codecs.ANS) & ans_ok),
+         "unknown codec id" if ans_ok else "unknown codec id (ans chunks need the file feature \"ans\")"),
         ((codec != codecs.STORED) | (csize == usize), "stored chunk of the wrong size"),
         ((codec != codecs.ZSTD) | ((usize > 0) & (usize <= csize * codecs.ZSTD_MAX_EXPANSION)),
          "zstd chunk too small to hold its plane"),
+        ((codec != codecs.ANS) | ((usize > 0) & (usize <= csize * codecs.ZSTD_MAX_EXPANSION) & (csize >= 9)),
+         "ans chunk too small to hold its plane"),
     ]
     for ok, what in checks:
         if not ok.all():

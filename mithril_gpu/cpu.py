@@ -286,17 +286,18 @@ def _encode_unit(item, seg, coder, take, out, nnzs, widths) -> None:
     """Code the planes of one unit: a row (its delta already taken), or a segment of a
     context-sorted delta's sorted stream."""
     dt = item.dtype
+    ans = item.delta_op is not None                      # a delta's planes may be coded "ans" (codecs)
     if item.transform == "raw":
-        out.append(coder.encode(seg))
+        out.append(coder.encode(seg, use_ans=ans))
     elif item.transform == "masked":
         nnz, planes = split_masked(dt, seg, take)
         nnzs.append(nnz)
-        out.extend(coder.encode(p) for p in planes)
+        out.extend(coder.encode(p, use_ans=ans) for p in planes)
     else:
         planes = [take(seg.size // dt.itemsize * w) for w in widths]
         split_planes(dt, item.transform, seg, planes)
         exp_plane = item.transform == "fieldsplit"       # its exponent plane: Huffman literals (codecs)
-        out.extend(coder.encode(p, literals=exp_plane and k == 0) for k, p in enumerate(planes))
+        out.extend(coder.encode(p, literals=exp_plane and k == 0, use_ans=ans) for k, p in enumerate(planes))
 
 
 def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPool):
@@ -337,22 +338,39 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
         calls.append((src, bounds, it.data, rb, r0, r1, base, isz, kind, e, m, op, int(delta_ref.is_float(dt)), huff,
                       codecs.STORE_ENTROPY_BITS, codecs._SAMPLE, arena, rec, nnz, digs))
     _accel.encode_many(calls)          # the whole job with one release of the GIL
-    for c in calls:
+    aviews = []                        # planes of delta entries still to be zstd-coded: ans candidates
+    for c, (i, _, _) in zip(calls, job):
         arena, rec, nnz, digs = c[16:]
         mv = memoryview(arena)
         recs = rec.tolist()
         for state, off, n in recs:
             if state == 2:
                 zviews.append(mv[off:off + n])
-        segs.append((digs.tolist(), recs, mv, nnz.tolist() if c[8] == 3 else []))
+                if items[i].delta_op is not None:
+                    aviews.append(mv[off:off + n])
+        segs.append((digs.tolist(), recs, mv, nnz.tolist() if c[8] == 3 else [], items[i].delta_op is not None))
+    if aviews and codecs._ans_encode is not None:    # as ChunkCoder.encode(use_ans=True): one C call for the job's planes
+        aarena = pool.get(sum(len(v) for v in aviews))
+        held.append(aarena)
+        arec = np.zeros((len(aviews), 2), np.int64)
+        _accel.ans_encode_many(aviews, aarena, arec)
+        amv, arecs = memoryview(aarena), arec.tolist()
+    else:
+        arecs = None
     zout = coder._cctx().multi_compress_to_buffer(zviews, threads=1) if zviews else None
-    out, z = [], 0
-    for digs, recs, mv, nnzs in segs:
+    out, z, a = [], 0, 0
+    for digs, recs, mv, nnzs, delta in segs:
         coded = []
         for state, off, n in recs:
             if state == 2:
                 frame = zout[z]
                 z += 1
+                if delta and arecs is not None:
+                    ao, an = arecs[a]
+                    a += 1
+                    if an and an < min(len(frame), n):
+                        coded.append((codecs.ANS, amv[ao:ao + an]))
+                        continue
                 if len(frame) < n:
                     coded.append((codecs.ZSTD, frame.tobytes()))
                     continue
@@ -532,9 +550,9 @@ def _decode_prepare(buf, e: TensorEntry, u0: int, u1: int, bounds: list, out: np
         o, c, codec = flat[3 * k], flat[3 * k + 1], flat[3 * k + 2]
         if o < 0 or o + c > nb:
             raise _Fallback
-        if codec == codecs.ZSTD and size > 0:
+        if (codec == codecs.ZSTD or codec == codecs.ANS) and size > 0:
             zi.append(k)
-            zs.append(size)
+            zs.append(size if codec == codecs.ZSTD else -size)     # ans: negative, decoded by _accel
         elif codec != codecs.STORED or c != size:
             raise _Fallback
         planes.append(buf[o:o + c])
@@ -547,23 +565,35 @@ def _decode_prepare(buf, e: TensorEntry, u0: int, u1: int, bounds: list, out: np
 
 
 def _unzstd(parts) -> None:
-    """One python-zstandard call for the zstd frames of every prepared run in ``parts``."""
-    frames, sizes = [], []
+    """One python-zstandard call for the zstd frames of every prepared run in ``parts``, and one
+    C call for their ans chunks (sizes given negated by ``_decode_prepare``)."""
+    frames, sizes, pairs = [], [], []
     for planes, zi, zs, _ in parts:
-        frames.extend(planes[k] for k in zi)
-        sizes.extend(zs)
-    if not frames:
-        return
-    try:
-        zout = _dctx_multi().multi_decompress_to_buffer(frames, decompressed_sizes=np.array(sizes, np.uint64).tobytes(),
-                                                         threads=1)
-    except (_zstd.ZstdError, ValueError, TypeError, MemoryError):
-        raise _Fallback from None
-    t = 0
-    for planes, zi, _, _ in parts:
-        for k in zi:
-            planes[k] = zout[t]
-            t += 1
+        for k, size in zip(zi, zs):
+            if size > 0:
+                frames.append(planes[k])
+                sizes.append(size)
+            else:
+                if codecs._ans_decode_many is None or len(planes[k]) * codecs.ZSTD_MAX_EXPANSION < -size:
+                    raise _Fallback
+                pairs.append((planes[k], np.empty(-size, np.uint8)))
+    if frames:
+        try:
+            zout = _dctx_multi().multi_decompress_to_buffer(frames, decompressed_sizes=np.array(sizes, np.uint64).tobytes(),
+                                                             threads=1)
+        except (_zstd.ZstdError, ValueError, TypeError, MemoryError):
+            raise _Fallback from None
+    if pairs and codecs._ans_decode_many(pairs) != -1:
+        raise _Fallback
+    t = a = 0
+    for planes, zi, zs, _ in parts:
+        for k, size in zip(zi, zs):
+            if size > 0:
+                planes[k] = zout[t]
+                t += 1
+            else:
+                planes[k] = pairs[a][1]
+                a += 1
 
 
 _BAD_MASK = "masked chunk: the bitmap does not match the number of stored elements"

@@ -292,7 +292,7 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
     Only compressed bytes cross PCIe: a tensor's zstd chunks are staged at aligned offsets in one
     pinned host buffer, copied once, and decompressed by one nvCOMP batch straight into the
     plane buffer; the merge kernel writes the tensor and the checksum kernel verifies it.
-    Deltas, masked tensors and odd chunk sizes are decoded on the CPU and copied over.
+    Deltas, masked tensors, ``ans`` chunks and odd chunk sizes are decoded on the CPU and copied over.
     """
     import cupy
     import numpy as np
@@ -300,7 +300,7 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
 
     codec, align = zstd_codec()
     for e, out in zip(entries, outs):
-        if not gpu_handles(e.dtype, e.transform, e.delta, e.chunk_elems, align):
+        if not gpu_handles(e.dtype, e.transform, e.delta, e.chunk_elems, align) or codecs.ANS in e.chunks[2::3]:
             host = np.empty(e.nbytes, np.uint8)
             f.decode_into([e], [host])
             out.copy_(torch.from_numpy(host))
