@@ -5,6 +5,7 @@ so the changes are real ones (each tile with its own random signs, so no tile re
 
     python benchmarks/bench_ckpt_speed.py [--pair 299,300] [--runs 3] [--layers 24]
 
+With --compare-ans, each run also times the same delta saves written without the ans codec.
 Prints the median seconds and MB/s of a full save, a Checkpointer full save and a Checkpointer
 delta save (previous tensors held in memory), run alternately, their paired ratios, CPU seconds
 and file sizes. With --profile, also where the delta save's CPU time goes (one thread, cProfile).
@@ -25,7 +26,7 @@ import torch
 from common import HERE
 
 import mithril_gpu  # noqa: E402
-from mithril_gpu import cpu, deltaplan  # noqa: E402
+from mithril_gpu import codecs, cpu, deltaplan  # noqa: E402
 
 RUN = os.path.join(HERE, "out", "run")
 
@@ -72,7 +73,7 @@ def profile_breakdown(a: dict, b: dict, tmp: str) -> None:
 
     cats = {"snapshot copy": ["method 'copy' of 'numpy.ndarray'", "clone", "copyto"], "context sort (C)": ["_accel.ctx"],
             "coding choice": ["deltaplan.py"], "masked split (C)": ["masked_split"], "zstd": ["ZstdCompressor"],
-            "huffman literals (C)": ["huff_frame"], "plane split (C)": ["_accel.split"], "xxh64 (C)": ["_accel.xxh64"],
+            "huffman literals (C)": ["huff_frame"], "ans (C)": ["ans_encode"], "plane split (C)": ["_accel.split"], "xxh64 (C)": ["_accel.xxh64"],
             "entropy sampling (C)": ["_accel.entropy"], "file write": ["BufferedWriter", "posix.write", "fsync"],
             "delta op (C)": ["_accel.delta"], "fused coding (C)": ["encode_many"],
             "waiting on threads": ["method 'acquire' of '_thread.lock'", "method 'acquire' of '_thread.RLock'"]}
@@ -107,6 +108,8 @@ def main():
     ap.add_argument("--chain", type=int, default=3, help="later delta saves timed after the first (default 3)")
     ap.add_argument("--no-ctx", action="store_true", help="delta saves without context-sorted deltas")
     ap.add_argument("--profile", action="store_true", help="also profile one save of each kind on one thread")
+    ap.add_argument("--compare-ans", action="store_true",
+                    help="also time, in each run, the same delta saves written without the ans codec")
     args = ap.parse_args()
     if args.no_ctx:
         deltaplan.choose_ctx = lambda item, x, b: (*deltaplan.choose(item, x, b), None)
@@ -117,6 +120,7 @@ def main():
           flush=True)
     tmp = tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP"))
     full_t, delta_t, full_cpu, delta_cpu, ckfull_t, chain_t = [], [], [], [], [], []
+    noans_t, noans_cpu, noans_chain_t = [], [], []
     sizes = {}
     for r in range(args.runs):
         path = os.path.join(tmp, "full.mth")
@@ -131,29 +135,34 @@ def main():
         mithril_gpu.Checkpointer(d2, full_every=10, keep=None).save(b, 0)
         ckfull_t.append(time.perf_counter() - t)
         shutil.rmtree(d2)
-        d = os.path.join(tmp, f"ck{r}")
-        ck = mithril_gpu.Checkpointer(d, full_every=10, keep=None)
-        ck.save(a, 0)
-        t, c = time.perf_counter(), time.process_time()
-        ck.save(b, 1)
-        delta_t.append(time.perf_counter() - t)
-        delta_cpu.append(time.process_time() - c)
-        sizes["delta"] = os.path.getsize(ck.path(1))
-        with mithril_gpu.open(ck.path(1)) as f:
-            sizes["ctx share"] = sum(e.nbytes for e in f.index.tensors if e.ctx is not None) / raw
-        later = []
-        for k in range(args.chain):          # later deltas of the chain (each tensor's coding choice reused)
-            t = time.perf_counter()
-            ck.save(a if k % 2 == 0 else b, 2 + k)
-            later.append(time.perf_counter() - t)
-            sizes["later"] = os.path.getsize(ck.path(2 + k))
-        if later:
-            chain_t.append(statistics.median(later))
-        ck.close()
-        shutil.rmtree(d)
-        print(f"  run {r}: full {full_t[-1]:.2f} s ({full_cpu[-1]:.2f} CPU), Checkpointer full {ckfull_t[-1]:.2f} s, Checkpointer delta {delta_t[-1]:.2f} s "
-              f"({delta_cpu[-1]:.2f} CPU)" + (f", later deltas {' '.join(f'{v:.2f}' for v in later)} s" if later else ""),
-              flush=True)
+        for variant in (("ans", "no ans") if args.compare_ans else ("ans",)):
+            codecs.ANS_ENABLED = variant == "ans"
+            d = os.path.join(tmp, f"ck{r}")
+            ck = mithril_gpu.Checkpointer(d, full_every=10, keep=None)
+            ck.save(a, 0)
+            t, c = time.perf_counter(), time.process_time()
+            ck.save(b, 1)
+            dt, dc = time.perf_counter() - t, time.process_time() - c
+            (delta_t if variant == "ans" else noans_t).append(dt)
+            (delta_cpu if variant == "ans" else noans_cpu).append(dc)
+            key = "" if variant == "ans" else " no ans"
+            sizes["delta" + key] = os.path.getsize(ck.path(1))
+            with mithril_gpu.open(ck.path(1)) as f:
+                sizes["ctx share"] = sum(e.nbytes for e in f.index.tensors if e.ctx is not None) / raw
+            later = []
+            for k in range(args.chain):          # later deltas of the chain (each tensor's coding choice reused)
+                t = time.perf_counter()
+                ck.save(a if k % 2 == 0 else b, 2 + k)
+                later.append(time.perf_counter() - t)
+                sizes["later" + key] = os.path.getsize(ck.path(2 + k))
+            if later:
+                (chain_t if variant == "ans" else noans_chain_t).append(statistics.median(later))
+            ck.close()
+            shutil.rmtree(d)
+            print(f"  run {r}{key}: full {full_t[-1]:.2f} s ({full_cpu[-1]:.2f} CPU), Checkpointer full {ckfull_t[-1]:.2f} s, "
+                  f"Checkpointer delta {dt:.2f} s ({dc:.2f} CPU)"
+                  + (f", later deltas {' '.join(f'{v:.2f}' for v in later)} s" if later else ""), flush=True)
+        codecs.ANS_ENABLED = True
     fm, dm = statistics.median(full_t), statistics.median(delta_t)
     ratio = statistics.median([d / f for d, f in zip(delta_t, full_t)])
     print(f"full save: {fm:.2f} s ({raw / fm / 1e6:.0f} MB/s), ratio {raw / sizes['full']:.2f}")
@@ -169,6 +178,13 @@ def main():
               f"{statistics.median([d / f for d, f in zip(chain_t, full_t)]):.2f}")
     print(f"delta / full time, median of paired runs: {ratio:.2f}; CPU seconds (all threads): full "
           f"{statistics.median(full_cpu):.2f}, delta {statistics.median(delta_cpu):.2f}")
+    if noans_t:
+        print(f"without the ans codec: first delta {statistics.median(noans_t):.2f} s ({statistics.median(noans_cpu):.2f} CPU), "
+              f"ratio {raw / sizes['delta no ans']:.2f}; with / without, median of paired runs: "
+              f"{statistics.median([x / y for x, y in zip(delta_t, noans_t)]):.2f}"
+              + (f"; later deltas {statistics.median(noans_chain_t):.2f} s, ratio {raw / sizes['later no ans']:.2f}, "
+                 f"with / without {statistics.median([x / y for x, y in zip(chain_t, noans_chain_t)]):.2f}"
+                 if noans_chain_t else ""))
     if args.profile:
         profile_breakdown(a, b, tmp)
     shutil.rmtree(tmp)

@@ -1031,7 +1031,7 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int lanes, const
         int l = 0;
         while (f[s] && (1u << l) < f[s]) l++;
         T[s].cum = c; c += f[s]; T[s].xmax = f[s];      /* emit when x >> (32 - L) >= f */
-        T[s].sh = (uint32_t)l; T[s].rcp = f[s] ? (uint64_t)(((unsigned __int128)1 << (32 + l)) / f[s]) + 1 : 0;
+        T[s].sh = (uint32_t)l; T[s].rcp = f[s] ? ((uint64_t)1 << (32 + l)) / f[s] + 1 : 0;
         T[s].cmpl = M - f[s];
     }
     uint32_t x[ANS_MAXLANES];
@@ -1039,8 +1039,8 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int lanes, const
     uint8_t *end = dst + cap, *p = end, *lim = dst + h;
     const int hs = 32 - L;
 #define ANS_ENC(I, J) do { uint32_t xs = x[J]; const encsym *t_ = &T[src[I]]; \
-        uint32_t emit = (xs >> hs) >= t_->xmax; \
-        p[-2] = (uint8_t)xs; p[-1] = (uint8_t)(xs >> 8); p -= 2 * emit; xs >>= 16 * emit; \
+        uint32_t emit = (xs >> hs) >= t_->xmax; uint16_t w16 = (uint16_t)xs; \
+        memcpy(p - 2, &w16, 2); p -= 2 * emit; xs >>= 16 * emit; \
         uint32_t q = (uint32_t)((uint64_t)(((unsigned __int128)xs * t_->rcp) >> 32) >> t_->sh); \
         x[J] = xs + t_->cum + q * t_->cmpl; } while (0)
     size_t full = n - n % (size_t)lanes;

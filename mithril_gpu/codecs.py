@@ -22,6 +22,7 @@ value planes of sparse, small deltas.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -76,6 +77,15 @@ try:
 except ImportError:
     _ans_encode = _ans_decode_many = None
 
+# Writers may code delta planes "ans" (readers always read it). MITHRIL_ANS=0 (or ANS_ENABLED =
+# False) writes files without the feature, for readers older than it.
+ANS_ENABLED = os.environ.get("MITHRIL_ANS", "1") != "0"
+
+
+def ans_enabled() -> bool:
+    """Whether this writer codes delta planes ``ans`` where that is smaller (needs the C helper)."""
+    return ANS_ENABLED and _ans_encode is not None
+
 
 def sampled_entropy_bits(chunk: np.ndarray) -> float:
     """Order-0 entropy (bits per byte) of an evenly strided sample of ``chunk``."""
@@ -129,7 +139,7 @@ class ChunkCoder:
                 return ZSTD, bytes(out[:n])
         payload = self._cctx().compress(chunk.data)
         best = stored if len(payload) >= chunk.size else (ZSTD, payload)
-        if use_ans and _ans_encode is not None:
+        if use_ans and ans_enabled():
             out = self._huff_out(chunk.size + 64)
             n = _ans_encode(chunk, out)
             if n and n < len(best[1]):

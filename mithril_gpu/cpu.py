@@ -349,7 +349,7 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
                 if items[i].delta_op is not None:
                     aviews.append(mv[off:off + n])
         segs.append((digs.tolist(), recs, mv, nnz.tolist() if c[8] == 3 else [], items[i].delta_op is not None))
-    if aviews and codecs._ans_encode is not None:    # as ChunkCoder.encode(use_ans=True): one C call for the job's planes
+    if aviews and codecs.ans_enabled():    # as ChunkCoder.encode(use_ans=True): one C call for the job's planes
         aarena = pool.get(sum(len(v) for v in aviews))
         held.append(aarena)
         arec = np.zeros((len(aviews), 2), np.int64)

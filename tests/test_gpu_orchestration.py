@@ -86,6 +86,27 @@ def test_gpu_decode_of_deltas_and_masked_falls_back(tmp_path, fake):
             assert out.numpy().tobytes() == mithril_gpu.api.tensor_bytes(b[e.name]).tobytes()
 
 
+def test_gpu_decode_of_ans_chunks_falls_back(tmp_path, fake, monkeypatch):
+    """A full tensor with an ans chunk (which mithril writes only in deltas, but a file may hold
+    anywhere) is decoded on the CPU and copied over, never handed to nvCOMP."""
+    from mithril_gpu import codecs, cpu
+
+    if not codecs.ans_enabled():
+        pytest.skip("C helper not built")
+    real = codecs.ChunkCoder.encode
+    monkeypatch.setattr(codecs.ChunkCoder, "encode", lambda self, chunk, literals=False, use_ans=False:
+                        real(self, chunk, False, use_ans=True))
+    monkeypatch.setattr(cpu, "FUSED", False)
+    w = torch.where(torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)) < 0.1, 2.0, 1.0).to(torch.bfloat16)
+    mithril_gpu.save({"w": w}, tmp_path / "a.mth", chunk_elems=4096, device="cpu")
+    with mithril_gpu.open(tmp_path / "a.mth") as f:
+        (e,) = f.index.tensors
+        assert e.delta is None and codecs.ANS in e.chunks[2::3]
+        out = torch.empty(e.nbytes, dtype=torch.uint8)
+        gpu.decode_into_device(f, [e], [out])
+        assert out.numpy().tobytes() == mithril_gpu.api.tensor_bytes(w).tobytes()
+
+
 def test_gpu_decode_detects_damage(tmp_path, fake):
     w = (torch.randn(300000) * 0.02).to(torch.bfloat16)
     mithril_gpu.save({"w": w}, tmp_path / "c.mth", device="cpu")
