@@ -258,20 +258,23 @@ def plain_ratios(new: dict, dname: str) -> tuple[float, float | None]:
     return len(raw) / z, len(raw) / zn
 
 
-def _without_ctx():
-    """A context manager: deltas written as before context-sorted deltas existed."""
+def _without_ctx(ctx: bool = False):
+    """A context manager: deltas written without the ans codec, and (unless ``ctx``) as before
+    context-sorted deltas existed."""
     import contextlib
 
-    from mithril_gpu import deltaplan
+    from mithril_gpu import codecs, deltaplan
 
     @contextlib.contextmanager
     def cm():
         saved = deltaplan.choose_ctx
-        deltaplan.choose_ctx = lambda item, x, b: (*deltaplan.choose(item, x, b), None)
+        if not ctx:
+            deltaplan.choose_ctx = lambda item, x, b: (*deltaplan.choose(item, x, b), None)
+        codecs.ANS_ENABLED = False
         try:
             yield
         finally:
-            deltaplan.choose_ctx = saved
+            deltaplan.choose_ctx, codecs.ANS_ENABLED = saved, True
     return cm()
 
 
@@ -281,14 +284,22 @@ def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
     raw = sum(t.numel() * t.element_size() for t in ln.values())
     tmp = tempfile.mkdtemp()
     out, out_old = os.path.join(tmp, "delta.mth"), os.path.join(tmp, "delta_old.mth")
-    tc, td, tco, tdo = [], [], [], []
-    for _ in range(runs):      # saves and loads, with and without ctxdelta, alternate: all see the same machine load
+    out_na = os.path.join(tmp, "delta_noans.mth")
+    tc, td, tco, tdo, tcn, tdn = [], [], [], [], [], []
+    for _ in range(runs):      # saves and loads of the three layouts alternate: all see the same machine load
         t = time.perf_counter()
         mithril_gpu.save(new, out, base=base_file)
         tc.append(time.perf_counter() - t)
         t = time.perf_counter()
         back = mithril_gpu.load(out, base=base_file)
         td.append(time.perf_counter() - t)
+        with _without_ctx(ctx=True):
+            t = time.perf_counter()
+            mithril_gpu.save(new, out_na, base=base_file)
+            tcn.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        mithril_gpu.load(out_na, base=base_file)
+        tdn.append(time.perf_counter() - t)
         with _without_ctx():
             t = time.perf_counter()
             mithril_gpu.save(new, out_old, base=base_file)
@@ -304,13 +315,16 @@ def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
     bound = zigzag_bound(ln, lo)
     cond = conditioned_bound(ln, lo)
     return {"pair": kind, "identical": f"{100 * identical_fraction(ln, lo):.0f}%", "ours": round(ours, 2),
+            "no_ans": round(raw / os.path.getsize(out_na), 2),
             "before": round(raw / os.path.getsize(out_old), 2), "sorted": f"{100 * sorted_share:.0f}%",
             "zstd3": round(zstd3, 2), "zipnn": "-" if zipnn_r is None else round(zipnn_r, 2),
             "bound": round(bound, 2), "cond": round(cond, 2),
             "of_bound": f"{100 * ours / bound:.0f}%", "of_cond": f"{100 * ours / cond:.0f}%",
             "comp_mbs": round(raw / statistics.median(tc) / 1e6), "dec_mbs": round(raw / statistics.median(td) / 1e6),
             "comp_vs": f"{statistics.median([a / b for a, b in zip(tco, tc)]):.2f}",
-            "dec_vs": f"{statistics.median([a / b for a, b in zip(tdo, td)]):.2f}"}
+            "dec_vs": f"{statistics.median([a / b for a, b in zip(tdo, td)]):.2f}",
+            "comp_vs_ans": f"{statistics.median([a / b for a, b in zip(tcn, tc)]):.2f}",
+            "dec_vs_ans": f"{statistics.median([a / b for a, b in zip(tdn, td)]):.2f}"}
 
 
 def second_base(kind: str, files: list[str]) -> dict:
@@ -392,11 +406,12 @@ def main():
         rows.append(measure(kind, f(b), f(n), a.runs))
         print("  ", rows[-1], flush=True)
     cols = [("pair", "pair"), ("identical", "identical elements"), ("ours", "mithril delta"),
-            ("before", "without ctxdelta"), ("sorted", "bytes context-sorted"),
+            ("no_ans", "without ans"), ("before", "without ctxdelta and ans"), ("sorted", "bytes context-sorted"),
             ("zstd3", "zstd-3, no delta"), ("zipnn", "zipnn, no delta"), ("bound", "order-0 bound (zigzag planes)"),
             ("cond", "base-conditioned bound"), ("of_bound", "mithril / order-0"), ("of_cond", "mithril / conditioned"),
             ("comp_mbs", "delta save MB/s"), ("dec_mbs", "delta load MB/s"),
-            ("comp_vs", "save speed vs without ctxdelta"), ("dec_vs", "load speed vs without ctxdelta")]
+            ("comp_vs_ans", "save speed vs without ans"), ("dec_vs_ans", "load speed vs without ans"),
+            ("comp_vs", "save speed vs without ctxdelta and ans"), ("dec_vs", "load speed vs without ctxdelta and ans")]
     title = (f"Real training run: {info['params'] / 1e6:.1f} M-parameter byte-level LM, {s} AdamW steps on the "
              f"standard library's sources (final loss {info['final_loss']}, {info['train_seconds']} s to train)")
     text = print_table(rows, cols, title)

@@ -1089,21 +1089,38 @@ static int ans_decode_c(const uint8_t *src, size_t len, uint8_t *dst, size_t n) 
             if (h >= len || sh > 14) return -1;
             uint8_t b = src[h++];
             v |= (uint32_t)(b & 127) << sh; sh += 7;
-            if (!(b & 128)) break;
+            if (!(b & 128)) { if (b == 0 && sh > 7) return -1; break; }     /* minimal form only */
         }
         if (v == 0 || v > (1u << L)) return -1;
         f[i] = v; total += v;
     }
     if (total != (1ull << L) || len < h + 4 * (size_t)lanes || (len - h - 4 * (size_t)lanes) % 2) return -1;
     uint32_t M = 1u << L, mask = M - 1;
+    uint32_t x[ANS_MAXLANES];
+    for (int j = 0; j < lanes; j++) { memcpy(&x[j], src + h + 4 * (size_t)j, 4); if (x[j] < ANS_LOW) return -1; }
+    const uint8_t *p = src + h + 4 * (size_t)lanes, *end = src + len;
+    int bad = 0;
+    if ((uint64_t)n * 4 < M) {          /* few bytes for a large table: search the cumulative frequencies instead
+                                         * (so a chunk costs time in proportion to its size, whatever L) */
+        uint32_t cumv[257]; cumv[0] = 0;
+        for (int i = 0; i < nsym; i++) cumv[i + 1] = cumv[i] + f[i];
+        for (size_t i = 0; i < n; i++) {
+            int j = (int)(i % (size_t)lanes), lo = 0, hi = nsym - 1;
+            uint32_t xs = x[j], sl = xs & mask;
+            while (lo < hi) { int mid = (lo + hi + 1) / 2; if (cumv[mid] <= sl) lo = mid; else hi = mid - 1; }
+            dst[i] = syms[lo];
+            xs = f[lo] * (xs >> L) + sl - cumv[lo];
+            if (xs < ANS_LOW) { if (p + 2 > end) return -1; xs = xs << 16 | (uint32_t)p[0] | (uint32_t)p[1] << 8; p += 2; }
+            x[j] = xs;
+        }
+        if (p != end) return -1;
+        for (int j = 0; j < lanes; j++) if (x[j] != ANS_LOW) return -1;
+        return 0;
+    }
     uint8_t *sym = malloc(M); uint32_t *fb = malloc(4 * (size_t)M);
     if (!sym || !fb) { free(sym); free(fb); return -2; }
     for (uint32_t i = 0, c = 0; i < (uint32_t)nsym; c += f[i], i++)
         for (uint32_t t = 0; t < f[i]; t++) { sym[c + t] = syms[i]; fb[c + t] = f[i] | t << 16; }
-    uint32_t x[ANS_MAXLANES];
-    for (int j = 0; j < lanes; j++) { memcpy(&x[j], src + h + 4 * (size_t)j, 4); if (x[j] < ANS_LOW) { free(sym); free(fb); return -1; } }
-    const uint8_t *p = src + h + 4 * (size_t)lanes, *end = src + len;
-    int bad = 0;
 #define ANS_DEC(I, J) do { uint32_t xs = x[J], sl = xs & mask, e_ = fb[sl]; dst[I] = sym[sl]; \
         xs = (e_ & 0xffff) * (xs >> L) + (e_ >> 16); \
         uint32_t need = xs < ANS_LOW, w_ = (uint32_t)p[0] | (uint32_t)p[1] << 8; \
@@ -1134,8 +1151,22 @@ static int ans_lanes(size_t n) {
     return l;
 }
 
-/* the writer's policy: an ans payload of src when its estimate is at least 3% under a Huffman
- * coding's (zstd's literals) and it has 2 or more symbols; 0 otherwise (or when it does not fit) */
+/* log2(v) in 16.16 fixed point, integers only (the same on every platform): the integer part,
+ * then 16 fraction bits by repeated squaring of the normalized value */
+static uint64_t ilog2_q16(uint32_t v) {
+    int e = 31 - __builtin_clz(v);
+    uint64_t m = ((uint64_t)v << 32) >> e, r = (uint64_t)e << 16;      /* m in [2^32, 2^33): 1.32 fixed point */
+    for (int k = 15; k >= 0; k--) {
+        m = (m >> 16) * (m >> 16);                                      /* (1.16)^2 -> 2.32 */
+        if (m >= (1ull << 33)) { m >>= 1; r |= 1ull << k; }
+    }
+    return r;
+}
+
+/* the writer's policy: an ans payload of src when its estimated size is at least 3% under a
+ * Huffman coding's (zstd's literals) or under the stored plane, and it has 2 or more symbols;
+ * 0 otherwise (or when it does not fit in n bytes). The estimate is in fixed point (integers
+ * only), so every platform decides alike. */
 #define ANS_MIN_SYMBOLS 64
 static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
     if (n < ANS_MIN_SYMBOLS || n > 0xffffffffu) return 0;
@@ -1153,12 +1184,14 @@ static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
     ans_normalize(cnt, n, ANS_LOG, f);
     huff_lengths(cnt32, maxsym, hl);
     int lanes = ans_lanes(n);
-    double ans_bits = 8.0 * (3 + (nsym < 32 ? nsym : 32) + 2 * nsym + 4 * lanes), huf_bits = 8.0 * (12 + nsym / 2);
+    /* bits << 16: the payload's estimate, and a Huffman coding's */
+    uint64_t ans_q = (uint64_t)(8 * (3 + (nsym < 32 ? nsym : 32) + 2 * nsym + 4 * lanes)) << 16;
+    uint64_t huf_q = (uint64_t)(8 * (12 + nsym / 2)) << 16, raw_q = (uint64_t)(8 * n) << 16;
     for (int k = 0; k <= maxsym; k++) if (cnt[k]) {
-        ans_bits += (double)cnt[k] * (ANS_LOG - __builtin_log2((double)f[k]));
-        huf_bits += (double)cnt[k] * hl[k];
+        ans_q += cnt[k] * (((uint64_t)ANS_LOG << 16) - ilog2_q16(f[k]));
+        huf_q += cnt[k] * ((uint64_t)hl[k] << 16);
     }
-    if (ans_bits > 0.97 * huf_bits && ans_bits > 0.97 * 8.0 * (double)n) return 0;
+    if (100 * ans_q > 97 * huf_q && 100 * ans_q > 97 * raw_q) return 0;
     return ans_encode_c(src, n, ANS_LOG, lanes, f, dst, cap < n ? cap : n);   /* never more than the plane */
 }
 

@@ -12,9 +12,11 @@ Payload, all integers little-endian:
 ``lanes``             u8, 1..32: symbol ``i`` belongs to lane ``i % lanes``
 ``nsym - 1``          u8: the number of distinct symbols, 1..256 (and at most ``M``)
 symbols               ``nsym < 32``: ``nsym`` bytes, strictly increasing; otherwise a 32-byte
-                      bitmap (symbol ``s`` is present when bit ``s & 7`` of byte ``s >> 3`` is
-                      set) with exactly ``nsym`` bits set
-frequencies           ``nsym`` unsigned LEB128 numbers (at most 3 bytes each), in symbol
+                      bitmap (symbol ``s`` is present when bit ``s & 7``, counted from the least
+                      significant, of byte ``s >> 3`` is set) with exactly ``nsym`` bits set
+frequencies           ``nsym`` unsigned LEB128 numbers in minimal form (7 bits per byte, least
+                      significant group first, the high bit set on all bytes but the last,
+                      which is not 0 unless it is the only byte; at most 3 bytes), in symbol
                       order, each 1..M, summing to exactly ``M``
 states                ``lanes`` u32, the lanes' initial states, each at least ``2^16``
 words                 the rest of the payload: u16 words (an even number of bytes)
@@ -29,13 +31,17 @@ runs past its end, every word has been read at the end, and every lane's state i
 ``2^16``. A decoder refuses anything else (a damaged chunk never decodes silently).
 
 The encoder runs backwards: every state starts at ``2^16``; for ``i = n - 1`` down to ``0``, with
-``f = freq[s]``, if ``x >= f << (32 - L)`` it emits ``x & 0xffff`` and sets ``x >>= 16``; then
+``f = freq[s]``, if ``x >= f * 2^(32 - L)`` (in 64 bits, or as ``x >> (32 - L) >= f``: with one
+symbol ``f * 2^(32 - L)`` is ``2^32``) it emits ``x & 0xffff`` and sets ``x >>= 16``; then
 ``x = ((x // f) << L) + x % f + cum[s]``. The words are stored in the reverse of the order they
 were emitted; the final states are the initial states of the payload.
 
 With states in ``[2^16, 2^32)`` and ``L <= 15`` a lane reads at most one word per symbol, so a
 GPU warp decodes a chunk of 32 lanes in lockstep: each step every lane decodes its symbol, and
 the lanes that need a word take them in lane order from a ballot's prefix count.
+
+The index adds its own rules for a chunk of this codec (FORMAT.md "Chunks and codecs"): the file
+lists the feature ``"ans"``, ``n >= 1``, ``csize >= 9`` and ``csize * 32768 >= n``.
 
 What a writer chooses (not part of the format): the frequencies (:func:`normalize`), ``L``
 (mithril uses 12) and the lanes (:func:`lanes_for`), and whether to use the codec at all (the C
@@ -177,6 +183,8 @@ def parse(payload) -> tuple[int, int, list[int], list[int], np.ndarray, np.ndarr
             v |= (c & 127) << sh
             sh += 7
             if not c & 128:
+                if c == 0 and sh > 7:
+                    raise bad("a frequency not in minimal LEB128 form")
                 break
         if not 1 <= v <= 1 << L:
             raise bad("bad frequencies")

@@ -116,12 +116,13 @@ def test_damaged_payloads_are_refused_by_both_decoders():
             assert _c_decode(p, n)[0] == 0
 
 
-def test_flipped_bits_never_pass_silently():
+@pytest.mark.parametrize("L", [11, 15])      # the C decoder's table (n >= 2^L / 4) and its search (fewer bytes)
+def test_flipped_bits_never_pass_silently(L):
     """Any one flipped bit: both decoders refuse the payload, or both give the same bytes (which
     the tensor's checksum then judges); never a crash or a read past the end."""
     rng = np.random.default_rng(8)
     a = rng.choice(np.array([0, 1, 2, 255], np.uint8), 700, p=[0.6, 0.2, 0.15, 0.05])
-    p = bytearray(ans.encode(a, 11, 3))
+    p = bytearray(ans.encode(a, L, 3))
     for bit in range(len(p) * 8):
         q = bytearray(p)
         q[bit >> 3] ^= 1 << (bit & 7)
@@ -134,6 +135,18 @@ def test_flipped_bits_never_pass_silently():
             assert (r == -1) == (ref is not None), bit
             if ref is not None:
                 assert np.array_equal(out, ref)
+
+
+def test_frequencies_must_be_minimal_leb128():
+    state = (1 << 16).to_bytes(4, "little")
+    good = bytes([1, 1, 0, 5, 2]) + state             # L=1, one lane, symbol 5 with frequency 2
+    bad = bytes([1, 1, 0, 5, 0x82, 0x00]) + state     # the same frequency, not in minimal form
+    assert ans.decode(good, 3).tolist() == [5, 5, 5]
+    with pytest.raises(CorruptFileError):
+        ans.decode(bad, 3)
+    if codecs._ans_decode_many is not None:
+        assert _c_decode(good, 3)[0] == -1 and _c_decode(good, 3)[1].tolist() == [5, 5, 5]
+        assert _c_decode(bad, 3)[0] == 0
 
 
 def test_bitmap_header_must_count_its_symbols():
