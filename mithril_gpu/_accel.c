@@ -998,10 +998,10 @@ static void ans_normalize(const uint64_t *cnt, uint64_t n, int L, uint32_t *f) {
 }
 
 /* the header (L, lanes, symbols, frequencies); returns its size */
-static size_t ans_header(uint8_t *d, int L, int lanes, const uint32_t *f) {
+static size_t ans_header(uint8_t *d, int L, int mode, int lanes, const uint32_t *f) {
     int nsym = 0; size_t h = 3;
     for (int s = 0; s < 256; s++) nsym += f[s] != 0;
-    d[0] = (uint8_t)L; d[1] = (uint8_t)lanes; d[2] = (uint8_t)(nsym - 1);
+    d[0] = (uint8_t)(L | mode << 4); d[1] = (uint8_t)lanes; d[2] = (uint8_t)(nsym - 1);
     if (nsym < 32) { for (int s = 0; s < 256; s++) if (f[s]) d[h++] = (uint8_t)s; }
     else { memset(d + h, 0, 32); for (int s = 0; s < 256; s++) if (f[s]) d[h + (s >> 3)] |= (uint8_t)(1u << (s & 7)); h += 32; }
     for (int s = 0; s < 256; s++) if (f[s]) {
@@ -1015,12 +1015,12 @@ static size_t ans_header(uint8_t *d, int L, int lanes, const uint32_t *f) {
 /* encode src[0:n] with frequencies f (present symbols of src all have f > 0) into dst; returns
  * the payload size, or 0 when it would not fit in cap bytes (the check is per round of lanes, so
  * a payload within 2 * lanes bytes of cap may be refused: a writer's decision, which only cap decides) */
-static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int lanes, const uint32_t *f, uint8_t *dst, size_t cap) {
+static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int lanes, const uint32_t *f, uint8_t *dst, size_t cap) {
     int nsym = 0; size_t hl = 3;
     for (int s = 0; s < 256; s++) if (f[s]) { nsym++; hl += f[s] < 128 ? 1 : f[s] < 16384 ? 2 : 3; }
     hl += nsym < 32 ? (size_t)nsym : 32;
     if (cap < hl + 4 * (size_t)lanes + 2 * (size_t)lanes + 2) return 0;
-    size_t h = ans_header(dst, L, lanes, f), st = h;
+    size_t h = ans_header(dst, L, mode, lanes, f), st = h;
     h += 4 * (size_t)lanes;
     /* x / f without dividing: q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1, l = ceil(log2 f),
      * exact for every 32-bit x (Granlund and Montgomery 1994, theorem 4.2) */
@@ -1067,14 +1067,18 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int lanes, const
 }
 
 /* decode a payload of len bytes into dst[0:n]: 0, or -1 when it is not a valid payload for n symbols */
-static int ans_decode_c(const uint8_t *src, size_t len, uint8_t *dst, size_t n) {
+/* decode n symbols of alphabet size alpha (256: bytes, 16: nibbles) */
+static int ans_decode_syms(const uint8_t *src, size_t len, uint8_t *dst, size_t n, int alpha) {
     if (len < 3) return -1;
-    int L = src[0], lanes = src[1], nsym = src[2] + 1;
-    if (L < 1 || L > ANS_MAXLOG || lanes < 1 || lanes > ANS_MAXLANES || nsym > (1 << L)) return -1;
+    int L = src[0] & 15, lanes = src[1], nsym = src[2] + 1;
+    if (L < 1 || L > ANS_MAXLOG || lanes < 1 || lanes > ANS_MAXLANES || nsym > (1 << L) || nsym > alpha) return -1;
     size_t h = 3; uint8_t syms[256]; int k = 0;
     if (nsym < 32) {
         if (len < h + (size_t)nsym) return -1;
-        for (int i = 0; i < nsym; i++) { syms[i] = src[h + i]; if (i && syms[i] <= syms[i - 1]) return -1; }
+        for (int i = 0; i < nsym; i++) {
+            syms[i] = src[h + i];
+            if ((i && syms[i] <= syms[i - 1]) || syms[i] >= alpha) return -1;
+        }
         h += (size_t)nsym;
     } else {
         if (len < h + 32) return -1;
@@ -1144,6 +1148,22 @@ static int ans_decode_c(const uint8_t *src, size_t len, uint8_t *dst, size_t n) 
     return 0;
 }
 
+/* decode a payload into the n bytes of a plane: 0, or -1 when it is not a valid payload for them
+ * (-2: out of memory). The high half of byte 0 is the mode: 0, a symbol per byte; 1, a symbol per
+ * nibble (2n symbols; symbol 2i is byte i's low nibble, 2i + 1 its high nibble). */
+static int ans_decode_c(const uint8_t *src, size_t len, uint8_t *dst, size_t n) {
+    if (len < 1) return -1;
+    int mode = src[0] >> 4;
+    if (mode == 0) return ans_decode_syms(src, len, dst, n, 256);
+    if (mode != 1) return -1;
+    uint8_t *t = malloc(2 * n + 1);
+    if (!t) return -2;
+    int r = ans_decode_syms(src, len, t, 2 * n, 16);
+    if (r == 0) for (size_t i = 0; i < n; i++) dst[i] = (uint8_t)(t[2 * i] | t[2 * i + 1] << 4);
+    free(t);
+    return r;
+}
+
 /* lanes a writer uses for n symbols: one per 8 Ki symbols, a power of two, at most 32 */
 static int ans_lanes(size_t n) {
     int l = 1;
@@ -1168,49 +1188,80 @@ static uint64_t ilog2_q16(uint32_t v) {
  * 0 otherwise (or when it does not fit in n bytes). The estimate is in fixed point (integers
  * only), so every platform decides alike. */
 #define ANS_MIN_SYMBOLS 64
+
+/* bits << 16 of a payload for symbols with counts cnt[0:alpha] (total n) and frequencies f */
+static uint64_t ans_estimate_q16(const uint64_t *cnt, const uint32_t *f, int alpha, size_t n) {
+    int nsym = 0, big = 0;
+    uint64_t q = 0;
+    for (int k = 0; k < alpha; k++) if (cnt[k]) {
+        nsym++; big += f[k] >= 128;
+        q += cnt[k] * (((uint64_t)ANS_LOG << 16) - ilog2_q16(f[k]));
+    }
+    return q + ((uint64_t)(8 * (3 + (nsym < 32 ? nsym : 32) + nsym + big + 4 * ans_lanes(n))) << 16);
+}
+
+/* the nibble stream of n bytes: low nibble, then high, of each */
+static void ans_nibbles(const uint8_t *src, size_t n, uint8_t *t) {
+    for (size_t i = 0; i < n; i++) { t[2 * i] = src[i] & 15; t[2 * i + 1] = src[i] >> 4; }
+}
+
 static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
-    if (n < ANS_MIN_SYMBOLS || n > 0xffffffffu) return 0;
-    uint32_t c4[4][256] = {{0}}, cnt32[256]; uint64_t cnt[256];
+    if (n < ANS_MIN_SYMBOLS || n > 0x7fffffffu) return 0;
+    uint32_t c4[4][256] = {{0}}, cnt32[256]; uint64_t cnt[256], ncnt[16] = {0};
     size_t i4 = 0;
     for (; i4 + 4 <= n; i4 += 4) { c4[0][src[i4]]++; c4[1][src[i4 + 1]]++; c4[2][src[i4 + 2]]++; c4[3][src[i4 + 3]]++; }
     for (; i4 < n; i4++) c4[0][src[i4]]++;
     int nsym = 0, maxsym = 0;
     for (int k = 0; k < 256; k++) {
         cnt32[k] = c4[0][k] + c4[1][k] + c4[2][k] + c4[3][k]; cnt[k] = cnt32[k];
+        ncnt[k & 15] += cnt[k]; ncnt[k >> 4] += cnt[k];
         if (cnt[k]) { nsym++; maxsym = k; }
     }
     if (nsym < 2) return 0;
-    uint32_t f[256]; uint8_t hl[256];
+    uint32_t f[256], fn[256] = {0}; uint8_t hl[256];
+    uint64_t ncnt256[256] = {0};
+    memcpy(ncnt256, ncnt, sizeof ncnt);
     ans_normalize(cnt, n, ANS_LOG, f);
+    ans_normalize(ncnt256, 2 * (uint64_t)n, ANS_LOG, fn);
     huff_lengths(cnt32, maxsym, hl);
-    int lanes = ans_lanes(n);
-    /* bits << 16: the payload's estimate, and a Huffman coding's */
-    uint64_t ans_q = (uint64_t)(8 * (3 + (nsym < 32 ? nsym : 32) + 2 * nsym + 4 * lanes)) << 16;
+    /* bits << 16: the payload's estimate per byte or per nibble, and a Huffman coding's */
+    uint64_t byte_q = ans_estimate_q16(cnt, f, 256, n), nib_q = ans_estimate_q16(ncnt, fn, 16, 2 * n);
     uint64_t huf_q = (uint64_t)(8 * (12 + nsym / 2)) << 16, raw_q = (uint64_t)(8 * n) << 16;
-    for (int k = 0; k <= maxsym; k++) if (cnt[k]) {
-        ans_q += cnt[k] * (((uint64_t)ANS_LOG << 16) - ilog2_q16(f[k]));
-        huf_q += cnt[k] * ((uint64_t)hl[k] << 16);
-    }
+    for (int k = 0; k <= maxsym; k++) if (cnt[k]) huf_q += cnt[k] * ((uint64_t)hl[k] << 16);
+    int nib = nib_q < byte_q;
+    uint64_t ans_q = nib ? nib_q : byte_q;
     if (100 * ans_q > 97 * huf_q && 100 * ans_q > 97 * raw_q) return 0;
-    return ans_encode_c(src, n, ANS_LOG, lanes, f, dst, cap < n ? cap : n);   /* never more than the plane */
+    if (cap > n) cap = n;                                   /* never more than the plane */
+    if (!nib) return ans_encode_c(src, n, ANS_LOG, 0, ans_lanes(n), f, dst, cap);
+    uint8_t *t = malloc(2 * n);
+    if (!t) return 0;
+    ans_nibbles(src, n, t);
+    size_t r = ans_encode_c(t, 2 * n, ANS_LOG, 1, ans_lanes(2 * n), fn, dst, cap);
+    free(t);
+    return r;
 }
 
-/* ans_encode(src, out, L=0, lanes=0) -> payload size in out, or 0. With L = 0 the writer's policy
- * (ans_try_c); otherwise src coded with table log L and ``lanes`` lanes, frequencies normalized
- * from its counts (the reference's encode, for tests). */
+/* ans_encode(src, out, L=0, lanes=0, nibbles=0) -> payload size in out, or 0. With L = 0 the
+ * writer's policy (ans_try_c); otherwise src coded with table log L and ``lanes`` lanes, per byte
+ * or per nibble, frequencies normalized from its counts (the reference's encode, for tests). */
 static PyObject *ans_encode(PyObject *self, PyObject *args) {
-    Py_buffer s, o; int L = 0, lanes = 0; size_t r = 0; int bad = 0;
-    if (!PyArg_ParseTuple(args, "y*w*|ii", &s, &o, &L, &lanes)) return NULL;
+    Py_buffer s, o; int L = 0, lanes = 0, nib = 0; size_t r = 0; int bad = 0;
+    if (!PyArg_ParseTuple(args, "y*w*|iip", &s, &o, &L, &lanes, &nib)) return NULL;
     if (L && (L < 1 || L > ANS_MAXLOG || lanes < 1 || lanes > ANS_MAXLANES)) bad = 1;
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
         if (!L) r = ans_try_c(s.buf, (size_t)s.len, o.buf, (size_t)o.len);
         else {
-            uint64_t cnt[256] = {0}; uint32_t f[256]; int nsym = 0;
-            const uint8_t *p = s.buf;
-            for (Py_ssize_t i = 0; i < s.len; i++) cnt[p[i]]++;
-            for (int k = 0; k < 256; k++) nsym += cnt[k] != 0;
-            if (s.len && nsym <= (1 << L)) { ans_normalize(cnt, (uint64_t)s.len, L, f); r = ans_encode_c(s.buf, (size_t)s.len, L, lanes, f, o.buf, (size_t)o.len); }
+            size_t m = (size_t)s.len * (nib ? 2 : 1);
+            uint8_t *t = nib ? malloc(m + 1) : (uint8_t *)s.buf;
+            if (t) {
+                uint64_t cnt[256] = {0}; uint32_t f[256]; int nsym = 0;
+                if (nib) ans_nibbles(s.buf, (size_t)s.len, t);
+                for (size_t i = 0; i < m; i++) cnt[t[i]]++;
+                for (int k = 0; k < 256; k++) nsym += cnt[k] != 0;
+                if (m && nsym <= (1 << L)) { ans_normalize(cnt, (uint64_t)m, L, f); r = ans_encode_c(t, m, L, nib, lanes, f, o.buf, (size_t)o.len); }
+                if (nib) free(t);
+            }
         }
         Py_END_ALLOW_THREADS
     }

@@ -8,7 +8,10 @@ against about 1.05 bits of entropy. rANS codes each symbol in ``L - log2(freq)``
 Payload, all integers little-endian:
 
 ====================  =============================================================
-``L``                 u8, the table log, 1..15: frequencies sum to ``M = 2^L``
+``L + 16 * mode``     u8: ``L``, the table log, 1..15: frequencies sum to ``M = 2^L``;
+                      ``mode`` 0: a symbol is a byte of the plane (``n`` symbols); 1: a
+                      symbol is a nibble (``2n`` symbols: symbol ``2i`` is the low nibble of
+                      byte ``i``, symbol ``2i + 1`` its high nibble; every symbol below 16)
 ``lanes``             u8, 1..32: symbol ``i`` belongs to lane ``i % lanes``
 ``nsym - 1``          u8: the number of distinct symbols, 1..256 (and at most ``M``)
 symbols               ``nsym < 32``: ``nsym`` bytes, strictly increasing; otherwise a 32-byte
@@ -22,15 +25,15 @@ states                ``lanes`` u32, the lanes' initial states, each at least ``
 words                 the rest of the payload: u16 words (an even number of bytes)
 ====================  =============================================================
 
-Decoding symbol ``i = 0, 1, ..., n - 1`` (``n`` is the chunk's uncompressed size, known from the
-index) with lane ``j = i % lanes`` and state ``x = x_j``: ``slot = x mod M``; the symbol ``s`` is
+Decoding symbol ``i = 0, 1, ..., N - 1`` (``N`` is ``n``, the chunk's uncompressed size, known from
+the index, or ``2n`` in nibble mode) with lane ``j = i % lanes`` and state ``x = x_j``: ``slot = x mod M``; the symbol ``s`` is
 the one with ``cum[s] <= slot < cum[s] + freq[s]`` (``cum``: running sums of the frequencies in
 symbol order); ``x = freq[s] * (x >> L) + slot - cum[s]``; if ``x < 2^16``, then
 ``x = (x << 16) | w`` with ``w`` the next unread word. The payload is valid only when no read
 runs past its end, every word has been read at the end, and every lane's state is back at
 ``2^16``. A decoder refuses anything else (a damaged chunk never decodes silently).
 
-The encoder runs backwards: every state starts at ``2^16``; for ``i = n - 1`` down to ``0``, with
+The encoder runs backwards: every state starts at ``2^16``; for ``i = N - 1`` down to ``0``, with
 ``f = freq[s]``, if ``x >= f * 2^(32 - L)`` (in 64 bits, or as ``x >> (32 - L) >= f``: with one
 symbol ``f * 2^(32 - L)`` is ``2^32``) it emits ``x & 0xffff`` and sets ``x >>= 16``; then
 ``x = ((x // f) << L) + x % f + cum[s]``. The words are stored in the reverse of the order they
@@ -44,8 +47,10 @@ The index adds its own rules for a chunk of this codec (FORMAT.md "Chunks and co
 lists the feature ``"ans"``, ``n >= 1``, ``csize >= 9`` and ``csize * 32768 >= n``.
 
 What a writer chooses (not part of the format): the frequencies (:func:`normalize`), ``L``
-(mithril uses 12) and the lanes (:func:`lanes_for`), and whether to use the codec at all (the C
-helper's estimate against Huffman coding, then the smaller of this and zstd's actual frame).
+(mithril uses 12), the lanes (:func:`lanes_for`), the mode (nibbles where their 16-entry table
+makes the payload smaller: sparse bitmaps of small segments, whose bytes take 100 and more values),
+and whether to use the codec at all (the C helper's estimate against Huffman coding, then the
+smaller of this and zstd's actual frame).
 """
 from __future__ import annotations
 
@@ -97,9 +102,14 @@ def lanes_for(n: int) -> int:
     return lanes
 
 
-def header(L: int, lanes: int, freq: list[int]) -> bytes:
+def nibbles(src: np.ndarray) -> np.ndarray:
+    """The nibble-mode symbols of bytes ``src``: low nibble, then high nibble, of each."""
+    return np.stack([src & 15, src >> 4], axis=1).reshape(-1)
+
+
+def header(L: int, lanes: int, freq: list[int], mode: int = 0) -> bytes:
     syms = [s for s in range(256) if freq[s]]
-    out = bytearray([L, lanes, len(syms) - 1])
+    out = bytearray([L + 16 * mode, lanes, len(syms) - 1])
     if len(syms) < 32:
         out += bytes(syms)
     else:
@@ -116,9 +126,13 @@ def header(L: int, lanes: int, freq: list[int]) -> bytes:
     return bytes(out)
 
 
-def encode(src: np.ndarray, L: int = LOG, lanes: int | None = None, freq: list[int] | None = None) -> bytes:
-    """The payload of ``src`` (uint8), with frequencies ``normalize(counts, L)`` unless given."""
+def encode(src: np.ndarray, L: int = LOG, lanes: int | None = None, freq: list[int] | None = None,
+           nibble_mode: bool = False) -> bytes:
+    """The payload of ``src`` (uint8), with frequencies ``normalize(counts, L)`` of its symbols
+    (bytes, or nibbles with ``nibble_mode``) unless given."""
     src = np.ascontiguousarray(src, np.uint8).reshape(-1)
+    if nibble_mode:
+        src = nibbles(src)
     n = src.size
     lanes = lanes_for(n) if lanes is None else lanes
     if not (1 <= L <= MAX_LOG and 1 <= lanes <= MAX_LANES):
@@ -143,25 +157,26 @@ def encode(src: np.ndarray, L: int = LOG, lanes: int | None = None, freq: list[i
         xs = np.where(out, xs >> np.uint64(16), xs)
         x[:cnt] = ((xs // fs) << np.uint64(L)) + xs % fs + cum[s]
     words = np.array(emitted[::-1], np.uint16)
-    return header(L, lanes, freq) + x.astype("<u4").tobytes() + words.astype("<u2").tobytes()
+    return header(L, lanes, freq, int(nibble_mode)) + x.astype("<u4").tobytes() + words.astype("<u2").tobytes()
 
 
-def parse(payload) -> tuple[int, int, list[int], list[int], np.ndarray, np.ndarray]:
-    """(L, lanes, symbols, frequencies, initial states, words) of a payload; CorruptFileError
-    when its header is not valid."""
+def parse(payload) -> tuple[int, int, list[int], list[int], np.ndarray, np.ndarray, int]:
+    """(L, lanes, symbols, frequencies, initial states, words, mode) of a payload;
+    CorruptFileError when its header is not valid."""
     b = bytes(payload)
 
     def bad(why):
         return CorruptFileError(f"an ans chunk is damaged ({why})")
     if len(b) < 3:
         raise bad("too short")
-    L, lanes, nsym = b[0], b[1], b[2] + 1
-    if not (1 <= L <= MAX_LOG and 1 <= lanes <= MAX_LANES and nsym <= 1 << L):
-        raise bad("bad table log, lanes or symbol count")
+    L, mode, lanes, nsym = b[0] & 15, b[0] >> 4, b[1], b[2] + 1
+    alpha = 16 if mode == 1 else 256
+    if not (mode <= 1 and 1 <= L <= MAX_LOG and 1 <= lanes <= MAX_LANES and nsym <= 1 << L and nsym <= alpha):
+        raise bad("bad mode, table log, lanes or symbol count")
     h = 3
     if nsym < 32:
         syms = list(b[h:h + nsym])
-        if len(syms) != nsym or any(a >= c for a, c in zip(syms, syms[1:])):
+        if len(syms) != nsym or any(a >= c for a, c in zip(syms, syms[1:])) or max(syms) >= alpha:
             raise bad("bad symbol list")
         h += nsym
     else:
@@ -195,12 +210,19 @@ def parse(payload) -> tuple[int, int, list[int], list[int], np.ndarray, np.ndarr
     if (states < LOW).any():
         raise bad("bad state")
     words = np.frombuffer(b, "<u2", offset=h + 4 * lanes).astype(np.uint64)
-    return L, lanes, syms, freq, states, words
+    return L, lanes, syms, freq, states, words, mode
 
 
 def decode(payload, n: int) -> np.ndarray:
     """The ``n`` bytes a payload holds; CorruptFileError when it is not a valid payload for ``n``."""
-    L, lanes, syms, freq, x, words = parse(payload)
+    L, lanes, syms, freq, x, words, mode = parse(payload)
+    if mode == 1:
+        t = _decode_symbols(L, lanes, syms, freq, x, words, 2 * n)
+        return (t[0::2] | (t[1::2] << 4)).astype(np.uint8)
+    return _decode_symbols(L, lanes, syms, freq, x, words, n)
+
+
+def _decode_symbols(L, lanes, syms, freq, x, words, n: int) -> np.ndarray:
     M = 1 << L
     f = np.array(freq, np.uint64)
     cum = np.concatenate([[0], np.cumsum(f)[:-1]]).astype(np.uint64)

@@ -31,9 +31,9 @@ def _planes(seed: int = 0):
     return out
 
 
-def _c_encode(a, L, lanes):
-    out = np.empty(2 * a.size + 1200, np.uint8)
-    n = codecs._ans_encode(a, out, L, lanes)
+def _c_encode(a, L, lanes, nib=False):
+    out = np.empty(a.size * 6 + 2000, np.uint8)
+    n = codecs._ans_encode(a, out, L, lanes, nib)
     return bytes(out[:n])
 
 
@@ -50,6 +50,32 @@ def test_reference_round_trips_every_kind_of_plane():
                 continue
             p = ans.encode(a, L, lanes)
             assert np.array_equal(ans.decode(p, a.size), a), (name, L, lanes)
+
+
+def test_nibble_mode_round_trips_and_c_equals_the_reference():
+    for name, a in _planes(4):
+        for L, lanes in [(12, 1), (12, 5), (15, 32), (4, 2)]:
+            p = ans.encode(a, L, lanes, nibble_mode=True)
+            assert p[0] == L + 16
+            assert np.array_equal(ans.decode(p, a.size), a), (name, L, lanes)
+            if codecs._ans_encode is not None:
+                assert _c_encode(a, L, lanes, True) == p, (name, L, lanes)
+                r, out = _c_decode(p, a.size)
+                assert r == -1 and np.array_equal(out, a)
+
+
+def test_nibble_mode_refuses_symbols_of_16_and_more_and_unknown_modes():
+    state = (1 << 16).to_bytes(4, "little")
+    for head in (bytes([16 + 4, 1, 1, 3, 16, 8, 8]),      # nibble mode, a symbol 16
+                 bytes([32 + 4, 1, 1, 3, 5, 8, 8])):      # mode 2
+        with pytest.raises(CorruptFileError):
+            ans.decode(head + state, 4)
+        if codecs._ans_decode_many is not None:
+            assert _c_decode(head + state, 4)[0] == 0
+    ok = bytes([16 + 4, 1, 0, 3, 16]) + state             # nibble mode, one symbol: 3
+    assert ans.decode(ok, 2).tolist() == [0x33, 0x33]
+    if codecs._ans_decode_many is not None:
+        assert _c_decode(ok, 2)[1].tolist() == [0x33, 0x33]
 
 
 def test_normalize_sums_to_the_table_and_keeps_every_symbol():
@@ -83,7 +109,7 @@ def test_c_encoder_and_decoder_equal_the_reference():
 
 def _bad_payloads(p: bytes, n: int):
     """Damaged forms of payload p (for n symbols): each must be refused, or decode to something."""
-    L, lanes, syms, freq, states, words = ans.parse(p)
+    L, lanes, syms, freq, states, words, mode = ans.parse(p)
     yield "table log 0", bytes([0]) + p[1:]
     yield "table log 16", bytes([16]) + p[1:]
     yield "no lanes", p[:1] + bytes([0]) + p[2:]
@@ -116,13 +142,13 @@ def test_damaged_payloads_are_refused_by_both_decoders():
             assert _c_decode(p, n)[0] == 0
 
 
-@pytest.mark.parametrize("L", [11, 15])      # the C decoder's table (n >= 2^L / 4) and its search (fewer bytes)
-def test_flipped_bits_never_pass_silently(L):
+@pytest.mark.parametrize("L,nib", [(11, False), (15, False), (10, True)])   # the C decoder's table and its search
+def test_flipped_bits_never_pass_silently(L, nib):
     """Any one flipped bit: both decoders refuse the payload, or both give the same bytes (which
     the tensor's checksum then judges); never a crash or a read past the end."""
     rng = np.random.default_rng(8)
     a = rng.choice(np.array([0, 1, 2, 255], np.uint8), 700, p=[0.6, 0.2, 0.15, 0.05])
-    p = bytearray(ans.encode(a, L, 3))
+    p = bytearray(ans.encode(a, L, 3, nibble_mode=nib))
     for bit in range(len(p) * 8):
         q = bytearray(p)
         q[bit >> 3] ^= 1 << (bit & 7)
@@ -169,6 +195,10 @@ def test_writer_policy_uses_ans_only_where_it_pays():
     assert 0 < n < 0.15 * skewed.size
     assert np.array_equal(ans.decode(bytes(out[:n]), skewed.size), skewed)
     assert ans.parse(bytes(out[:n]))[1] == ans.lanes_for(skewed.size) == 2
+    bitmap = np.packbits(rng.random(16000) < 0.3)             # a small segment's bitmap: 100+ byte values
+    n = codecs._ans_encode(bitmap, out)
+    assert 0 < n and ans.parse(bytes(out[:n]))[6] == 1        # coded per nibble (a 16-entry table)
+    assert np.array_equal(ans.decode(bytes(out[:n]), bitmap.size), bitmap)
     for no in (rng.integers(0, 256, 20000, dtype=np.uint8),     # incompressible
                np.full(5000, 3, np.uint8),                        # one symbol: zstd's RLE block
                skewed[:63]):                                      # too short
@@ -306,9 +336,9 @@ def test_golden_ans_file_decodes_to_known_bytes():
     base = os.path.join(FIXTURES, "golden_ans_base.mth")
     with mithril_gpu.open(os.path.join(FIXTURES, "golden_v1_ans.mth"), base=base) as f:
         assert "ans" in json.loads(f.index.to_json())["features"]
-        heads = [ans.parse(f._buf[o:o + c])[:3] for e in f.index.tensors
+        heads = [ans.parse(f._buf[o:o + c])[:3] + ans.parse(f._buf[o:o + c])[6:] for e in f.index.tensors
                  for o, c, k in zip(e.chunks[0::3], e.chunks[1::3], e.chunks[2::3]) if k == codecs.ANS]
-        assert {1, 2} <= {h[1] for h in heads}
+        assert {1, 2} <= {h[1] for h in heads} and {0, 1} <= {h[3] for h in heads}
         assert any(len(h[2]) >= 32 for h in heads) and any(len(h[2]) < 32 for h in heads)
         assert any(e.ctx is not None and codecs.ANS in e.chunks[2::3] for e in f.index.tensors)
         for key, digest in want.items():
