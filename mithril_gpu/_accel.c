@@ -1022,17 +1022,20 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
     if (cap < hl + 4 * (size_t)lanes + 2 * (size_t)lanes + 2) return 0;
     size_t h = ans_header(dst, L, mode, lanes, f), st = h;
     h += 4 * (size_t)lanes;
-    /* x / f without dividing: q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1, l = ceil(log2 f),
-     * exact for every 32-bit x (Granlund and Montgomery 1994, theorem 4.2) */
-    typedef struct { uint64_t rcp; uint32_t xmax, sh, cum, cmpl; } encsym;
+    /* x div f, two exact ways: in double precision (as x < 2^32 and f <= 2^15, a quotient that is
+     * not an integer is at least 1/f, relatively 2^-47, from the next one: more than double's
+     * 2^-53), the faster with many lanes in flight; or, with few lanes, where the division's
+     * latency would dominate, q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1,
+     * l = ceil(log2 f) (Granlund and Montgomery 1994, theorem 4.2) */
+    typedef struct { double fd; uint64_t rcp; uint32_t xmax, cum, cmpl, sh; } encsym;
     encsym T[256]; uint32_t c = 0;
     const uint32_t M = 1u << L;
     for (int s = 0; s < 256; s++) {
         int l = 0;
         while (f[s] && (1u << l) < f[s]) l++;
         T[s].cum = c; c += f[s]; T[s].xmax = f[s];      /* emit when x >> (32 - L) >= f */
+        T[s].fd = f[s] ? (double)f[s] : 1.0; T[s].cmpl = M - f[s];
         T[s].sh = (uint32_t)l; T[s].rcp = f[s] ? ((uint64_t)1 << (32 + l)) / f[s] + 1 : 0;
-        T[s].cmpl = M - f[s];
     }
     uint32_t x[ANS_MAXLANES];
     for (int j = 0; j < lanes; j++) x[j] = ANS_LOW;
@@ -1041,24 +1044,32 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
 #define ANS_ENC(I, J) do { uint32_t xs = x[J]; const encsym *t_ = &T[src[I]]; \
         uint32_t emit = (xs >> hs) >= t_->xmax; uint16_t w16 = (uint16_t)xs; \
         memcpy(p - 2, &w16, 2); p -= 2 * emit; xs >>= 16 * emit; \
-        uint32_t q = (uint32_t)((uint64_t)(((unsigned __int128)xs * t_->rcp) >> 32) >> t_->sh); \
+        uint32_t q = DIV(xs, t_); \
         x[J] = xs + t_->cum + q * t_->cmpl; } while (0)
+#define DIV_RCP(X, T_) ((uint32_t)((uint64_t)(((unsigned __int128)(X) * (T_)->rcp) >> 32) >> (T_)->sh))
+#define DIV_FP(X, T_) ((uint32_t)((double)(X) / (T_)->fd))
+#define DIV DIV_RCP
     size_t full = n - n % (size_t)lanes;
     for (size_t i = n; i > full; i--) {           /* the last, partial round: lanes 0 .. n - full - 1 */
         if (p - lim < 2) return 0;
         ANS_ENC(i - 1, (int)(i - 1 - full));
     }
-    if (lanes == 32) {
-        for (size_t r = full; r > 0; r -= 32) {
-            if (p - lim < 64) return 0;
-            for (int j = 31; j >= 0; j--) ANS_ENC(r - 32 + (size_t)j, j);
+    if (lanes < 4) {
+        for (size_t r = full; r > 0; r -= (size_t)lanes) {
+            if (p - lim < 2 * (ptrdiff_t)lanes) return 0;
+            for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j);
         }
     } else {
+#undef DIV
+#define DIV DIV_FP
         for (size_t r = full; r > 0; r -= (size_t)lanes) {
             if (p - lim < 2 * (ptrdiff_t)lanes) return 0;
             for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j);
         }
     }
+#undef DIV
+#undef DIV_FP
+#undef DIV_RCP
 #undef ANS_ENC
     size_t words = (size_t)(end - p);
     memmove(dst + h, p, words);
@@ -1121,28 +1132,33 @@ static int ans_decode_syms(const uint8_t *src, size_t len, uint8_t *dst, size_t 
         for (int j = 0; j < lanes; j++) if (x[j] != ANS_LOW) return -1;
         return 0;
     }
-    uint8_t *sym = malloc(M); uint32_t *fb = malloc(4 * (size_t)M);
-    if (!sym || !fb) { free(sym); free(fb); return -2; }
+    uint64_t *fb = malloc(8 * (size_t)M);         /* per slot: freq | (slot - cum) << 16 | symbol << 32 */
+    if (!fb) return -2;
     for (uint32_t i = 0, c = 0; i < (uint32_t)nsym; c += f[i], i++)
-        for (uint32_t t = 0; t < f[i]; t++) { sym[c + t] = syms[i]; fb[c + t] = f[i] | t << 16; }
-#define ANS_DEC(I, J) do { uint32_t xs = x[J], sl = xs & mask, e_ = fb[sl]; dst[I] = sym[sl]; \
-        xs = (e_ & 0xffff) * (xs >> L) + (e_ >> 16); \
+        for (uint32_t t = 0; t < f[i]; t++) fb[c + t] = f[i] | t << 16 | (uint64_t)syms[i] << 32;
+#define ANS_DEC(I, J) do { uint32_t xs = x[J], sl = xs & mask; uint64_t e_ = fb[sl]; dst[I] = (uint8_t)(e_ >> 32); \
+        xs = (uint32_t)(e_ & 0xffff) * (xs >> L) + (uint32_t)((e_ >> 16) & 0xffff); \
         uint32_t need = xs < ANS_LOW, w_ = (uint32_t)p[0] | (uint32_t)p[1] << 8; \
         x[J] = (xs << (16 * need)) | (w_ & (0u - need)); p += 2 * need; } while (0)
     /* whole rounds run unchecked (and read p[0], p[1] even when not needed) while more than a
      * round's worth of words is left; the rest is checked symbol by symbol */
     size_t full = n - n % (size_t)lanes, r = 0;
+    if (lanes == 32)                   /* the writer's lanes for large planes: a fixed count the compiler unrolls */
+        for (; r < full && end - p >= 66; r += 32) {
+#pragma GCC unroll 8
+            for (int j = 0; j < 32; j++) ANS_DEC(r + (size_t)j, j);
+        }
     for (; r < full && end - p >= 2 * (ptrdiff_t)lanes + 2; r += (size_t)lanes)
         for (int j = 0; j < lanes; j++) ANS_DEC(r + (size_t)j, j);
     for (size_t i = r; i < n; i++) {
         int j = (int)((i - r) % (size_t)lanes);
-        uint32_t xs = x[j], sl = xs & mask, e_ = fb[sl]; dst[i] = sym[sl];
-        xs = (e_ & 0xffff) * (xs >> L) + (e_ >> 16);
+        uint32_t xs = x[j], sl = xs & mask; uint64_t e_ = fb[sl]; dst[i] = (uint8_t)(e_ >> 32);
+        xs = (uint32_t)(e_ & 0xffff) * (xs >> L) + (uint32_t)((e_ >> 16) & 0xffff);
         if (xs < ANS_LOW) { if (p + 2 > end) { bad = 1; break; } xs = xs << 16 | (uint32_t)p[0] | (uint32_t)p[1] << 8; p += 2; }
         x[j] = xs;
     }
 #undef ANS_DEC
-    free(sym); free(fb);
+    free(fb);
     if (bad || p != end) return -1;
     for (int j = 0; j < lanes; j++) if (x[j] != ANS_LOW) return -1;
     return 0;
