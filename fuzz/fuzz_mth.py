@@ -81,7 +81,8 @@ BASE_NAME = "_base.mth"      # a damaged base, for "base" inputs
 FIFO_NAME = "fifo"           # a FIFO among the seeds: a base record may point at it
 
 MINILM = os.path.join(ROOT, "fixtures", "minilm_l0_bf16.safetensors")
-GOLDEN = [os.path.join(ROOT, "fixtures", n) for n in ("golden_v1.mth", "golden_v1_delta.mth")]
+GOLDEN = [os.path.join(ROOT, "fixtures", n) for n in ("golden_v1.mth", "golden_v1_delta.mth", "golden_v1_ctx.mth",
+                                                    "golden_ans_base.mth", "golden_v1_ans.mth")]
 
 # ---------------------------------------------------------------------------------------- seeds
 
