@@ -120,7 +120,7 @@ def main():
           flush=True)
     tmp = tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP"))
     full_t, delta_t, full_cpu, delta_cpu, ckfull_t, chain_t = [], [], [], [], [], []
-    noans_t, noans_cpu, noans_chain_t = [], [], []
+    noans_t, noans_cpu, noans_chain_t, load_t, noans_load_t = [], [], [], [], []
     sizes = {}
     for r in range(args.runs):
         path = os.path.join(tmp, "full.mth")
@@ -147,6 +147,10 @@ def main():
             (delta_cpu if variant == "ans" else noans_cpu).append(dc)
             key = "" if variant == "ans" else " no ans"
             sizes["delta" + key] = os.path.getsize(ck.path(1))
+            if args.compare_ans:                 # loading that delta (its base decoded from disk too)
+                t = time.perf_counter()
+                mithril_gpu.load(ck.path(1))
+                (load_t if variant == "ans" else noans_load_t).append(time.perf_counter() - t)
             with mithril_gpu.open(ck.path(1)) as f:
                 sizes["ctx share"] = sum(e.nbytes for e in f.index.tensors if e.ctx is not None) / raw
             later = []
@@ -185,6 +189,9 @@ def main():
               + (f"; later deltas {statistics.median(noans_chain_t):.2f} s, ratio {raw / sizes['later no ans']:.2f}, "
                  f"with / without {statistics.median([x / y for x, y in zip(chain_t, noans_chain_t)]):.2f}"
                  if noans_chain_t else ""))
+        print(f"loading the first delta (and its base): {statistics.median(load_t):.2f} s with ans, "
+              f"{statistics.median(noans_load_t):.2f} s without; with / without, median of paired runs: "
+              f"{statistics.median([x / y for x, y in zip(load_t, noans_load_t)]):.2f}")
     if args.profile:
         profile_breakdown(a, b, tmp)
     shutil.rmtree(tmp)
