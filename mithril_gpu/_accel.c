@@ -1012,6 +1012,89 @@ static size_t ans_header(uint8_t *d, int L, int mode, int lanes, const uint32_t 
     return h;
 }
 
+/* ---- the AVX2 path of the ans encoder (x86-64, chosen at run time): 8 lanes per instruction,
+ * the same bytes as the scalar code (tests compare both with the reference). Lanes are taken in
+ * groups of 8 in the order the scalar loop takes them, so words are written in the same order.
+ * (An AVX2 decoder on the same plan, with a gathered 32-bit table, ran at 0.93x the scalar one
+ * on this project's AMD EPYC VM, and was dropped.) */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ANS_HAVE_AVX2_CODE 1
+static int ans_simd = -1;                 /* -1: not yet probed; 0: off; 1: on */
+static uint8_t ans_cmp_lut[256][16];      /* encoder: the emitting lanes' words, at the top, in lane order */
+
+static void ans_simd_init(void) {
+    for (int m = 0; m < 256; m++) {
+        int k = __builtin_popcount(m), t = 0;
+        memset(ans_cmp_lut[m], 0x80, 16);
+        for (int i = 0; i < 8; i++) if (m >> i & 1) {
+            ans_cmp_lut[m][16 - 2 * k + 2 * t] = (uint8_t)(2 * i);
+            ans_cmp_lut[m][16 - 2 * k + 2 * t + 1] = (uint8_t)(2 * i + 1);
+            t++;
+        }
+    }
+    __builtin_cpu_init();
+    ans_simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+}
+
+/* whole rounds r = full, full - lanes, ..., lanes of the encoder (lanes a multiple of 8); fc[s] =
+ * freq | cum << 16. Returns the new p, or NULL where the scalar loop would have returned 0. */
+__attribute__((target("avx2")))
+static uint8_t *ans_enc_rounds_avx2(const uint8_t *src, size_t full, int lanes, int L, uint32_t *x,
+                                    const uint32_t *fc, uint8_t *p, const uint8_t *lim) {
+    const __m256i one = _mm256_set1_epi32(1), lo16 = _mm256_set1_epi32(0xffff), Mv = _mm256_set1_epi32(1 << L);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    const __m256d two31 = _mm256_set1_pd(2147483648.0);
+    const __m128i hs = _mm_cvtsi32_si128(32 - L);
+    for (size_t r = full; r > 0; r -= (size_t)lanes) {
+        if (p - lim < 2 * (ptrdiff_t)lanes) return NULL;
+        for (int g = lanes / 8 - 1; g >= 0; g--) {
+            const uint8_t *s8 = src + r - (size_t)lanes + 8 * (size_t)g;
+            __m256i xs = _mm256_loadu_si256((const __m256i *)(x + 8 * g));
+            __m256i sym = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)s8));
+            __m256i e = _mm256_i32gather_epi32((const int *)fc, sym, 4);
+            __m256i f = _mm256_and_si256(e, lo16), cum = _mm256_srli_epi32(e, 16);
+            __m256i emit = _mm256_cmpgt_epi32(_mm256_srl_epi32(xs, hs), _mm256_sub_epi32(f, one));
+            int m = _mm256_movemask_ps(_mm256_castsi256_ps(emit));     /* no branch on m: it is a coin toss */
+            __m256i w = _mm256_packus_epi32(_mm256_and_si256(xs, lo16), _mm256_setzero_si256());
+            __m128i w8 = _mm256_castsi256_si128(_mm256_permute4x64_epi64(w, 0x08));
+            __m128i c = _mm_shuffle_epi8(w8, _mm_loadu_si128((const __m128i *)ans_cmp_lut[m]));
+            _mm_storeu_si128((__m128i *)(p - 16), c);
+            p -= 2 * __builtin_popcount(m);
+            xs = _mm256_blendv_epi8(xs, _mm256_srli_epi32(xs, 16), emit);
+            /* q = x div f in double precision (x read as unsigned) */
+            __m256i xb = _mm256_xor_si256(xs, sign);
+            __m256d x0 = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(xb)), two31);
+            __m256d x1 = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(xb, 1)), two31);
+            __m256d f0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(f)), f1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(f, 1));
+            __m128i q0 = _mm256_cvttpd_epi32(_mm256_div_pd(x0, f0)), q1 = _mm256_cvttpd_epi32(_mm256_div_pd(x1, f1));
+            __m256i q = _mm256_set_m128i(q1, q0);
+            xs = _mm256_add_epi32(_mm256_add_epi32(xs, cum), _mm256_mullo_epi32(q, _mm256_sub_epi32(Mv, f)));
+            _mm256_storeu_si256((__m256i *)(x + 8 * g), xs);
+        }
+    }
+    return p;
+}
+
+#else
+#define ANS_HAVE_AVX2_CODE 0
+static int ans_simd = 0;
+static void ans_simd_init(void) {}
+#endif
+
+/* ans_simd(flag=-1) -> whether the AVX2 encoder is on (1) or off (0); flag 0 or 1 sets it (tests
+ * compare both; on a CPU without AVX2 it stays 0) */
+static PyObject *py_ans_simd(PyObject *self, PyObject *args) {
+    int flag = -1;
+    if (!PyArg_ParseTuple(args, "|i", &flag)) return NULL;
+    if (ans_simd < 0) ans_simd_init();
+#if ANS_HAVE_AVX2_CODE
+    if (flag == 0) ans_simd = 0;
+    else if (flag == 1) ans_simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+#endif
+    return PyLong_FromLong(ans_simd);
+}
+
 /* encode src[0:n] with frequencies f (present symbols of src all have f > 0) into dst; returns
  * the payload size, or 0 when it would not fit in cap bytes (the check is per round of lanes, so
  * a payload within 2 * lanes bytes of cap may be refused: a writer's decision, which only cap decides) */
@@ -1054,6 +1137,15 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
         if (p - lim < 2) return 0;
         ANS_ENC(i - 1, (int)(i - 1 - full));
     }
+#if ANS_HAVE_AVX2_CODE
+    if (ans_simd == 1 && lanes % 8 == 0) {
+        uint32_t fc[256];
+        for (int s = 0; s < 256; s++) fc[s] = f[s] | T[s].cum << 16;
+        uint8_t *q = ans_enc_rounds_avx2(src, full, lanes, L, x, fc, p, lim);
+        if (!q) return 0;
+        p = q;
+    } else
+#endif
     if (lanes < 4) {
         for (size_t r = full; r > 0; r -= (size_t)lanes) {
             if (p - lim < 2 * (ptrdiff_t)lanes) return 0;
@@ -1361,9 +1453,10 @@ static PyMethodDef methods[] = {
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
     {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0) -> payload size or 0 (L=0: the writer's policy)"},
     {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> bytes used; rec gets (offset, size) per plane"},
+    {"ans_simd", py_ans_simd, METH_VARARGS, "ans_simd(flag=-1) -> 1 when the AVX2 ans encoder is on; 0/1 turns it off/on"},
     {"ans_decode_many", ans_decode_many, METH_VARARGS, "ans_decode_many([(payload, out)]) -> -1 or the first bad pair"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_accel", "mithril CPU fast paths", -1, methods};
 
-PyMODINIT_FUNC PyInit__accel(void) { return PyModule_Create(&mod); }
+PyMODINIT_FUNC PyInit__accel(void) { ans_simd_init(); return PyModule_Create(&mod); }

@@ -73,9 +73,9 @@ try:
 except ImportError:
     _entropy = _huff_frame = None
 try:
-    from ._accel import ans_decode_many as _ans_decode_many, ans_encode as _ans_encode
+    from ._accel import ans_decode_many as _ans_decode_many, ans_encode as _ans_encode, ans_simd as _accel_ans_simd
 except ImportError:
-    _ans_encode = _ans_decode_many = None
+    _ans_encode = _ans_decode_many = _accel_ans_simd = None
 
 # Writers may code delta planes "ans" (readers always read it). MITHRIL_ANS=0 (or ANS_ENABLED =
 # False) writes files without the feature, for readers older than it.

@@ -64,6 +64,44 @@ def test_nibble_mode_round_trips_and_c_equals_the_reference():
                 assert r == -1 and np.array_equal(out, a)
 
 
+@needs_c
+def test_avx2_encoder_writes_the_scalar_encoders_bytes():
+    """The AVX2 encoder (lanes in multiples of 8) against the scalar one and the reference, and
+    the capacity at which each refuses, byte for byte (a CPU without AVX2 runs the scalar twice)."""
+    rng = np.random.default_rng(11)
+    was = codecs._accel_ans_simd()
+    try:
+        for trial in range(120):
+            n = int(rng.integers(1, 12000))
+            a = [rng.integers(0, 256, n, dtype=np.uint8),
+                 rng.choice(np.array([1, 2, 3, 200], np.uint8), n, p=[0.5, 0.45, 0.04, 0.01]),
+                 (rng.geometric(0.05, n) % 256).astype(np.uint8)][trial % 3]
+            L, lanes, nib = int(rng.integers(8, 16)), int(rng.choice([8, 16, 24, 32])), bool(trial % 5 == 0)
+            got = []
+            for flag in (0, 1):
+                codecs._accel_ans_simd(flag)
+                got.append(_c_encode(a, L, lanes, nib))
+            assert got[0] == got[1], (trial, n, L, lanes, nib)
+            if trial < 30:
+                assert got[0] == ans.encode(a, L, lanes, nibble_mode=nib)
+        plane = rng.choice(np.array([1, 2, 3, 4], np.uint8), 70000, p=[0.49, 0.49, 0.01, 0.01])
+        size = len(_c_encode(plane, 12, 32))
+        refused = 0
+        for cap in range(size - 20, size + 90):                   # refusal at a capacity: checked per round
+            outs = []
+            for flag in (0, 1):
+                codecs._accel_ans_simd(flag)
+                out = np.zeros(cap, np.uint8)
+                outs.append((codecs._ans_encode(plane, out, 12, 32), out.tobytes()))
+            assert outs[0][0] == outs[1][0], cap
+            if outs[0][0]:
+                assert outs[0][1][:outs[0][0]] == outs[1][1][:outs[1][0]], cap
+            refused += outs[0][0] == 0
+        assert 0 < refused < 110
+    finally:
+        codecs._accel_ans_simd(was)
+
+
 def test_nibble_mode_refuses_symbols_of_16_and_more_and_unknown_modes():
     state = (1 << 16).to_bytes(4, "little")
     for head in (bytes([16 + 4, 1, 1, 3, 16, 8, 8]),      # nibble mode, a symbol 16
