@@ -283,30 +283,22 @@ def measure(kind: str, base_file: str, next_file: str, runs: int) -> dict:
     lo, ln = leaves(old), leaves(new)
     raw = sum(t.numel() * t.element_size() for t in ln.values())
     tmp = tempfile.mkdtemp()
-    out, out_old = os.path.join(tmp, "delta.mth"), os.path.join(tmp, "delta_old.mth")
-    out_na = os.path.join(tmp, "delta_noans.mth")
-    tc, td, tco, tdo, tcn, tdn = [], [], [], [], [], []
+    out, out_na, out_old = (os.path.join(tmp, n) for n in ("delta.mth", "delta_noans.mth", "delta_old.mth"))
+    import contextlib
+    layouts = [(out, contextlib.nullcontext), (out_na, lambda: _without_ctx(ctx=True)), (out_old, _without_ctx)]
+    times = {path: ([], []) for path, _ in layouts}          # per layout: save times, load times
     for _ in range(runs):      # saves and loads of the three layouts alternate: all see the same machine load
-        t = time.perf_counter()
-        mithril_gpu.save(new, out, base=base_file)
-        tc.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        back = mithril_gpu.load(out, base=base_file)
-        td.append(time.perf_counter() - t)
-        with _without_ctx(ctx=True):
+        for path, mode in layouts:
+            with mode():
+                t = time.perf_counter()
+                mithril_gpu.save(new, path, base=base_file)
+                times[path][0].append(time.perf_counter() - t)
             t = time.perf_counter()
-            mithril_gpu.save(new, out_na, base=base_file)
-            tcn.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        mithril_gpu.load(out_na, base=base_file)
-        tdn.append(time.perf_counter() - t)
-        with _without_ctx():
-            t = time.perf_counter()
-            mithril_gpu.save(new, out_old, base=base_file)
-            tco.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        mithril_gpu.load(out_old, base=base_file)
-        tdo.append(time.perf_counter() - t)
+            got = mithril_gpu.load(path, base=base_file)
+            times[path][1].append(time.perf_counter() - t)
+            if path == out:
+                back = got
+    (tc, td), (tcn, tdn), (tco, tdo) = times[out], times[out_na], times[out_old]
     assert all(np.array_equal(raw_bytes(a), raw_bytes(b)) for a, b in zip(leaves(back).values(), ln.values()))
     with mithril_gpu.open(out, base=base_file) as f:
         sorted_share = sum(e.nbytes for e in f.index.tensors if e.ctx is not None) / raw
