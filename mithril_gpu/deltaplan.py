@@ -216,7 +216,7 @@ def _coded_size(dt, transform: str, src: np.ndarray, units) -> int:
         else:
             planes = [np.empty(m * wd, np.uint8) for wd in transforms.plane_widths(dt, transform)]
             split_planes(dt, transform, seg, planes)
-        total += sum(len(_trial_coder.encode(np.ascontiguousarray(p))[1]) for p in planes if p.size)
+        total += sum(len(_trial_coder.encode(np.ascontiguousarray(p), use_ans=True)[1]) for p in planes if p.size)
     return total
 
 
