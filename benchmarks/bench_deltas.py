@@ -19,7 +19,7 @@ nonzero deltas or for plain byte planes, whichever is smaller per tensor; table 
 and mithril's delta save and load MB/s (saves and loads with and without ctxdelta alternate;
 medians of --runs) and, as medians of paired ratios, their speed relative to those without it.
 
-The run also keeps three consecutive checkpoints (1-3, 50-52, 298-300) for the second-base
+The run also keeps three checkpoints in a row (1-3, 50-52, 298-300, 280-290-300, 100-200-300) for the second-base
 estimate (`--second-base`): per-context entropy with the previous change's sign or magnitude as
 extra context, and of the residual after predicting the change by the previous one (momentum).
 """
@@ -102,7 +102,7 @@ def train(steps: int) -> None:
     nparams = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) + 0.05)
-    keep_bf16 = {1, 2, 3, 50, 51, 52, steps - 100, steps - 10, steps - 2, steps - 1, steps}
+    keep_bf16 = set(kept_steps(steps))
     keep_full = {steps - 2, steps - 1, steps}   # three in a row: the second-base (momentum) estimate
     data = batches(corpus("train"), 0)
     t0 = time.time()
@@ -140,6 +140,12 @@ def train(steps: int) -> None:
     with open(os.path.join(RUN, "run.json"), "w") as f:
         json.dump({"steps": steps, "params": nparams, "frozen_fraction": frozen / nparams, "loss_log": log,
                    "final_loss": log[-1][1], "train_seconds": round(time.time() - t0)}, f, indent=1)
+
+
+def kept_steps(steps: int) -> list[int]:
+    """The bf16 checkpoints the run keeps: pairs 1, 10 and 100 steps apart, and triples (three in
+    a row at the same spacing) for the second-base estimate."""
+    return sorted({1, 2, 3, 50, 51, 52, steps - 200, steps - 100, steps - 20, steps - 10, steps - 2, steps - 1, steps})
 
 
 def leaves(obj):
@@ -378,7 +384,8 @@ def main():
     ap.add_argument("--pairs", default="", help="comma-separated pair numbers to run (default: all)")
     a = ap.parse_args()
     meta = os.path.join(RUN, "run.json")
-    if a.retrain or not os.path.exists(meta) or json.load(open(meta))["steps"] != a.steps:
+    if a.retrain or not os.path.exists(meta) or json.load(open(meta))["steps"] != a.steps \
+            or not all(os.path.exists(os.path.join(RUN, f"bf16-{k}.mth")) for k in kept_steps(a.steps)):
         print(f"training the LM for {a.steps} steps on the CPU (cached in {RUN})", flush=True)
         train(a.steps)
     info = json.load(open(meta))
@@ -415,6 +422,10 @@ def main():
                    ("bf16, 1 step (51->52, previous 50->51)", ["bf16-50.mth", "bf16-51.mth", "bf16-52.mth"]),
                    (f"bf16, 1 step, late ({s - 1}->{s}, previous {s - 2}->{s - 1})",
                     [f"bf16-{s - 2}.mth", f"bf16-{s - 1}.mth", f"bf16-{s}.mth"]),
+                   (f"bf16, 10 steps ({s - 10}->{s}, previous {s - 20}->{s - 10})",
+                    [f"bf16-{s - 20}.mth", f"bf16-{s - 10}.mth", f"bf16-{s}.mth"]),
+                   (f"bf16, 100 steps ({s - 100}->{s}, previous {s - 200}->{s - 100})",
+                    [f"bf16-{s - 200}.mth", f"bf16-{s - 100}.mth", f"bf16-{s}.mth"]),
                    (f"fp32 weights + Adam, 1 step ({s - 1}->{s})", [f"full-{s - 2}.mth", f"full-{s - 1}.mth", f"full-{s}.mth"])]
         for kind, files in triples:
             second.append(second_base(kind, [f(x) for x in files]))
