@@ -1292,7 +1292,8 @@ static uint64_t ilog2_q16(uint32_t v) {
 }
 
 /* the writer's policy: an ans payload of src when its estimated size is at least 3% under a
- * Huffman coding's (zstd's literals) or under the stored plane, and it has 2 or more symbols;
+ * Huffman coding's (zstd's literals), or under the stored plane and at most 4 bits a byte, and it
+ * has 2 or more symbols;
  * 0 otherwise (or when it does not fit in n bytes). The estimate is in fixed point (integers
  * only), so every platform decides alike. */
 #define ANS_MIN_SYMBOLS 64
@@ -1338,7 +1339,11 @@ static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
     for (int k = 0; k <= maxsym; k++) if (cnt[k]) huf_q += cnt[k] * ((uint64_t)hl[k] << 16);
     int nib = nib_q < byte_q;
     uint64_t ans_q = nib ? nib_q : byte_q;
-    if (100 * ans_q > 97 * huf_q && 100 * ans_q > 97 * raw_q) return 0;
+    /* worth trying where it beats a Huffman coding by 3%; or, on planes of at most 4 bits a byte
+     * (few symbols, where zstd's matches are spurious and cost more than Huffman literals: 1.47
+     * bits a byte on a plane of two even symbols), where it beats the stored plane by 3%. Denser
+     * planes seldom gain and would cost the encoder's time (measured: benchmarks/bench_fixed_costs.py) */
+    if (100 * ans_q > 97 * huf_q && (100 * ans_q > 97 * raw_q || 2 * ans_q > raw_q)) return 0;
     if (cap > n) cap = n;                                   /* never more than the plane */
     if (!nib) return ans_encode_c(src, n, ANS_LOG, 0, ans_lanes(n), f, dst, cap);
     uint8_t *t = malloc(2 * n);

@@ -233,11 +233,12 @@ def test_writer_policy_uses_ans_only_where_it_pays():
     assert 0 < n < 0.15 * skewed.size
     assert np.array_equal(ans.decode(bytes(out[:n]), skewed.size), skewed)
     assert ans.parse(bytes(out[:n]))[1] == ans.lanes_for(skewed.size) == 2
-    bitmap = np.packbits(rng.random(16000) < 0.3)             # a small segment's bitmap: 100+ byte values
+    bitmap = np.packbits(rng.random(4000) < 0.3)              # a small segment's bitmap: 100+ byte values
     n = codecs._ans_encode(bitmap, out)
     assert 0 < n and ans.parse(bytes(out[:n]))[6] == 1        # coded per nibble (a 16-entry table)
     assert np.array_equal(ans.decode(bytes(out[:n]), bitmap.size), bitmap)
     for no in (rng.integers(0, 256, 20000, dtype=np.uint8),     # incompressible
+               (rng.geometric(0.03, 50000) % 256).astype(np.uint8),   # 6.5 bits a byte: Huffman codes it as well
                np.full(5000, 3, np.uint8),                        # one symbol: zstd's RLE block
                skewed[:63]):                                      # too short
         assert codecs._ans_encode(no, out) == 0
