@@ -1105,11 +1105,12 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
     if (cap < hl + 4 * (size_t)lanes + 2 * (size_t)lanes + 2) return 0;
     size_t h = ans_header(dst, L, mode, lanes, f), st = h;
     h += 4 * (size_t)lanes;
-    /* x div f, two exact ways: in double precision (as x < 2^32 and f <= 2^15, a quotient that is
-     * not an integer is at least 1/f, relatively 2^-47, from the next one: more than double's
-     * 2^-53), the faster with many lanes in flight; or, with few lanes, where the division's
-     * latency would dominate, q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1,
-     * l = ceil(log2 f) (Granlund and Montgomery 1994, theorem 4.2) */
+    /* x div f, two exact ways: in double precision (x < 2^32 and f <= 2^15: the division's
+     * relative error is below 2^-52, while a quotient that is not an integer is at least 1/f from
+     * the next one, relatively more than 2^-32, so truncating gives the floor), the faster with
+     * many lanes in flight; or, with few lanes, where the division's latency would dominate,
+     * q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1, l = ceil(log2 f) (Granlund and
+     * Montgomery 1994, theorem 4.2) */
     typedef struct { double fd; uint64_t rcp; uint32_t xmax, cum, cmpl, sh; } encsym;
     encsym T[256]; uint32_t c = 0;
     const uint32_t M = 1u << L;
@@ -1169,8 +1170,8 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
     return h + words;
 }
 
-/* decode a payload of len bytes into dst[0:n]: 0, or -1 when it is not a valid payload for n symbols */
-/* decode n symbols of alphabet size alpha (256: bytes, 16: nibbles) */
+/* decode a payload's n symbols of alphabet size alpha (256: bytes, 16: nibbles) into dst: 0, or -1
+ * when it is not a valid payload for them (-2: out of memory) */
 static int ans_decode_syms(const uint8_t *src, size_t len, uint8_t *dst, size_t n, int alpha) {
     if (len < 3) return -1;
     int L = src[0] & 15, lanes = src[1], nsym = src[2] + 1;
@@ -1339,11 +1340,11 @@ static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
     for (int k = 0; k <= maxsym; k++) if (cnt[k]) huf_q += cnt[k] * ((uint64_t)hl[k] << 16);
     int nib = nib_q < byte_q;
     uint64_t ans_q = nib ? nib_q : byte_q;
-    /* worth trying where it beats a Huffman coding by 3%; or, on planes of at most 4 bits a byte
+    /* worth trying where it beats a Huffman coding by 3%; or on planes of at most 4 bits a byte
      * (few symbols, where zstd's matches are spurious and cost more than Huffman literals: 1.47
-     * bits a byte on a plane of two even symbols), where it beats the stored plane by 3%. Denser
+     * bits a byte on a plane of two even symbols; and then it beats the stored plane). Denser
      * planes seldom gain and would cost the encoder's time (measured: benchmarks/bench_fixed_costs.py) */
-    if (100 * ans_q > 97 * huf_q && (100 * ans_q > 97 * raw_q || 2 * ans_q > raw_q)) return 0;
+    if (100 * ans_q > 97 * huf_q && 2 * ans_q > raw_q) return 0;
     if (cap > n) cap = n;                                   /* never more than the plane */
     if (!nib) return ans_encode_c(src, n, ANS_LOG, 0, ans_lanes(n), f, dst, cap);
     uint8_t *t = malloc(2 * n);
@@ -1456,7 +1457,7 @@ static PyMethodDef methods[] = {
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
     {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)"},
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
-    {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0) -> payload size or 0 (L=0: the writer's policy)"},
+    {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0, nibbles=False) -> payload size or 0 (L=0: the writer's policy)"},
     {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> bytes used; rec gets (offset, size) per plane"},
     {"ans_simd", py_ans_simd, METH_VARARGS, "ans_simd(flag=-1) -> 1 when the AVX2 ans encoder is on; 0/1 turns it off/on"},
     {"ans_decode_many", ans_decode_many, METH_VARARGS, "ans_decode_many([(payload, out)]) -> -1 or the first bad pair"},

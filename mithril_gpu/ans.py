@@ -12,8 +12,10 @@ Payload, all integers little-endian:
                       ``mode`` 0: a symbol is a byte of the plane (``n`` symbols); 1: a
                       symbol is a nibble (``2n`` symbols: symbol ``2i`` is the low nibble of
                       byte ``i``, symbol ``2i + 1`` its high nibble; every symbol below 16)
+                      (any other mode is refused)
 ``lanes``             u8, 1..32: symbol ``i`` belongs to lane ``i % lanes``
-``nsym - 1``          u8: the number of distinct symbols, 1..256 (and at most ``M``)
+``nsym - 1``          u8: the number of distinct symbols, 1..256 (and at most ``M``; at most 16
+                      in mode 1, whose symbols are therefore always a list, each below 16)
 symbols               ``nsym < 32``: ``nsym`` bytes, strictly increasing; otherwise a 32-byte
                       bitmap (symbol ``s`` is present when bit ``s & 7``, counted from the least
                       significant, of byte ``s >> 3`` is set) with exactly ``nsym`` bits set
