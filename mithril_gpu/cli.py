@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 
-from . import __version__, container
+from . import __version__, codecs, container
 from .errors import MithrilError, short
 
 EPILOG = """examples:
@@ -39,6 +39,11 @@ def _show(text) -> str:
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+def _size(n: float) -> str:
+    """Bytes, KB or MB, whichever reads best."""
+    return f"{n:,.0f} B" if n < 1e3 else f"{n / 1e3:,.1f} KB" if n < 1e6 else _mb(n)
 
 
 def _bar(args, total: int, desc: str):
@@ -351,11 +356,18 @@ def cmd_info(a) -> int:
 
         return cli_info(a)
     with _open_for_info(a.file, a.base) as f:
+        by_codec: dict = {}                  # codec name -> [chunks, payload bytes]
+        for e in f.index.tensors:
+            for c, k in zip(e.chunks[1::3], e.chunks[2::3]):
+                got = by_codec.setdefault(codecs.CODEC_NAMES.get(k, str(k)), [0, 0])
+                got[0] += 1
+                got[1] += c
         if a.json:
             import json
 
             print(json.dumps({
                 "file": f.path, "version": container.VERSION, "size": f.size, "writer": f.index.writer,
+                "codecs": {k: {"chunks": v[0], "bytes": v[1]} for k, v in sorted(by_codec.items())},
                 "tensors": [{"name": e.name, **{k: (list(v) if isinstance(v, tuple) else v)
                                                 for k, v in f.info(e.name).items()}} for e in f.index.tensors],
                 "metadata": f.index.metadata, "base": f.index.base,
@@ -376,6 +388,8 @@ def cmd_info(a) -> int:
         print(f"{_show(f.path)}: .mth v{container.VERSION}, {len(f.index.tensors)} tensors, {_mb(raw)} -> "
               f"{_mb(f.size)} ({raw / f.size:.3f}x)"
               f"{', written by ' + _show(f.index.writer) if f.index.writer else ''}")
+        if by_codec:
+            print("chunks: " + ", ".join(f"{k} {v[0]:,} ({_size(v[1])})" for k, v in sorted(by_codec.items())))
         if f.index.base is not None:
             chain = f.chain() if f.base_file is not None else [f.path]
             print(f"delta against {_show(repr(f.index.base.get('path')))} (identity {f.index.base['xxh64']})"

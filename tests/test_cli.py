@@ -135,6 +135,21 @@ def test_info_json(tmp_path):
     assert sum(x["stored"] for x in d["tensors"]) < os.path.getsize(tmp_path / "m.mth")
 
 
+def test_info_counts_chunks_by_codec(tmp_path):
+    """`info` says how a file's chunks are coded (here a delta with ans chunks), as text and JSON."""
+    import json
+
+    from conftest import FIXTURES
+
+    f, base = os.path.join(FIXTURES, "golden_v1_ans.mth"), os.path.join(FIXTURES, "golden_ans_base.mth")
+    out = run("info", f, "--base", base).stdout
+    line = next(x for x in out.splitlines() if x.startswith("chunks: "))
+    assert "ans 17 (" in line and "zstd " in line and "stored " in line
+    d = json.loads(run("info", "--json", f, "--base", base).stdout)
+    assert set(d["codecs"]) == {"ans", "stored", "zstd"} and d["codecs"]["ans"]["chunks"] == 17
+    assert sum(v["bytes"] for v in d["codecs"].values()) < os.path.getsize(f)
+
+
 def test_refuses_to_overwrite_its_input(tmp_path):
     shutil.copy(MINILM, tmp_path / "m.safetensors")
     before = sha(tmp_path / "m.safetensors")
