@@ -135,8 +135,9 @@ def main():
         mithril_gpu.Checkpointer(d2, full_every=10, keep=None).save(b, 0)
         ckfull_t.append(time.perf_counter() - t)
         shutil.rmtree(d2)
+        saved_ans = codecs.ANS_ENABLED
         for variant in (("ans", "no ans") if args.compare_ans else ("ans",)):
-            codecs.ANS_ENABLED = variant == "ans"
+            codecs.ANS_ENABLED = saved_ans and variant == "ans"
             d = os.path.join(tmp, f"ck{r}")
             ck = mithril_gpu.Checkpointer(d, full_every=10, keep=None)
             ck.save(a, 0)
@@ -166,7 +167,7 @@ def main():
             print(f"  run {r}{key}: full {full_t[-1]:.2f} s ({full_cpu[-1]:.2f} CPU), Checkpointer full {ckfull_t[-1]:.2f} s, "
                   f"Checkpointer delta {dt:.2f} s ({dc:.2f} CPU)"
                   + (f", later deltas {' '.join(f'{v:.2f}' for v in later)} s" if later else ""), flush=True)
-        codecs.ANS_ENABLED = True
+        codecs.ANS_ENABLED = saved_ans
     fm, dm = statistics.median(full_t), statistics.median(delta_t)
     ratio = statistics.median([d / f for d, f in zip(delta_t, full_t)])
     print(f"full save: {fm:.2f} s ({raw / fm / 1e6:.0f} MB/s), ratio {raw / sizes['full']:.2f}")

@@ -273,14 +273,14 @@ def _without_ctx(ctx: bool = False):
 
     @contextlib.contextmanager
     def cm():
-        saved = deltaplan.choose_ctx
+        saved, saved_ans = deltaplan.choose_ctx, codecs.ANS_ENABLED
         if not ctx:
             deltaplan.choose_ctx = lambda item, x, b: (*deltaplan.choose(item, x, b), None)
         codecs.ANS_ENABLED = False
         try:
             yield
         finally:
-            deltaplan.choose_ctx, codecs.ANS_ENABLED = saved, True
+            deltaplan.choose_ctx, codecs.ANS_ENABLED = saved, saved_ans
     return cm()
 
 

@@ -15,10 +15,12 @@ The CPU path codes zstd with ``zstandard`` (libzstd), except float exponent plan
 with nvCOMP's zstd (RAW bitstream). Any zstd decoder reads all of them.
 
 ``ans`` is used only for the planes of delta entries (whose GPU loads decode on the CPU), and only
-with the C helper: ``_accel.ans_encode`` estimates a plane's rANS size against a Huffman coding of
-it and codes it when that is at least 3% smaller; the chunk is then the smaller of that and zstd's
-frame. It pays where Huffman coding cannot spend less than a bit on a byte: the bitmaps and
-value planes of sparse, small deltas.
+with the C helper (without it, files are written without ``ans`` and read with the numpy
+reference, which is slow). ``_accel.ans_encode`` estimates a plane's rANS size and codes it when
+the plane holds 64 bytes or more and 2 or more byte values, and the estimate is at least 3% under
+a Huffman coding of the plane, or the plane is at most 4 bits a byte; the chunk is then the
+smallest of that, zstd's frame and the stored plane. It pays where Huffman coding cannot spend
+less than a bit on a byte: the bitmaps and value planes of sparse, small deltas.
 """
 from __future__ import annotations
 
@@ -77,8 +79,9 @@ try:
 except ImportError:
     _ans_encode = _ans_decode_many = _accel_ans_simd = None
 
-# Writers may code delta planes "ans" (readers always read it). MITHRIL_ANS=0 (or ANS_ENABLED =
-# False) writes files without the feature, for readers older than it.
+# Writers may code delta planes "ans" (readers always read it). MITHRIL_ANS=0 in the environment
+# when mithril_gpu is imported (or codecs.ANS_ENABLED = False at any time) writes files without the
+# feature, for readers older than it.
 ANS_ENABLED = os.environ.get("MITHRIL_ANS", "1") != "0"
 
 
@@ -195,11 +198,24 @@ def decode(codec: int, payload, usize: int, scratch: np.ndarray | None = None):
     return out
 
 
+class SlowDecodeNote(UserWarning):
+    """A one-line note that ans chunks are being decoded without the C helper (slowly)."""
+
+
+_noted_slow = []
+
+
 def decode_ans(payload, usize: int, scratch: np.ndarray | None = None) -> np.ndarray:
     """Decode an ``ans`` chunk of ``usize`` bytes (the C helper, or the numpy reference)."""
     if usize <= 0 or len(payload) * ZSTD_MAX_EXPANSION < usize:
         raise CorruptFileError(f"an ans chunk of {len(payload)} bytes cannot hold {usize}: the file is damaged")
     if _ans_decode_many is None:
+        if not _noted_slow:
+            _noted_slow.append(True)
+            import warnings
+
+            warnings.warn(SlowDecodeNote("mithril: decoding ans chunks without the C helper, about 100x slower "
+                                         "(reinstall mithril-gpu with a C compiler to build it)"), stacklevel=2)
         return ans.decode(payload, usize)
     out = scratch if scratch is not None else np.empty(usize, np.uint8)
     if _ans_decode_many([(payload, out)]) != -1:

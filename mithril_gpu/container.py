@@ -161,7 +161,7 @@ class Index:
 
         features = (["delta"] if self.base is not None else []) \
             + (["ctxdelta"] if any(t.ctx is not None for t in self.tensors) else []) \
-            + (["ans"] if any(c == codecs.ANS for t in self.tensors for c in t.chunks[2::3]) else []) \
+            + (["ans"] if any(codecs.ANS in t.chunks[2::3] for t in self.tensors) else []) \
             + sorted(tree_mod.features(self.tree))
         d = {"mithril": VERSION, "features": features, "writer": self.writer,
              "tensors": [t.to_json() for t in self.tensors], "tree": self.tree,
@@ -387,8 +387,8 @@ def _check_chunks(coded: list[TensorEntry], data_end: int, ans_ok: bool = False)
     checks = [
         (off >= PREAMBLE_SIZE, "chunk offset before the data region"),
         ((csize >= 0) & (csize <= data_end) & (off <= data_end - csize), "chunk beyond the data region"),
-        ((codec == codecs.STORED) | (codec == codecs.ZSTD) | ((codec == codecs.ANS) & ans_ok),
-         "unknown codec id" if ans_ok else "unknown codec id (ans chunks need the file feature \"ans\")"),
+        ((codec == codecs.STORED) | (codec == codecs.ZSTD) | (codec == codecs.ANS), "unknown codec id"),
+        ((codec != codecs.ANS) | ans_ok, "ans chunk in a file without the feature \"ans\""),
         ((codec != codecs.STORED) | (csize == usize), "stored chunk of the wrong size"),
         ((codec != codecs.ZSTD) | ((usize > 0) & (usize <= csize * codecs.ZSTD_MAX_EXPANSION)),
          "zstd chunk too small to hold its plane"),

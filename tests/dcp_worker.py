@@ -156,11 +156,16 @@ def save_scenario(rank, world, root):
     if rank == 0:
         from mithril_gpu.reader import MthFile
 
+        from mithril_gpu import codecs
+
         files = [n for n in os.listdir(os.path.join(root, "m2")) if n.endswith(".mth")]
         assert len(files) == 2, files
+        used = set()
         for n in files:
             with MthFile(os.path.join(root, "m2", n)) as f:
                 assert f.index.base is not None and any(e.delta for e in f.index.tensors), n
+                used |= {c for e in f.index.tensors for c in e.chunks[2::3]}
+        assert codecs.ANS in used or not codecs.ans_enabled(), used     # rank-file deltas use the ans codec too
     _mark(root, "load_delta", rank)
 
     # a damaged rank file: mithril's typed error, inside DCP's CheckpointException

@@ -310,9 +310,56 @@ def test_reader_without_the_c_helper_decodes_ans(tmp_path, monkeypatch):
     bpath, dpath = tmp_path / "b.mth", tmp_path / "d.mth"
     mithril_gpu.save(base, bpath)
     mithril_gpu.save(nxt, dpath, base=bpath)
+    assert codecs.ANS in _codecs_of(dpath, bpath)[0]
     monkeypatch.setattr(codecs, "_ans_decode_many", None)     # the numpy reference decodes
-    back = mithril_gpu.load(dpath, base=bpath)
+    monkeypatch.setattr(codecs, "_noted_slow", [])
+    with pytest.warns(codecs.SlowDecodeNote):
+        back = mithril_gpu.load(dpath, base=bpath)
     assert all(torch.equal(back[k].view(torch.uint8), nxt[k].view(torch.uint8)) for k in nxt)
+
+
+@needs_c
+def test_checkpointer_deltas_from_memory_use_ans(tmp_path):
+    """A Checkpointer's delta, coded against the previous tensors it holds in memory, uses ans
+    too, and loads back bit-exact."""
+    base, nxt = _sparse_pair(4)
+    ck = mithril_gpu.Checkpointer(tmp_path / "ck", full_every=10, keep=None)
+    ck.save(base, 0)
+    ck.save(nxt, 1)
+    got, feats = _codecs_of(ck.path(1), None)
+    assert codecs.ANS in got and "ans" in feats
+    back = mithril_gpu.load(ck.path(1))
+    assert all(torch.equal(back[k].view(torch.uint8), nxt[k].view(torch.uint8)) for k in nxt)
+    ck.close()
+
+
+def test_mithril_ans_0_in_the_environment_writes_without_ans_and_still_reads_it(tmp_path):
+    """MITHRIL_ANS=0 (read when mithril_gpu is imported): deltas written without the codec or the
+    feature; files that have it are read as ever."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = f"""
+import json, os, sys, torch
+sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+import mithril_gpu
+from mithril_gpu import codecs
+from test_ans import _sparse_pair
+assert not codecs.ANS_ENABLED
+base, nxt = _sparse_pair(5)
+mithril_gpu.save(base, {str(tmp_path / "b.mth")!r})
+mithril_gpu.save(nxt, {str(tmp_path / "d.mth")!r}, base={str(tmp_path / "b.mth")!r})
+with mithril_gpu.open({str(tmp_path / "d.mth")!r}) as f:
+    assert "ans" not in json.loads(f.index.to_json())["features"]
+    assert codecs.ANS not in {{c for e in f.index.tensors for c in e.chunks[2::3]}}
+g = mithril_gpu.load({os.path.join(FIXTURES, "golden_v1_ans.mth")!r}, base={os.path.join(FIXTURES, "golden_ans_base.mth")!r})
+print("ok", sorted(g))
+"""
+    env = dict(os.environ, MITHRIL_ANS="0")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "ok ['n', 'v', 'w']" in p.stdout, p.stderr[-2000:]
 
 
 def _first_ans_chunk(path, base):
@@ -386,7 +433,8 @@ def test_golden_ans_file_decodes_to_known_bytes():
 
 
 def test_golden_ans_file_is_what_the_writer_writes_today(tmp_path):
-    """Same input, same bytes (the fixture's own recipe), so the writer's ans choices have not drifted."""
+    """Same input, same layout (the fixture's own recipe): each tensor's coding, segments and the
+    codec of every chunk, so the writer's ans choices have not drifted."""
     if codecs._ans_encode is None:
         pytest.skip("C helper not built")
     import sys
