@@ -331,13 +331,19 @@ static size_t huff_stream(const uint8_t *src, size_t n, const uint32_t *ct, uint
     return b.pos + (b.bits ? 1 : 0);
 }
 
-static size_t huff_frame_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
-    if (n < 256 || n > (128u << 10) || cap < 2 * n + 256) return 0;
-    uint32_t counts[256] = {0}, c4[4][256] = {{0}};
+/* byte counts of src[0:n] (n < 2^32), with four tables so that repeated bytes do not stall */
+static void hist4(const uint8_t *src, size_t n, uint32_t *counts) {
+    uint32_t c4[4][256] = {{0}};
     size_t i4 = 0;
     for (; i4 + 4 <= n; i4 += 4) { c4[0][src[i4]]++; c4[1][src[i4 + 1]]++; c4[2][src[i4 + 2]]++; c4[3][src[i4 + 3]]++; }
     for (; i4 < n; i4++) c4[0][src[i4]]++;
     for (int k = 0; k < 256; k++) counts[k] = c4[0][k] + c4[1][k] + c4[2][k] + c4[3][k];
+}
+
+static size_t huff_frame_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+    if (n < 256 || n > (128u << 10) || cap < 2 * n + 256) return 0;
+    uint32_t counts[256];
+    hist4(src, n, counts);
     int maxsym = 255, distinct = 0;
     while (maxsym > 0 && !counts[maxsym]) maxsym--;
     for (int k = 0; k <= maxsym; k++) distinct += counts[k] != 0;
@@ -1125,18 +1131,20 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
     for (int j = 0; j < lanes; j++) x[j] = ANS_LOW;
     uint8_t *end = dst + cap, *p = end, *lim = dst + h;
     const int hs = 32 - L;
-#define ANS_ENC(I, J) do { uint32_t xs = x[J]; const encsym *t_ = &T[src[I]]; \
+#define ANS_ENC(I, J, DIVF) do { uint32_t xs = x[J]; const encsym *t_ = &T[src[I]]; \
         uint32_t emit = (xs >> hs) >= t_->xmax; uint16_t w16 = (uint16_t)xs; \
         memcpy(p - 2, &w16, 2); p -= 2 * emit; xs >>= 16 * emit; \
-        uint32_t q = DIV(xs, t_); \
+        uint32_t q = DIVF(xs, t_); \
         x[J] = xs + t_->cum + q * t_->cmpl; } while (0)
 #define DIV_RCP(X, T_) ((uint32_t)((uint64_t)(((unsigned __int128)(X) * (T_)->rcp) >> 32) >> (T_)->sh))
 #define DIV_FP(X, T_) ((uint32_t)((double)(X) / (T_)->fd))
-#define DIV DIV_RCP
+#define ANS_ROUNDS(DIVF) for (size_t r = full; r > 0; r -= (size_t)lanes) { \
+        if (p - lim < 2 * (ptrdiff_t)lanes) return 0; \
+        for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j, DIVF); }
     size_t full = n - n % (size_t)lanes;
     for (size_t i = n; i > full; i--) {           /* the last, partial round: lanes 0 .. n - full - 1 */
         if (p - lim < 2) return 0;
-        ANS_ENC(i - 1, (int)(i - 1 - full));
+        ANS_ENC(i - 1, (int)(i - 1 - full), DIV_RCP);
     }
 #if ANS_HAVE_AVX2_CODE
     if (ans_simd == 1 && lanes % 8 == 0) {
@@ -1147,20 +1155,9 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
         p = q;
     } else
 #endif
-    if (lanes < 4) {
-        for (size_t r = full; r > 0; r -= (size_t)lanes) {
-            if (p - lim < 2 * (ptrdiff_t)lanes) return 0;
-            for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j);
-        }
-    } else {
-#undef DIV
-#define DIV DIV_FP
-        for (size_t r = full; r > 0; r -= (size_t)lanes) {
-            if (p - lim < 2 * (ptrdiff_t)lanes) return 0;
-            for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j);
-        }
-    }
-#undef DIV
+    if (lanes < 4) ANS_ROUNDS(DIV_RCP)
+    else ANS_ROUNDS(DIV_FP)
+#undef ANS_ROUNDS
 #undef DIV_FP
 #undef DIV_RCP
 #undef ANS_ENC
@@ -1317,13 +1314,11 @@ static void ans_nibbles(const uint8_t *src, size_t n, uint8_t *t) {
 
 static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
     if (n < ANS_MIN_SYMBOLS || n > 0x7fffffffu) return 0;
-    uint32_t c4[4][256] = {{0}}, cnt32[256]; uint64_t cnt[256], ncnt[16] = {0};
-    size_t i4 = 0;
-    for (; i4 + 4 <= n; i4 += 4) { c4[0][src[i4]]++; c4[1][src[i4 + 1]]++; c4[2][src[i4 + 2]]++; c4[3][src[i4 + 3]]++; }
-    for (; i4 < n; i4++) c4[0][src[i4]]++;
+    uint32_t cnt32[256]; uint64_t cnt[256], ncnt[16] = {0};
+    hist4(src, n, cnt32);
     int nsym = 0, maxsym = 0;
     for (int k = 0; k < 256; k++) {
-        cnt32[k] = c4[0][k] + c4[1][k] + c4[2][k] + c4[3][k]; cnt[k] = cnt32[k];
+        cnt[k] = cnt32[k];
         ncnt[k & 15] += cnt[k]; ncnt[k >> 4] += cnt[k];
         if (cnt[k]) { nsym++; maxsym = k; }
     }
