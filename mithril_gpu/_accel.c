@@ -553,17 +553,31 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
         if (!inv) CTX_ENC(T, BITS, X[i], y, O[p]); else CTX_DEC(T, BITS, X[p], y, O[i]); } \
 } while (0)
 
+/* four histograms of interleaved elements, so that repeated contexts make four chains of
+ * increments the CPU overlaps, not one (sub: 4 * 2^w zeroed counters) */
 #define CTX_HIST_T(T) do { const T *Y = (const T *)bs.buf; const T cm = (T)((1u << w) - 1); \
-    for (Py_ssize_t i = 0; i < n; i++) hist[(Y[i] >> s) & cm]++; } while (0)
+    uint32_t *h0 = sub, *h1 = sub + nc, *h2 = sub + 2 * nc, *h3 = sub + 3 * nc; Py_ssize_t i = 0; \
+    for (Py_ssize_t i0 = 0; i0 < n; i0 = i) { \
+        Py_ssize_t lim = n - i0 > ((Py_ssize_t)1 << 30) ? i0 + ((Py_ssize_t)1 << 30) : n; \
+        for (; i + 4 <= lim; i += 4) { h0[(Y[i] >> s) & cm]++; h1[(Y[i + 1] >> s) & cm]++; \
+                                       h2[(Y[i + 2] >> s) & cm]++; h3[(Y[i + 3] >> s) & cm]++; } \
+        for (; i < lim; i++) h0[(Y[i] >> s) & cm]++; \
+        for (int c = 0; c < nc; c++) { hist[c] += (uint64_t)h0[c] + h1[c] + h2[c] + h3[c]; \
+                                       h0[c] = h1[c] = h2[c] = h3[c] = 0; } \
+    } } while (0)
 
-static void ctx_hist_c(Py_buffer bs, int isz, int s, int w, uint64_t *hist) {
-    Py_ssize_t n = bs.len / isz;
+static int ctx_hist_c(Py_buffer bs, int isz, int s, int w, uint64_t *hist) {
+    Py_ssize_t n = bs.len / isz; int nc = 1 << w;
+    uint32_t *sub = calloc(4 * (size_t)nc, sizeof(uint32_t));   /* (counts of at most 2^30 elements each) */
+    if (!sub) return -1;
     switch (isz) {
         case 1: CTX_HIST_T(uint8_t); break;
         case 2: CTX_HIST_T(uint16_t); break;
         case 4: CTX_HIST_T(uint32_t); break;
         default: CTX_HIST_T(uint64_t); break;
     }
+    free(sub);
+    return 0;
 }
 
 /* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)
@@ -631,23 +645,299 @@ static PyObject *ctx_hist(PyObject *self, PyObject *args) {
         PyBuffer_Release(&bs); PyBuffer_Release(&cb);
         PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
     }
+    int rc;
     Py_BEGIN_ALLOW_THREADS
     memset(cb.buf, 0, sizeof(uint64_t) << w);
-    ctx_hist_c(bs, isz, s, w, (uint64_t *)cb.buf);
+    rc = ctx_hist_c(bs, isz, s, w, (uint64_t *)cb.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&bs); PyBuffer_Release(&cb);
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------------------------------
+ * Context-sorted masked deltas without the sorted stream (writers only: the same bytes as the
+ * counting sort above followed by masked splits of the stream's segments, tested). ctxm moves a
+ * part of a tensor: for each element it sets bit p of a bitmap over sorted positions (p: the
+ * element's position in the sorted stream) when its delta is nonzero, and packs the nonzero deltas
+ * of each (part, context) block from the block's first position: vals[start + j] is the j-th
+ * nonzero delta of the block. A bitmap word wholly inside one block is stored; the words a block
+ * shares with its neighbours (moved by other parts, maybe on other threads) are ORed atomically,
+ * so the bitmap starts zeroed. encode_units kind 4 then cuts its units (segments of sorted
+ * positions) from the bitmap and the packed values, with cum (the nonzero bits before each word)
+ * to find where a block's values for a position start. The caller gives the part's histogram
+ * (ctx_hist); every CTXM_CHECK elements each context's position is checked against its block's
+ * end, so a base that changes under us (or a wrong histogram) is an error after at most
+ * CTXM_CHECK elements past a block's end: the buffers hold CTXM_SLACK elements more. */
+#define CTXM_CHECK 4096
+#define CTXM_SLACK 4096
+
+static inline void ctxm_flush(uint64_t *W, uint64_t wi, uint64_t v, uint64_t start) {
+    if ((wi << 6) < start) __atomic_fetch_or(&W[wi], v, __ATOMIC_RELAXED);
+    else W[wi] = v;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CTXM_HAVE_SIMD 1
+static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (AVX-512 BW + VBMI2, BMI2) */
+static int ctxm_hot_t = 128;
+
+/* Groups of VL elements: each of the part's most frequent contexts (hot[], at most CTXM_HOT, in
+ * zmm broadcasts) is compared with every group without a branch, then the group's other contexts
+ * one by one. For a context: its elements' nonzero flags are appended to its bit accumulator
+ * (pext) and its nonzero deltas compressed to its next value slots (a masked store: no byte
+ * beyond them is written; with no element, nothing changes). */
+#define CTXM_HOT 16
+#define CTXM_PUT(EP, MT, c, eq) do { \
+    MT eq_ = (eq); unsigned c_ = (c); \
+    int k = __builtin_popcount(eq_); uint64_t bits = PEXT(nz, eq_), p = pos[c_]; int r = (int)(p & 63); \
+    uint64_t a = acc[c_] | (bits << r); \
+    if (r + k >= 64) { ctxm_flush(W, p >> 6, a, bst[c_]); a = bits >> (64 - r); } \
+    acc[c_] = a; pos[c_] = p + (uint64_t)k; \
+    MT mm = eq_ & nz; int nv = __builtin_popcount(mm); \
+    _mm512_mask_storeu_epi##EP(V + vp[c_], (MT)((1ull << nv) - 1), _mm512_maskz_compress_epi##EP(mm, dv)); \
+    vp[c_] += (uint64_t)nv; } while (0)
+#define CTXM_SIMD_BODY(T, VL, MT, EP) \
+    __m512i hv[CTXM_HOT]; \
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi##EP(hot[h]); \
+    for (Py_ssize_t j = 0; j < m; j += VL) { \
+        Py_ssize_t left = m - j; MT rem = left >= VL ? (MT)~(MT)0 : (MT)(((MT)1 << left) - 1); \
+        __m512i cv = _mm512_maskz_loadu_epi##EP(rem, cb + j), dv = _mm512_maskz_loadu_epi##EP(rem, db + j); \
+        MT nz = _mm512_mask_test_epi##EP##_mask(rem, dv, dv), seen = 0; \
+        for (int h = 0; h < nhot; h++) { \
+            MT eq = _mm512_mask_cmpeq_epi##EP##_mask(rem, cv, hv[h]); \
+            seen |= eq; CTXM_PUT(EP, MT, hot[h], eq); } \
+        rem &= (MT)~seen; \
+        while (rem) { \
+            unsigned c = (unsigned)cb[j + __builtin_ctz(rem)]; \
+            MT eq = _mm512_mask_cmpeq_epi##EP##_mask(rem, cv, _mm512_set1_epi##EP(c)); \
+            rem &= (MT)~eq; CTXM_PUT(EP, MT, c, eq); } \
+    }
+
+/* 16-bit elements: groups of 64 in two vectors (the hot compares cost half as much per element) */
+#define CTXM_PUT64(c, eq) do { \
+    uint64_t eq_ = (eq); unsigned c_ = (c); \
+    int k = __builtin_popcountll(eq_); uint64_t bits = _pext_u64(nz, eq_), p = pos[c_]; int r = (int)(p & 63); \
+    uint64_t a = acc[c_] | (bits << r); \
+    if (r + k >= 64) { ctxm_flush(W, p >> 6, a, bst[c_]); a = r ? bits >> (64 - r) : 0; } \
+    acc[c_] = a; pos[c_] = p + (uint64_t)k; \
+    uint64_t mm = eq_ & nz; int n0 = __builtin_popcount((uint32_t)mm), n1 = __builtin_popcount((uint32_t)(mm >> 32)); \
+    uint16_t *v_ = V + vp[c_]; \
+    _mm512_mask_storeu_epi16(v_, (__mmask32)((1ull << n0) - 1), _mm512_maskz_compress_epi16((__mmask32)mm, d0)); \
+    _mm512_mask_storeu_epi16(v_ + n0, (__mmask32)((1ull << n1) - 1), _mm512_maskz_compress_epi16((__mmask32)(mm >> 32), d1)); \
+    vp[c_] += (uint64_t)(n0 + n1); } while (0)
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
+static void ctxm_group16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint64_t *vp,
+                         uint64_t *acc, const uint64_t *bst, uint64_t *W, uint16_t *V, const unsigned *hot, int nhot) {
+    __m512i hv[CTXM_HOT];
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
+    for (Py_ssize_t j = 0; j < m; j += 64) {
+        Py_ssize_t left = m - j;
+        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1);
+        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
+        __m512i c0 = _mm512_maskz_loadu_epi16(r0, cb + j), c1 = _mm512_maskz_loadu_epi16(r1, cb + j + 32);
+        __m512i d0 = _mm512_maskz_loadu_epi16(r0, db + j), d1 = _mm512_maskz_loadu_epi16(r1, db + j + 32);
+        uint64_t nz = (uint64_t)_mm512_test_epi16_mask(d0, d0) | (uint64_t)_mm512_test_epi16_mask(d1, d1) << 32, seen = 0;
+        for (int h = 0; h < nhot; h++) {
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
+            seen |= eq; CTXM_PUT64(hot[h], eq); }
+        rem &= ~seen;
+        while (rem) {
+            unsigned c = (unsigned)cb[j + __builtin_ctzll(rem)];
+            __m512i b = _mm512_set1_epi16((short)c);
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
+            rem &= ~eq; CTXM_PUT64(c, eq); }
+    }
+}
+
+#define PEXT _pext_u32
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
+static void ctxm_group32(const uint32_t *cb, const uint32_t *db, Py_ssize_t m, uint64_t *pos, uint64_t *vp,
+                         uint64_t *acc, const uint64_t *bst, uint64_t *W, uint32_t *V, const unsigned *hot, int nhot) {
+    CTXM_SIMD_BODY(uint32_t, 16, __mmask16, 32)
+}
+#undef PEXT
+
+static void ctxm_simd_init(void) {
+    __builtin_cpu_init();
+    ctxm_simd = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2")
+                && __builtin_cpu_supports("bmi2") ? 1 : 0;
+}
+#else
+static int ctxm_simd = 0;
+static void ctxm_simd_init(void) {}
+#endif
+
+static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {
+    int flag = -1;
+    if (!PyArg_ParseTuple(args, "|i", &flag)) return NULL;
+#ifdef CTXM_HAVE_SIMD
+    if (flag == 0) ctxm_simd = 0;
+    else if (flag == 1) ctxm_simd_init();
+    else if (flag > 1) ctxm_hot_t = flag;
+#endif
+    return PyLong_FromLong(ctxm_simd);
+}
+
+/* the scalar move of a group (any width); contexts in cb, deltas in db */
+#define CTXM_SCALAR(T) \
+    for (Py_ssize_t j = 0; j < m; j++) { unsigned c = cb[j]; T d = db[j]; uint64_t p = pos[c]; \
+        acc[c] |= (uint64_t)(d != 0) << (p & 63); \
+        if ((p & 63) == 63) { ctxm_flush(W, p >> 6, acc[c], bst[c]); acc[c] = 0; } \
+        pos[c] = p + 1; uint64_t v = vp[c]; V[v] = d; vp[c] = v + (d != 0); }
+
+/* Groups of CTX_BLK elements: contexts (in the delta's width, for the vector compares) and deltas
+ * first, in loops the compiler vectorises, then the move. */
+#define CTXM_T(T, BITS, GROUP) do { \
+    const T *X = (const T *)xs.buf, *Y = (const T *)bs.buf; T *V = (T *)vs.buf; \
+    const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
+    T cb[CTX_BLK], db[CTX_BLK]; \
+    for (Py_ssize_t j0 = 0; j0 < n && !bad; j0 += CTX_BLK) { \
+        Py_ssize_t m = n - j0 < CTX_BLK ? n - j0 : CTX_BLK; \
+        for (Py_ssize_t j = 0; j < m; j++) { T y = Y[j0 + j]; cb[j] = (T)((y >> s) & cm); } \
+        for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, X[j0 + j], Y[j0 + j], db[j]); \
+        GROUP; \
+        if ((j0 + m) % CTXM_CHECK == 0 || j0 + m == n) \
+            for (int c = 0; c < nc; c++) bad |= pos[c] > end[c]; \
+    } \
+} while (0)
+
+/* ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts)
+ * Moves the part (x, base: its elements in natural order) as above: offsets (uint64[2^w]) its
+ * first sorted position per context, counts (uint64[2^w]) its elements per context; bitmap
+ * (uint64 words, zeroed) and vals (elements) cover nsorted positions plus CTXM_SLACK. */
+static PyObject *ctxm(PyObject *self, PyObject *args) {
+    Py_buffer xs, bs, Ws, vs, ob, cbf; int isz, op, fl, s, w; Py_ssize_t nsorted;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*iiiiiny*y*", &xs, &bs, &Ws, &vs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf))
+        return NULL;
+    int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && xs.len == bs.len && xs.len % isz == 0
+             && op >= 0 && op <= 1 && w >= 1 && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz && nsorted >= 0
+             && Ws.len / 8 >= (nsorted + CTXM_SLACK) / 64 + 2 && vs.len / isz >= nsorted + CTXM_SLACK
+             && ob.len >= (Py_ssize_t)(sizeof(uint64_t) << w) && cbf.len >= (Py_ssize_t)(sizeof(uint64_t) << w)
+             && ((uintptr_t)Ws.buf % 8) == 0 && ((uintptr_t)vs.buf % isz) == 0;
+    Py_ssize_t n = xs.len / (isz ? isz : 1); int nc = 1 << w;
+    uint64_t *st = NULL;
+    if (ok) {
+        const uint64_t *O = ob.buf, *C = cbf.buf; uint64_t tot = 0;
+        for (int c = 0; c < nc && ok; c++) {
+            tot += C[c];
+            ok = C[c] <= (uint64_t)nsorted && O[c] <= (uint64_t)nsorted - C[c];
+        }
+        ok = ok && tot == (uint64_t)n;
+    }
+    if (ok && !(st = malloc(5 * sizeof(uint64_t) << w))) ok = -1;
+    if (ok != 1) {
+        PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
+        PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+        if (ok < 0) return PyErr_NoMemory();
+        PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
+    }
+    int bad = 0, simd = ctxm_simd == 1;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t *pos = st, *vp = st + nc, *acc = st + 2 * (size_t)nc, *bst = st + 3 * (size_t)nc, *end = st + 4 * (size_t)nc;
+    uint64_t *W = Ws.buf;
+    for (int c = 0; c < nc; c++) {
+        pos[c] = vp[c] = bst[c] = ((const uint64_t *)ob.buf)[c]; acc[c] = 0;
+        end[c] = bst[c] + ((const uint64_t *)cbf.buf)[c];
+    }
+    /* the vector move's hot contexts: the most frequent, until they hold 99.5% of the part */
+    unsigned hot[16]; int nhot = 0; uint64_t held = 0;
+    { const uint64_t *C = cbf.buf;
+      for (int c = 0; c < nc && nhot < 16; c++) if (C[c] * (uint64_t)ctxm_hot_t >= (uint64_t)n && C[c]) hot[nhot++] = (unsigned)c; }
+    (void)held;
+    switch (isz) {
+        case 1: CTXM_T(uint8_t, 8, CTXM_SCALAR(uint8_t)); break;
+#ifdef CTXM_HAVE_SIMD
+        case 2: CTXM_T(uint16_t, 16, if (simd) ctxm_group16(cb, db, m, pos, vp, acc, bst, W, V, hot, nhot); else { CTXM_SCALAR(uint16_t) }); break;
+        case 4: CTXM_T(uint32_t, 32, if (simd) ctxm_group32(cb, db, m, pos, vp, acc, bst, W, V, hot, nhot); else { CTXM_SCALAR(uint32_t) }); break;
+#else
+        case 2: CTXM_T(uint16_t, 16, CTXM_SCALAR(uint16_t)); break;
+        case 4: CTXM_T(uint32_t, 32, CTXM_SCALAR(uint32_t)); break;
+#endif
+        default: CTXM_T(uint64_t, 64, CTXM_SCALAR(uint64_t)); break;
+    }
+    if (!bad)
+        for (int c = 0; c < nc; c++) {
+            bad |= pos[c] != end[c];
+            if (acc[c]) __atomic_fetch_or(&W[pos[c] >> 6], acc[c], __ATOMIC_RELAXED);
+        }
+    Py_END_ALLOW_THREADS
+    free(st);
+    PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
+    PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+    if (bad) { PyErr_SetString(PyExc_ValueError, "the base's contexts do not match their counts (did the base change?)"); return NULL; }
+    Py_RETURN_NONE;
+}
+
+/* ctxm_cum(bitmap, nsorted, cum): cum[k] = the set bits of words 0..k-1, k = 0 .. nsorted / 64 + 1 */
+static PyObject *ctxm_cum(PyObject *self, PyObject *args) {
+    Py_buffer Ws, cs; Py_ssize_t nsorted;
+    if (!PyArg_ParseTuple(args, "y*nw*", &Ws, &nsorted, &cs)) return NULL;
+    Py_ssize_t nw = nsorted / 64 + 1;
+    if (nsorted < 0 || Ws.len / 8 < nw || cs.len / 8 < nw + 1 || (uintptr_t)Ws.buf % 8 || (uintptr_t)cs.buf % 8) {
+        PyBuffer_Release(&Ws); PyBuffer_Release(&cs);
+        PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint64_t *W = Ws.buf; uint64_t *C = cs.buf, t = 0;
+    for (Py_ssize_t k = 0; k < nw; k++) { C[k] = t; t += (uint64_t)__builtin_popcountll(W[k]); }
+    C[nw] = t;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&Ws); PyBuffer_Release(&cs);
+    Py_RETURN_NONE;
+}
+
+/* nonzero bits of sorted positions [0, q) */
+static inline uint64_t ctxm_before(const uint64_t *W, const uint64_t *cum, uint64_t q) {
+    uint64_t r = q & 63;
+    return cum[q >> 6] + (r ? (uint64_t)__builtin_popcountll(W[q >> 6] & ((1ull << r) - 1)) : 0);
+}
+
+/* One unit of kind 4: sorted positions [a, b): its bitmap into m, its nonzero deltas' bytes into
+ * the planes pb; returns the nonzero count. blk: the ascending first positions of the nonempty
+ * blocks, then nsorted (nblk + 1 entries, checked by enc_parse). */
+static Py_ssize_t ctxm_unit(const uint64_t *W, const uint64_t *cum, const uint64_t *blk, Py_ssize_t nblk,
+                            const uint8_t *V, int isz, uint64_t a, uint64_t b, uint8_t *m, uint8_t **pb) {
+    uint64_t n = b - a, nb = (n + 7) / 8;
+    for (uint64_t i = 0; i < nb; i += 8) {
+        uint64_t q = a + 8 * i, wi = q >> 6; int r = (int)(q & 63);
+        uint64_t v = W[wi] >> r;
+        if (r) v |= W[wi + 1] << (64 - r);
+        uint64_t t = nb - i < 8 ? nb - i : 8;
+        memcpy(m + i, &v, t);
+    }
+    if (n & 7) m[nb - 1] &= (uint8_t)((1u << (n & 7)) - 1);
+    Py_ssize_t lo = 0, hi = nblk - 1;               /* the last block starting at or before a */
+    while (lo < hi) { Py_ssize_t mid = (lo + hi + 1) / 2; if (blk[mid] <= a) lo = mid; else hi = mid - 1; }
+    Py_ssize_t nnz = 0;
+    for (Py_ssize_t i = lo; i < nblk && blk[i] < b; i++) {
+        uint64_t u = a > blk[i] ? a : blk[i], v = b < blk[i + 1] ? b : blk[i + 1];
+        if (u >= v) continue;
+        uint64_t b0 = ctxm_before(W, cum, blk[i]), bu = ctxm_before(W, cum, u), cnt = ctxm_before(W, cum, v) - bu;
+        const uint8_t *src = V + (blk[i] + (bu - b0)) * (uint64_t)isz;
+        if (isz == 1) memcpy(pb[0] + nnz, src, cnt);
+        else if (isz == 2) { uint8_t *p0 = pb[0] + nnz, *p1 = pb[1] + nnz;
+            for (uint64_t j = 0; j < cnt; j++) { p0[j] = src[2 * j]; p1[j] = src[2 * j + 1]; } }
+        else for (uint64_t j = 0; j < cnt; j++) for (int k = 0; k < isz; k++) pb[k][nnz + j] = src[j * isz + k];
+        nnz += (Py_ssize_t)cnt;
+    }
+    return nnz;
+}
+
+/* ------------------------------------------------------------------------------------------
  * Fused per-job paths: one call (GIL released throughout) for a run of units of one tensor.
- * kind: 0 raw, 1 bytegroup, 2 fieldsplit, 3 masked. op: -1 none, 0 xor, 1 zigzag. */
+ * kind: 0 raw, 1 bytegroup, 2 fieldsplit, 3 masked, 4 masked units cut from ctxm's bitmap and
+ * packed values. op: -1 none, 0 xor, 1 zigzag. */
 
 static int nplanes_of(int kind, int isz, int m) {
     if (kind == 0) return 1;
     if (kind == 1) return isz;
     if (kind == 2) return 1 + (1 + m + 7) / 8;
-    return 1 + isz;
+    return 1 + isz;                      /* 3 and 4: the bitmap, then a plane per byte */
 }
 
 static Py_ssize_t masked_split_c(const uint8_t *s, Py_ssize_t n, int isz, uint8_t *m, uint8_t **pb) {
@@ -692,47 +982,70 @@ static int check_bounds(const int64_t *B, Py_ssize_t U, Py_ssize_t len, int isz,
  * every max(1, len / sample)-th byte is above store_bits (codecs.ChunkCoder.encode's gate).
  * dig_out gets XXH64 of rows d0..d1-1 of dsrc (rows of drb bytes, the last one shorter). */
 typedef struct {
-    Py_buffer src, bnd, dsrc, arena, rec, nz, dig, base;
-    int have_base, isz, kind, e, m, op, fl, huff, P;
-    Py_ssize_t drb, d0, d1, sample, U, maxunit, used;
+    Py_buffer src, bnd, dsrc, arena, rec, nz, dig, base, cW, ccum, cblk;
+    int have_base, have_ctxm, isz, kind, e, m, op, fl, huff, P;
+    Py_ssize_t drb, d0, d1, sample, U, maxunit, used, csorted, cnblk;
     double store_bits;
 } encjob;
+
+/* kind 4's tables: blocks ascending from 0 to nsorted (their last entry), values, bitmap and cum
+ * covering nsorted positions */
+static int ctxm_check(encjob *j) {
+    Py_ssize_t nb = j->cblk.len / 8 - 1;
+    const uint64_t *blk = j->cblk.buf;
+    if (j->cblk.len % 8 || nb < 1 || blk[0] != 0 || (uintptr_t)blk % 8 || (uintptr_t)j->cW.buf % 8
+            || (uintptr_t)j->ccum.buf % 8) return -1;
+    for (Py_ssize_t i = 0; i < nb; i++) if (blk[i + 1] <= blk[i]) return -1;
+    uint64_t ns = blk[nb];
+    if (ns > (uint64_t)(j->src.len / j->isz) || (uint64_t)(j->cW.len / 8) < ns / 64 + 2
+            || (uint64_t)(j->ccum.len / 8) < ns / 64 + 2) return -1;
+    j->csorted = (Py_ssize_t)ns; j->cnblk = nb;
+    return 0;
+}
 
 static void enc_release(encjob *j) {
     PyBuffer_Release(&j->src); PyBuffer_Release(&j->bnd); PyBuffer_Release(&j->dsrc); PyBuffer_Release(&j->arena);
     PyBuffer_Release(&j->rec); PyBuffer_Release(&j->nz); PyBuffer_Release(&j->dig);
     if (j->have_base) PyBuffer_Release(&j->base);
+    if (j->have_ctxm) { PyBuffer_Release(&j->cW); PyBuffer_Release(&j->ccum); PyBuffer_Release(&j->cblk); }
 }
 
 /* parse and check one call's arguments (with the GIL); on error an exception is set and nothing is held */
 static int enc_parse(PyObject *args, encjob *j) {
-    PyObject *bo; const char *err = NULL;
+    PyObject *bo, *co = Py_None; const char *err = NULL;
     memset(j, 0, sizeof(*j));
     if (!PyTuple_Check(args)) { PyErr_SetString(PyExc_TypeError, "a tuple of arguments"); return -1; }
-    if (!PyArg_ParseTuple(args, "y*y*y*nnnOiiiiiiidnw*w*w*w*", &j->src, &j->bnd, &j->dsrc, &j->drb, &j->d0, &j->d1, &bo,
+    if (!PyArg_ParseTuple(args, "y*y*y*nnnOiiiiiiidnw*w*w*w*|O", &j->src, &j->bnd, &j->dsrc, &j->drb, &j->d0, &j->d1, &bo,
                           &j->isz, &j->kind, &j->e, &j->m, &j->op, &j->fl, &j->huff, &j->store_bits, &j->sample,
-                          &j->arena, &j->rec, &j->nz, &j->dig)) return -1;
+                          &j->arena, &j->rec, &j->nz, &j->dig, &co)) return -1;
     if (bo != Py_None) {
         if (PyObject_GetBuffer(bo, &j->base, PyBUF_C_CONTIGUOUS) < 0) { j->have_base = 0; enc_release(j); return -1; }
         j->have_base = 1;
+    }
+    if (co != Py_None) {                 /* kind 4: (bitmap, cum, blocks) of ctxm */
+        if (!PyArg_ParseTuple(co, "y*y*y*", &j->cW, &j->ccum, &j->cblk)) { enc_release(j); return -1; }
+        j->have_ctxm = 1;
     }
     int isz = j->isz, kind = j->kind;
     j->U = j->bnd.len / 8 - 1;
     const int64_t *B = j->bnd.buf;
     j->P = nplanes_of(kind, isz, j->m);
-    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || kind < 0 || kind > 3 || j->U < 0 || j->bnd.len % 8
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || kind < 0 || kind > 4 || j->U < 0 || j->bnd.len % 8
+            || (kind == 4) != j->have_ctxm || (kind == 4 && j->op != -1)
             || (kind == 2 && !((isz == 2 || isz == 4) && j->e > 0 && j->m > 0 && j->e + j->m + 1 == 8 * isz))
             || j->P > MAXP + 1 || j->op < -1 || j->op > 1 || (j->op >= 0) != j->have_base
             || (j->have_base && j->base.len != j->src.len)
             || j->sample < 1 || j->drb < 1 || j->d0 < 0 || j->d1 < j->d0 || (j->d1 > j->d0 && (j->d1 - 1) * j->drb >= j->dsrc.len)
             || j->rec.len < (Py_ssize_t)(j->U * j->P * 3 * 8) || j->nz.len < j->U * 8 || j->dig.len < (j->d1 - j->d0) * 8)
         err = "bad arguments";
-    else if (j->U > 0 && check_bounds(B, j->U, j->src.len, isz, &j->maxunit) < 0) err = "bad unit bounds";
+    else if (kind == 4 && ctxm_check(j) < 0) err = "bad sorted-stream tables";
+    else if (j->U > 0 && check_bounds(B, j->U, kind == 4 ? j->csorted * isz : j->src.len, isz, &j->maxunit) < 0)
+        err = "bad unit bounds";
     else {
         Py_ssize_t need = 0;
         for (Py_ssize_t u = 0; u < j->U; u++) {
             Py_ssize_t n = (B[u + 1] - B[u]) / isz;
-            need += kind == 3 ? (n + 7) / 8 + n * isz : n * (kind == 0 ? isz : j->P);
+            need += kind >= 3 ? (n + 7) / 8 + n * isz : n * (kind == 0 ? isz : j->P);
         }
         if (j->arena.len < need) err = "arena too small";
     }
@@ -767,10 +1080,12 @@ static int enc_run(encjob *j) {
             pos += len;
         } else {
             if (op >= 0) { delta_c(x, bp, tmp, n, isz, op, fl, 0); x = tmp; }
-            if (kind == 3) {
+            if (kind >= 3) {
                 pl[0] = A + pos; plen[0] = (n + 7) / 8; pos += plen[0];
                 for (int k = 0; k < isz; k++) { pl[1 + k] = A + pos; pos += n; }
-                Py_ssize_t nnz = masked_split_c(x, n, isz, pl[0], pl + 1);
+                Py_ssize_t nnz = kind == 3 ? masked_split_c(x, n, isz, pl[0], pl + 1)
+                    : ctxm_unit(j->cW.buf, j->ccum.buf, j->cblk.buf, j->cnblk, j->src.buf, isz,
+                                (uint64_t)(a / isz), (uint64_t)((a + len) / isz), pl[0], pl + 1);
                 for (int k = 0; k < isz; k++) plen[1 + k] = nnz;
                 ((int64_t *)j->nz.buf)[u] = nnz;
             } else {
@@ -1452,6 +1767,9 @@ static PyMethodDef methods[] = {
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
     {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)"},
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
+    {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
+    {"ctxm_cum", ctxm_cum, METH_VARARGS, "ctxm_cum(bitmap, nsorted, cum)"},
+    {"ctxm_simd", py_ctxm_simd, METH_VARARGS, "ctxm_simd(flag=-1) -> 1 when the AVX-512 ctxm move is on; 0/1 turns it off/on"},
     {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0, nibbles=False) -> payload size or 0 (L=0: the writer's policy)"},
     {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> bytes used; rec gets (offset, size) per plane"},
     {"ans_simd", py_ans_simd, METH_VARARGS, "ans_simd(flag=-1) -> 1 when the AVX2 ans encoder is on; 0/1 turns it off/on"},
@@ -1460,4 +1778,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_accel", "mithril CPU fast paths", -1, methods};
 
-PyMODINIT_FUNC PyInit__accel(void) { ans_simd_init(); return PyModule_Create(&mod); }
+PyMODINIT_FUNC PyInit__accel(void) { ans_simd_init(); ctxm_simd_init(); return PyModule_Create(&mod); }

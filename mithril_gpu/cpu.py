@@ -138,10 +138,7 @@ def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarr
         hists = np.zeros((parts, 1 << w), np.uint64)
         with ThreadPoolExecutor(parts, thread_name_prefix="mithril-ctx") as ex:
             list(ex.map(lambda p: _accel.ctx_hist(base[cuts[p]:cuts[p + 1]], isz, s, w, hists[p]), range(parts)))
-            total = hists.sum(axis=0, dtype=np.uint64)
-            starts = np.concatenate([[0], np.cumsum(total, dtype=np.uint64)[:-1]]).astype(np.uint64)
-            offs = starts[None, :] + np.concatenate([np.zeros((1, 1 << w), np.uint64),
-                                                     np.cumsum(hists, axis=0, dtype=np.uint64)[:-1]])
+            total, offs = _part_offsets(hists)
 
             def move(p):
                 a, b = cuts[p], cuts[p + 1]
@@ -161,9 +158,77 @@ def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarr
         counts[...] = ctxdelta.counts(dt, base, s, w)
 
 
+def ctxm_available() -> bool:
+    """The writer's path for context-sorted masked deltas without the sorted stream (C only)."""
+    return CTXM and _accel is not None and hasattr(_accel, "ctxm") and fused()
+
+
+CTXM = True                  # False: masked context-sorted deltas are sorted into a stream (the reference)
+
+
+def ctxm_prepare(op: str, dt: DType, x: np.ndarray, base: np.ndarray, s: int, w: int, threads: int = 1,
+                 get=None) -> tuple:
+    """The tables ``encode_units`` kind 4 cuts masked segments of the sorted stream from, without
+    the stream (``_accel.ctxm``): (bitmap words, packed values, cum, block starts + [n], counts).
+    ``get(nbytes)`` gives uint8 buffers (a pool's); parts of a large tensor move in parallel."""
+    isz = dt.itemsize
+    n = base.size // isz
+    get = get or (lambda size: np.empty(size, np.uint8))
+    parts = min(threads, max(1, base.size // (CTX_PARALLEL_BYTES // 2)))
+    cuts = [n * p // parts * isz for p in range(parts + 1)]
+    hists = np.zeros((parts, 1 << w), np.uint64)
+    nwords = (n + CTXM_SLACK) // 64 + 2
+    bitmap = get(nwords * 8).view(np.uint64)
+    vals = get((n + CTXM_SLACK) * isz)
+    cum = get((n // 64 + 2) * 8).view(np.uint64)
+    opi, fl = delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
+    bitmap[:] = 0
+
+    def hist(p):
+        _accel.ctx_hist(base[cuts[p]:cuts[p + 1]], isz, s, w, hists[p])
+
+    def move(p):
+        a, b = cuts[p], cuts[p + 1]
+        _accel.ctxm(x[a:b], base[a:b], bitmap, vals, isz, opi, fl, s, w, n, offs[p], hists[p])
+
+    if parts > 1:
+        with ThreadPoolExecutor(parts, thread_name_prefix="mithril-ctx") as ex:
+            list(ex.map(hist, range(parts)))
+            total, offs = _part_offsets(hists)
+            list(ex.map(move, range(parts)))
+    else:
+        hist(0)
+        total, offs = _part_offsets(hists)
+        move(0)
+    _accel.ctxm_cum(bitmap, n, cum)
+    starts = offs.T[hists.T > 0]            # (context, part) order: ascending sorted positions
+    blocks = np.concatenate([starts, np.array([n], np.uint64)]).astype(np.uint64)
+    return bitmap, vals, cum, blocks, total
+
+
+def _part_offsets(hists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per context, its elements in all parts; per part, its first sorted position per context."""
+    total = hists.sum(axis=0, dtype=np.uint64)
+    starts = np.concatenate([[0], np.cumsum(total, dtype=np.uint64)[:-1]]).astype(np.uint64)
+    offs = starts[None, :] + np.concatenate([np.zeros((1, hists.shape[1]), np.uint64),
+                                             np.cumsum(hists, axis=0, dtype=np.uint64)[:-1]])
+    return total, np.ascontiguousarray(offs, np.uint64)
+
+
+CTXM_SLACK = 4096            # _accel's CTXM_SLACK: elements the ctxm buffers hold beyond the stream
+
+
 def _prepare_ctx(item) -> None:
-    """Sort a context-sorted delta item's deltas once, and cut the stream into segments."""
+    """Sort a context-sorted delta item's deltas once, and cut the stream into segments (or, for a
+    masked item on the fused path, build ctxm's tables instead of the stream)."""
     s, w = item.ctx
+    if item.transform == "masked" and item.ctx_fused and ctxm_available():
+        pool = item.stream_pool
+        item.ctx_m = ctxm_prepare(item.delta_op, item.dtype, item.data, item.base, s, w, item.ctx_threads,
+                                  pool.get if pool is not None else None)
+        item.ctx_rows = ctxdelta.segments(item.ctx_m[4], item.chunk_elems)
+        item.segs = [n for row in item.ctx_rows for n in row]
+        return
     t = item.stream_pool.get(item.nbytes) if item.stream_pool is not None else np.empty(item.nbytes, np.uint8)
     cnt = np.zeros(1 << w, np.uint64)
     ctx_apply(item.delta_op, item.dtype, item.data, item.base, t, s, w, inverse=False, counts=cnt,
@@ -229,7 +294,9 @@ class EncodeItem:
     segs: list | None = None         # its segment sizes, once sorted
     ctx_rows: list | None = None     # the same, per chunk_elems block of the sorted stream
     ctx_stream: np.ndarray | None = None   # the sorted stream of deltas, while encoding
+    ctx_m: tuple | None = None       # or, masked on the fused path, ctxm_prepare's tables
     ctx_threads: int = 1             # threads for sorting it
+    ctx_fused: bool = False          # it is encoded by the fused path (which can take ctx_m)
     stream_pool: object = None       # a BufferPool the sorted stream's buffer comes from (and goes back to)
 
     @property
@@ -318,6 +385,8 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
                     pos += n * isz
                     bl.append(pos)
             src, base, op, huff = it.ctx_stream, None, -1, 0
+            if it.ctx_m is not None:
+                src, kind = it.ctx_m[1], 4
         else:
             nbytes = it.nbytes          # (plain lists: numpy's small operations may release the GIL)
             bl = [min(r * rb, nbytes) for r in range(r0, r1 + 1)]
@@ -328,7 +397,7 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
         U = len(bl) - 1
         nplanes = len(transforms.plane_widths(dt, it.transform))
         total = (bl[-1] - bl[0]) // isz
-        need = (sum((b - a) // isz + 7 >> 3 for a, b in zip(bl, bl[1:])) + total * isz if kind == 3
+        need = (sum((b - a) // isz + 7 >> 3 for a, b in zip(bl, bl[1:])) + total * isz if kind >= 3
                 else total * (isz if kind == 0 else nplanes))
         arena = pool.get(need)
         held.append(arena)
@@ -336,11 +405,12 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
         nnz = np.zeros(U, np.int64)
         digs = np.empty(r1 - r0, np.uint64)
         calls.append((src, bounds, it.data, rb, r0, r1, base, isz, kind, e, m, op, int(delta_ref.is_float(dt)), huff,
-                      codecs.STORE_ENTROPY_BITS, codecs._SAMPLE, arena, rec, nnz, digs))
+                      codecs.STORE_ENTROPY_BITS, codecs._SAMPLE, arena, rec, nnz, digs)
+                     + (((it.ctx_m[0], it.ctx_m[2], it.ctx_m[3]),) if kind == 4 else ()))
     _accel.encode_many(calls)          # the whole job with one release of the GIL
     aviews = []                        # planes of delta entries still to be zstd-coded: ans candidates
     for c, (i, _, _) in zip(calls, job):
-        arena, rec, nnz, digs = c[16:]
+        arena, rec, nnz, digs = c[16:20]
         mv = memoryview(arena)
         recs = rec.tolist()
         for state, off, n in recs:
@@ -348,7 +418,7 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
                 zviews.append(mv[off:off + n])
                 if items[i].delta_op is not None:
                     aviews.append(mv[off:off + n])
-        segs.append((digs.tolist(), recs, mv, nnz.tolist() if c[8] == 3 else [], items[i].delta_op is not None))
+        segs.append((digs.tolist(), recs, mv, nnz.tolist() if c[8] >= 3 else [], items[i].delta_op is not None))
     if aviews and codecs.ans_enabled():    # as ChunkCoder.encode(use_ans=True): one C call for the job's planes
         aarena = pool.get(sum(len(v) for v in aviews))
         held.append(aarena)
@@ -462,7 +532,7 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
     streams = BufferPool()           # sorted streams of context-sorted deltas: recycled (fresh pages are slow)
 
     def resolve_one(i):
-        items[i].ctx_threads, items[i].stream_pool = max(1, threads - 1), streams
+        items[i].ctx_threads, items[i].stream_pool, items[i].ctx_fused = max(1, threads - 1), streams, use_fused
         items[i].resolve()
 
     def prefetch(cur: int) -> None:
@@ -484,7 +554,7 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
                 fut = ahead.pop(i, None)
                 if fut is not None:
                     fut.result()
-            items[i].ctx_threads, items[i].stream_pool = threads, streams
+            items[i].ctx_threads, items[i].stream_pool, items[i].ctx_fused = threads, streams, use_fused
             items[i].resolve()
 
     def consume(job, results):
@@ -500,7 +570,9 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
             if last_seg[i][1] == r1:     # drop references held only for this item
                 if items[i].ctx_stream is not None:
                     streams.put([items[i].ctx_stream])
-                items[i].data = items[i].base = items[i].ctx_stream = items[i].stream_pool = None
+                if items[i].ctx_m is not None:
+                    streams.put(items[i].ctx_m[:3])
+                items[i].data = items[i].base = items[i].ctx_stream = items[i].ctx_m = items[i].stream_pool = None
                 if items[i].on_done is not None:
                     items[i].on_done()
 

@@ -1,0 +1,155 @@
+"""The writer's masked context-sorted deltas without the sorted stream (``_accel.ctxm`` and
+``encode_units`` kind 4): files byte-identical to sorting the stream and masked-splitting it (the
+reference path, ``cpu.CTXM = False``), for every dtype, odd sizes, sparse and dense changes, tiny
+and huge segments, parallel parts, the AVX-512 move and the scalar one; and bad tables refused."""
+import numpy as np
+import pytest
+import torch
+
+import mithril_gpu
+from conftest import ALL_DTYPES, assert_tree_same, random_tensor
+from mithril_gpu import cpu, ctxdelta, deltaplan, dtypes
+
+pytestmark = pytest.mark.skipif(cpu._accel is None or not hasattr(cpu._accel, "ctxm") or not cpu.fused(),
+                                reason="C helper or the fused path not available")
+SIMD = [0] + ([1] if cpu._accel is not None and hasattr(cpu._accel, "ctxm_simd") and cpu._accel.ctxm_simd(1) else [])
+
+
+@pytest.fixture(autouse=True)
+def _restore_simd():
+    yield
+    cpu._accel.ctxm_simd(1)
+
+
+def _ctx_for(dt):
+    c = ctxdelta.default_ctx(dt)
+    if c is not None:
+        return c
+    bits = 8 * dt.itemsize
+    return (max(0, bits - 5), min(4, bits)) if dt.name != "BOOL" else (0, 1)
+
+
+def _changed(t, seed, frac):
+    g = torch.Generator().manual_seed(seed)
+    x = mithril_gpu.api.tensor_bytes(t).copy()
+    u = x.view(f"<u{t.element_size()}")
+    rng = np.random.default_rng(seed)
+    u ^= ((rng.random(u.size) < frac) * rng.integers(1, 4, u.size)).astype(u.dtype)
+    if t.dtype == torch.bool:
+        u &= 1
+    return torch.from_numpy(x).view(t.dtype).reshape(t.shape)
+
+
+def _both_ways(tmp_path, monkeypatch, a, b, chunk_elems, threads=2, simd=1, op="zigzag"):
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, bb: (op, "masked", _ctx_for(item.dtype)))
+    mithril_gpu.save(a, tmp_path / "a.mth", chunk_elems=chunk_elems)
+    cpu._accel.ctxm_simd(simd)
+    out = []
+    for flag in (False, True):
+        monkeypatch.setattr(cpu, "CTXM", flag)
+        p = tmp_path / f"b{int(flag)}.mth"
+        mithril_gpu.save(b, p, chunk_elems=chunk_elems, base=tmp_path / "a.mth", threads=threads)
+        out.append(p.read_bytes())
+    assert out[0] == out[1]
+    assert_tree_same(mithril_gpu.load(tmp_path / "b1.mth"), b)
+    return out[1]
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_same_bytes_as_the_sorted_stream(tmp_path, monkeypatch, dtype, simd):
+    a = {"t": random_tensor(dtype, (5003,), seed=1), "odd": random_tensor(dtype, (7, 13), seed=2),
+         "one": random_tensor(dtype, (1,), seed=3)}
+    b = {"t": _changed(a["t"], 5, 0.3), "odd": _changed(a["odd"], 6, 0.9), "one": _changed(a["one"], 7, 1.0)}
+    _both_ways(tmp_path, monkeypatch, a, b, chunk_elems=256, simd=simd)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("frac,chunk", [(0.0005, 64), (0.05, 1000), (0.5, 4096), (1.0, 333), (0.02, 1 << 20)])
+def test_bf16_and_fp32_sparse_to_dense(tmp_path, monkeypatch, frac, chunk, simd):
+    rng = np.random.default_rng(11)
+    w = torch.from_numpy((rng.standard_normal(300_017) * 0.02).astype(np.float32))
+    a = {"bf": w.to(torch.bfloat16), "f32": w[:100_003].clone(), "f16": w[:77_777].to(torch.float16)}
+    b = {k: _changed(v, 3, frac) for k, v in a.items()}
+    _both_ways(tmp_path, monkeypatch, a, b, chunk_elems=chunk, simd=simd)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_parallel_parts(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr(cpu, "CTX_PARALLEL_BYTES", 4096)
+    rng = np.random.default_rng(threads)
+    w = torch.from_numpy((rng.standard_normal(100_003) * 0.02).astype(np.float32)).to(torch.bfloat16)
+    a = {"w": w}
+    b = {"w": _changed(w, 9, 0.1)}
+    for simd in SIMD:
+        _both_ways(tmp_path, monkeypatch, a, b, chunk_elems=4000, threads=threads, simd=simd)
+
+
+def test_xor_op(tmp_path, monkeypatch):
+    a = {"w": random_tensor(torch.bfloat16, (20_000,), seed=4)}
+    _both_ways(tmp_path, monkeypatch, a, {"w": _changed(a["w"], 1, 0.2)}, chunk_elems=3000, op="xor")
+
+
+def _tables(n=10_000, w=8):
+    dt = dtypes.from_name("BF16")
+    rng = np.random.default_rng(0)
+    x = ((rng.standard_normal(n) * 0.02).astype(np.float32).view("<u4") >> 16).astype("<u2").view(np.uint8)
+    b = x.copy()
+    b[::7] ^= 1
+    return dt, x, b
+
+
+def test_the_tables_agree_with_the_sorted_stream():
+    dt, x, b = _tables()
+    bitmap, vals, cum, blocks, total = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8, threads=3)
+    ref = ctxdelta.encode("zigzag", dt, x, b, 7, 8).view("<u2")
+    assert (total == ctxdelta.counts(dt, b, 7, 8)).all()
+    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:ref.size]
+    assert (bits == (ref != 0)).all()
+    assert int(cum[-1]) == int((ref != 0).sum())
+
+
+def test_counts_that_do_not_match_the_base_are_refused():
+    dt, x, b = _tables()
+    n = b.size // 2
+    hist = np.zeros(256, np.uint64)
+    cpu._accel.ctx_hist(b, 2, 7, 8, hist)
+    offs = np.concatenate([[0], np.cumsum(hist)[:-1]]).astype(np.uint64)
+    bitmap = np.zeros((n + cpu.CTXM_SLACK) // 64 + 2, np.uint64)
+    vals = np.empty((n + cpu.CTXM_SLACK) * 2, np.uint8)
+    cpu._accel.ctxm(x, b, bitmap, vals, 2, 1, 1, 7, 8, n, offs, hist)        # as they are: fine
+    for simd in SIMD:
+        cpu._accel.ctxm_simd(simd)
+        lie = hist.copy()                       # same total, one context short, another long
+        big = np.argsort(hist)[-2:]
+        lie[big[0]] += 5
+        lie[big[1]] -= 5
+        offs2 = np.concatenate([[0], np.cumsum(lie)[:-1]]).astype(np.uint64)
+        bitmap[:] = 0
+        with pytest.raises(ValueError, match="did the base change"):
+            cpu._accel.ctxm(x, b, bitmap, vals, 2, 1, 1, 7, 8, n, offs2, lie)
+    with pytest.raises(ValueError, match="bad arguments"):                  # counts that do not add up
+        cpu._accel.ctxm(x, b, bitmap, vals, 2, 1, 1, 7, 8, n, offs, hist * 2)
+    with pytest.raises(ValueError, match="bad arguments"):                  # buffers without the slack
+        cpu._accel.ctxm(x, b, bitmap, vals[:n * 2], 2, 1, 1, 7, 8, n, offs, hist)
+
+
+def test_bad_kind4_tables_are_refused():
+    dt, x, b = _tables(1000)
+    bitmap, vals, cum, blocks, total = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8)
+    n = b.size // 2
+
+    def call(bounds, blk, wmap=bitmap):
+        arena = np.empty(4 * n, np.uint8)
+        rec = np.empty((3 * (len(bounds) - 1), 3), np.int64)
+        return cpu._accel.encode_units(vals, np.array(bounds, np.int64), x, 2000, 0, 1, None, 2, 4, 0, 0, -1, 1, 0,
+                                       7.5, 64, arena, rec, np.zeros(len(bounds), np.int64), np.empty(1, np.uint64),
+                                       (wmap, cum, blk))
+    call([0, 2 * n], blocks)                                                  # fine
+    for blk in (blocks[::-1].copy(), np.concatenate([blocks[:-1], [n + cpu.CTXM_SLACK + 1]]).astype(np.uint64), blocks[1:].copy()):
+        with pytest.raises(ValueError, match="sorted-stream tables"):
+            call([0, 2 * n], blk)
+    with pytest.raises(ValueError, match="sorted-stream tables"):
+        call([0, 2 * n], blocks, bitmap[:2])
+    with pytest.raises(ValueError, match="unit bounds"):                      # beyond the stream, into the slack
+        call([0, 2 * n + 2], blocks)
