@@ -1419,29 +1419,36 @@ static PyObject *py_ans_simd(PyObject *self, PyObject *args) {
 /* encode src[0:n] with frequencies f (present symbols of src all have f > 0) into dst; returns
  * the payload size, or 0 when it would not fit in cap bytes (the check is per round of lanes, so
  * a payload within 2 * lanes bytes of cap may be refused: a writer's decision, which only cap decides) */
-static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int lanes, const uint32_t *f, uint8_t *dst, size_t cap) {
+/* the size ans_header will write for f */
+static size_t ans_hlen(const uint32_t *f) {
     int nsym = 0; size_t hl = 3;
     for (int s = 0; s < 256; s++) if (f[s]) { nsym++; hl += f[s] < 128 ? 1 : f[s] < 16384 ? 2 : 3; }
-    hl += nsym < 32 ? (size_t)nsym : 32;
-    if (cap < hl + 4 * (size_t)lanes + 2 * (size_t)lanes + 2) return 0;
-    size_t h = ans_header(dst, L, mode, lanes, f), st = h;
-    h += 4 * (size_t)lanes;
-    /* x div f, two exact ways: in double precision (x < 2^32 and f <= 2^15: the division's
-     * relative error is below 2^-52, while a quotient that is not an integer is at least 1/f from
-     * the next one, relatively more than 2^-32, so truncating gives the floor), the faster with
-     * many lanes in flight; or, with few lanes, where the division's latency would dominate,
-     * q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1, l = ceil(log2 f) (Granlund and
-     * Montgomery 1994, theorem 4.2) */
-    typedef struct { double fd; uint64_t rcp; uint32_t xmax, cum, cmpl, sh; } encsym;
-    encsym T[256]; uint32_t c = 0;
-    const uint32_t M = 1u << L;
+    return hl + (nsym < 32 ? (size_t)nsym : 32);
+}
+
+typedef struct { uint64_t rcp; uint32_t xmax, cum, cmpl, sh; } encsym;
+
+static void ans_enc_table(const uint32_t *f, int L, encsym *T) {
+    uint32_t c = 0; const uint32_t M = 1u << L;
     for (int s = 0; s < 256; s++) {
         int l = 0;
         while (f[s] && (1u << l) < f[s]) l++;
         T[s].cum = c; c += f[s]; T[s].xmax = f[s];      /* emit when x >> (32 - L) >= f */
-        T[s].fd = f[s] ? (double)f[s] : 1.0; T[s].cmpl = M - f[s];
+        T[s].cmpl = M - f[s];
         T[s].sh = (uint32_t)l; T[s].rcp = f[s] ? ((uint64_t)1 << (32 + l)) / f[s] + 1 : 0;
     }
+}
+
+static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int lanes, const uint32_t *f, uint8_t *dst, size_t cap) {
+    size_t hl = ans_hlen(f);
+    if (cap < hl + 4 * (size_t)lanes + 2 * (size_t)lanes + 2) return 0;
+    size_t h = ans_header(dst, L, mode, lanes, f), st = h;
+    h += 4 * (size_t)lanes;
+    /* x div f, exactly, as q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1,
+     * l = ceil(log2 f) (Granlund and Montgomery 1994, theorem 4.2). (A division in double
+     * precision, exact too, ran at 0.8x this with 4 lanes and was dropped.) */
+    encsym T[256];
+    ans_enc_table(f, L, T);
     uint32_t x[ANS_MAXLANES];
     for (int j = 0; j < lanes; j++) x[j] = ANS_LOW;
     uint8_t *end = dst + cap, *p = end, *lim = dst + h;
@@ -1452,7 +1459,6 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
         uint32_t q = DIVF(xs, t_); \
         x[J] = xs + t_->cum + q * t_->cmpl; } while (0)
 #define DIV_RCP(X, T_) ((uint32_t)((uint64_t)(((unsigned __int128)(X) * (T_)->rcp) >> 32) >> (T_)->sh))
-#define DIV_FP(X, T_) ((uint32_t)((double)(X) / (T_)->fd))
 #define ANS_ROUNDS(DIVF) for (size_t r = full; r > 0; r -= (size_t)lanes) { \
         if (p - lim < 2 * (ptrdiff_t)lanes) return 0; \
         for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j, DIVF); }
@@ -1470,10 +1476,8 @@ static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int la
         p = q;
     } else
 #endif
-    if (lanes < 4) ANS_ROUNDS(DIV_RCP)
-    else ANS_ROUNDS(DIV_FP)
+    ANS_ROUNDS(DIV_RCP)
 #undef ANS_ROUNDS
-#undef DIV_FP
 #undef DIV_RCP
 #undef ANS_ENC
     size_t words = (size_t)(end - p);
@@ -1627,7 +1631,12 @@ static void ans_nibbles(const uint8_t *src, size_t n, uint8_t *t) {
     for (size_t i = 0; i < n; i++) { t[2 * i] = src[i] & 15; t[2 * i + 1] = src[i] >> 4; }
 }
 
-static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+/* The writer's choice for one plane (a payload of the ans codec, or nothing): the plan of what
+ * to encode, or 0 where the plane is left to zstd. pl->tmp (the nibbles) is the caller's to free. */
+typedef struct { const uint8_t *src; size_t nsym; int mode; uint32_t f[256]; uint8_t *tmp; } ansplan;
+
+static int ans_plan_c(const uint8_t *src, size_t n, ansplan *pl) {
+    pl->tmp = NULL;
     if (n < ANS_MIN_SYMBOLS || n > 0x7fffffffu) return 0;
     uint32_t cnt32[256]; uint64_t cnt[256], ncnt[16] = {0};
     hist4(src, n, cnt32);
@@ -1655,19 +1664,133 @@ static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
      * bits a byte on a plane of two even symbols; and then it beats the stored plane). Denser
      * planes seldom gain and would cost the encoder's time (measured: benchmarks/bench_fixed_costs.py) */
     if (100 * ans_q > 97 * huf_q && 2 * ans_q > raw_q) return 0;
+    if (!nib) { pl->src = src; pl->nsym = n; pl->mode = 0; memcpy(pl->f, f, sizeof f); return 1; }
+    if (!(pl->tmp = malloc(2 * n))) return 0;
+    ans_nibbles(src, n, pl->tmp);
+    pl->src = pl->tmp; pl->nsym = 2 * n; pl->mode = 1; memcpy(pl->f, fn, sizeof fn);
+    return 1;
+}
+
+static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+    ansplan pl;
+    if (!ans_plan_c(src, n, &pl)) return 0;
     if (cap > n) cap = n;                                   /* never more than the plane */
-    if (!nib) return ans_encode_c(src, n, ANS_LOG, 0, ans_lanes(n), f, dst, cap);
-    uint8_t *t = malloc(2 * n);
-    if (!t) return 0;
-    ans_nibbles(src, n, t);
-    size_t r = ans_encode_c(t, 2 * n, ANS_LOG, 1, ans_lanes(2 * n), fn, dst, cap);
-    free(t);
+    size_t r = ans_encode_c(pl.src, pl.nsym, ANS_LOG, pl.mode, ans_lanes(pl.nsym), pl.f, dst, cap);
+    free(pl.tmp);
     return r;
 }
 
-/* ans_encode(src, out, L=0, lanes=0, nibbles=0) -> payload size in out, or 0. With L = 0 the
- * writer's policy (ans_try_c); otherwise src coded with table log L and ``lanes`` lanes, per byte
- * or per nibble, frequencies normalized from its counts (the reference's encode, for tests). */
+/* ans_try_c over many planes, with the encodes of one and two lanes (planes under 32 Ki symbols:
+ * most of a delta's) run two planes at a time in step: a lane's state chain is bound by the
+ * division's latency, and the planes' chains overlap (more planes at a time measured no faster:
+ * the states no longer fit in registers). The same bytes as one at a time: a slot
+ * runs in step only while every slot has ANS_STEP rounds left and room for them, and otherwise
+ * finishes its plane with ans_encode_c's own loop and checks. out[i]: payload size at dst[i], or 0. */
+#define ANS_STEP 128
+
+typedef struct { encsym T[256]; uint32_t x[2]; const uint8_t *src; uint8_t *dst, *p, *lim, *end; size_t r, h, st; Py_ssize_t k; } ansslot;
+
+static inline void ans_step1(uint32_t *x, uint8_t **p, const encsym *t_) {
+    uint32_t xs = *x, emit = (xs >> (32 - ANS_LOG)) >= t_->xmax; uint16_t w16 = (uint16_t)xs;
+    memcpy(*p - 2, &w16, 2); *p -= 2 * emit; xs >>= 16 * emit;
+    uint32_t q = (uint32_t)((uint64_t)(((unsigned __int128)xs * t_->rcp) >> 32) >> t_->sh);
+    *x = xs + t_->cum + q * t_->cmpl;
+}
+
+/* start plane k in a slot of `lanes` lanes (its partial round done); 0 if it failed at once */
+static int ans_slot_start(ansslot *S, const ansplan *pl, Py_ssize_t k, int lanes, uint8_t *dst, size_t cap, size_t *out) {
+    if (cap < ans_hlen(pl->f) + 6 * (size_t)lanes + 2) { out[k] = 0; return 0; }
+    S->k = k; S->dst = dst; S->src = pl->src;
+    S->st = ans_header(dst, ANS_LOG, pl->mode, lanes, pl->f); S->h = S->st + 4 * (size_t)lanes;
+    ans_enc_table(pl->f, ANS_LOG, S->T);
+    S->x[0] = S->x[1] = ANS_LOW; S->end = S->p = dst + cap; S->lim = dst + S->h;
+    size_t n = pl->nsym, full = n - n % (size_t)lanes;
+    for (size_t i = n; i > full; i--) {
+        if (S->p - S->lim < 2) { out[k] = 0; return 0; }
+        ans_step1(&S->x[i - 1 - full], &S->p, &S->T[S->src[i - 1]]);
+    }
+    S->r = full;
+    return 1;
+}
+
+static void ans_slot_finish(ansslot *S, int lanes, size_t *out) {
+    size_t res = 0;
+    for (; S->r > 0; S->r -= (size_t)lanes) {
+        if (S->p - S->lim < 2 * (ptrdiff_t)lanes) goto done;
+        for (int j = lanes - 1; j >= 0; j--) ans_step1(&S->x[j], &S->p, &S->T[S->src[S->r - (size_t)lanes + (size_t)j]]);
+    }
+    size_t words = (size_t)(S->end - S->p);
+    memmove(S->dst + S->h, S->p, words);
+    memcpy(S->dst + S->st, S->x, 4 * (size_t)lanes);
+    res = S->h + words;
+done:
+    out[S->k] = res;
+}
+
+#define ANS_FITS(S_, LANES) ((S_).r >= (size_t)(LANES) * ANS_STEP && (S_).p - (S_).lim >= 2 * (LANES) * ANS_STEP + 2 * (LANES))
+/* the planes idx[0 .. m-1] (each of LANES lanes), NS slots in step */
+#define ANS_MACHINE(LANES, NS) \
+static void ans_machine##LANES(const ansplan *pl, const Py_ssize_t *idx, Py_ssize_t m, uint8_t *const *dst, \
+                               const size_t *cap, size_t *out) { \
+    ansslot *S = malloc(NS * sizeof(ansslot)); int live = 0; Py_ssize_t next = 0; \
+    if (!S) { for (Py_ssize_t i = 0; i < m; i++) { Py_ssize_t k = idx[i]; \
+        out[k] = ans_encode_c(pl[k].src, pl[k].nsym, ANS_LOG, pl[k].mode, LANES, pl[k].f, dst[k], cap[k]); } return; } \
+    while (live < NS && next < m) { Py_ssize_t k = idx[next++]; live += ans_slot_start(&S[live], &pl[k], k, LANES, dst[k], cap[k], out); } \
+    while (live == NS) { \
+        int fit = 1; \
+        for (int s = 0; s < NS; s++) fit &= ANS_FITS(S[s], LANES); \
+        if (fit) { \
+            uint32_t x[NS][LANES]; uint8_t *p[NS]; const uint8_t *src[NS]; \
+            for (int s = 0; s < NS; s++) { \
+                for (int j = 0; j < LANES; j++) x[s][j] = S[s].x[j]; \
+                p[s] = S[s].p; src[s] = S[s].src + S[s].r; } \
+            for (int b = 1; b <= ANS_STEP; b++) \
+                for (int j = LANES - 1; j >= 0; j--) \
+                    for (int s = 0; s < NS; s++) \
+                        ans_step1(&x[s][j], &p[s], &S[s].T[src[s][j - (ptrdiff_t)(LANES) * b]]); \
+            for (int s = 0; s < NS; s++) { \
+                for (int j = 0; j < LANES; j++) S[s].x[j] = x[s][j]; \
+                S[s].p = p[s]; S[s].r -= (size_t)(LANES) * ANS_STEP; } \
+            continue; \
+        } \
+        for (int s = 0; s < live; s++) \
+            if (!ANS_FITS(S[s], LANES)) { \
+                ans_slot_finish(&S[s], LANES, out); \
+                int got = 0; \
+                while (!got && next < m) { Py_ssize_t k = idx[next++]; got = ans_slot_start(&S[s], &pl[k], k, LANES, dst[k], cap[k], out); } \
+                if (!got) { S[s] = S[--live]; s--; } \
+            } \
+    } \
+    for (int s = 0; s < live; s++) ans_slot_finish(&S[s], LANES, out); \
+    free(S); \
+}
+ANS_MACHINE(1, 2)
+ANS_MACHINE(2, 2)
+
+static void ans_encode_planes(Py_ssize_t N, const uint8_t *const *src, const size_t *n, uint8_t *const *dst,
+                              const size_t *cap, size_t *out) {
+    ansplan *pl = malloc((size_t)(N + 1) * sizeof(ansplan));
+    Py_ssize_t *idx = malloc((size_t)(2 * N + 2) * sizeof(Py_ssize_t)), m1 = 0, m2 = 0;
+    size_t *c = malloc((size_t)(N + 1) * sizeof(size_t));
+    if (!pl || !idx || !c) {                        /* (out of memory: one at a time) */
+        for (Py_ssize_t k = 0; k < N; k++) out[k] = ans_try_c(src[k], n[k], dst[k], cap[k]);
+        free(pl); free(idx); free(c); return;
+    }
+    Py_ssize_t *i1 = idx, *i2 = idx + N + 1;
+    for (Py_ssize_t k = 0; k < N; k++) {
+        out[k] = 0; c[k] = cap[k] < n[k] ? cap[k] : n[k];  /* never more than the plane */
+        if (!ans_plan_c(src[k], n[k], &pl[k])) { pl[k].nsym = 0; continue; }
+        int lanes = ans_lanes(pl[k].nsym);
+        if (lanes == 1) i1[m1++] = k;
+        else if (lanes == 2) i2[m2++] = k;
+        else out[k] = ans_encode_c(pl[k].src, pl[k].nsym, ANS_LOG, pl[k].mode, lanes, pl[k].f, dst[k], c[k]);
+    }
+    ans_machine1(pl, i1, m1, dst, c, out);
+    ans_machine2(pl, i2, m2, dst, c, out);
+    for (Py_ssize_t k = 0; k < N; k++) if (pl[k].nsym) free(pl[k].tmp);
+    free(pl); free(idx); free(c);
+}
+
 static PyObject *ans_encode(PyObject *self, PyObject *args) {
     Py_buffer s, o; int L = 0, lanes = 0, nib = 0; size_t r = 0; int bad = 0;
     if (!PyArg_ParseTuple(args, "y*w*|iip", &s, &o, &L, &lanes, &nib)) return NULL;
@@ -1705,17 +1828,33 @@ static PyObject *ans_encode_many(PyObject *self, PyObject *args) {
     if (!v) { PyBuffer_Release(&o); PyBuffer_Release(&rec); return PyErr_NoMemory(); }
     for (; got < N; got++) if (PyObject_GetBuffer(PyList_GET_ITEM(lst, got), &v[got], PyBUF_C_CONTIGUOUS) < 0) break;
     int ok = got == N && rec.len >= N * 16;
+    const uint8_t **sp = NULL; uint8_t **dp = NULL; size_t *np_ = NULL, *cp = NULL, *out = NULL;
     if (ok) {
-        int64_t *R = rec.buf;
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < N; i++) {
-            size_t r = ans_try_c(v[i].buf, (size_t)v[i].len, (uint8_t *)o.buf + pos, (size_t)o.len - pos);
-            R[2 * i] = (int64_t)pos; R[2 * i + 1] = (int64_t)r; pos += r;
-        }
-        Py_END_ALLOW_THREADS
+        sp = PyMem_Malloc((N + 1) * sizeof *sp); dp = PyMem_Malloc((N + 1) * sizeof *dp);
+        np_ = PyMem_Malloc((N + 1) * sizeof *np_); cp = PyMem_Malloc((N + 1) * sizeof *cp); out = PyMem_Malloc((N + 1) * sizeof *out);
+        if (!sp || !dp || !np_ || !cp || !out) ok = -1;
     }
+    if (ok == 1) {
+        int64_t *R = rec.buf;
+        for (Py_ssize_t i = 0; i < N; i++) {       /* plane i's payload goes at its own offset: the planes before it */
+            size_t room = (size_t)o.len > pos ? (size_t)o.len - pos : 0;
+            sp[i] = v[i].buf; np_[i] = (size_t)v[i].len; dp[i] = (uint8_t *)o.buf + (room ? pos : 0); cp[i] = room;
+            R[2 * i] = (int64_t)(room ? pos : 0);
+            pos += room < np_[i] ? room : np_[i];
+        }
+        Py_BEGIN_ALLOW_THREADS
+        ans_encode_planes(N, sp, np_, dp, cp, out);
+        Py_END_ALLOW_THREADS
+        pos = 0;
+        for (Py_ssize_t i = 0; i < N; i++) {
+            R[2 * i + 1] = (int64_t)out[i];
+            if (out[i] && (size_t)R[2 * i] + out[i] > pos) pos = (size_t)R[2 * i] + out[i];
+        }
+    }
+    PyMem_Free(sp); PyMem_Free(dp); PyMem_Free(np_); PyMem_Free(cp); PyMem_Free(out);
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&v[i]);
     PyMem_Free(v); PyBuffer_Release(&o); PyBuffer_Release(&rec);
+    if (ok < 0) return PyErr_NoMemory();
     if (!ok) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "rec too small"); return NULL; }
     return PyLong_FromSize_t(pos);
 }
@@ -1771,7 +1910,7 @@ static PyMethodDef methods[] = {
     {"ctxm_cum", ctxm_cum, METH_VARARGS, "ctxm_cum(bitmap, nsorted, cum)"},
     {"ctxm_simd", py_ctxm_simd, METH_VARARGS, "ctxm_simd(flag=-1) -> 1 when the AVX-512 ctxm move is on; 0/1 turns it off/on"},
     {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0, nibbles=False) -> payload size or 0 (L=0: the writer's policy)"},
-    {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> bytes used; rec gets (offset, size) per plane"},
+    {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> extent used; rec gets (offset, size) per plane, each plane's payload at the offset of the planes before it"},
     {"ans_simd", py_ans_simd, METH_VARARGS, "ans_simd(flag=-1) -> 1 when the AVX2 ans encoder is on; 0/1 turns it off/on"},
     {"ans_decode_many", ans_decode_many, METH_VARARGS, "ans_decode_many([(payload, out)]) -> -1 or the first bad pair"},
     {NULL, NULL, 0, NULL}};

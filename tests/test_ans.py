@@ -253,6 +253,48 @@ def test_writer_policy_uses_ans_only_where_it_pays():
         codecs.ANS_ENABLED = True
 
 
+@needs_c
+@pytest.mark.parametrize("arena", ["roomy", "tight"])
+def test_encode_many_gives_each_plane_what_one_at_a_time_gives(arena):
+    """ans_encode_many codes one- and two-lane planes in step, several at a time: each plane's
+    payload is what ans_encode (the writer's policy) gives for it alone, at its own offset
+    (the sum of the planes before it), with that region's room; nothing written beyond it."""
+    rng = np.random.default_rng(7)
+    planes = []
+    for k in range(60):
+        size = int(rng.choice([70, 300, 1500, 6000, 9000, 14000, 17000, 30000, 40000, 70000]))
+        kind = k % 5
+        if kind == 0:
+            a = rng.choice(np.array([1, 2, 3, 200], np.uint8), size, p=[0.5, 0.45, 0.04, 0.01])
+        elif kind == 1:
+            a = np.packbits(rng.random(8 * size) < rng.choice([0.01, 0.1, 0.3]))
+        elif kind == 2:
+            a = rng.integers(0, 256, size, dtype=np.uint8)               # left to zstd
+        elif kind == 3:
+            a = (rng.geometric(0.5, size) % 7).astype(np.uint8)
+        else:
+            a = rng.integers(0, 2, size, dtype=np.uint8) * 255
+        planes.append(np.ascontiguousarray(a))
+    total = sum(p.size for p in planes)
+    size = total if arena == "roomy" else total * 2 // 3
+    out = np.full(size + 64, 0xEE, np.uint8)
+    rec = np.zeros((len(planes), 2), np.int64)
+    cpu._accel.ans_encode_many(planes, out[:size], rec)
+    assert (out[size:] == 0xEE).all()
+    pos, coded = 0, 0
+    for p, (off, n) in zip(planes, rec.tolist()):
+        room = max(0, size - pos)
+        one = np.empty(max(1, min(room, p.size)), np.uint8)
+        m = codecs._ans_encode(p, one[:min(room, p.size)]) if room else 0
+        assert n == m and (not n or off == pos)
+        if n:
+            coded += 1
+            assert bytes(out[off:off + n]) == bytes(one[:m])
+            assert np.array_equal(ans.decode(bytes(out[off:off + n]), p.size), p)
+        pos += min(room, p.size)
+    assert coded >= 20
+
+
 def _sparse_pair(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     base = {"w": (torch.randn(300, 1000, generator=g) * 0.02).to(torch.bfloat16),
