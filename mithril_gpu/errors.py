@@ -65,6 +65,8 @@ def short(text, limit: int = 120) -> str:
     elided, and with characters that cannot be printed (lone surrogates, controls) escaped, so a
     message stays one printable line whatever a file holds."""
     s = str(text)
+    if len(s) <= limit and s.isascii() and s.isprintable():     # (the common case, cheaply: a file
+        return s                                                # opens with a call per tensor)
     if len(s) > limit:
         keep = (limit - 3) // 2
         s = s[:keep] + "..." + s[-keep:]
