@@ -286,7 +286,8 @@ class Checkpointer:
             full = self._since_full + 1 >= self.full_every
         base_tensors = None
         if not full and self._base_tensors is not None and self._last_step == prev:
-            base_tensors = {n: (lambda t=t: api.tensor_bytes(t.to("cpu"))) for n, t in self._base_tensors.items()}
+            base_tensors = {n: api.tensor_bytes(t) if t.device.type == "cpu" else (lambda t=t: api.tensor_bytes(t.to("cpu")))
+                            for n, t in self._base_tensors.items()}     # (CPU bytes at hand: views, no copies)
         choices = None
         if not full:     # a tensor's coding is chosen at the chain's first delta and every few deltas after
             if self._choices is None or self._since_full % RECHOOSE_EVERY == 0:

@@ -163,3 +163,21 @@ def test_a_state_changed_by_someone_else_during_a_blocking_save_is_saved_again_f
         state[n].copy_(t)
     ck.save(state, 2)                           # a delta on the kept copy: restores bit-exact
     assert_tree_same(ck.load(2), state)
+
+
+@pytest.mark.parametrize("where", ["head", "tail"])
+def test_unchanged_tensors_are_same_and_a_change_past_the_probe_is_not(tmp_path, where):
+    """With the base in memory, a tensor whose first few KB differ from its base is not hashed
+    to look for "same"; one that differs only past them still gets a delta, and an unchanged one
+    is stored as "same"."""
+    n = deltaplan.SAME_PROBE_BYTES                      # bytes: a float32 tensor of 4x that many
+    s0 = {"w": torch.randn(n), "c": torch.arange(float(n))}
+    s1 = {"w": s0["w"].clone(), "c": s0["c"].clone()}
+    s1["w"][0 if where == "head" else -1] += 1.0
+    ck = mithril_gpu.Checkpointer(tmp_path / "ck", full_every=10, keep=None)
+    ck.save(s0, 0)
+    ck.save(s1, 1)
+    with mithril_gpu.open(ck.path(1)) as f:
+        ops = {k: f.info(k)["delta"] for k in f.keys()}
+    assert ops["c"] == "same" and ops["w"] in ("xor", "zigzag")
+    assert_tree_same(ck.load(1), s1)
