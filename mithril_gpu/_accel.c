@@ -928,6 +928,154 @@ static Py_ssize_t ctxm_unit(const uint64_t *W, const uint64_t *cum, const uint64
     return nnz;
 }
 
+/* The reader's counterpart (ctxm_inverse): a part of a tensor rebuilt from the bitmap over sorted
+ * positions and the packed nonzero deltas (decode_units kind 4 puts each masked segment there),
+ * without the sorted stream. Element i of context c takes sorted position p = pos[c]++; its delta
+ * is the next packed value of its context when bit p is set, else 0; vals index of a context's
+ * first value in the part: the set bits before its first position (cum). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CTXI_PUT64(c, eq) do { \
+    uint64_t eq_ = (eq); unsigned c_ = (c); \
+    int k = __builtin_popcountll(eq_); uint64_t p = pos[c_], wi = p >> 6; int r = (int)(p & 63); \
+    uint64_t win = _bzhi_u64((W[wi] >> r) | ((W[wi + 1] << 1) << (63 - r)), (unsigned)k); \
+    uint64_t nzm = _pdep_u64(win, eq_); int n0 = __builtin_popcount((uint32_t)nzm); \
+    const uint16_t *v_ = V + vp[c_]; \
+    a0 = _mm512_or_si512(a0, _mm512_maskz_expand_epi16((__mmask32)nzm, _mm512_loadu_si512(v_))); \
+    a1 = _mm512_or_si512(a1, _mm512_maskz_expand_epi16((__mmask32)(nzm >> 32), _mm512_loadu_si512(v_ + n0))); \
+    vp[c_] += (uint64_t)__builtin_popcountll(win); pos[c_] = p + (uint64_t)k; } while (0)
+
+/* groups of 64 16-bit elements: each context's bits for the group read as one window, deposited
+ * at its elements (pdep), its values expanded into them */
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi,bmi2,popcnt")))
+static void ctxi_group16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, uint64_t *vp,
+                         const uint64_t *W, const uint16_t *V, const unsigned *hot, int nhot) {
+    __m512i hv[CTXM_HOT];
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
+    for (Py_ssize_t j = 0; j < m; j += 64) {
+        Py_ssize_t left = m - j;
+        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0;
+        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
+        __m512i c0 = _mm512_maskz_loadu_epi16(r0, cb + j), c1 = _mm512_maskz_loadu_epi16(r1, cb + j + 32);
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        for (int h = 0; h < nhot; h++) {
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
+            seen |= eq; CTXI_PUT64(hot[h], eq); }
+        rem &= ~seen;
+        while (rem) {
+            unsigned c = (unsigned)cb[j + __builtin_ctzll(rem)];
+            __m512i b = _mm512_set1_epi16((short)c);
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
+            rem &= ~eq; CTXI_PUT64(c, eq); }
+        _mm512_mask_storeu_epi16(db + j, r0, a0);
+        _mm512_mask_storeu_epi16(db + j + 32, r1, a1);
+    }
+}
+#define CTXI_HAVE_SIMD 1
+#endif
+
+#define CTXI_SCALAR(T) \
+    for (Py_ssize_t j = 0; j < m; j++) { unsigned c = cb[j]; uint64_t p = pos[c], v = vp[c]; \
+        T bit = (T)((W[p >> 6] >> (p & 63)) & 1); \
+        db[j] = (T)(V[v] & (T)(0 - bit)); vp[c] = v + bit; pos[c] = p + 1; }
+
+#define CTXI_T(T, BITS, GROUP) do { \
+    const T *Y = (const T *)bs.buf; T *O = (T *)os.buf; const T *V = (const T *)vs.buf; \
+    const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
+    T cb[CTX_BLK], db[CTX_BLK]; \
+    for (Py_ssize_t j0 = 0; j0 < n && !bad; j0 += CTX_BLK) { \
+        Py_ssize_t m = n - j0 < CTX_BLK ? n - j0 : CTX_BLK; \
+        for (Py_ssize_t j = 0; j < m; j++) { T y = Y[j0 + j]; cb[j] = (T)((y >> s) & cm); } \
+        GROUP; \
+        for (Py_ssize_t j = 0; j < m; j++) CTX_DEC(T, BITS, db[j], Y[j0 + j], O[j0 + j]); \
+        if ((j0 + m) % CTXM_CHECK == 0 || j0 + m == n) \
+            for (int c = 0; c < nc; c++) bad |= pos[c] > end[c]; \
+    } \
+} while (0)
+
+/* ctxm_inverse(base, out, bitmap, vals, cum, itemsize, op, is_float, s, w, nsorted, offsets, counts)
+ * The part (base, out: its elements in natural order; offsets and counts as for ctxm) rebuilt
+ * from bitmap and vals (covering nsorted positions, plus CTXM_SLACK) and cum (ctxm_cum's). */
+static PyObject *ctxm_inverse(PyObject *self, PyObject *args) {
+    Py_buffer bs, os, Ws, vs, cs, ob, cbf; int isz, op, fl, s, w; Py_ssize_t nsorted;
+    if (!PyArg_ParseTuple(args, "y*w*y*y*y*iiiiiny*y*", &bs, &os, &Ws, &vs, &cs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf))
+        return NULL;
+    int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && os.len == bs.len && bs.len % isz == 0
+             && op >= 0 && op <= 1 && w >= 1 && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz && nsorted >= 0
+             && Ws.len / 8 >= (nsorted + CTXM_SLACK) / 64 + 2 && vs.len / isz >= nsorted + CTXM_SLACK
+             && cs.len / 8 >= nsorted / 64 + 2
+             && ob.len >= (Py_ssize_t)(sizeof(uint64_t) << w) && cbf.len >= (Py_ssize_t)(sizeof(uint64_t) << w)
+             && ((uintptr_t)Ws.buf % 8) == 0 && ((uintptr_t)cs.buf % 8) == 0 && ((uintptr_t)vs.buf % isz) == 0
+             && ((uintptr_t)os.buf % isz) == 0 && ((uintptr_t)bs.buf % isz) == 0;
+    Py_ssize_t n = bs.len / (isz ? isz : 1); int nc = 1 << w;
+    uint64_t *st = NULL;
+    if (ok) {
+        const uint64_t *O = ob.buf, *C = cbf.buf; uint64_t tot = 0;
+        for (int c = 0; c < nc && ok; c++) {
+            tot += C[c];
+            ok = C[c] <= (uint64_t)nsorted && O[c] <= (uint64_t)nsorted - C[c];
+        }
+        ok = ok && tot == (uint64_t)n;
+    }
+    if (ok && !(st = malloc(3 * sizeof(uint64_t) << w))) ok = -1;
+    if (ok != 1) {
+        PyBuffer_Release(&bs); PyBuffer_Release(&os); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
+        PyBuffer_Release(&cs); PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+        if (ok < 0) return PyErr_NoMemory();
+        PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
+    }
+    int bad = 0, simd = ctxm_simd == 1;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t *pos = st, *vp = st + nc, *end = st + 2 * (size_t)nc;
+    const uint64_t *W = Ws.buf, *cum = cs.buf, *C = cbf.buf;
+    for (int c = 0; c < nc; c++) {
+        pos[c] = ((const uint64_t *)ob.buf)[c]; end[c] = pos[c] + C[c];
+        vp[c] = C[c] ? ctxm_before(W, cum, pos[c]) : 0;
+    }
+    unsigned hot[CTXM_HOT]; int nhot = 0;
+    for (int c = 0; c < nc && nhot < CTXM_HOT; c++) if (C[c] && C[c] * (uint64_t)ctxm_hot_t >= (uint64_t)n) hot[nhot++] = (unsigned)c;
+    (void)hot; (void)simd;
+    switch (isz) {
+        case 1: CTXI_T(uint8_t, 8, CTXI_SCALAR(uint8_t)); break;
+#ifdef CTXI_HAVE_SIMD
+        case 2: CTXI_T(uint16_t, 16, if (simd) ctxi_group16(cb, db, m, pos, vp, W, V, hot, nhot); else { CTXI_SCALAR(uint16_t) }); break;
+#else
+        case 2: CTXI_T(uint16_t, 16, CTXI_SCALAR(uint16_t)); break;
+#endif
+        case 4: CTXI_T(uint32_t, 32, CTXI_SCALAR(uint32_t)); break;
+        default: CTXI_T(uint64_t, 64, CTXI_SCALAR(uint64_t)); break;
+    }
+    if (!bad) for (int c = 0; c < nc; c++) bad |= pos[c] != end[c];
+    Py_END_ALLOW_THREADS
+    free(st);
+    PyBuffer_Release(&bs); PyBuffer_Release(&os); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
+    PyBuffer_Release(&cs); PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+    if (bad) { PyErr_SetString(PyExc_ValueError, "the base's contexts do not match their counts (did the base change?)"); return NULL; }
+    Py_RETURN_NONE;
+}
+
+/* bits [0, n) of the bytes m (LSB first) ORed into W at bit offset off: words wholly inside the
+ * range stored, the two at its ends ORed atomically (other units share them, maybe on other
+ * threads). tb: scratch of (n + 7) / 8 + 16 bytes. */
+static void ctxm_bits_place(uint64_t *W, uint64_t off, const uint8_t *m, uint64_t n, uint8_t *tb) {
+    if (!n) return;
+    uint64_t nb = (n + 7) / 8;
+    memcpy(tb, m, nb); memset(tb + nb, 0, 16);
+    if (n & 7) tb[nb - 1] &= (uint8_t)((1u << (n & 7)) - 1);
+    uint64_t d0 = off >> 6, d1 = (off + n - 1) >> 6;
+    for (uint64_t d = d0; d <= d1; d++) {
+        uint64_t lo = d << 6 > off ? d << 6 : off, hi = (d + 1) << 6 < off + n ? (d + 1) << 6 : off + n;
+        uint64_t sbit = lo - off, q = sbit >> 3; int r = (int)(sbit & 7);
+        uint64_t v; memcpy(&v, tb + q, 8);
+        v = (v >> r) | (r ? (uint64_t)tb[q + 8] << (64 - r) : 0);
+        if (hi - lo < 64) v &= (1ull << (hi - lo)) - 1;
+        v <<= (lo - (d << 6));
+        if (d == d0 || d == d1) __atomic_fetch_or(&W[d], v, __ATOMIC_RELAXED);
+        else W[d] = v;
+    }
+}
+
 /* ------------------------------------------------------------------------------------------
  * Fused per-job paths: one call (GIL released throughout) for a run of units of one tensor.
  * kind: 0 raw, 1 bytegroup, 2 fieldsplit, 3 masked, 4 masked units cut from ctxm's bitmap and
@@ -1158,8 +1306,8 @@ static PyObject *encode_many(PyObject *self, PyObject *args) {
  * size) are merged into out[bounds[u]:bounds[u+1]] (the delta inverted against base at the same
  * offsets when op >= 0), and when dig_out is not empty it gets XXH64 of each unit's bytes. */
 typedef struct {
-    Py_buffer bnd, out, nz, dig, base; Py_buffer *pv;
-    int have_base, got, isz, kind, e, m, op, fl, P, verify;
+    Py_buffer bnd, out, nz, dig, base, cW, cvs; Py_buffer *pv;
+    int have_base, have_ctxm, got, isz, kind, e, m, op, fl, P, verify;
     Py_ssize_t U, maxunit, bad;
 } decjob;
 
@@ -1167,28 +1315,35 @@ static void dec_release(decjob *j) {
     if (j->pv) { for (int i = 0; i < j->got; i++) PyBuffer_Release(&j->pv[i]); PyMem_Free(j->pv); j->pv = NULL; }
     PyBuffer_Release(&j->bnd); PyBuffer_Release(&j->out); PyBuffer_Release(&j->nz); PyBuffer_Release(&j->dig);
     if (j->have_base) PyBuffer_Release(&j->base);
+    if (j->have_ctxm) { PyBuffer_Release(&j->cW); PyBuffer_Release(&j->cvs); }
 }
 
 static int dec_parse(PyObject *args, decjob *j) {
-    PyObject *pl, *bo; const char *err = NULL;
+    PyObject *pl, *bo, *co = Py_None; const char *err = NULL;
     memset(j, 0, sizeof(*j));
     if (!PyTuple_Check(args)) { PyErr_SetString(PyExc_TypeError, "a tuple of arguments"); return -1; }
-    if (!PyArg_ParseTuple(args, "O!y*w*Oiiiiiiy*w*", &PyTuple_Type, &pl, &j->bnd, &j->out, &bo, &j->isz, &j->kind, &j->e,
-                          &j->m, &j->op, &j->fl, &j->nz, &j->dig)) return -1;
+    if (!PyArg_ParseTuple(args, "O!y*w*Oiiiiiiy*w*|O", &PyTuple_Type, &pl, &j->bnd, &j->out, &bo, &j->isz, &j->kind, &j->e,
+                          &j->m, &j->op, &j->fl, &j->nz, &j->dig, &co)) return -1;
     if (bo != Py_None) {
         if (PyObject_GetBuffer(bo, &j->base, PyBUF_C_CONTIGUOUS) < 0) { dec_release(j); return -1; }
         j->have_base = 1;
+    }
+    if (co != Py_None) {                 /* kind 4: (bitmap, first value index of each unit) */
+        if (!PyArg_ParseTuple(co, "w*y*", &j->cW, &j->cvs)) { dec_release(j); return -1; }
+        j->have_ctxm = 1;
     }
     int isz = j->isz, kind = j->kind;
     j->U = j->bnd.len / 8 - 1;
     const int64_t *B = j->bnd.buf;
     j->P = nplanes_of(kind, isz, j->m);
     j->verify = j->dig.len > 0;
-    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || kind < 0 || kind > 3 || j->U < 0 || j->bnd.len % 8
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || kind < 0 || kind > 4 || j->U < 0 || j->bnd.len % 8
             || (kind == 2 && !((isz == 2 || isz == 4) && j->e > 0 && j->m > 0 && j->e + j->m + 1 == 8 * isz))
             || j->P > MAXP + 1 || j->op < -1 || j->op > 1 || (j->op >= 0) != j->have_base
             || (j->have_base && j->base.len != j->out.len)
-            || PyTuple_GET_SIZE(pl) != j->U * j->P || (kind == 3 && j->nz.len < j->U * 8) || (j->verify && j->dig.len < j->U * 8)) {
+            || (kind == 4) != j->have_ctxm || (kind == 4 && (j->op != -1 || j->verify || j->cvs.len < j->U * 8
+                                                              || (uintptr_t)j->cW.buf % 8 || (uintptr_t)j->cvs.buf % 8))
+            || PyTuple_GET_SIZE(pl) != j->U * j->P || (kind >= 3 && j->nz.len < j->U * 8) || (j->verify && j->dig.len < j->U * 8)) {
         err = "bad arguments"; goto fail;
     }
     if (j->U > 0 && check_bounds(B, j->U, j->out.len, isz, &j->maxunit) < 0) { err = "bad unit bounds"; goto fail; }
@@ -1196,12 +1351,14 @@ static int dec_parse(PyObject *args, decjob *j) {
     if (!j->pv) { PyErr_NoMemory(); goto fail; }
     for (; j->got < j->U * j->P; j->got++)
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(pl, j->got), &j->pv[j->got], PyBUF_C_CONTIGUOUS) < 0) goto fail;
-    const int64_t *NZ = j->nz.buf;
+    const int64_t *NZ = j->nz.buf, *VS = j->have_ctxm ? j->cvs.buf : NULL;
+    if (kind == 4 && j->U > 0 && (uint64_t)(j->cW.len / 8) < (uint64_t)(B[j->U] / isz) / 64 + 2) { err = "bad unit bounds"; goto fail; }
     for (Py_ssize_t u = 0; u < j->U; u++) {       /* every plane holds at least its size */
         Py_ssize_t n = (B[u + 1] - B[u]) / isz;
-        if (kind == 3 && (NZ[u] < 0 || NZ[u] > n)) { err = "bad nnz"; goto fail; }
+        if (kind >= 3 && (NZ[u] < 0 || NZ[u] > n)) { err = "bad nnz"; goto fail; }
+        if (kind == 4 && (VS[u] < 0 || VS[u] > j->out.len / isz - NZ[u])) { err = "bad value offsets"; goto fail; }
         for (int k = 0; k < j->P; k++) {
-            Py_ssize_t want = kind == 0 ? n * isz : kind != 3 ? n : k == 0 ? (n + 7) / 8 : NZ[u];
+            Py_ssize_t want = kind == 0 ? n * isz : kind < 3 ? n : k == 0 ? (n + 7) / 8 : NZ[u];
             if (j->pv[u * j->P + k].len < want) { err = "plane too small"; goto fail; }
         }
     }
@@ -1218,8 +1375,22 @@ static int dec_run(decjob *j) {
     uint8_t *tmp = NULL;
     j->bad = -1;
     if (op >= 0 && kind != 0 && j->maxunit) { tmp = malloc(j->maxunit); if (!tmp) return -1; }
+    if (kind == 4) { tmp = malloc((size_t)j->maxunit / 8 + 32); if (!tmp) return -1; }
     for (Py_ssize_t u = 0; u < j->U; u++) {
         Py_ssize_t a = B[u], len = B[u + 1] - B[u], n = len / isz;
+        if (kind == 4) {                  /* the unit's bits into the bitmap, its values packed at their index */
+            const uint8_t *m = j->pv[u * P].buf; Py_ssize_t cnt = 0, nb = n / 8;
+            for (Py_ssize_t i = 0; i < nb; i++) cnt += __builtin_popcount(m[i]);
+            if (n & 7) cnt += __builtin_popcount(m[nb] & ((1u << (n & 7)) - 1));
+            if (cnt != NZ[u]) { j->bad = u; break; }
+            ctxm_bits_place(j->cW.buf, (uint64_t)(a / isz), m, (uint64_t)n, tmp);
+            uint8_t *v = (uint8_t *)j->out.buf + ((const int64_t *)j->cvs.buf)[u] * isz;
+            for (int k = 0; k < isz; k++) {
+                const uint8_t *pk = j->pv[u * P + 1 + k].buf;
+                for (Py_ssize_t i = 0; i < NZ[u]; i++) v[i * isz + k] = pk[i];
+            }
+            continue;
+        }
         uint8_t *o = (uint8_t *)j->out.buf + a, *t = op >= 0 ? tmp : o;
         const uint8_t *bp = j->have_base ? (const uint8_t *)j->base.buf + a : NULL;
         const uint8_t *pp[MAXP + 1];
@@ -1908,6 +2079,7 @@ static PyMethodDef methods[] = {
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
     {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
     {"ctxm_cum", ctxm_cum, METH_VARARGS, "ctxm_cum(bitmap, nsorted, cum)"},
+    {"ctxm_inverse", ctxm_inverse, METH_VARARGS, "ctxm_inverse(base, out, bitmap, vals, cum, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
     {"ctxm_simd", py_ctxm_simd, METH_VARARGS, "ctxm_simd(flag=-1) -> 1 when the AVX-512 ctxm move is on; 0/1 turns it off/on"},
     {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0, nibbles=False) -> payload size or 0 (L=0: the writer's policy)"},
     {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> extent used; rec gets (offset, size) per plane, each plane's payload at the offset of the planes before it"},

@@ -173,37 +173,66 @@ def ctxm_prepare(op: str, dt: DType, x: np.ndarray, base: np.ndarray, s: int, w:
     ``get(nbytes)`` gives uint8 buffers (a pool's); parts of a large tensor move in parallel."""
     isz = dt.itemsize
     n = base.size // isz
+    bitmap, vals, cum = ctxm_tables(dt, n, get)
+    opi, fl = delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
+
+    def move(a, b, offs, hist):
+        _accel.ctxm(x[a:b], base[a:b], bitmap, vals, isz, opi, fl, s, w, n, offs, hist)
+
+    hists, total, offs = _ctx_parts(base, isz, s, w, threads, move)
+    _accel.ctxm_cum(bitmap, n, cum)
+    starts = offs.T[hists.T > 0]            # (context, part) order: ascending sorted positions
+    blocks = np.concatenate([starts, np.array([n], np.uint64)]).astype(np.uint64)
+    return bitmap, vals, cum, blocks, total
+
+
+def ctxm_tables(dt: DType, n: int, get=None) -> tuple:
+    """Buffers for ctxm's tables of ``n`` elements: the bitmap (zeroed), the values, cum."""
     get = get or (lambda size: np.empty(size, np.uint8))
+    bitmap = get(((n + CTXM_SLACK) // 64 + 2) * 8).view(np.uint64)
+    bitmap[:] = 0
+    return bitmap, get((n + CTXM_SLACK) * dt.itemsize), get((n // 64 + 2) * 8).view(np.uint64)
+
+
+def ctxm_unsort(op: str, dt: DType, bitmap: np.ndarray, vals: np.ndarray, cum: np.ndarray, base: np.ndarray,
+                out: np.ndarray, s: int, w: int, threads: int = 1) -> None:
+    """``out`` = the tensor rebuilt from ctxm's tables (filled by decode_units kind 4) and its
+    base (``_accel.ctxm_inverse``), the inverse of :func:`ctxm_prepare`."""
+    isz = dt.itemsize
+    n = base.size // isz
+    opi, fl = delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
+    _accel.ctxm_cum(bitmap, n, cum)
+
+    def move(a, b, offs, hist):
+        _accel.ctxm_inverse(base[a:b], out[a:b], bitmap, vals, cum, isz, opi, fl, s, w, n, offs, hist)
+    _ctx_parts(base, isz, s, w, threads, move)
+
+
+def _ctx_parts(base: np.ndarray, isz: int, s: int, w: int, threads: int, move) -> tuple:
+    """Cut ``base`` into parts (one per thread for a large tensor), histogram each part's
+    contexts, then ``move(a, b, offsets, hist)`` each part [a, b) (bytes), in parallel; returns
+    (hists, counts per context, offsets per part)."""
+    n = base.size // isz
     parts = min(threads, max(1, base.size // (CTX_PARALLEL_BYTES // 2)))
     cuts = [n * p // parts * isz for p in range(parts + 1)]
     hists = np.zeros((parts, 1 << w), np.uint64)
-    nwords = (n + CTXM_SLACK) // 64 + 2
-    bitmap = get(nwords * 8).view(np.uint64)
-    vals = get((n + CTXM_SLACK) * isz)
-    cum = get((n // 64 + 2) * 8).view(np.uint64)
-    opi, fl = delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
-    bitmap[:] = 0
 
     def hist(p):
         _accel.ctx_hist(base[cuts[p]:cuts[p + 1]], isz, s, w, hists[p])
 
-    def move(p):
-        a, b = cuts[p], cuts[p + 1]
-        _accel.ctxm(x[a:b], base[a:b], bitmap, vals, isz, opi, fl, s, w, n, offs[p], hists[p])
+    def run(p):
+        move(cuts[p], cuts[p + 1], offs[p], hists[p])
 
     if parts > 1:
         with ThreadPoolExecutor(parts, thread_name_prefix="mithril-ctx") as ex:
             list(ex.map(hist, range(parts)))
             total, offs = _part_offsets(hists)
-            list(ex.map(move, range(parts)))
+            list(ex.map(run, range(parts)))
     else:
         hist(0)
         total, offs = _part_offsets(hists)
-        move(0)
-    _accel.ctxm_cum(bitmap, n, cum)
-    starts = offs.T[hists.T > 0]            # (context, part) order: ascending sorted positions
-    blocks = np.concatenate([starts, np.array([n], np.uint64)]).astype(np.uint64)
-    return bitmap, vals, cum, blocks, total
+        run(0)
+    return hists, total, offs
 
 
 def _part_offsets(hists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -592,12 +621,13 @@ class _Fallback(Exception):
 
 
 def _decode_prepare(buf, e: TensorEntry, u0: int, u1: int, bounds: list, out: np.ndarray,
-                    base: np.ndarray | None, verify: bool):
+                    base: np.ndarray | None, verify: bool, ctxm: tuple | None = None):
     """Units [u0, u1) of ``e``, to go into ``out[bounds[0]:bounds[-1]]`` (unit u at bounds[u - u0];
     ``base`` at the same offsets, for a delta): (planes, their positions that hold zstd frames, the
     sizes these decode to, the rest of the arguments of ``_accel.decode_units``). Raises _Fallback
     on anything the per-row path would refuse. (Plain lists: a run is often a row or two, where
-    numpy's fixed costs would dominate.)"""
+    numpy's fixed costs would dominate.) ``ctxm``: (bitmap, values, first value index per unit) of a
+    masked context-sorted delta, which its units go into (kind 4) instead of a sorted stream."""
     dt, isz = e.dtype, e.dtype.itemsize
     widths = e.widths
     P = len(widths)
@@ -629,6 +659,11 @@ def _decode_prepare(buf, e: TensorEntry, u0: int, u1: int, bounds: list, out: np
             raise _Fallback
         planes.append(buf[o:o + c])
     lo, hi = bounds[0], bounds[-1]
+    if ctxm is not None:
+        bitmap, vals, vstart = ctxm
+        rest = (np.array(bounds, np.int64), vals, None, isz, 4, 0, 0, -1, int(delta_ref.is_float(dt)), nnz,
+                np.empty(0, np.uint64), (bitmap, vstart[u0:u1]))
+        return planes, zi, zs, rest
     op = -1 if base is None else delta_ref.OPS.index(e.delta["op"])
     e_, m_ = (dt.exp_bits, dt.man_bits) if kind == 2 else (0, 0)
     rest = (np.array(bounds, np.int64) - lo, out[lo:hi], None if base is None else base[lo:hi], isz, kind, e_, m_, op,
@@ -672,25 +707,27 @@ _BAD_MASK = "masked chunk: the bitmap does not match the number of stored elemen
 
 
 def _decode_fused(buf, e: TensorEntry, u0: int, u1: int, bounds: list, out: np.ndarray,
-                  base: np.ndarray | None, verify: bool) -> list[int]:
+                  base: np.ndarray | None, verify: bool, ctxm: tuple | None = None) -> list[int]:
     """One run, fused: one python-zstandard call for its zstd chunks, one C call for merges, delta
     inverse and digests. Returns the units' digests (when ``verify``). Raises _Fallback."""
-    part = _decode_prepare(buf, e, u0, u1, bounds, out, base, verify)
+    part = _decode_prepare(buf, e, u0, u1, bounds, out, base, verify, ctxm)
     _unzstd([part])
     planes, _, _, rest = part
     if _accel.decode_units(tuple(planes), *rest) >= 0:
         raise CorruptFileError(_BAD_MASK)
-    return rest[-1].tolist()
+    return rest[10].tolist()            # (the digests)
 
 
-def _decode_job_fused(buf, work, job, verify: bool, stream, bounds_of) -> list:
+def _decode_job_fused(buf, work, job, verify: bool, stream, bounds_of, tables=None) -> list:
     """A job of several runs (``decode_all``'s), fused: one python-zstandard call and one C call
     for all of them. Raises _Fallback (the caller decodes the runs one by one)."""
     parts = []
     for w, r0, r1 in job:
         e, out, base = work[w]
         if w in bounds_of:
-            parts.append(_decode_prepare(buf, e, r0, r1, bounds_of[w][r0:r1 + 1].tolist(), stream(w), None, False))
+            t = tables(w) if tables is not None else None
+            parts.append(_decode_prepare(buf, e, r0, r1, bounds_of[w][r0:r1 + 1].tolist(),
+                                         stream(w) if t is None else None, None, False, t))
         else:
             rb, nbytes = e.chunk_elems * e.dtype.itemsize, e.nbytes
             parts.append(_decode_prepare(buf, e, r0, r1, [min(r * rb, nbytes) for r in range(r0, r1 + 1)], out,
@@ -746,16 +783,26 @@ def _decode_rows_ref(buf, e: TensorEntry, out: np.ndarray, base: np.ndarray | No
     return digests
 
 
-def _decode_units(buf, e: TensorEntry, stream: np.ndarray, bounds: np.ndarray, u0: int, u1: int) -> list[int]:
-    """Decode segments [u0, u1) of a context-sorted delta into its sorted stream (no digests:
-    rows are checked once the stream is unsorted)."""
+def _decode_units(buf, e: TensorEntry, stream: np.ndarray | None, bounds: np.ndarray, u0: int, u1: int,
+                  ctxm: tuple | None = None) -> list[int]:
+    """Decode segments [u0, u1) of a context-sorted delta into its sorted stream, or with ``ctxm``
+    into its tables (no digests: rows are checked once the tensor is rebuilt)."""
     if fused() and u1 > u0:
         try:
-            return _decode_fused(buf, e, u0, u1, bounds[u0:u1 + 1].tolist(), stream, None, False)
+            return _decode_fused(buf, e, u0, u1, bounds[u0:u1 + 1].tolist(), stream, None, False, ctxm)
         except _Fallback:
             pass
     for u in range(u0, u1):
-        _decode_unit(buf, e, u, stream[int(bounds[u]):int(bounds[u + 1])])
+        a, b = int(bounds[u]), int(bounds[u + 1])
+        if ctxm is None:
+            _decode_unit(buf, e, u, stream[a:b])
+            continue
+        seg = np.empty(b - a, np.uint8)      # (the per-unit path, which raises the errors: then into the tables)
+        _decode_unit(buf, e, u, seg)
+        nnz, planes = split_masked(e.dtype, seg)
+        _accel.decode_units(tuple(planes), np.array([a, b], np.int64), ctxm[1], None, e.dtype.itemsize, 4, 0, 0, -1,
+                            int(delta_ref.is_float(e.dtype)), np.array([nnz], np.int64), np.empty(0, np.uint64),
+                            (ctxm[0], ctxm[2][u:u + 1]))
     return []
 
 
@@ -786,6 +833,11 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
     # is unsorted into ``out`` as soon as its last segment is in, then hashed whole
     bounds_of: dict[int, np.ndarray] = {}
     streams: dict[int, np.ndarray] = {}
+    # masked ones (with the C helper): into ctxm's tables (bitmap, packed values) instead, then
+    # rebuilt by _accel.ctxm_inverse: the inverse of how writers code them, no stream in between
+    use_ctxm = ctxm_available() and hasattr(_accel, "ctxm_inverse")
+    ctxm_w: set[int] = set()
+    tabs: dict[int, tuple] = {}
     left: dict[int, int] = {}
     pool, lock = BufferPool(), threading.Lock()
     whole_digest: dict[int, int] = {}
@@ -797,6 +849,8 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
             isz = e.dtype.itemsize
             bounds_of[w] = np.concatenate([[0], np.cumsum(e.segs, dtype=np.int64)]) * isz
             left[w] = e.units
+            if use_ctxm and e.transform == "masked" and base is not None:
+                ctxm_w.add(w)
             sizes.append((e.units, e.chunk_elems * isz))
         else:
             sizes.append((e.rows, e.chunk_elems * e.dtype.itemsize))
@@ -808,12 +862,29 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
                 streams[w] = pool.get(work[w][0].nbytes)
             return streams[w]
 
+    def tables(w):
+        if w not in ctxm_w:
+            return None
+        with lock:
+            if w not in tabs:
+                e = work[w][0]
+                vstart = np.concatenate([[0], np.cumsum(e.nnz, dtype=np.int64)[:-1]]).astype(np.int64)
+                tabs[w] = ctxm_tables(e.dtype, e.nbytes // e.dtype.itemsize, pool.get) + (vstart,)
+            bitmap, vals, cum, vstart = tabs[w]
+            return bitmap, vals, vstart
+
     def unsort(w):                     # rebuild the tensor from its sorted stream and its base, then hash it
         e, out, base = work[w]         # (on this thread, while the pool decodes the next entries' chunks:
-        with lock:                     # measured faster than splitting the unsort across threads too)
-            t = streams.pop(w)
-        ctx_apply(e.delta["op"], e.dtype, t, base, out, e.ctx[0], e.ctx[1], inverse=True)
-        pool.put([t])
+        if w in ctxm_w:                # measured faster than splitting the unsort across threads too)
+            with lock:
+                bitmap, vals, cum, _ = tabs.pop(w)
+            ctxm_unsort(e.delta["op"], e.dtype, bitmap, vals, cum, base, out, e.ctx[0], e.ctx[1])
+            pool.put([bitmap, vals, cum])
+        else:
+            with lock:
+                t = streams.pop(w)
+            ctx_apply(e.delta["op"], e.dtype, t, base, out, e.ctx[0], e.ctx[1], inverse=True)
+            pool.put([t])
         if verify:
             whole_digest[w] = checksum.tensor_checksum(out, e.chunk_elems * e.dtype.itemsize)
 
@@ -822,10 +893,11 @@ def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]
     def run(job):
         if use_fused and len(job) > 1:       # several runs (small tensors): one C call for all of them
             try:
-                return _decode_job_fused(buf, work, job, verify, stream, bounds_of)
+                return _decode_job_fused(buf, work, job, verify, stream, bounds_of, tables)
             except _Fallback:
                 pass
-        return [_decode_units(buf, work[w][0], stream(w), bounds_of[w], r0, r1) if w in bounds_of
+        return [_decode_units(buf, work[w][0], None if w in ctxm_w else stream(w), bounds_of[w], r0, r1, tables(w))
+                if w in bounds_of
                 else _decode_rows(buf, work[w][0], work[w][1], work[w][2], r0, r1, verify) for w, r0, r1 in job]
 
     def consume(job, results):

@@ -1,7 +1,8 @@
-"""The writer's masked context-sorted deltas without the sorted stream (``_accel.ctxm`` and
+"""Masked context-sorted deltas without the sorted stream. Writing (``_accel.ctxm`` and
 ``encode_units`` kind 4): files byte-identical to sorting the stream and masked-splitting it (the
-reference path, ``cpu.CTXM = False``), for every dtype, odd sizes, sparse and dense changes, tiny
-and huge segments, parallel parts, the AVX-512 move and the scalar one; and bad tables refused."""
+reference path, ``cpu.CTXM = False``); reading (``decode_units`` kind 4 and ``_accel.ctxm_inverse``):
+the same tensors as through the stream. For every dtype, odd sizes, sparse and dense changes, tiny
+and huge segments, parallel parts, the AVX-512 moves and the scalar ones; and bad tables refused."""
 import numpy as np
 import pytest
 import torch
@@ -51,7 +52,13 @@ def _both_ways(tmp_path, monkeypatch, a, b, chunk_elems, threads=2, simd=1, op="
         mithril_gpu.save(b, p, chunk_elems=chunk_elems, base=tmp_path / "a.mth", threads=threads)
         out.append(p.read_bytes())
     assert out[0] == out[1]
-    assert_tree_same(mithril_gpu.load(tmp_path / "b1.mth"), b)
+    calls = []
+    real = cpu._accel.ctxm_inverse
+    monkeypatch.setattr(cpu._accel, "ctxm_inverse", lambda *a: calls.append(1) or real(*a), raising=False)
+    for flag in (False, True):            # read back both ways: through the sorted stream, and through ctxm's tables
+        monkeypatch.setattr(cpu, "CTXM", flag)
+        assert_tree_same(mithril_gpu.load(tmp_path / "b1.mth", threads=threads), b)
+    assert calls                          # (the tables' way was taken)
     return out[1]
 
 
@@ -153,3 +160,64 @@ def test_bad_kind4_tables_are_refused():
         call([0, 2 * n], blocks, bitmap[:2])
     with pytest.raises(ValueError, match="unit bounds"):                      # beyond the stream, into the slack
         call([0, 2 * n + 2], blocks)
+
+
+def test_reading_falls_back_unit_by_unit_into_the_tables(tmp_path, monkeypatch):
+    """A run the fused reader refuses is decoded unit by unit (the path that raises the errors),
+    then put into the tables: the same tensor."""
+    rng = np.random.default_rng(5)
+    w = torch.from_numpy((rng.standard_normal(50_001) * 0.02).astype(np.float32)).to(torch.bfloat16)
+    a, b = {"w": w}, {"w": _changed(w, 2, 0.2)}
+    _both_ways(tmp_path, monkeypatch, a, b, chunk_elems=3000)
+
+    def refuse(*args, **kw):
+        raise cpu._Fallback
+    monkeypatch.setattr(cpu, "_decode_fused", refuse)
+    monkeypatch.setattr(cpu, "_decode_job_fused", refuse)
+    assert_tree_same(mithril_gpu.load(tmp_path / "b1.mth"), b)
+
+
+def test_inverse_rebuilds_the_tensor_and_refuses_counts_that_do_not_match(monkeypatch):
+    monkeypatch.setattr(cpu, "CTX_PARALLEL_BYTES", 4096)          # (three parts)
+    dt, x, b = _tables()
+    n = b.size // 2
+    stream = ctxdelta.encode("zigzag", dt, x, b, 7, 8)          # the reader's tables: the stream's one segment
+    nnz, planes = cpu.split_masked(dt, stream)
+    bitmap, vals, cum = cpu.ctxm_tables(dt, n)
+    assert cpu._accel.decode_units(tuple(planes), np.array([0, 2 * n], np.int64), vals, None, 2, 4, 0, 0, -1, 1,
+                                   np.array([nnz], np.int64), np.empty(0, np.uint64),
+                                   (bitmap, np.zeros(1, np.int64))) == -1
+    total = ctxdelta.counts(dt, b, 7, 8).astype(np.uint64)
+    offs = np.concatenate([[0], np.cumsum(total)[:-1]]).astype(np.uint64)
+    for simd in SIMD:
+        cpu._accel.ctxm_simd(simd)
+        out = np.zeros_like(x)
+        cpu.ctxm_unsort("zigzag", dt, bitmap, vals, cum, b, out, 7, 8, threads=3)
+        assert out.tobytes() == x.tobytes()
+    out = np.empty_like(x)
+    wrong = nnz - 1                                                # a bitmap that does not count nnz: the bad unit
+    assert cpu._accel.decode_units(tuple(planes), np.array([0, 2 * n], np.int64), vals, None, 2, 4, 0, 0, -1, 1,
+                                   np.array([wrong], np.int64), np.empty(0, np.uint64),
+                                   (bitmap, np.zeros(1, np.int64))) == 0
+    for simd in SIMD:
+        cpu._accel.ctxm_simd(simd)
+        lie = total.copy()
+        big = np.argsort(total)[-2:]
+        lie[big[0]] += 5
+        lie[big[1]] -= 5
+        offs2 = np.concatenate([[0], np.cumsum(lie)[:-1]]).astype(np.uint64)
+        with pytest.raises(ValueError, match="did the base change"):
+            cpu._accel.ctxm_inverse(b, out, bitmap, vals, cum, 2, 1, 1, 7, 8, n, offs2, lie)
+    with pytest.raises(ValueError, match="bad arguments"):
+        cpu._accel.ctxm_inverse(b, out, bitmap, vals[:n * 2], cum, 2, 1, 1, 7, 8, n, offs, total)
+
+
+@pytest.mark.parametrize("frac", [0.01, 0.5, 1.0])
+def test_one_dominant_context(tmp_path, monkeypatch, frac):
+    """Almost every base element in one binade: whole groups of 64 of one context (the vector
+    moves' full-word windows), a few elements of others among them."""
+    rng = np.random.default_rng(3)
+    v = (1 + rng.random(70_001)).astype(np.float32)
+    v[rng.random(v.size) < 0.02] *= 64
+    w = torch.from_numpy(v).to(torch.bfloat16)
+    _both_ways(tmp_path, monkeypatch, {"w": w}, {"w": _changed(w, 4, frac)}, chunk_elems=5000)
