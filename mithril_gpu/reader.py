@@ -174,17 +174,22 @@ class MthFile:
         (``verify``: None means as the file was opened; it applies to the bases decoded too)."""
         self._check_open()
         verify = self.verify if verify is None else verify
-        need = [e for e in entries if e.delta is not None]
+        need = [(e, out) for e, out in zip(entries, outs) if e.delta is not None]
         bases: dict[str, np.ndarray] = {}
         if need:
             if self.base_file is None:
-                raise CorruptFileError(f"tensor {short(need[0].name)!r} is a delta in a file without a base")
+                raise CorruptFileError(f"tensor {short(need[0][0].name)!r} is a delta in a file without a base")
             base_entries = []
-            for e in need:
+            for e, out in need:
                 name = e.delta["base"]
                 be = self._base_entry(e)
                 if name not in bases:
-                    bases[name] = _alloc(be)
+                    # the base (which no other entry names: an index rule) is decoded into the
+                    # entry's own output, and the delta applied over it there (every delta coding
+                    # reads an element's base just before writing it): no second buffer, down a chain
+                    inplace = be.nbytes == e.nbytes == out.size and out.dtype == np.uint8 \
+                        and out.ndim == 1 and out.flags.c_contiguous and out.flags.writeable
+                    bases[name] = out if inplace else _alloc(be)
                     base_entries.append(be)
             self.base_file.decode_into(base_entries, [bases[be.name] for be in base_entries], verify=verify)
         work = [(e, out, bases[e.delta["base"]] if e.delta is not None else None) for e, out in zip(entries, outs)]

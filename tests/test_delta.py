@@ -272,3 +272,31 @@ def test_a_file_records_a_base_only_if_it_uses_it(tmp_path):
         mithril_gpu.save(state, tmp_path / "d2.mth", base=tmp_path / "small.mth")
     with mithril_gpu.open(tmp_path / "d2.mth") as f:
         assert f.index.base is not None and f.entry("b").delta == {"op": "same", "base": "b"}
+
+
+def test_bases_decode_in_place(tmp_path, monkeypatch):
+    """A delta entry's base tensor is decoded into the entry's own output and the delta applied
+    over it there, at every level of a chain, into fresh tensors and into ``into``: no buffer is
+    allocated for a base."""
+    from mithril_gpu import reader
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(20_000, generator=g).to(torch.bfloat16)
+    s0 = {"a": a, "b": a.clone(), "c": torch.arange(1000.0)}
+    s1 = {"a": a + (torch.randn(20_000, generator=g) * 1e-2).to(torch.bfloat16),
+          "b": a + (torch.randn(20_000, generator=g) * 1e-2).to(torch.bfloat16), "c": s0["c"]}
+    s2 = {k: v + 1e-3 if k != "c" else v for k, v in s1.items()}
+    mithril_gpu.save(s0, tmp_path / "s0.mth")
+    mithril_gpu.save(s1, tmp_path / "s1.mth", base=tmp_path / "s0.mth")
+    mithril_gpu.save(s2, tmp_path / "s2.mth", base=tmp_path / "s1.mth")
+    allocs = []
+    real = reader._alloc
+    monkeypatch.setattr(reader, "_alloc", lambda e: allocs.append(e.name) or real(e))
+    assert_tree_same(mithril_gpu.load(tmp_path / "s2.mth"), s2)
+    into = {k: torch.zeros_like(v) for k, v in s2.items()}
+    mithril_gpu.load(tmp_path / "s2.mth", into=into)
+    assert_tree_same(into, s2)
+    with mithril_gpu.open(tmp_path / "s2.mth") as f:
+        assert f.info("c")["delta"] == "same" and f.info("a")["delta"] in ("xor", "zigzag")
+        assert_same(f.get_tensor("b"), s2["b"])
+    assert allocs == []
