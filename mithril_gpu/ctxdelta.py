@@ -85,23 +85,28 @@ def segments(ctx_counts, chunk_elems: int, min_seg: int | None = None) -> list[l
     sorted positions [r * chunk_elems, (r + 1) * chunk_elems) can be coded by one job, as a row
     is). Returns, per such block of ``chunk_elems`` sorted positions, its segment sizes."""
     min_seg = MIN_SEG if min_seg is None else min_seg
-    counts = [int(c) for c in ctx_counts]
+    c = np.asarray(ctx_counts)
+    counts = c[c != 0].tolist()      # (the contexts present, in order: a call per tensor per save)
     total = sum(counts)
     rows = -(-total // chunk_elems) if total else 0
-    bounds = set()                   # sorted positions where a context changes and a cut pays
+    bounds = []                      # sorted positions where a context changes and a cut pays (ascending)
     pos = start = 0
     for c in counts:
-        if c == 0:
-            continue
         if pos > start and pos - start >= min_seg:
-            bounds.add(pos)
+            bounds.append(pos)
             start = pos
         pos += c
         if pos // chunk_elems > start // chunk_elems:     # crossed a row boundary: a segment starts there
             start = (pos // chunk_elems) * chunk_elems
-    out = []
+    out, i = [], 0
     for r in range(rows):
         a, b = r * chunk_elems, min((r + 1) * chunk_elems, total)
-        cuts = [a] + sorted(p for p in bounds if a < p < b) + [b]
+        while i < len(bounds) and bounds[i] <= a:
+            i += 1
+        j = i
+        while j < len(bounds) and bounds[j] < b:
+            j += 1
+        cuts = [a] + bounds[i:j] + [b]
+        i = j
         out.append([q - p for p, q in zip(cuts, cuts[1:])])
     return out
