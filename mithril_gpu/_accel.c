@@ -728,30 +728,41 @@ static int ctxm_hot_t = 128;
     _mm512_mask_storeu_epi16(v_ + n0, (__mmask32)((1ull << n1) - 1), _mm512_maskz_compress_epi16((__mmask32)(mm >> 32), d1)); \
     vp[c_] += (uint64_t)(n0 + n1); } while (0)
 
+/* Groups of 64 16-bit elements (cb: their contexts; m of them): for each context present in a
+ * group, PUT(context, its elements as a 64-bit mask); the part's hot contexts are compared with
+ * every group without branches, the others found one by one. BEFORE and AFTER: statements run
+ * before and after each group's contexts (j: the group's first element). */
+#define CTXM_NOTHING
+#define CTXM_GROUPS64(BEFORE, PUT, AFTER) \
+    __m512i hv[CTXM_HOT]; \
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]); \
+    for (Py_ssize_t j = 0; j < m; j += 64) { \
+        Py_ssize_t left = m - j; \
+        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0; \
+        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32); \
+        __m512i c0 = _mm512_maskz_loadu_epi16(r0, cb + j), c1 = _mm512_maskz_loadu_epi16(r1, cb + j + 32); \
+        BEFORE \
+        for (int h = 0; h < nhot; h++) { \
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h]) \
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32); \
+            seen |= eq; PUT(hot[h], eq); } \
+        rem &= ~seen; \
+        while (rem) { \
+            unsigned c = (unsigned)cb[j + __builtin_ctzll(rem)]; \
+            __m512i b = _mm512_set1_epi16((short)c); \
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b) \
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32); \
+            rem &= ~eq; PUT(c, eq); } \
+        AFTER \
+    }
+#define CTXM_LOAD_DELTAS \
+    __m512i d0 = _mm512_maskz_loadu_epi16(r0, db + j), d1 = _mm512_maskz_loadu_epi16(r1, db + j + 32); \
+    uint64_t nz = (uint64_t)_mm512_test_epi16_mask(d0, d0) | (uint64_t)_mm512_test_epi16_mask(d1, d1) << 32;
+
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
 static void ctxm_group16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint64_t *vp,
                          uint64_t *acc, const uint64_t *bst, uint64_t *W, uint16_t *V, const unsigned *hot, int nhot) {
-    __m512i hv[CTXM_HOT];
-    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
-    for (Py_ssize_t j = 0; j < m; j += 64) {
-        Py_ssize_t left = m - j;
-        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1);
-        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
-        __m512i c0 = _mm512_maskz_loadu_epi16(r0, cb + j), c1 = _mm512_maskz_loadu_epi16(r1, cb + j + 32);
-        __m512i d0 = _mm512_maskz_loadu_epi16(r0, db + j), d1 = _mm512_maskz_loadu_epi16(r1, db + j + 32);
-        uint64_t nz = (uint64_t)_mm512_test_epi16_mask(d0, d0) | (uint64_t)_mm512_test_epi16_mask(d1, d1) << 32, seen = 0;
-        for (int h = 0; h < nhot; h++) {
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
-            seen |= eq; CTXM_PUT64(hot[h], eq); }
-        rem &= ~seen;
-        while (rem) {
-            unsigned c = (unsigned)cb[j + __builtin_ctzll(rem)];
-            __m512i b = _mm512_set1_epi16((short)c);
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
-            rem &= ~eq; CTXM_PUT64(c, eq); }
-    }
+    CTXM_GROUPS64(CTXM_LOAD_DELTAS, CTXM_PUT64, CTXM_NOTHING)
 }
 
 #define PEXT _pext_u32
@@ -806,6 +817,25 @@ static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {
     } \
 } while (0)
 
+/* ctxm's and ctxm_inverse's common checks: widths, the tables' sizes and alignment, and counts
+ * (uint64[2^w], adding up to the part's n elements) and offsets that keep every block inside the
+ * nsorted positions */
+static int ctxm_args_ok(int isz, int op, int s, int w, Py_ssize_t nsorted, Py_ssize_t plen, const Py_buffer *W,
+                        const Py_buffer *V, const Py_buffer *ob, const Py_buffer *cbf, const void *a, const void *b) {
+    if (!((isz == 1 || isz == 2 || isz == 4 || isz == 8) && plen % isz == 0 && op >= 0 && op <= 1 && w >= 1
+          && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz && nsorted >= 0
+          && W->len / 8 >= (nsorted + CTXM_SLACK) / 64 + 2 && V->len / isz >= nsorted + CTXM_SLACK
+          && ob->len >= (Py_ssize_t)(sizeof(uint64_t) << w) && cbf->len >= (Py_ssize_t)(sizeof(uint64_t) << w)
+          && (uintptr_t)W->buf % 8 == 0 && (uintptr_t)V->buf % isz == 0 && (uintptr_t)a % isz == 0
+          && (uintptr_t)b % isz == 0 && (uintptr_t)ob->buf % 8 == 0 && (uintptr_t)cbf->buf % 8 == 0)) return 0;
+    const uint64_t *O = ob->buf, *C = cbf->buf; uint64_t tot = 0;
+    for (int c = 0; c < 1 << w; c++) {
+        if (C[c] > (uint64_t)nsorted || O[c] > (uint64_t)nsorted - C[c]) return 0;
+        tot += C[c];
+    }
+    return tot == (uint64_t)(plen / isz);
+}
+
 /* ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts)
  * Moves the part (x, base: its elements in natural order) as above: offsets (uint64[2^w]) its
  * first sorted position per context, counts (uint64[2^w]) its elements per context; bitmap
@@ -814,21 +844,9 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
     Py_buffer xs, bs, Ws, vs, ob, cbf; int isz, op, fl, s, w; Py_ssize_t nsorted;
     if (!PyArg_ParseTuple(args, "y*y*w*w*iiiiiny*y*", &xs, &bs, &Ws, &vs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf))
         return NULL;
-    int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && xs.len == bs.len && xs.len % isz == 0
-             && op >= 0 && op <= 1 && w >= 1 && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz && nsorted >= 0
-             && Ws.len / 8 >= (nsorted + CTXM_SLACK) / 64 + 2 && vs.len / isz >= nsorted + CTXM_SLACK
-             && ob.len >= (Py_ssize_t)(sizeof(uint64_t) << w) && cbf.len >= (Py_ssize_t)(sizeof(uint64_t) << w)
-             && ((uintptr_t)Ws.buf % 8) == 0 && ((uintptr_t)vs.buf % isz) == 0;
-    Py_ssize_t n = xs.len / (isz ? isz : 1); int nc = 1 << w;
+    int ok = xs.len == bs.len && ctxm_args_ok(isz, op, s, w, nsorted, xs.len, &Ws, &vs, &ob, &cbf, xs.buf, bs.buf);
+    Py_ssize_t n = ok ? xs.len / isz : 0; int nc = ok ? 1 << w : 0;
     uint64_t *st = NULL;
-    if (ok) {
-        const uint64_t *O = ob.buf, *C = cbf.buf; uint64_t tot = 0;
-        for (int c = 0; c < nc && ok; c++) {
-            tot += C[c];
-            ok = C[c] <= (uint64_t)nsorted && O[c] <= (uint64_t)nsorted - C[c];
-        }
-        ok = ok && tot == (uint64_t)n;
-    }
     if (ok && !(st = malloc(5 * sizeof(uint64_t) << w))) ok = -1;
     if (ok != 1) {
         PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
@@ -946,31 +964,12 @@ static Py_ssize_t ctxm_unit(const uint64_t *W, const uint64_t *cum, const uint64
 
 /* groups of 64 16-bit elements: each context's bits for the group read as one window, deposited
  * at its elements (pdep), its values expanded into them */
+#define CTXI_ZERO __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+#define CTXI_STORE _mm512_mask_storeu_epi16(db + j, r0, a0); _mm512_mask_storeu_epi16(db + j + 32, r1, a1);
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi,bmi2,popcnt")))
 static void ctxi_group16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, uint64_t *vp,
                          const uint64_t *W, const uint16_t *V, const unsigned *hot, int nhot) {
-    __m512i hv[CTXM_HOT];
-    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
-    for (Py_ssize_t j = 0; j < m; j += 64) {
-        Py_ssize_t left = m - j;
-        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0;
-        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
-        __m512i c0 = _mm512_maskz_loadu_epi16(r0, cb + j), c1 = _mm512_maskz_loadu_epi16(r1, cb + j + 32);
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-        for (int h = 0; h < nhot; h++) {
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
-            seen |= eq; CTXI_PUT64(hot[h], eq); }
-        rem &= ~seen;
-        while (rem) {
-            unsigned c = (unsigned)cb[j + __builtin_ctzll(rem)];
-            __m512i b = _mm512_set1_epi16((short)c);
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
-            rem &= ~eq; CTXI_PUT64(c, eq); }
-        _mm512_mask_storeu_epi16(db + j, r0, a0);
-        _mm512_mask_storeu_epi16(db + j + 32, r1, a1);
-    }
+    CTXM_GROUPS64(CTXI_ZERO, CTXI_PUT64, CTXI_STORE)
 }
 #define CTXI_HAVE_SIMD 1
 #endif
@@ -1001,23 +1000,10 @@ static PyObject *ctxm_inverse(PyObject *self, PyObject *args) {
     Py_buffer bs, os, Ws, vs, cs, ob, cbf; int isz, op, fl, s, w; Py_ssize_t nsorted;
     if (!PyArg_ParseTuple(args, "y*w*y*y*y*iiiiiny*y*", &bs, &os, &Ws, &vs, &cs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf))
         return NULL;
-    int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && os.len == bs.len && bs.len % isz == 0
-             && op >= 0 && op <= 1 && w >= 1 && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz && nsorted >= 0
-             && Ws.len / 8 >= (nsorted + CTXM_SLACK) / 64 + 2 && vs.len / isz >= nsorted + CTXM_SLACK
-             && cs.len / 8 >= nsorted / 64 + 2
-             && ob.len >= (Py_ssize_t)(sizeof(uint64_t) << w) && cbf.len >= (Py_ssize_t)(sizeof(uint64_t) << w)
-             && ((uintptr_t)Ws.buf % 8) == 0 && ((uintptr_t)cs.buf % 8) == 0 && ((uintptr_t)vs.buf % isz) == 0
-             && ((uintptr_t)os.buf % isz) == 0 && ((uintptr_t)bs.buf % isz) == 0;
-    Py_ssize_t n = bs.len / (isz ? isz : 1); int nc = 1 << w;
+    int ok = os.len == bs.len && cs.len / 8 >= nsorted / 64 + 2 && (uintptr_t)cs.buf % 8 == 0
+             && ctxm_args_ok(isz, op, s, w, nsorted, bs.len, &Ws, &vs, &ob, &cbf, bs.buf, os.buf);
+    Py_ssize_t n = ok ? bs.len / isz : 0; int nc = ok ? 1 << w : 0;
     uint64_t *st = NULL;
-    if (ok) {
-        const uint64_t *O = ob.buf, *C = cbf.buf; uint64_t tot = 0;
-        for (int c = 0; c < nc && ok; c++) {
-            tot += C[c];
-            ok = C[c] <= (uint64_t)nsorted && O[c] <= (uint64_t)nsorted - C[c];
-        }
-        ok = ok && tot == (uint64_t)n;
-    }
     if (ok && !(st = malloc(3 * sizeof(uint64_t) << w))) ok = -1;
     if (ok != 1) {
         PyBuffer_Release(&bs); PyBuffer_Release(&os); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);

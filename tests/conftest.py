@@ -30,6 +30,17 @@ def random_tensor(dtype, shape, seed=0):
     raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g)
     return raw.view(dtype).reshape(shape)
 
+def ctx_for(dt):
+    """The context a test forces on a context-sorted delta: the writer's default for floats, some
+    high bits for integers."""
+    from mithril_gpu import ctxdelta
+
+    c = ctxdelta.default_ctx(dt)
+    if c is not None:
+        return c
+    bits = 8 * dt.itemsize
+    return (max(0, bits - 5), min(4, bits)) if dt.name != "BOOL" else (0, 1)
+
 
 def bits(t):
     """A tensor's bytes, for bit-exact comparison (NaN != NaN does not get in the way)."""

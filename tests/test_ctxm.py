@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mithril_gpu
-from conftest import ALL_DTYPES, assert_tree_same, random_tensor
+from conftest import ALL_DTYPES, assert_tree_same, ctx_for, random_tensor
 from mithril_gpu import cpu, ctxdelta, deltaplan, dtypes
 
 pytestmark = pytest.mark.skipif(cpu._accel is None or not hasattr(cpu._accel, "ctxm") or not cpu.fused(),
@@ -20,14 +20,6 @@ SIMD = [0] + ([1] if cpu._accel is not None and hasattr(cpu._accel, "ctxm_simd")
 def _restore_simd():
     yield
     cpu._accel.ctxm_simd(1)
-
-
-def _ctx_for(dt):
-    c = ctxdelta.default_ctx(dt)
-    if c is not None:
-        return c
-    bits = 8 * dt.itemsize
-    return (max(0, bits - 5), min(4, bits)) if dt.name != "BOOL" else (0, 1)
 
 
 def _changed(t, seed, frac):
@@ -42,7 +34,7 @@ def _changed(t, seed, frac):
 
 
 def _both_ways(tmp_path, monkeypatch, a, b, chunk_elems, threads=2, simd=1, op="zigzag"):
-    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, bb: (op, "masked", _ctx_for(item.dtype)))
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, bb: (op, "masked", ctx_for(item.dtype)))
     mithril_gpu.save(a, tmp_path / "a.mth", chunk_elems=chunk_elems)
     cpu._accel.ctxm_simd(simd)
     out = []

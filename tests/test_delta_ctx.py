@@ -10,18 +10,9 @@ import pytest
 import torch
 
 import mithril_gpu
-from conftest import ALL_DTYPES, FIXTURES, assert_same, assert_tree_same, random_tensor
+from conftest import ALL_DTYPES, FIXTURES, assert_same, assert_tree_same, ctx_for, random_tensor
 from mithril_gpu import container, cpu, ctxdelta, deltaplan, dtypes
 from mithril_gpu.errors import ChecksumMismatchError, CorruptFileError, UnsupportedVersionError
-
-
-def _ctx_for(dt):
-    """The context a test forces: the writer's default for floats, some high bits for integers."""
-    c = ctxdelta.default_ctx(dt)
-    if c is not None:
-        return c
-    bits = 8 * dt.itemsize
-    return (max(0, bits - 5), min(4, bits)) if dt.name != "BOOL" else (0, 1)
 
 
 @pytest.fixture
@@ -30,7 +21,7 @@ def force(monkeypatch):
     def set_(transform="masked", op="zigzag"):
         def choose(item, x, b):
             tr = transform if not (transform == "bytegroup" and item.dtype.itemsize == 1) else "raw"
-            return op, tr, _ctx_for(item.dtype)
+            return op, tr, ctx_for(item.dtype)
         monkeypatch.setattr(deltaplan, "choose_ctx", choose)
     return set_
 
@@ -160,7 +151,7 @@ def test_c_matches_the_numpy_reference(dtype):
     for n in (0, 1, 7, 4099):
         x = rng.integers(0, 256, n * isz, dtype=np.uint8)
         b = rng.integers(0, 256, n * isz, dtype=np.uint8)
-        for s, w in {_ctx_for(dt), (0, 1), (8 * isz - 1, 1), (0, min(12, 8 * isz))}:
+        for s, w in {ctx_for(dt), (0, 1), (8 * isz - 1, 1), (0, min(12, 8 * isz))}:
             for op in ("xor", "zigzag"):
                 ref = ctxdelta.encode(op, dt, x, b, s, w)
                 got, cnt = np.empty_like(x), np.zeros(1 << w, np.uint64)
