@@ -3,6 +3,8 @@
 reference path, ``cpu.CTXM = False``); reading (``decode_units`` kind 4 and ``_accel.ctxm_inverse``):
 the same tensors as through the stream. For every dtype, odd sizes, sparse and dense changes, tiny
 and huge segments, parallel parts, the AVX-512 moves and the scalar ones; and bad tables refused."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +215,28 @@ def test_one_dominant_context(tmp_path, monkeypatch, frac):
     v[rng.random(v.size) < 0.02] *= 64
     w = torch.from_numpy(v).to(torch.bfloat16)
     _both_ways(tmp_path, monkeypatch, {"w": w}, {"w": _changed(w, 4, frac)}, chunk_elems=5000)
+
+
+@pytest.mark.parametrize("helper", [False, True])
+def test_resolving_on_a_helper_thread_writes_the_same_bytes(tmp_path, monkeypatch, helper):
+    """Delta items are chosen and sorted on a helper thread ahead of the coders when they are
+    large (cpu.HELPER_MIN_BYTES), inline otherwise: the same file either way, threads or not."""
+    rng = np.random.default_rng(8)
+    a = {f"w{i}": torch.from_numpy((rng.standard_normal(20_000 + i) * 0.02).astype(np.float32)).to(torch.bfloat16)
+         for i in range(6)}
+    b = {k: _changed(v, 3, 0.1) for k, v in a.items()}
+    mithril_gpu.save(a, tmp_path / "a.mth", chunk_elems=4096)
+    monkeypatch.setattr(cpu, "PREFETCH_ITEMS", 2)
+    where = set()
+    real = cpu.EncodeItem.resolve
+    monkeypatch.setattr(cpu.EncodeItem, "resolve",
+                        lambda self: where.add(threading.current_thread().name.split("_")[0]) or real(self))
+    outs = []
+    for threads, min_bytes in ((1, 1 << 62), (3, 0 if helper else 1 << 62)):
+        monkeypatch.setattr(cpu, "HELPER_MIN_BYTES", min_bytes)
+        p = tmp_path / f"b{threads}.mth"
+        mithril_gpu.save(b, p, chunk_elems=4096, base=tmp_path / "a.mth", threads=threads)
+        outs.append(p.read_bytes())
+    assert outs[0] == outs[1]
+    assert ("mithril-plan" in where) == helper
+    assert_tree_same(mithril_gpu.load(tmp_path / "b3.mth"), b)
