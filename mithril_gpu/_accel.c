@@ -822,6 +822,7 @@ static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {
  * nsorted positions */
 static int ctxm_args_ok(int isz, int op, int s, int w, Py_ssize_t nsorted, Py_ssize_t plen, const Py_buffer *W,
                         const Py_buffer *V, const Py_buffer *ob, const Py_buffer *cbf, const void *a, const void *b) {
+    if (nsorted < 0 || nsorted > PY_SSIZE_T_MAX / 16 - CTXM_SLACK) return 0;      /* (no overflow below) */
     if (!((isz == 1 || isz == 2 || isz == 4 || isz == 8) && plen % isz == 0 && op >= 0 && op <= 1 && w >= 1
           && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz && nsorted >= 0
           && W->len / 8 >= (nsorted + CTXM_SLACK) / 64 + 2 && V->len / isz >= nsorted + CTXM_SLACK
@@ -916,7 +917,8 @@ static inline uint64_t ctxm_before(const uint64_t *W, const uint64_t *cum, uint6
 }
 
 /* One unit of kind 4: sorted positions [a, b): its bitmap into m, its nonzero deltas' bytes into
- * the planes pb; returns the nonzero count. blk: the ascending first positions of the nonempty
+ * the planes pb; returns the nonzero count, or -1 where cum does not agree with the bitmap (every
+ * value read stays inside its block whatever cum holds). blk: the ascending first positions of the nonempty
  * blocks, then nsorted (nblk + 1 entries, checked by enc_parse). */
 static Py_ssize_t ctxm_unit(const uint64_t *W, const uint64_t *cum, const uint64_t *blk, Py_ssize_t nblk,
                             const uint8_t *V, int isz, uint64_t a, uint64_t b, uint8_t *m, uint8_t **pb) {
@@ -935,7 +937,9 @@ static Py_ssize_t ctxm_unit(const uint64_t *W, const uint64_t *cum, const uint64
     for (Py_ssize_t i = lo; i < nblk && blk[i] < b; i++) {
         uint64_t u = a > blk[i] ? a : blk[i], v = b < blk[i + 1] ? b : blk[i + 1];
         if (u >= v) continue;
-        uint64_t b0 = ctxm_before(W, cum, blk[i]), bu = ctxm_before(W, cum, u), cnt = ctxm_before(W, cum, v) - bu;
+        uint64_t b0 = ctxm_before(W, cum, blk[i]), bu = ctxm_before(W, cum, u), bv = ctxm_before(W, cum, v);
+        if (bu < b0 || bu - b0 > u - blk[i] || bv < bu || bv - bu > v - u) return -1;    /* cum lies */
+        uint64_t cnt = bv - bu;
         const uint8_t *src = V + (blk[i] + (bu - b0)) * (uint64_t)isz;
         if (isz == 1) memcpy(pb[0] + nnz, src, cnt);
         else if (isz == 2) { uint8_t *p0 = pb[0] + nnz, *p1 = pb[1] + nnz;
@@ -1018,6 +1022,7 @@ static PyObject *ctxm_inverse(PyObject *self, PyObject *args) {
     for (int c = 0; c < nc; c++) {
         pos[c] = ((const uint64_t *)ob.buf)[c]; end[c] = pos[c] + C[c];
         vp[c] = C[c] ? ctxm_before(W, cum, pos[c]) : 0;
+        bad |= vp[c] > pos[c];          /* a cum that lies: values are then never read past the tables */
     }
     unsigned hot[CTXM_HOT]; int nhot = 0;
     for (int c = 0; c < nc && nhot < CTXM_HOT; c++) if (C[c] && C[c] * (uint64_t)ctxm_hot_t >= (uint64_t)n) hot[nhot++] = (unsigned)c;
@@ -1187,12 +1192,12 @@ static int enc_parse(PyObject *args, encjob *j) {
     return 0;
 }
 
-/* the work (no GIL): 0, or -1 when out of memory */
+/* the work (no GIL): 0, or -1 when out of memory, -2 when kind 4's tables disagree */
 static int enc_run(encjob *j) {
     int isz = j->isz, kind = j->kind, e = j->e, m = j->m, op = j->op, fl = j->fl, P = j->P;
     Py_ssize_t maxunit = j->maxunit, sample = j->sample;
     const int64_t *B = j->bnd.buf;
-    uint8_t *tmp = NULL, *hs = NULL; int oom = 0; Py_ssize_t pos = 0;
+    uint8_t *tmp = NULL, *hs = NULL; int oom = 0, lied = 0; Py_ssize_t pos = 0;
     if (op >= 0 && kind != 0 && maxunit) { tmp = malloc(maxunit); oom |= !tmp; }
     if (j->huff && maxunit) { hs = malloc(2 * (size_t)maxunit + 256); oom |= !hs; }
     const uint8_t *S = j->dsrc.buf;
@@ -1220,6 +1225,7 @@ static int enc_run(encjob *j) {
                 Py_ssize_t nnz = kind == 3 ? masked_split_c(x, n, isz, pl[0], pl + 1)
                     : ctxm_unit(j->cW.buf, j->ccum.buf, j->cblk.buf, j->cnblk, j->src.buf, isz,
                                 (uint64_t)(a / isz), (uint64_t)((a + len) / isz), pl[0], pl + 1);
+                if (nnz < 0) { lied = 1; break; }
                 for (int k = 0; k < isz; k++) plen[1 + k] = nnz;
                 ((int64_t *)j->nz.buf)[u] = nnz;
             } else {
@@ -1244,7 +1250,7 @@ static int enc_run(encjob *j) {
     }
     free(tmp); free(hs);
     j->used = pos;
-    return oom ? -1 : 0;
+    return oom ? -1 : lied ? -2 : 0;
 }
 
 static PyObject *encode_units(PyObject *self, PyObject *args) {
@@ -1254,6 +1260,7 @@ static PyObject *encode_units(PyObject *self, PyObject *args) {
     rc = enc_run(&j);
     Py_END_ALLOW_THREADS
     enc_release(&j);
+    if (rc == -2) { PyErr_SetString(PyExc_ValueError, "bad sorted-stream tables"); return NULL; }
     if (rc < 0) return PyErr_NoMemory();
     return PyLong_FromSsize_t(j.used);
 }
@@ -1281,7 +1288,8 @@ static PyObject *encode_many(PyObject *self, PyObject *args) {
             if (!v) { Py_CLEAR(res); break; }
             PyList_SET_ITEM(res, i, v);
         }
-    } else if (rc) PyErr_NoMemory();
+    } else if (rc == -2) PyErr_SetString(PyExc_ValueError, "bad sorted-stream tables");
+    else if (rc) PyErr_NoMemory();
     PyMem_Free(js);
     return res;
 }
@@ -1984,7 +1992,7 @@ static PyObject *ans_encode_many(PyObject *self, PyObject *args) {
     Py_buffer *v = PyMem_Calloc(N + 1, sizeof(Py_buffer));
     if (!v) { PyBuffer_Release(&o); PyBuffer_Release(&rec); return PyErr_NoMemory(); }
     for (; got < N; got++) if (PyObject_GetBuffer(PyList_GET_ITEM(lst, got), &v[got], PyBUF_C_CONTIGUOUS) < 0) break;
-    int ok = got == N && rec.len >= N * 16;
+    int ok = got == N && rec.len >= N * 16 && (uintptr_t)rec.buf % 8 == 0;
     const uint8_t **sp = NULL; uint8_t **dp = NULL; size_t *np_ = NULL, *cp = NULL, *out = NULL;
     if (ok) {
         sp = PyMem_Malloc((N + 1) * sizeof *sp); dp = PyMem_Malloc((N + 1) * sizeof *dp);

@@ -800,18 +800,18 @@ def _decode_units(buf, e: TensorEntry, stream: np.ndarray | None, bounds: np.nda
         if ctxm is None:
             _decode_unit(buf, e, u, stream[a:b])
             continue
-        seg = np.empty(b - a, np.uint8)      # (the per-unit path, which raises the errors: then into the tables)
-        _decode_unit(buf, e, u, seg)
-        nnz, planes = split_masked(e.dtype, seg)
+        # the per-unit path, which raises the errors; then its very planes into the tables
+        planes = _decode_unit(buf, e, u, np.empty(b - a, np.uint8))
         _accel.decode_units(tuple(planes), np.array([a, b], np.int64), ctxm[1], None, e.dtype.itemsize, 4, 0, 0, -1,
-                            int(delta_ref.is_float(e.dtype)), np.array([nnz], np.int64), np.empty(0, np.uint64),
+                            int(delta_ref.is_float(e.dtype)), np.array([e.nnz[u]], np.int64), np.empty(0, np.uint64),
                             (ctxm[0], ctxm[2][u:u + 1]))
     return []
 
 
-def _decode_unit(buf, e: TensorEntry, u: int, target: np.ndarray) -> None:
+def _decode_unit(buf, e: TensorEntry, u: int, target: np.ndarray) -> list:
     """Decode the chunks of unit ``u`` of ``e`` (a row, or a segment of a context-sorted delta)
-    and merge its planes into ``target`` (the unit's bytes, before any delta is undone)."""
+    and merge its planes into ``target`` (the unit's bytes, before any delta is undone). Returns
+    the decoded planes (in this thread's scratch buffers: valid until its next call)."""
     planes = []
     for p, usize in enumerate(e.plane_sizes(u)):
         off, csize, codec = e.chunk(u, p)
@@ -822,6 +822,7 @@ def _decode_unit(buf, e: TensorEntry, u: int, target: np.ndarray) -> None:
         merge_masked(e.dtype, planes, target)
     else:
         merge_planes(e.dtype, e.transform, planes, target)
+    return planes
 
 
 def decode_all(buf, work: list[tuple[TensorEntry, np.ndarray, np.ndarray | None]], threads: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+from collections import Counter
 
 import numpy as np
 
@@ -180,14 +181,15 @@ class MthFile:
             if self.base_file is None:
                 raise CorruptFileError(f"tensor {short(need[0][0].name)!r} is a delta in a file without a base")
             base_entries = []
+            asked = Counter(e.delta["base"] for e, _ in need)
             for e, out in need:
                 name = e.delta["base"]
                 be = self._base_entry(e)
                 if name not in bases:
-                    # the base (which no other entry names: an index rule) is decoded into the
-                    # entry's own output, and the delta applied over it there (every delta coding
-                    # reads an element's base just before writing it): no second buffer, down a chain
-                    inplace = be.nbytes == e.nbytes == out.size and out.dtype == np.uint8 \
+                    # a base that one requested output alone needs is decoded into that output, and
+                    # the delta applied over it there (every delta coding reads an element's base
+                    # just before writing it): no second buffer, down a chain
+                    inplace = asked[name] == 1 and be.nbytes == e.nbytes == out.size and out.dtype == np.uint8 \
                         and out.ndim == 1 and out.flags.c_contiguous and out.flags.writeable
                     bases[name] = out if inplace else _alloc(be)
                     base_entries.append(be)

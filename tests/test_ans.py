@@ -293,6 +293,8 @@ def test_encode_many_gives_each_plane_what_one_at_a_time_gives(arena):
             assert np.array_equal(ans.decode(bytes(out[off:off + n]), p.size), p)
         pos += min(room, p.size)
     assert coded >= 20
+    with pytest.raises(ValueError):                            # a record table that is not 8-byte aligned
+        cpu._accel.ans_encode_many(planes[:2], out[:size], np.zeros(33, np.uint8)[1:])
 
 
 def _sparse_pair(seed: int = 0):

@@ -240,3 +240,27 @@ def test_resolving_on_a_helper_thread_writes_the_same_bytes(tmp_path, monkeypatc
     assert outs[0] == outs[1]
     assert ("mithril-plan" in where) == helper
     assert_tree_same(mithril_gpu.load(tmp_path / "b3.mth"), b)
+
+
+def test_hostile_tables_are_refused_not_followed():
+    """Arguments no caller of this package passes, but a C entry point must refuse: a stream
+    length that would overflow the size checks, and cum tables that do not count the bitmap."""
+    dt, x, b = _tables(1000)
+    n = b.size // 2
+    with pytest.raises(ValueError, match="bad arguments"):
+        cpu._accel.ctxm(x[:8], b[:8], np.zeros(4, np.uint64), np.zeros(32, np.uint8), 2, 0, 0, 0, 4, 2 ** 63 - 1,
+                        np.full(16, 2 ** 40, np.uint64), np.array([4] + [0] * 15, np.uint64))
+    bitmap, vals, cum, blocks, total = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8)
+    lying = np.full_like(cum, 10 ** 6)
+    lying[0] = 0
+    arena = np.empty(4 * n, np.uint8)
+    rec = np.empty((3, 3), np.int64)
+    with pytest.raises(ValueError, match="sorted-stream tables"):
+        cpu._accel.encode_units(vals, np.array([0, 2 * n], np.int64), x, 2000, 0, 1, None, 2, 4, 0, 0, -1, 1, 0,
+                                7.5, 64, arena, rec, np.zeros(2, np.int64), np.empty(1, np.uint64), (bitmap, lying, blocks))
+    offs = np.concatenate([[0], np.cumsum(total)[:-1]]).astype(np.uint64)
+    for simd in SIMD:
+        cpu._accel.ctxm_simd(simd)
+        with pytest.raises(ValueError):
+            cpu._accel.ctxm_inverse(b, np.empty_like(b), bitmap, vals, np.full_like(cum, 10 ** 7), 2, 1, 1, 7, 8, n,
+                                    offs, total)

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -300,3 +301,9 @@ def test_bases_decode_in_place(tmp_path, monkeypatch):
         assert f.info("c")["delta"] == "same" and f.info("a")["delta"] in ("xor", "zigzag")
         assert_same(f.get_tensor("b"), s2["b"])
     assert allocs == []
+    with mithril_gpu.open(tmp_path / "s2.mth") as f:          # one entry asked for twice: its base apart
+        e = f.entry("a")
+        o1, o2 = np.empty(e.nbytes, np.uint8), np.empty(e.nbytes, np.uint8)
+        f.decode_into([e, e], [o1, o2])
+        want = s2["a"].view(torch.uint8).numpy().tobytes()
+        assert o1.tobytes() == want and o2.tobytes() == want
