@@ -672,6 +672,18 @@ static PyObject *ctx_hist(PyObject *self, PyObject *args) {
 #define CTXM_CHECK 4096
 #define CTXM_SLACK 4096
 
+/* The vector moves' hot contexts: those with 1/128 of the part's elements or more (at most
+ * CTXM_HOT), compared with every group of 64 without a branch; the others are found group by
+ * group. (Measured: up to 99.5% of the part, 1.8x slower; 1/64 or 1/256 of it, 1.03-1.5x.) */
+#define CTXM_HOT 16
+#define CTXM_HOT_SHARE 128
+static int ctxm_hot(const uint64_t *C, int nc, Py_ssize_t n, unsigned *hot) {
+    int nhot = 0;
+    for (int c = 0; c < nc && nhot < CTXM_HOT; c++)
+        if (C[c] && C[c] * CTXM_HOT_SHARE >= (uint64_t)n) hot[nhot++] = (unsigned)c;
+    return nhot;
+}
+
 static inline void ctxm_flush(uint64_t *W, uint64_t wi, uint64_t v, uint64_t start) {
     if ((wi << 6) < start) __atomic_fetch_or(&W[wi], v, __ATOMIC_RELAXED);
     else W[wi] = v;
@@ -681,14 +693,11 @@ static inline void ctxm_flush(uint64_t *W, uint64_t wi, uint64_t v, uint64_t sta
 #include <immintrin.h>
 #define CTXM_HAVE_SIMD 1
 static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (AVX-512 BW + VBMI2, BMI2) */
-static int ctxm_hot_t = 128;
 
-/* Groups of VL elements: each of the part's most frequent contexts (hot[], at most CTXM_HOT, in
- * zmm broadcasts) is compared with every group without a branch, then the group's other contexts
- * one by one. For a context: its elements' nonzero flags are appended to its bit accumulator
+/* Groups of VL elements: each of the part's hot contexts (ctxm_hot, in zmm broadcasts) is compared
+ * with every group without a branch, then the group's other contexts one by one. For a context: its elements' nonzero flags are appended to its bit accumulator
  * (pext) and its nonzero deltas compressed to its next value slots (a masked store: no byte
  * beyond them is written; with no element, nothing changes). */
-#define CTXM_HOT 16
 #define CTXM_PUT(EP, MT, c, eq) do { \
     MT eq_ = (eq); unsigned c_ = (c); \
     int k = __builtin_popcount(eq_); uint64_t bits = PEXT(nz, eq_), p = pos[c_]; int r = (int)(p & 63); \
@@ -789,7 +798,6 @@ static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {
 #ifdef CTXM_HAVE_SIMD
     if (flag == 0) ctxm_simd = 0;
     else if (flag == 1) ctxm_simd_init();
-    else if (flag > 1) ctxm_hot_t = flag;
 #endif
     return PyLong_FromLong(ctxm_simd);
 }
@@ -863,11 +871,7 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
         pos[c] = vp[c] = bst[c] = ((const uint64_t *)ob.buf)[c]; acc[c] = 0;
         end[c] = bst[c] + ((const uint64_t *)cbf.buf)[c];
     }
-    /* the vector move's hot contexts: the most frequent, until they hold 99.5% of the part */
-    unsigned hot[16]; int nhot = 0; uint64_t held = 0;
-    { const uint64_t *C = cbf.buf;
-      for (int c = 0; c < nc && nhot < 16; c++) if (C[c] * (uint64_t)ctxm_hot_t >= (uint64_t)n && C[c]) hot[nhot++] = (unsigned)c; }
-    (void)held;
+    unsigned hot[CTXM_HOT]; int nhot = ctxm_hot(cbf.buf, nc, n, hot);
     switch (isz) {
         case 1: CTXM_T(uint8_t, 8, CTXM_SCALAR(uint8_t)); break;
 #ifdef CTXM_HAVE_SIMD
@@ -1024,9 +1028,8 @@ static PyObject *ctxm_inverse(PyObject *self, PyObject *args) {
         vp[c] = C[c] ? ctxm_before(W, cum, pos[c]) : 0;
         bad |= vp[c] > pos[c];          /* a cum that lies: values are then never read past the tables */
     }
-    unsigned hot[CTXM_HOT]; int nhot = 0;
-    for (int c = 0; c < nc && nhot < CTXM_HOT; c++) if (C[c] && C[c] * (uint64_t)ctxm_hot_t >= (uint64_t)n) hot[nhot++] = (unsigned)c;
-    (void)hot; (void)simd;
+    unsigned hot[CTXM_HOT]; int nhot = ctxm_hot(C, nc, n, hot);
+    (void)hot; (void)nhot; (void)simd;
     switch (isz) {
         case 1: CTXI_T(uint8_t, 8, CTXI_SCALAR(uint8_t)); break;
 #ifdef CTXI_HAVE_SIMD
@@ -1604,51 +1607,69 @@ static void ans_enc_table(const uint32_t *f, int L, encsym *T) {
     }
 }
 
-static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int lanes, const uint32_t *f, uint8_t *dst, size_t cap) {
-    size_t hl = ans_hlen(f);
-    if (cap < hl + 4 * (size_t)lanes + 2 * (size_t)lanes + 2) return 0;
-    size_t h = ans_header(dst, L, mode, lanes, f), st = h;
-    h += 4 * (size_t)lanes;
-    /* x div f, exactly, as q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1,
-     * l = ceil(log2 f) (Granlund and Montgomery 1994, theorem 4.2). (A division in double
-     * precision, exact too, ran at 0.8x this with 4 lanes and was dropped.) */
-    encsym T[256];
-    ans_enc_table(f, L, T);
-    uint32_t x[ANS_MAXLANES];
-    for (int j = 0; j < lanes; j++) x[j] = ANS_LOW;
-    uint8_t *end = dst + cap, *p = end, *lim = dst + h;
-    const int hs = 32 - L;
-#define ANS_ENC(I, J, DIVF) do { uint32_t xs = x[J]; const encsym *t_ = &T[src[I]]; \
-        uint32_t emit = (xs >> hs) >= t_->xmax; uint16_t w16 = (uint16_t)xs; \
-        memcpy(p - 2, &w16, 2); p -= 2 * emit; xs >>= 16 * emit; \
-        uint32_t q = DIVF(xs, t_); \
-        x[J] = xs + t_->cum + q * t_->cmpl; } while (0)
-#define DIV_RCP(X, T_) ((uint32_t)((uint64_t)(((unsigned __int128)(X) * (T_)->rcp) >> 32) >> (T_)->sh))
-#define ANS_ROUNDS(DIVF) for (size_t r = full; r > 0; r -= (size_t)lanes) { \
-        if (p - lim < 2 * (ptrdiff_t)lanes) return 0; \
-        for (int j = lanes - 1; j >= 0; j--) ANS_ENC(r - (size_t)lanes + (size_t)j, j, DIVF); }
+/* An encoder's state for one plane: its table, lane states and output (words written down from
+ * end; the header and the lane states go at dst, the words after them once done). x div f is
+ * exact as q = (x * rcp) >> (32 + l), rcp = floor(2^(32 + l) / f) + 1, l = ceil(log2 f)
+ * (Granlund and Montgomery 1994, theorem 4.2). (A division in double precision, exact too, ran
+ * at 0.8x this with 4 lanes and was dropped.) */
+typedef struct { encsym T[256]; uint32_t x[ANS_MAXLANES]; const uint8_t *src; uint8_t *dst, *p, *lim, *end;
+                 size_t r, h, st; Py_ssize_t k; int hs; } ansslot;
+
+/* encode one symbol (table entry t_) into lane state *x, its word (if it emits one) at *p - 2 */
+static inline void ans_step1(uint32_t *x, uint8_t **p, const encsym *t_, int hs) {
+    uint32_t xs = *x, emit = (xs >> hs) >= t_->xmax; uint16_t w16 = (uint16_t)xs;
+    memcpy(*p - 2, &w16, 2); *p -= 2 * emit; xs >>= 16 * emit;
+    uint32_t q = (uint32_t)((uint64_t)(((unsigned __int128)xs * t_->rcp) >> 32) >> t_->sh);
+    *x = xs + t_->cum + q * t_->cmpl;
+}
+
+/* start encoding n symbols in `lanes` lanes into dst (cap bytes): the header, then the last,
+ * partial round (lanes 0 .. n % lanes - 1); S->r symbols are left, in whole rounds. 0 where it
+ * cannot fit. */
+static int ans_slot_start(ansslot *S, const uint8_t *src, size_t n, int L, int mode, int lanes, const uint32_t *f,
+                          uint8_t *dst, size_t cap) {
+    if (cap < ans_hlen(f) + 6 * (size_t)lanes + 2) return 0;
+    S->dst = dst; S->src = src; S->hs = 32 - L;
+    S->st = ans_header(dst, L, mode, lanes, f); S->h = S->st + 4 * (size_t)lanes;
+    ans_enc_table(f, L, S->T);
+    for (int j = 0; j < lanes; j++) S->x[j] = ANS_LOW;
+    S->end = S->p = dst + cap; S->lim = dst + S->h;
     size_t full = n - n % (size_t)lanes;
-    for (size_t i = n; i > full; i--) {           /* the last, partial round: lanes 0 .. n - full - 1 */
-        if (p - lim < 2) return 0;
-        ANS_ENC(i - 1, (int)(i - 1 - full), DIV_RCP);
+    for (size_t i = n; i > full; i--) {
+        if (S->p - S->lim < 2) return 0;
+        ans_step1(&S->x[i - 1 - full], &S->p, &S->T[src[i - 1]], S->hs);
     }
+    S->r = full;
+    return 1;
+}
+
+/* the remaining rounds, each refused unless two bytes a lane are free; then the words moved after
+ * the header and the lane states: the payload's size, or 0 */
+static size_t ans_slot_finish(ansslot *S, int lanes) {
+    uint8_t *p = S->p; const uint8_t *src = S->src; const int hs = S->hs;
+    for (size_t r = S->r; r > 0; r -= (size_t)lanes) {
+        if (p - S->lim < 2 * (ptrdiff_t)lanes) return 0;
+        for (int j = lanes - 1; j >= 0; j--) ans_step1(&S->x[j], &p, &S->T[src[r - (size_t)lanes + (size_t)j]], hs);
+    }
+    size_t words = (size_t)(S->end - p);
+    memmove(S->dst + S->h, p, words);
+    memcpy(S->dst + S->st, S->x, 4 * (size_t)lanes);
+    return S->h + words;
+}
+
+static size_t ans_encode_c(const uint8_t *src, size_t n, int L, int mode, int lanes, const uint32_t *f, uint8_t *dst, size_t cap) {
+    ansslot S;
+    if (!ans_slot_start(&S, src, n, L, mode, lanes, f, dst, cap)) return 0;
 #if ANS_HAVE_AVX2_CODE
     if (ans_simd == 1 && lanes % 8 == 0) {
         uint32_t fc[256];
-        for (int s = 0; s < 256; s++) fc[s] = f[s] | T[s].cum << 16;
-        uint8_t *q = ans_enc_rounds_avx2(src, full, lanes, L, x, fc, p, lim);
+        for (int s = 0; s < 256; s++) fc[s] = f[s] | S.T[s].cum << 16;
+        uint8_t *q = ans_enc_rounds_avx2(src, S.r, lanes, L, S.x, fc, S.p, S.lim);
         if (!q) return 0;
-        p = q;
-    } else
+        S.p = q; S.r = 0;
+    }
 #endif
-    ANS_ROUNDS(DIV_RCP)
-#undef ANS_ROUNDS
-#undef DIV_RCP
-#undef ANS_ENC
-    size_t words = (size_t)(end - p);
-    memmove(dst + h, p, words);
-    for (int j = 0; j < lanes; j++) { uint32_t v = x[j]; memcpy(dst + st + 4 * (size_t)j, &v, 4); }
-    return h + words;
+    return ans_slot_finish(&S, lanes);
 }
 
 /* decode a payload's n symbols of alphabet size alpha (256: bytes, 16: nibbles) into dst: 0, or -1
@@ -1853,43 +1874,13 @@ static size_t ans_try_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
  * finishes its plane with ans_encode_c's own loop and checks. out[i]: payload size at dst[i], or 0. */
 #define ANS_STEP 128
 
-typedef struct { encsym T[256]; uint32_t x[2]; const uint8_t *src; uint8_t *dst, *p, *lim, *end; size_t r, h, st; Py_ssize_t k; } ansslot;
-
-static inline void ans_step1(uint32_t *x, uint8_t **p, const encsym *t_) {
-    uint32_t xs = *x, emit = (xs >> (32 - ANS_LOG)) >= t_->xmax; uint16_t w16 = (uint16_t)xs;
-    memcpy(*p - 2, &w16, 2); *p -= 2 * emit; xs >>= 16 * emit;
-    uint32_t q = (uint32_t)((uint64_t)(((unsigned __int128)xs * t_->rcp) >> 32) >> t_->sh);
-    *x = xs + t_->cum + q * t_->cmpl;
-}
-
-/* start plane k in a slot of `lanes` lanes (its partial round done); 0 if it failed at once */
-static int ans_slot_start(ansslot *S, const ansplan *pl, Py_ssize_t k, int lanes, uint8_t *dst, size_t cap, size_t *out) {
-    if (cap < ans_hlen(pl->f) + 6 * (size_t)lanes + 2) { out[k] = 0; return 0; }
-    S->k = k; S->dst = dst; S->src = pl->src;
-    S->st = ans_header(dst, ANS_LOG, pl->mode, lanes, pl->f); S->h = S->st + 4 * (size_t)lanes;
-    ans_enc_table(pl->f, ANS_LOG, S->T);
-    S->x[0] = S->x[1] = ANS_LOW; S->end = S->p = dst + cap; S->lim = dst + S->h;
-    size_t n = pl->nsym, full = n - n % (size_t)lanes;
-    for (size_t i = n; i > full; i--) {
-        if (S->p - S->lim < 2) { out[k] = 0; return 0; }
-        ans_step1(&S->x[i - 1 - full], &S->p, &S->T[S->src[i - 1]]);
-    }
-    S->r = full;
-    return 1;
-}
-
-static void ans_slot_finish(ansslot *S, int lanes, size_t *out) {
-    size_t res = 0;
-    for (; S->r > 0; S->r -= (size_t)lanes) {
-        if (S->p - S->lim < 2 * (ptrdiff_t)lanes) goto done;
-        for (int j = lanes - 1; j >= 0; j--) ans_step1(&S->x[j], &S->p, &S->T[S->src[S->r - (size_t)lanes + (size_t)j]]);
-    }
-    size_t words = (size_t)(S->end - S->p);
-    memmove(S->dst + S->h, S->p, words);
-    memcpy(S->dst + S->st, S->x, 4 * (size_t)lanes);
-    res = S->h + words;
-done:
-    out[S->k] = res;
+/* plane k of the plans into a slot: 1, or 0 (out[k] = 0) where it cannot start */
+static int ans_slot_load(ansslot *S, const ansplan *pl, Py_ssize_t k, int lanes, uint8_t *const *dst, const size_t *cap,
+                         size_t *out) {
+    S->k = k;
+    if (ans_slot_start(S, pl[k].src, pl[k].nsym, ANS_LOG, pl[k].mode, lanes, pl[k].f, dst[k], cap[k])) return 1;
+    out[k] = 0;
+    return 0;
 }
 
 #define ANS_FITS(S_, LANES) ((S_).r >= (size_t)(LANES) * ANS_STEP && (S_).p - (S_).lim >= 2 * (LANES) * ANS_STEP + 2 * (LANES))
@@ -1900,7 +1891,7 @@ static void ans_machine##LANES(const ansplan *pl, const Py_ssize_t *idx, Py_ssiz
     ansslot *S = malloc(NS * sizeof(ansslot)); int live = 0; Py_ssize_t next = 0; \
     if (!S) { for (Py_ssize_t i = 0; i < m; i++) { Py_ssize_t k = idx[i]; \
         out[k] = ans_encode_c(pl[k].src, pl[k].nsym, ANS_LOG, pl[k].mode, LANES, pl[k].f, dst[k], cap[k]); } return; } \
-    while (live < NS && next < m) { Py_ssize_t k = idx[next++]; live += ans_slot_start(&S[live], &pl[k], k, LANES, dst[k], cap[k], out); } \
+    while (live < NS && next < m) live += ans_slot_load(&S[live], pl, idx[next++], LANES, dst, cap, out); \
     while (live == NS) { \
         int fit = 1; \
         for (int s = 0; s < NS; s++) fit &= ANS_FITS(S[s], LANES); \
@@ -1912,7 +1903,7 @@ static void ans_machine##LANES(const ansplan *pl, const Py_ssize_t *idx, Py_ssiz
             for (int b = 1; b <= ANS_STEP; b++) \
                 for (int j = LANES - 1; j >= 0; j--) \
                     for (int s = 0; s < NS; s++) \
-                        ans_step1(&x[s][j], &p[s], &S[s].T[src[s][j - (ptrdiff_t)(LANES) * b]]); \
+                        ans_step1(&x[s][j], &p[s], &S[s].T[src[s][j - (ptrdiff_t)(LANES) * b]], 32 - ANS_LOG); \
             for (int s = 0; s < NS; s++) { \
                 for (int j = 0; j < LANES; j++) S[s].x[j] = x[s][j]; \
                 S[s].p = p[s]; S[s].r -= (size_t)(LANES) * ANS_STEP; } \
@@ -1920,13 +1911,13 @@ static void ans_machine##LANES(const ansplan *pl, const Py_ssize_t *idx, Py_ssiz
         } \
         for (int s = 0; s < live; s++) \
             if (!ANS_FITS(S[s], LANES)) { \
-                ans_slot_finish(&S[s], LANES, out); \
+                out[S[s].k] = ans_slot_finish(&S[s], LANES); \
                 int got = 0; \
-                while (!got && next < m) { Py_ssize_t k = idx[next++]; got = ans_slot_start(&S[s], &pl[k], k, LANES, dst[k], cap[k], out); } \
+                while (!got && next < m) got = ans_slot_load(&S[s], pl, idx[next++], LANES, dst, cap, out); \
                 if (!got) { S[s] = S[--live]; s--; } \
             } \
     } \
-    for (int s = 0; s < live; s++) ans_slot_finish(&S[s], LANES, out); \
+    for (int s = 0; s < live; s++) out[S[s].k] = ans_slot_finish(&S[s], LANES); \
     free(S); \
 }
 ANS_MACHINE(1, 2)

@@ -131,24 +131,16 @@ def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarr
     same counting sort, the same bytes)."""
     if _accel is not None and hasattr(_accel, "ctx_hist"):
         isz, opi, fl = dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
-        n = base.size // isz
-        parts = min(threads, max(1, base.size // (CTX_PARALLEL_BYTES // 2)))
-        if parts <= 1:
+        if _ctx_nparts(base.size, threads) <= 1:
             _accel.ctx(x, base, out, isz, opi, fl, int(inverse), s, w, counts)
             return
-        cuts = [n * p // parts * isz for p in range(parts + 1)]
-        hists = np.zeros((parts, 1 << w), np.uint64)
-        with ThreadPoolExecutor(parts, thread_name_prefix="mithril-ctx") as ex:
-            list(ex.map(lambda p: _accel.ctx_hist(base[cuts[p]:cuts[p + 1]], isz, s, w, hists[p]), range(parts)))
-            total, offs = _part_offsets(hists)
 
-            def move(p):
-                a, b = cuts[p], cuts[p + 1]
-                if inverse:
-                    _accel.ctx(x, base[a:b], out[a:b], isz, opi, fl, 1, s, w, None, offs[p].copy())
-                else:
-                    _accel.ctx(x[a:b], base[a:b], out, isz, opi, fl, 0, s, w, None, offs[p].copy())
-            list(ex.map(move, range(parts)))
+        def move(a, b, offs, hist):
+            if inverse:
+                _accel.ctx(x, base[a:b], out[a:b], isz, opi, fl, 1, s, w, None, offs.copy())
+            else:
+                _accel.ctx(x[a:b], base[a:b], out, isz, opi, fl, 0, s, w, None, offs.copy())
+        _, total, _ = _ctx_parts(base, isz, s, w, threads, move)
         if counts is not None:
             counts[...] = total
         return
@@ -210,12 +202,17 @@ def ctxm_unsort(op: str, dt: DType, bitmap: np.ndarray, vals: np.ndarray, cum: n
     _ctx_parts(base, isz, s, w, threads, move)
 
 
+def _ctx_nparts(nbytes: int, threads: int) -> int:
+    """Parts a context sort of ``nbytes`` is cut into: one per thread, each of CTX_PARALLEL_BYTES / 2 or more."""
+    return min(threads, max(1, nbytes // (CTX_PARALLEL_BYTES // 2)))
+
+
 def _ctx_parts(base: np.ndarray, isz: int, s: int, w: int, threads: int, move) -> tuple:
     """Cut ``base`` into parts (one per thread for a large tensor), histogram each part's
     contexts, then ``move(a, b, offsets, hist)`` each part [a, b) (bytes), in parallel; returns
     (hists, counts per context, offsets per part)."""
     n = base.size // isz
-    parts = min(threads, max(1, base.size // (CTX_PARALLEL_BYTES // 2)))
+    parts = _ctx_nparts(base.size, threads)
     cuts = [n * p // parts * isz for p in range(parts + 1)]
     hists = np.zeros((parts, 1 << w), np.uint64)
 
