@@ -1,7 +1,7 @@
 """DCP storage writers side by side: FileSystemWriter, FileSystemWriter + its ZStandard extension,
 MithrilWriter (full) and MithrilWriter (delta against the full one, one optimizer step later).
 
-    python benchmarks/bench_dcp.py [--mb 560] [--out DIR] [--threads 1] [--runs 5] [--methods fs,zs,mf,md]
+    python benchmarks/bench_dcp.py [--mb 560] [--out DIR] [--threads 1] [--runs 5] [--methods fs,zs,mf,md] [--cold]
 
 Two ranks (torch.multiprocessing.spawn, gloo, CPU), each holding half of a training state as
 Shard(0) DTensors: bf16 weights and fp32 AdamW moments (exp_avg, exp_avg_sq), plus step counters.
@@ -10,8 +10,10 @@ state is one AdamW step later with lr 1e-4), not a trained model: byte-level sta
 of real bf16/fp32 training states, but no benchmark on synthetic data settles real-model ratios.
 
 Reported, per writer: bytes on disk, ratio against FileSystemWriter, save and load wall time
-(slowest rank, after a barrier; outputs fsynced; loads read what the page cache holds) and peak
+(slowest rank, after a barrier; outputs fsynced; loads read what the page cache holds, see --cold) and peak
 extra anonymous resident memory (RssAnon) of a rank during save and load, sampled every 5 ms.
+With --cold, loads read from the disk instead: every file of the checkpoint (and of a delta's base)
+is evicted from the page cache before the load, as after a restart.
 Every load is checked bit-exact against the state saved. Each save starts with no writeback of
 earlier files pending (os.sync() first: between the saves of a training run there is time for
 it; without it, a save pays for its predecessor's writeback). The methods run in turn, --runs times,
@@ -159,6 +161,18 @@ def dir_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
+def drop_cache(path) -> None:
+    """Evict the (clean) files directly in ``path`` from the page cache."""
+    for n in os.listdir(path):
+        p = os.path.join(path, n)
+        if os.path.isfile(p):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def worker(rank, world, args, root):
     import warnings
 
@@ -197,6 +211,10 @@ def worker(rank, world, args, root):
                 t_save = time.perf_counter() - t
             dist.barrier()
             target = zeros_like_state(state)
+            if args.cold and rank == 0:          # the checkpoint (and a delta's base) read from the disk
+                os.sync()
+                for sub in (name, "mf") if name == "md" else (name,):
+                    drop_cache(d(sub))
             dist.barrier()
             with Peak() as pk_load:
                 t = time.perf_counter()
@@ -238,6 +256,9 @@ def main():
     ap.add_argument("--methods", default="fs,zs,mf,md",
                     help="which, of fs (FileSystemWriter, always first: the reference), zs (+ ZStandard), "
                          "mf (MithrilWriter full), md (MithrilWriter delta: needs mf)")
+    ap.add_argument("--cold", action="store_true",
+                    help="loads read from the disk: the checkpoint's files (and a delta's base's) are evicted from "
+                         "the page cache first (os.sync, then posix_fadvise DONTNEED), as for a resume after a restart")
     args = ap.parse_args()
     picked = args.methods.split(",")
     if picked[0] != "fs" or not set(picked) <= {"fs", "zs", "mf", "md"} or ("md" in picked and "mf" not in picked):
@@ -252,6 +273,7 @@ def main():
         base = res["rows"][0]["bytes"]
         print(f"\nstate: {res['state_bytes'] / 1e6:,.0f} MB over 2 ranks (bf16 weights, fp32 AdamW moments); "
               f"torch {torch.__version__}; mithril threads per rank: {args.threads}; "
+              f"loads from {'the disk (--cold)' if args.cold else 'the page cache'}; "
               f"{time.perf_counter() - t0:.0f} s in all\n")
         fs = res["rows"][0]
         print(f"{args.runs} runs, methods in turn; times are medians (range), 'vs FS' the median of the runs' "

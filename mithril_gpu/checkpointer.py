@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import api, checksum, tree as tree_mod
+from . import api, checksum, tree as tree_mod, writer
 from .errors import BaseMismatchError, CorruptFileError, MissingBaseError, MithrilError, short
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 from .writer import remove_stale_temps
@@ -294,6 +294,12 @@ class Checkpointer:
                 self._choices = {}
             choices = self._choices
         base_path = None if full else self.path(prev)
+        if writer.RELEASE_REPLACED and self.keep is not None:
+            # the files this save makes prunable: their cached pages go now, for the new file to use
+            try:
+                writer.release_cache([self.path(s) for s in self._doomed(scan, (step, None if full else prev))])
+            except (MithrilError, OSError):
+                pass
         if blocking and self.keep_base_in_memory and _on_cpu(state):
             # A blocking save of CPU tensors codes the state as it is; the copy kept for the next
             # delta is taken afterwards, into the previous copy's memory where the layouts match (no
@@ -367,20 +373,30 @@ class Checkpointer:
         if self.keep_base_in_memory and leaves is not None:
             self._base_tensors = dict(leaves)
 
+    def _doomed(self, scan: dict, new: tuple[int, int | None] | None = None) -> set:
+        """The steps whose files a prune removes; ``new`` = (step, its base step or None): as if
+        that save had been written."""
+        doomed = {s for s, st in scan.items() if st == _ORPHAN}
+        if self.keep is not None:
+            ok = sorted(s for s, st in scan.items() if st == _OK)
+            needed = set()
+            if new is not None:
+                needed.update(self.chain(new[1]) if new[1] is not None else ())
+                keep = ok[-(self.keep - 1):] if self.keep > 1 else []
+            else:
+                keep = ok[-self.keep:]
+            for s in keep:
+                needed.update(self.chain(s))
+            doomed.update(s for s in ok if s not in needed)
+        return doomed
+
     def _prune(self) -> None:
         """Delete the orphans, and (with ``keep``) the files no kept checkpoint needs.
 
         Dependents go before their bases (newest first where nothing depends on anything), so
         whenever the process is killed here, every file left is restorable or was already an
         orphan."""
-        scan = self._scan()
-        doomed = {s for s, st in scan.items() if st == _ORPHAN}
-        if self.keep is not None:
-            ok = sorted(s for s, st in scan.items() if st == _OK)
-            needed = set()
-            for s in ok[-self.keep:]:
-                needed.update(self.chain(s))
-            doomed.update(s for s in ok if s not in needed)
+        doomed = self._doomed(self._scan())
         base_of = {}
         for s in doomed:
             hit = self._infos.get(s)

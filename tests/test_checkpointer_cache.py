@@ -181,3 +181,31 @@ def test_unchanged_tensors_are_same_and_a_change_past_the_probe_is_not(tmp_path,
         ops = {k: f.info(k)["delta"] for k in f.keys()}
     assert ops["c"] == "same" and ops["w"] in ("xor", "zigzag")
     assert_tree_same(ck.load(1), s1)
+
+
+@pytest.mark.parametrize("keep,full_every", [(1, 1), (2, 1), (2, 3), (3, 2), (None, 2)])
+def test_a_save_releases_the_cache_of_exactly_the_files_its_prune_removes(tmp_path, monkeypatch, keep, full_every):
+    from mithril_gpu import writer
+
+    released = []
+    monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1)
+    monkeypatch.setattr(writer, "_drop_cached", lambda paths: released.append(sorted(os.path.basename(p) for p in paths)))
+    real = writer.release_cache
+
+    def sync_release(paths):
+        t = real(paths)
+        if t is not None:
+            t.join(5)
+    monkeypatch.setattr(writer, "release_cache", sync_release)
+    ck = mithril_gpu.Checkpointer(tmp_path, keep=keep, full_every=full_every)
+    s = _state(0)
+    removed_total = 0
+    for step in range(9):
+        before = set(os.listdir(tmp_path))
+        released.clear()
+        ck.save(s, step)
+        gone = sorted(before - set(os.listdir(tmp_path)))
+        removed_total += len(gone)
+        assert released == ([gone] if gone else []), (step, released, gone)
+        s = _next(s, step)
+    assert (removed_total > 0) == (keep is not None)

@@ -296,3 +296,30 @@ def test_earlier_rank_files_are_removed_after_a_commit_big_ones_off_the_critical
         if t.name == "mithril-free-old":
             t.join(5)
     assert sorted(os.listdir(tmp_path)) == sorted([keep, other]) and not writer._old_files
+
+
+def test_a_save_releases_the_cache_of_its_own_ranks_earlier_files_only(tmp_path, monkeypatch):
+    """The rank files a save replaces give their cached pages up as it starts (writer.release_cache),
+    never another rank's, never the base's, and they stay loadable until the commit."""
+    import torch.distributed.checkpoint as dcp_
+
+    from mithril_gpu import writer
+
+    released = []
+    monkeypatch.setattr(writer, "release_cache", lambda paths: released.append(
+        sorted(os.path.basename(p) for p in paths if os.path.exists(p))))        # (as it does: what is there)
+    state = {"w": torch.randn(40, 24).to(torch.bfloat16), "step": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save(state, storage_writer=dcp.MithrilWriter(tmp_path / "c"), no_dist=True)
+        first = sorted(n for n in os.listdir(tmp_path / "c") if n.endswith(".mth"))
+        (tmp_path / "c" / "__1_0123abcd.mth").write_bytes(b"x")        # another rank's (a bigger world)
+        released.clear()
+        dcp_.save(state, storage_writer=dcp.MithrilWriter(tmp_path / "c"), no_dist=True)
+        assert [r for r in released if r and r[0].startswith("__")] == [first]
+        released.clear()
+        dcp_.save(state, storage_writer=dcp.MithrilWriter(tmp_path / "d", base=tmp_path / "c"), no_dist=True)
+        assert not any(r and r[0].startswith("__") for r in released)   # a new directory: nothing; the base: never
+        back = {"w": torch.zeros(40, 24, dtype=torch.bfloat16), "step": 0}
+        dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "d"), no_dist=True)
+    assert_same(back["w"], state["w"])

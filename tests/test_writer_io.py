@@ -117,3 +117,60 @@ def test_torch_save_writes_through_the_file_view(tmp_path):
         torch.save(state, out.file)
     back = torch.load(tmp_path / "x.pt", weights_only=True)
     assert torch.equal(back["a"], state["a"]) and back["b"] == [1, 2]
+
+
+def _record_releases(monkeypatch):
+    """Make ``writer.release_cache`` record what it would drop, at once (no thread)."""
+    dropped = []
+    monkeypatch.setattr(writer, "_drop_cached", lambda paths: dropped.extend(os.path.basename(p) for p in paths))
+    real = writer.release_cache
+
+    def sync_release(paths):
+        t = real(paths)
+        if t is not None:
+            t.join(5)
+        return t
+    monkeypatch.setattr(writer, "release_cache", sync_release)
+    return dropped
+
+
+def test_a_big_file_being_replaced_has_its_cache_released_as_the_save_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1000)
+    dropped = _record_releases(monkeypatch)
+    path = tmp_path / "ckpt.mth"
+    mithril_gpu.save({"w": torch.randn(10)}, path)                 # small: left alone
+    assert dropped == []
+    mithril_gpu.save({"w": torch.randn(10)}, path)
+    assert dropped == []
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)             # replaces a small file
+    assert dropped == []
+    seen = []
+    real_write = writer._write_all
+    monkeypatch.setattr(writer, "_write_all", lambda fd, bufs: (seen.append(list(dropped)), real_write(fd, bufs))[1])
+    new = {"w": torch.randn(10_000)}
+    mithril_gpu.save(new, path)                                   # replaces a big one
+    assert dropped == ["ckpt.mth"] and seen[0] == ["ckpt.mth"]    # before the first byte is written
+    assert torch.equal(mithril_gpu.load(path)["w"], new["w"])
+    monkeypatch.setattr(writer, "RELEASE_REPLACED", False)
+    mithril_gpu.save(new, path)
+    assert dropped == ["ckpt.mth"]
+
+
+def test_released_cache_is_only_cache_the_old_file_survives_a_failed_save(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1000)
+    path = tmp_path / "ckpt.mth"
+    old = {"w": torch.randn(50_000)}
+    mithril_gpu.save(old, path)
+    before = path.read_bytes()
+    t = writer.release_cache([path, tmp_path / "missing.mth", tmp_path])     # real fadvise; odd paths skipped
+    assert t is not None
+    t.join(5)
+    writer._drop_cached([str(tmp_path / "missing.mth")])                       # no error for a vanished file
+
+    def full(fd, bufs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer.os, "writev", full)
+    with pytest.raises(OSError, match="No space"):
+        mithril_gpu.save({"w": torch.randn(3_000_000)}, path)
+    assert path.read_bytes() == before
+    assert torch.equal(mithril_gpu.load(path)["w"], old["w"])
