@@ -1,12 +1,18 @@
 """The writer's I/O against an earlier revision's, interleaved in one run (issue 10).
 
-    python benchmarks/bench_io.py [--mb 1024] [--runs 7] [--ref a021300] [--threads 2]
+    python benchmarks/bench_io.py [--mb 1024] [--runs 7] [--ref a021300] [--threads 2] [--gap 0]
+    python benchmarks/bench_io.py --release [--keep K] [--gap 3] ...
 
 Saves the same state dict (bf16, trained-like exponents: N(0, 0.02) weights, so the coder does
 real work) file to file with mithril's save, once with this tree's ``writer.AtomicFile`` and once
 with the ``AtomicFile`` of git revision REF (put in place of the current one), alternating, each
 save replacing the file the previous one wrote (as a checkpoint loop does), fsync included.
-Prints MB/s per run and the median of the paired ratios.
+With ``--release``, the two contenders are this tree with and without releasing the page cache
+of the files a save replaces (``writer.RELEASE_REPLACED``), each replacing its own file, or with
+``--keep K`` each saving through its own ``Checkpointer(keep=K, full_every=1)``.
+Prints MB/s per run and the median of the paired ratios. ``--gap S`` waits S seconds (after
+``os.sync``) before each save, as a training loop does between checkpoints: memory freed long
+before a save is not what a save right after another one gets (see STATUS.md, page cache).
 """
 from __future__ import annotations
 
@@ -44,6 +50,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--ref", default="a021300")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gap", type=float, default=0.0,
+                    help="seconds to wait (after os.sync) before each save, as training does between checkpoints "
+                         "(default 0: back to back)")
+    ap.add_argument("--release", action="store_true",
+                    help="instead of --ref: this tree with and without releasing the page cache of the files a "
+                         "save replaces (writer.RELEASE_REPLACED)")
+    ap.add_argument("--keep", type=int, default=None,
+                    help="with --release: save through Checkpointer(keep=K, full_every=1), whose saves make older "
+                         "files prunable, instead of replacing one file")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp folder under benchmarks/out)")
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
@@ -51,28 +66,54 @@ def main() -> None:
     rows = 4096
     state = {f"layer{i}": (torch.randn(rows, n // rows // 8, generator=g) * 0.02).to(torch.bfloat16) for i in range(8)}
     nbytes = sum(t.numel() * 2 for t in state.values())
-    kinds = {"this tree": writer.AtomicFile, f"writer.py@{a.ref}": old_atomic_file(a.ref)}
+    if a.keep is not None and not a.release:
+        ap.error("--keep goes with --release")
+    if a.release:
+        kinds = {"release": True, "no release": False}
+    else:
+        kinds = {"this tree": writer.AtomicFile, f"writer.py@{a.ref}": old_atomic_file(a.ref)}
+    here_atomic = writer.AtomicFile
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     d = a.dir or tempfile.mkdtemp(prefix="bench_io-", dir=os.path.join(HERE, "out"))
     path = os.path.join(d, "ckpt.mth")
+    cks = {k: mithril_gpu.Checkpointer(os.path.join(d, k.replace(" ", "-")), keep=a.keep, full_every=1,
+                                       threads=a.threads) for k in kinds} if a.keep is not None else None
     speeds = {k: [] for k in kinds}
     mithril_gpu.save(state, path, threads=a.threads)          # warm up, and a file to replace
+    for k in (kinds if a.release else ()):                    # (each kind replaces its own files)
+        if cks is not None:
+            cks[k].save(state, 0)
+        else:
+            mithril_gpu.save(state, os.path.join(d, k.replace(" ", "-") + ".mth"), threads=a.threads)
     try:
         for r in range(a.runs):
             order = list(kinds) if r % 2 == 0 else list(kinds)[::-1]
             for k in order:
-                writer.AtomicFile = kinds[k]
+                if a.release:
+                    writer.RELEASE_REPLACED = kinds[k]
+                else:
+                    writer.AtomicFile = kinds[k]
+                if a.gap:             # between checkpoints: training runs, the previous file is written back
+                    os.sync()
+                    time.sleep(a.gap)
                 t0 = time.perf_counter()
-                mithril_gpu.save(state, path, threads=a.threads)
+                if cks is not None:
+                    cks[k].save(state, r + 1)
+                elif a.release:
+                    mithril_gpu.save(state, os.path.join(d, k.replace(" ", "-") + ".mth"), threads=a.threads)
+                else:
+                    mithril_gpu.save(state, path, threads=a.threads)
                 speeds[k].append(nbytes / (time.perf_counter() - t0) / 1e6)
             print(f"run {r}: " + ", ".join(f"{k} {speeds[k][-1]:.0f} MB/s" for k in kinds), flush=True)
     finally:
-        writer.AtomicFile = kinds["this tree"]
+        writer.AtomicFile, writer.RELEASE_REPLACED = here_atomic, True
         if a.dir is None:
             shutil.rmtree(d, ignore_errors=True)
     names = list(kinds)
     ratios = [x / y for x, y in zip(speeds[names[0]], speeds[names[1]])]
-    print(f"\n{nbytes / 1e6:.0f} MB bf16, {a.threads} threads, {a.runs} runs, file replaced each time, fsync included")
+    how = f"Checkpointer(keep={a.keep}, full_every=1)" if cks is not None else "file replaced each time"
+    print(f"\n{nbytes / 1e6:.0f} MB bf16, {a.threads} threads, {a.runs} runs, {how}, fsync included"
+          + (f", {a.gap:g} s between saves" if a.gap else ""))
     for k in names:
         print(f"  {k}: median {statistics.median(speeds[k]):.0f} MB/s (best {max(speeds[k]):.0f})")
     print(f"  paired ratio {names[0]} / {names[1]}: median {statistics.median(ratios):.3f} "
