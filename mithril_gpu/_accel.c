@@ -175,9 +175,12 @@ static PyObject *delta(PyObject *self, PyObject *args) {
 }
 
 /* one compiled copy (never inlined), so that every caller gets the very same double */
+static void hist4(const uint8_t *src, size_t n, uint32_t *counts);
+
 __attribute__((noinline)) static double entropy_c(const uint8_t *s, Py_ssize_t len, Py_ssize_t step) {
     uint32_t counts[256] = {0}; Py_ssize_t total = 0; double h = 0.0;
-    for (Py_ssize_t i = 0; i < len; i += step) { counts[s[i]]++; total++; }
+    if (step == 1 && len < ((Py_ssize_t)1 << 32)) { hist4(s, (size_t)len, counts); total = len; }  /* the same counts */
+    else for (Py_ssize_t i = 0; i < len; i += step) { counts[s[i]]++; total++; }
     for (int k = 0; k < 256; k++) if (counts[k]) { double q = (double)counts[k] / total; h -= q * __builtin_log2(q); }
     return h;
 }
@@ -1801,13 +1804,20 @@ static uint64_t ilog2_q16(uint32_t v) {
  * only), so every platform decides alike. */
 #define ANS_MIN_SYMBOLS 64
 
+/* ilog2_q16 of 1 .. 2^ANS_LOG, the frequencies a table of ANS_LOG holds (filled at import) */
+static uint64_t ilog2_tab[(1 << ANS_LOG) + 1];
+
+static void ilog2_tab_init(void) {
+    for (uint32_t v = 1; v <= (1u << ANS_LOG); v++) ilog2_tab[v] = ilog2_q16(v);
+}
+
 /* bits << 16 of a payload for symbols with counts cnt[0:alpha] (total n) and frequencies f */
 static uint64_t ans_estimate_q16(const uint64_t *cnt, const uint32_t *f, int alpha, size_t n) {
     int nsym = 0, big = 0;
     uint64_t q = 0;
     for (int k = 0; k < alpha; k++) if (cnt[k]) {
         nsym++; big += f[k] >= 128;
-        q += cnt[k] * (((uint64_t)ANS_LOG << 16) - ilog2_q16(f[k]));
+        q += cnt[k] * (((uint64_t)ANS_LOG << 16) - (f[k] <= (1u << ANS_LOG) ? ilog2_tab[f[k]] : ilog2_q16(f[k])));
     }
     return q + ((uint64_t)(8 * (3 + (nsym < 32 ? nsym : 32) + nsym + big + 4 * ans_lanes(n))) << 16);
 }
@@ -1821,10 +1831,12 @@ static void ans_nibbles(const uint8_t *src, size_t n, uint8_t *t) {
  * to encode, or 0 where the plane is left to zstd. pl->tmp (the nibbles) is the caller's to free. */
 typedef struct { const uint8_t *src; size_t nsym; int mode; uint32_t f[256]; uint8_t *tmp; } ansplan;
 
-static int ans_plan_c(const uint8_t *src, size_t n, ansplan *pl) {
-    pl->tmp = NULL;
-    if (n < ANS_MIN_SYMBOLS || n > 0x7fffffffu) return 0;
-    uint32_t cnt32[256]; uint64_t cnt[256], ncnt[16] = {0};
+/* a plane's costs, bits << 16: an ans payload per byte (byte_q) or per nibble (nib_q), with their
+ * frequency tables, and a Huffman coding of its bytes (huf_q, zstd's literals); nsym symbols */
+typedef struct { uint64_t byte_q, nib_q, huf_q; int nsym; uint32_t f[256], fn[256]; } anscost;
+
+static void ans_costs(const uint8_t *src, size_t n, anscost *c) {
+    uint32_t cnt32[256]; uint64_t cnt[256], ncnt[256] = {0};
     hist4(src, n, cnt32);
     int nsym = 0, maxsym = 0;
     for (int k = 0; k < 256; k++) {
@@ -1832,28 +1844,38 @@ static int ans_plan_c(const uint8_t *src, size_t n, ansplan *pl) {
         ncnt[k & 15] += cnt[k]; ncnt[k >> 4] += cnt[k];
         if (cnt[k]) { nsym++; maxsym = k; }
     }
-    if (nsym < 2) return 0;
-    uint32_t f[256], fn[256] = {0}; uint8_t hl[256];
-    uint64_t ncnt256[256] = {0};
-    memcpy(ncnt256, ncnt, sizeof ncnt);
-    ans_normalize(cnt, n, ANS_LOG, f);
-    ans_normalize(ncnt256, 2 * (uint64_t)n, ANS_LOG, fn);
+    c->nsym = nsym;
+    if (nsym < 2) return;
+    uint8_t hl[256];
+    memset(c->fn, 0, sizeof c->fn);
+    ans_normalize(cnt, n, ANS_LOG, c->f);
+    ans_normalize(ncnt, 2 * (uint64_t)n, ANS_LOG, c->fn);
     huff_lengths(cnt32, maxsym, hl);
-    /* bits << 16: the payload's estimate per byte or per nibble, and a Huffman coding's */
-    uint64_t byte_q = ans_estimate_q16(cnt, f, 256, n), nib_q = ans_estimate_q16(ncnt, fn, 16, 2 * n);
-    uint64_t huf_q = (uint64_t)(8 * (12 + nsym / 2)) << 16, raw_q = (uint64_t)(8 * n) << 16;
-    for (int k = 0; k <= maxsym; k++) if (cnt[k]) huf_q += cnt[k] * ((uint64_t)hl[k] << 16);
-    int nib = nib_q < byte_q;
-    uint64_t ans_q = nib ? nib_q : byte_q;
-    /* worth trying where it beats a Huffman coding by 3%; or on planes of at most 4 bits a byte
-     * (few symbols, where zstd's matches are spurious and cost more than Huffman literals: 1.47
-     * bits a byte on a plane of two even symbols; and then it beats the stored plane). Denser
-     * planes seldom gain and would cost the encoder's time (measured: benchmarks/bench_fixed_costs.py) */
-    if (100 * ans_q > 97 * huf_q && 2 * ans_q > raw_q) return 0;
-    if (!nib) { pl->src = src; pl->nsym = n; pl->mode = 0; memcpy(pl->f, f, sizeof f); return 1; }
+    c->byte_q = ans_estimate_q16(cnt, c->f, 256, n);
+    c->nib_q = ans_estimate_q16(ncnt, c->fn, 16, 2 * n);
+    c->huf_q = (uint64_t)(8 * (12 + nsym / 2)) << 16;
+    for (int k = 0; k <= maxsym; k++) if (cnt[k]) c->huf_q += cnt[k] * ((uint64_t)hl[k] << 16);
+}
+
+/* worth trying where it beats a Huffman coding by 3%; or on planes of at most 4 bits a byte
+ * (few symbols, where zstd's matches are spurious and cost more than Huffman literals: 1.47
+ * bits a byte on a plane of two even symbols; and then it beats the stored plane). Denser
+ * planes seldom gain and would cost the encoder's time (measured: benchmarks/bench_fixed_costs.py) */
+static int ans_pays(const anscost *c, size_t n) {
+    uint64_t ans_q = c->nib_q < c->byte_q ? c->nib_q : c->byte_q, raw_q = (uint64_t)(8 * n) << 16;
+    return c->nsym >= 2 && !(100 * ans_q > 97 * c->huf_q && 2 * ans_q > raw_q);
+}
+
+static int ans_plan_c(const uint8_t *src, size_t n, ansplan *pl) {
+    pl->tmp = NULL;
+    if (n < ANS_MIN_SYMBOLS || n > 0x7fffffffu) return 0;
+    anscost c;
+    ans_costs(src, n, &c);
+    if (!ans_pays(&c, n)) return 0;
+    if (c.nib_q >= c.byte_q) { pl->src = src; pl->nsym = n; pl->mode = 0; memcpy(pl->f, c.f, sizeof c.f); return 1; }
     if (!(pl->tmp = malloc(2 * n))) return 0;
     ans_nibbles(src, n, pl->tmp);
-    pl->src = pl->tmp; pl->nsym = 2 * n; pl->mode = 1; memcpy(pl->f, fn, sizeof fn);
+    pl->src = pl->tmp; pl->nsym = 2 * n; pl->mode = 1; memcpy(pl->f, c.fn, sizeof c.fn);
     return 1;
 }
 
@@ -1973,6 +1995,52 @@ static PyObject *ans_encode(PyObject *self, PyObject *args) {
     return PyLong_FromSize_t(r);
 }
 
+/* coded_estimate(planes, store_bits, sample) -> estimated bytes of the planes as a delta entry's
+ * planes are coded (codecs.ChunkCoder.encode with use_ans): 0 for an empty plane; the plane's size
+ * where the gate stores it (256 bytes or more, sampled entropy above store_bits); 19 bytes for a
+ * plane of one symbol (zstd's frame of one RLE block); otherwise the least of the stored plane, a
+ * Huffman coding of it (zstd's literals, matches not counted) and the ans payload where ans_pays.
+ * For choosing a coding by its size without coding it (deltaplan's trial). */
+#define ZSTD_RLE_FRAME 19
+
+static size_t coded_estimate_c(const uint8_t *src, size_t n, double store_bits, Py_ssize_t sample) {
+    if (n == 0 || n > 0x7fffffffu) return n;
+    Py_ssize_t step = (Py_ssize_t)n / sample;
+    if (n >= 256 && entropy_c(src, (Py_ssize_t)n, step > 1 ? step : 1) > store_bits) return n;
+    anscost c;
+    ans_costs(src, n, &c);
+    if (c.nsym < 2) return n < ZSTD_RLE_FRAME ? n : ZSTD_RLE_FRAME;
+    uint64_t best = c.huf_q;
+    if (n >= ANS_MIN_SYMBOLS && ans_pays(&c, n)) {
+        uint64_t a = c.nib_q < c.byte_q ? c.nib_q : c.byte_q;
+        if (a < best) best = a;
+    }
+    size_t bytes = (size_t)((best >> 16) + 7) / 8;
+    return bytes < n ? bytes : n;
+}
+
+static PyObject *coded_estimate(PyObject *self, PyObject *args) {
+    PyObject *lst; double store_bits; Py_ssize_t sample;
+    if (!PyArg_ParseTuple(args, "Odn", &lst, &store_bits, &sample)) return NULL;
+    if (sample < 1) { PyErr_SetString(PyExc_ValueError, "sample must be >= 1"); return NULL; }
+    PyObject *seq = PySequence_Fast(lst, "planes must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t N = PySequence_Fast_GET_SIZE(seq);
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < N; i++) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &b, PyBUF_SIMPLE) < 0) { Py_DECREF(seq); return NULL; }
+        size_t r;
+        Py_BEGIN_ALLOW_THREADS
+        r = coded_estimate_c(b.buf, (size_t)b.len, store_bits, sample);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&b);
+        total += r;
+    }
+    Py_DECREF(seq);
+    return PyLong_FromSize_t(total);
+}
+
 /* ans_encode_many(planes, out, rec) -> bytes of out used: ans_try_c for each plane of the list,
  * payloads one after the other in out; rec (int64, 2 per plane) gets (offset, size), size 0
  * where ans does not pay. One release of the GIL. */
@@ -2050,6 +2118,7 @@ static PyObject *ans_decode_many(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode_many", decode_many, METH_VARARGS, "decode_many([argument tuples of decode_units]) -> [results], one GIL release"},
     {"encode_many", encode_many, METH_VARARGS, "encode_many([argument tuples of encode_units]) -> [arena bytes used], one GIL release"},
+    {"coded_estimate", coded_estimate, METH_VARARGS, "coded_estimate(planes, store_bits, sample) -> estimated coded bytes of the planes"},
     {"encode_units", encode_units, METH_VARARGS, "encode_units(...) -> arena bytes used: split, gate, Huffman and digests of a run of units"},
     {"decode_units", decode_units, METH_VARARGS, "decode_units(...) -> -1 or a bad unit: merge, delta inverse and digests of a run of units"},
     {"masked_split", masked_split, METH_VARARGS, "masked_split(src, itemsize, mask_out, planes) -> nnz"},
@@ -2074,4 +2143,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_accel", "mithril CPU fast paths", -1, methods};
 
-PyMODINIT_FUNC PyInit__accel(void) { ans_simd_init(); ctxm_simd_init(); return PyModule_Create(&mod); }
+PyMODINIT_FUNC PyInit__accel(void) { ans_simd_init(); ctxm_simd_init(); ilog2_tab_init(); return PyModule_Create(&mod); }

@@ -20,6 +20,10 @@ try:
     from ._accel import entropy as _accel_entropy
 except ImportError:
     _accel_entropy = None
+try:
+    from ._accel import coded_estimate as _coded_estimate
+except ImportError:
+    _coded_estimate = None
 
 SAMPLE_BLOCKS = 16
 BLOCK_ELEMS = 4096
@@ -180,7 +184,7 @@ def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | No
         return op, transform, None
     isz = dt.itemsize
     plain = "raw" if isz == 1 else "bytegroup"
-    if item.nbytes <= TRIAL_BYTES:           # small: code both ways for real (the cost model is rough there)
+    if item.nbytes <= TRIAL_BYTES:           # small: both ways' coded sizes (the entropy model is rough there)
         return _trial(item, op, transform, plain, x, b)
     xs, bs = _sample(x, isz), _sample(b, isz)
     n, total = xs.size // isz, item.nbytes // isz
@@ -198,29 +202,45 @@ def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | No
     return op, transform, None
 
 
-TRIAL_BYTES = 256 << 10      # tensors up to this size choose by coding both ways, not by estimate
+TRIAL_BYTES = 256 << 10      # tensors up to this size choose by the coded sizes of both ways (_trial), not the entropy model
 _trial_coder = codecs.ChunkCoder(None)
 
 
 def _coded_size(dt, transform: str, src: np.ndarray, units) -> int:
     """Bytes of ``src`` cut into ``units`` of elements, each coded as a row with ``transform``
-    by mithril's default coder."""
-    total, pos, isz = 0, 0, dt.itemsize
+    by mithril's default coder: estimated from each plane's histogram by the C helper (the
+    writer's gate, Huffman and ``ans`` costs: ``_accel.coded_estimate``), or, without the
+    helper, coded for real."""
+    planes, pos, isz = [], 0, dt.itemsize
     for m in units:
         seg = src[pos:pos + m * isz]
         pos += m * isz
         if transform == "masked":
-            planes = split_masked(dt, seg)[1]
+            ps = split_masked(dt, seg)[1]
         elif transform == "raw":
-            planes = [seg]
+            ps = [seg]
         else:
-            planes = [np.empty(m * wd, np.uint8) for wd in transforms.plane_widths(dt, transform)]
-            split_planes(dt, transform, seg, planes)
-        total += sum(len(_trial_coder.encode(np.ascontiguousarray(p), use_ans=True)[1]) for p in planes if p.size)
-    return total
+            ps = [np.empty(m * wd, np.uint8) for wd in transforms.plane_widths(dt, transform)]
+            split_planes(dt, transform, seg, ps)
+        planes.extend(np.ascontiguousarray(p) for p in ps if p.size)
+    if _estimating():
+        return _coded_estimate(planes, codecs.STORE_ENTROPY_BITS, codecs._SAMPLE)
+    return sum(len(_trial_coder.encode(p, use_ans=True)[1]) for p in planes)
+
+
+def _estimating() -> bool:
+    return _coded_estimate is not None and codecs.ans_enabled()
+
+
+TRIAL_MARGIN, TRIAL_SLACK = 0.01, 64      # what the estimated context sort must gain: a share, and bytes
 
 
 def _trial(item: EncodeItem, op: str, transform: str, plain: str, x: np.ndarray, b: np.ndarray):
+    """Today's coding (``op``, ``transform``, rows) against the context-sorted zigzag delta, masked
+    or ``plain``, by coded size: estimated by the C helper, where the sort must gain more than
+    ``TRIAL_MARGIN`` of today's size and ``TRIAL_SLACK`` bytes (the estimate misses by a few
+    percent on planes of a few hundred bytes, and does not see zstd's matches; a sorted tensor
+    costs more to write and to read); coded for real without the helper."""
     dt, ce = item.dtype, item.chunk_elems
     n = item.nbytes // dt.itemsize
     d = np.empty_like(x)
@@ -232,7 +252,8 @@ def _trial(item: EncodeItem, op: str, transform: str, plain: str, x: np.ndarray,
     segs = [m for row in ctxdelta.segments(cnt, ce) for m in row]
     sizes = {tr: _coded_size(dt, tr, t, segs) for tr in ("masked", plain)}
     tr = min(sizes, key=sizes.get)
-    if sizes[tr] < today:
+    need = max(TRIAL_MARGIN * today, TRIAL_SLACK) if _estimating() else 0
+    if sizes[tr] < today - need:
         return "zigzag", tr, (s, w)
     return op, transform, None
 
