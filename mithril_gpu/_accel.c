@@ -1862,8 +1862,9 @@ static void ans_costs(const uint8_t *src, size_t n, anscost *c) {
  * bits a byte on a plane of two even symbols; and then it beats the stored plane). Denser
  * planes seldom gain and would cost the encoder's time (measured: benchmarks/bench_fixed_costs.py) */
 static int ans_pays(const anscost *c, size_t n) {
+    if (c->nsym < 2) return 0;                 /* (the costs are not computed then) */
     uint64_t ans_q = c->nib_q < c->byte_q ? c->nib_q : c->byte_q, raw_q = (uint64_t)(8 * n) << 16;
-    return c->nsym >= 2 && !(100 * ans_q > 97 * c->huf_q && 2 * ans_q > raw_q);
+    return !(100 * ans_q > 97 * c->huf_q && 2 * ans_q > raw_q);
 }
 
 static int ans_plan_c(const uint8_t *src, size_t n, ansplan *pl) {
@@ -2023,13 +2024,13 @@ static PyObject *coded_estimate(PyObject *self, PyObject *args) {
     PyObject *lst; double store_bits; Py_ssize_t sample;
     if (!PyArg_ParseTuple(args, "Odn", &lst, &store_bits, &sample)) return NULL;
     if (sample < 1) { PyErr_SetString(PyExc_ValueError, "sample must be >= 1"); return NULL; }
-    PyObject *seq = PySequence_Fast(lst, "planes must be a sequence");
+    PyObject *seq = PySequence_Tuple(lst);     /* a copy: another thread may change a list while the GIL is released */
     if (!seq) return NULL;
-    Py_ssize_t N = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t N = PyTuple_GET_SIZE(seq);
     size_t total = 0;
     for (Py_ssize_t i = 0; i < N; i++) {
         Py_buffer b;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &b, PyBUF_SIMPLE) < 0) { Py_DECREF(seq); return NULL; }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(seq, i), &b, PyBUF_SIMPLE) < 0) { Py_DECREF(seq); return NULL; }
         size_t r;
         Py_BEGIN_ALLOW_THREADS
         r = coded_estimate_c(b.buf, (size_t)b.len, store_bits, sample);

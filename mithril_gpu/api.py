@@ -72,7 +72,7 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
     try:
         if base is not None:
             base_file = base if isinstance(base, MthFile) else _open_base(base, threads, items, base_tensors)
-            if os.path.abspath(base_file.path) == os.path.abspath(os.fspath(path)):
+            if os.path.realpath(base_file.path) == os.path.realpath(os.fspath(path)):     # (links too)
                 raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
                                  "replace its own base; write it under another name")
             base_record = {"xxh64": base_file.identity, "path": _relative(base_file.path, path)}

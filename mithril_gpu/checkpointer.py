@@ -294,7 +294,7 @@ class Checkpointer:
                 self._choices = {}
             choices = self._choices
         base_path = None if full else self.path(prev)
-        if writer.RELEASE_REPLACED and self.keep is not None:
+        if writer.RELEASE_REPLACED:
             # the files this save makes prunable: their cached pages go now, for the new file to use
             try:
                 writer.release_cache([self.path(s) for s in self._doomed(scan, (step, None if full else prev))])

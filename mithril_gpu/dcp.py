@@ -324,7 +324,7 @@ class MithrilWriter(StorageWriter):
     def prepare_local_plan(self, plan):
         os.makedirs(self.path, exist_ok=True)
         if self.base is not None:
-            if os.path.abspath(self.base) == os.path.abspath(self.path):
+            if os.path.realpath(self.base) == os.path.realpath(self.path):      # (links too)
                 raise ValueError(f"base= is the checkpoint being written ({short(self.path)}): a delta needs an "
                                  "earlier checkpoint directory")
             read_json_metadata(self.base)      # a committed mithril checkpoint, said before any work

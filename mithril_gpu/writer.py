@@ -232,12 +232,9 @@ def free_in_background(path: str) -> None:
         _free_old(path)
 
 
-def _drop_cached(paths: list) -> None:
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            continue
+def _drop_cached(fds: list) -> None:
+    """Drop the cached pages of the open files ``fds``, and close them."""
+    for fd in fds:
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError:
@@ -249,8 +246,11 @@ def _drop_cached(paths: list) -> None:
 def release_cache(paths):
     """Ask the kernel, on a background thread, to drop the cached pages of files that the save
     now starting replaces (``posix_fadvise(DONTNEED)``; their data stays on disk, and they stay
-    readable and restorable until the save commits). Files under ``OLD_FILE_BYTES`` are left alone.
-    Best effort: does nothing where the call is missing or fails. Returns the thread, or None.
+    readable and restorable until the save commits). The files are opened here, before the save
+    writes anything, so that the thread drops the pages of these very files, whatever is renamed
+    over them meanwhile. Symbolic links, files that are not regular and files under
+    ``OLD_FILE_BYTES`` are left alone. Best effort: does nothing where the call is missing or
+    fails. Returns the thread, or None.
 
     Why: the new file needs as many page-cache pages as the old one holds. Freed just before,
     the old file's pages are at hand; otherwise the new file takes pages from the free pool,
@@ -260,22 +260,30 @@ def release_cache(paths):
     when it is removed after the commit."""
     if not hasattr(os, "posix_fadvise"):
         return None
-    big = []
+    fds = []
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     for p in paths:
         try:
-            st = os.stat(p, follow_symlinks=False)
+            fd = os.open(p, flags)          # (non-blocking: a FIFO put in its place never hangs us)
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode) and st.st_size >= OLD_FILE_BYTES:
-            big.append(os.fspath(p))
-    if not big:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= OLD_FILE_BYTES:
+            fds.append(fd)
+        else:
+            os.close(fd)
+    if not fds:
         return None
     import threading
 
-    t = threading.Thread(target=_drop_cached, args=(big,), name="mithril-release-cache", daemon=True)
+    t = threading.Thread(target=_drop_cached, args=(fds,), name="mithril-release-cache", daemon=True)
     try:
         t.start()
     except RuntimeError:
+        _drop_cached(fds)       # no thread to be had: here, then
         return None
     return t
 

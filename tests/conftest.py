@@ -78,3 +78,13 @@ def minilm_bf16():
     from safetensors.torch import load_file
 
     return load_file(os.path.join(FIXTURES, "minilm_l0_bf16.safetensors"))
+
+
+def _names(fds):
+    """The file names behind open descriptors (Linux), which are then closed: what
+    ``writer._drop_cached`` was handed, for tests that stand in for it."""
+    out = []
+    for fd in fds:
+        out.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        os.close(fd)
+    return out

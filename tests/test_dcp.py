@@ -323,3 +323,23 @@ def test_a_save_releases_the_cache_of_its_own_ranks_earlier_files_only(tmp_path,
         back = {"w": torch.zeros(40, 24, dtype=torch.bfloat16), "step": 0}
         dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "d"), no_dist=True)
     assert_same(back["w"], state["w"])
+
+
+def test_base_that_is_the_checkpoint_itself_through_a_link_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state = {"w": torch.randn(40, 24).to(torch.bfloat16)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save(state, storage_writer=dcp.MithrilWriter(tmp_path / "c"), no_dist=True)
+        os.symlink(tmp_path / "c", tmp_path / "link")
+        before = sorted(os.listdir(tmp_path / "c"))
+        with pytest.raises(CheckpointException) as ei:
+            dcp_.save(state, storage_writer=dcp.MithrilWriter(tmp_path / "c", base=tmp_path / "link"), no_dist=True)
+        errs = [e for e, _ in ei.value.failures.values()]
+        assert any("earlier checkpoint directory" in str(e) for e in errs), errs
+        assert sorted(os.listdir(tmp_path / "c")) == before
+        back = {"w": torch.zeros(40, 24, dtype=torch.bfloat16)}
+        dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "c"), no_dist=True)
+    assert_same(back["w"], state["w"])

@@ -218,6 +218,12 @@ def test_a_delta_cannot_replace_its_own_base(tmp_path):
     with pytest.raises(ValueError, match="against itself"):
         mithril_gpu.save({"w": torch.ones(10) * 2}, tmp_path / "a.mth", base=tmp_path / "a.mth")
     assert (tmp_path / "a.mth").read_bytes() == before
+    os.symlink(tmp_path / "a.mth", tmp_path / "link.mth")           # the same file under another name
+    os.symlink(tmp_path, tmp_path / "dirlink")
+    for base, out in ((tmp_path / "link.mth", tmp_path / "a.mth"), (tmp_path / "a.mth", tmp_path / "dirlink" / "a.mth")):
+        with pytest.raises(ValueError, match="against itself"):
+            mithril_gpu.save({"w": torch.ones(10) * 2}, out, base=base)
+    assert (tmp_path / "a.mth").read_bytes() == before
 
 
 def test_background_saves_snapshot_the_state_and_keep_order(tmp_path):

@@ -13,6 +13,8 @@ import mithril_gpu
 from mithril_gpu import writer
 from mithril_gpu.writer import AtomicFile
 
+from conftest import _names
+
 
 def _payloads(seed=0, n=300):
     rng = np.random.default_rng(seed)
@@ -122,7 +124,7 @@ def test_torch_save_writes_through_the_file_view(tmp_path):
 def _record_releases(monkeypatch):
     """Make ``writer.release_cache`` record what it would drop, at once (no thread)."""
     dropped = []
-    monkeypatch.setattr(writer, "_drop_cached", lambda paths: dropped.extend(os.path.basename(p) for p in paths))
+    monkeypatch.setattr(writer, "_drop_cached", lambda fds: dropped.extend(_names(fds)))
     real = writer.release_cache
 
     def sync_release(paths):
@@ -162,10 +164,17 @@ def test_released_cache_is_only_cache_the_old_file_survives_a_failed_save(tmp_pa
     old = {"w": torch.randn(50_000)}
     mithril_gpu.save(old, path)
     before = path.read_bytes()
-    t = writer.release_cache([path, tmp_path / "missing.mth", tmp_path])     # real fadvise; odd paths skipped
-    assert t is not None
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(path, tmp_path / "link.mth")
+    seen = []
+    real_drop = writer._drop_cached
+    monkeypatch.setattr(writer, "_drop_cached", lambda fds: (seen.extend(_names(os.dup(fd) for fd in fds)),
+                                                            real_drop(fds)))
+    t = writer.release_cache([path, tmp_path / "missing.mth", tmp_path, tmp_path / "fifo", tmp_path / "link.mth"])
+    assert t is not None                       # real fadvise; a missing file, a folder, a FIFO, a link: skipped
     t.join(5)
-    writer._drop_cached([str(tmp_path / "missing.mth")])                       # no error for a vanished file
+    assert seen == ["ckpt.mth"]
+    monkeypatch.setattr(writer, "_drop_cached", real_drop)
 
     def full(fd, bufs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -174,3 +183,27 @@ def test_released_cache_is_only_cache_the_old_file_survives_a_failed_save(tmp_pa
         mithril_gpu.save({"w": torch.randn(3_000_000)}, path)
     assert path.read_bytes() == before
     assert torch.equal(mithril_gpu.load(path)["w"], old["w"])
+
+
+def test_the_release_drops_the_replaced_file_not_the_one_renamed_over_it(tmp_path, monkeypatch):
+    """The files are opened when the save starts: a release thread that runs late still drops
+    the old file's pages, never the new file's."""
+    monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1000)
+    path = tmp_path / "ckpt.mth"
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)
+    old_ino = os.stat(path).st_ino
+    go, inos = threading.Event(), []
+    real = writer._drop_cached
+
+    def late(fds):
+        go.wait(5)
+        inos.extend(os.fstat(fd).st_ino for fd in fds)
+        real(fds)
+    monkeypatch.setattr(writer, "_drop_cached", late)
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)
+    new_ino = os.stat(path).st_ino
+    go.set()
+    for t in threading.enumerate():
+        if t.name == "mithril-release-cache":
+            t.join(5)
+    assert inos == [old_ino] and new_ino != old_ino
