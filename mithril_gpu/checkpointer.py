@@ -26,6 +26,7 @@ from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 from .writer import remove_stale_temps
 
 _NAME = re.compile(r"step-(\d+)\.mth\Z")
+PRUNE_THREAD_BYTES = 64 << 20   # pruned files of this many bytes in all are deleted on a thread (Checkpointer._prune)
 RECHOOSE_EVERY = 4      # deltas re-choose each tensor's coding every this many saves (the first of a chain too)
 
 # what a checkpoint file in the directory is (Checkpointer._scan)
@@ -33,6 +34,20 @@ _OK = "ok"              # restorable: its file and every base of its chain are t
 _ORPHAN = "orphan"      # a base of its chain is missing, or is another file than the one it was written against
 _DAMAGED = "damaged"    # it, or a base of its chain, cannot be read as a .mth file (or the chain is too long)
 _GONE = "gone"          # deleted while the directory was being read
+
+
+def _unlink_in_order(paths: list, on_thread: bool = False) -> None:
+    """Delete ``paths`` in order. An error is raised, or on a thread (nothing to raise it to) said
+    in a one-line note; the next prune tries the file again."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if not on_thread:
+                raise
+            warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"))
 
 
 class CheckpointNote(UserWarning):
@@ -104,6 +119,7 @@ class Checkpointer:
         self._last_step = None                        # the step of that save
         self._since_full = None                       # deltas written since the last full save
         self._executor = None                         # one background writer, for blocking=False
+        self._pruning = None                          # a thread deleting pruned files, or None
         self._pending = None
         self._pending_done = None
         self._infos: dict[int, tuple] = {}            # step -> (stat key, _Info): files already read
@@ -341,14 +357,17 @@ class Checkpointer:
         return self._pending
 
     def wait(self):
-        """Finish the pending background save, if any; returns its path (or None), raises its error."""
+        """Finish the pending background save, if any; returns its path (or None), raises its error.
+        Files it (or an earlier save) pruned are deleted by then."""
         pending, self._pending = self._pending, None
         if pending is None:
+            self._settle()
             return None
         try:
             path = pending.result()
         finally:
             _untrack(pending)
+            self._settle()
         self._after_write(*self._pending_done)
         return path
 
@@ -395,22 +414,45 @@ class Checkpointer:
 
         Dependents go before their bases (newest first where nothing depends on anything), so
         whenever the process is killed here, every file left is restorable or was already an
-        orphan."""
+        orphan. When the files hold ``PRUNE_THREAD_BYTES`` or more (freeing a file system's
+        blocks takes ~0.15 s per GB here), they are deleted in that order on a thread of their
+        own, off the save's critical path; the next save, :meth:`wait` and :meth:`close` wait
+        for it, and interpreter exit does too."""
         doomed = self._doomed(self._scan())
         base_of = {}
         for s in doomed:
             hit = self._infos.get(s)
             base_of[s] = hit[1].base_step if hit else None
+        order = []
         while doomed:
             needed_by_doomed = {base_of[s] for s in doomed}
             ready = sorted((s for s in doomed if s not in needed_by_doomed), reverse=True) or sorted(doomed)
             for s in ready:
-                try:
-                    os.unlink(self.path(s))
-                except FileNotFoundError:
-                    pass
+                order.append(self.path(s))
                 doomed.discard(s)
                 self._infos.pop(s, None)
+        size = 0
+        for p in order:
+            try:
+                size += os.stat(p).st_size
+            except OSError:
+                pass
+        if size < PRUNE_THREAD_BYTES:
+            _unlink_in_order(order)
+            return
+        self._settle()
+        self._pruning = threading.Thread(target=_unlink_in_order, args=(order, True), name="mithril-prune")
+        try:
+            self._pruning.start()
+        except RuntimeError:          # no thread to be had: here, then
+            self._pruning = None
+            _unlink_in_order(order)
+
+    def _settle(self) -> None:
+        """Wait for the files of an earlier prune to be deleted."""
+        t, self._pruning = self._pruning, None
+        if t is not None:
+            t.join()
 
     # ------------------------------------------------------------ loading
 

@@ -204,8 +204,51 @@ def test_a_save_releases_the_cache_of_exactly_the_files_its_prune_removes(tmp_pa
         before = set(os.listdir(tmp_path))
         released.clear()
         ck.save(s, step)
+        ck.wait()                                   # (pruned files of 1 byte and more go on a thread)
         gone = sorted(before - set(os.listdir(tmp_path)))
         removed_total += len(gone)
         assert released == ([gone] if gone else []), (step, released, gone)
         s = _next(s, step)
     assert (removed_total > 0) == (keep is not None)
+
+
+def test_big_pruned_files_go_off_the_critical_path_dependents_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpointer, "PRUNE_THREAD_BYTES", 1)
+    gate, order, real = __import__("threading").Event(), [], os.unlink
+
+    def slow_unlink(p):
+        gate.wait(5)
+        order.append(os.path.basename(p))
+        real(p)
+    ck = mithril_gpu.Checkpointer(tmp_path, keep=1, full_every=3)
+    s = _state(0)
+    for step in range(3):                  # a full file and two deltas on it
+        ck.save(s, step)
+        s = _next(s, step)
+    monkeypatch.setattr(checkpointer.os, "unlink", slow_unlink)
+    ck.save(s, 3)                          # a new full file: the chain 0-1-2 is pruned, on a thread
+    assert ck._pruning is not None and ck._pruning.is_alive()
+    assert {"step-000000000.mth", "step-000000002.mth"} <= set(os.listdir(tmp_path))     # not yet
+    gate.set()
+    ck.wait()
+    assert order == ["step-000000002.mth", "step-000000001.mth", "step-000000000.mth"]   # dependents first
+    assert sorted(os.listdir(tmp_path)) == ["step-000000003.mth"]
+    assert_tree_same(ck.load(3), s)
+
+
+def test_a_pruned_file_that_cannot_be_deleted_is_said_not_lost(tmp_path, monkeypatch):
+    ck = mithril_gpu.Checkpointer(tmp_path, keep=1, full_every=1)
+    ck.save(_state(0), 0)
+
+    def refuse(p):
+        raise PermissionError(13, "Permission denied", p)
+    monkeypatch.setattr(checkpointer.os, "unlink", refuse)
+    with pytest.raises(PermissionError):               # small files: on the caller's thread, raised
+        ck.save(_state(1), 1)
+    monkeypatch.setattr(checkpointer, "PRUNE_THREAD_BYTES", 1)
+    with pytest.warns(checkpointer.CheckpointNote, match="could not delete the pruned"):
+        ck.save(_state(2), 2)                          # big ones: on a thread, a one-line note
+        ck.wait()
+    monkeypatch.undo()
+    ck.save(_state(3), 3)                              # the next prune takes them
+    assert sorted(os.listdir(tmp_path)) == ["step-000000003.mth"]
