@@ -82,7 +82,11 @@ class Checkpointer:
         **save_kwargs: passed to :func:`mithril_gpu.save` (level, threads, ...).
 
     Files are deleted newest first, so that a base always goes after every delta that needs it:
-    a process killed while pruning never leaves a delta without its base.
+    a process killed while pruning never leaves a delta without its base. Pruned files of 64 MB
+    and more (``PRUNE_THREAD_BYTES``) are deleted in that order on a thread, off the save's
+    critical path; the next save, :meth:`wait`, :meth:`close` and interpreter exit wait for it.
+    A save also asks the kernel to drop the cached pages of the files it will prune, as it
+    starts (see ``writer.release_cache``).
 
     Checkpoints that cannot be restored are never listed by :meth:`steps` (so neither
     :meth:`latest` nor a resume uses them), and each gets a one-line :class:`CheckpointNote`
