@@ -36,18 +36,20 @@ _DAMAGED = "damaged"    # it, or a base of its chain, cannot be read as a .mth f
 _GONE = "gone"          # deleted while the directory was being read
 
 
-def _unlink_in_order(paths: list, on_thread: bool = False) -> None:
-    """Delete ``paths`` in order. An error is raised, or on a thread (nothing to raise it to) said
-    in a one-line note; the next prune tries the file again."""
+def _unlink_in_order(paths: list, errors: list | None = None) -> None:
+    """Delete ``paths`` in order, stopping at the first error: raised, or with ``errors`` (on a
+    thread, where there is nothing to raise it to) appended there for the owner to report. The
+    next prune tries the files left again."""
     for p in paths:
         try:
             os.unlink(p)
         except FileNotFoundError:
             pass
         except OSError as e:
-            if not on_thread:
+            if errors is None:
                 raise
-            warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"))
+            errors.append((p, e))
+            return
 
 
 class CheckpointNote(UserWarning):
@@ -123,7 +125,7 @@ class Checkpointer:
         self._last_step = None                        # the step of that save
         self._since_full = None                       # deltas written since the last full save
         self._executor = None                         # one background writer, for blocking=False
-        self._pruning = None                          # a thread deleting pruned files, or None
+        self._pruning = None                          # (thread, its errors) deleting pruned files, or None
         self._pending = None
         self._pending_done = None
         self._infos: dict[int, tuple] = {}            # step -> (stat key, _Info): files already read
@@ -138,6 +140,7 @@ class Checkpointer:
     def steps(self) -> list[int]:
         """Steps of the restorable checkpoints in the directory, oldest first (see the class
         docstring for what happens to the others)."""
+        self._settle()
         return sorted(s for s, st in self._scan().items() if st == _OK)
 
     def _files(self) -> list[int]:
@@ -255,6 +258,7 @@ class Checkpointer:
         than the one its delta was written against, and a :class:`FormatError` if a file of the
         chain cannot be read.
         """
+        self._settle()
         try:
             info = self._info(step)
         except FileNotFoundError:
@@ -445,18 +449,25 @@ class Checkpointer:
             _unlink_in_order(order)
             return
         self._settle()
-        self._pruning = threading.Thread(target=_unlink_in_order, args=(order, True), name="mithril-prune")
+        errors: list = []
+        t = threading.Thread(target=_unlink_in_order, args=(order, errors), name="mithril-prune")
         try:
-            self._pruning.start()
+            t.start()
         except RuntimeError:          # no thread to be had: here, then
-            self._pruning = None
             _unlink_in_order(order)
+            return
+        self._pruning = (t, errors)
 
     def _settle(self) -> None:
-        """Wait for the files of an earlier prune to be deleted."""
-        t, self._pruning = self._pruning, None
-        if t is not None:
-            t.join()
+        """Wait for the files of an earlier prune to be deleted; a file it could not delete is
+        said in a one-line note (the next prune tries again)."""
+        pruning, self._pruning = self._pruning, None
+        if pruning is None:
+            return
+        t, errors = pruning
+        t.join()
+        for p, e in errors:
+            warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"), stacklevel=3)
 
     # ------------------------------------------------------------ loading
 

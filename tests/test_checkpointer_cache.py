@@ -227,9 +227,12 @@ def test_big_pruned_files_go_off_the_critical_path_dependents_first(tmp_path, mo
         s = _next(s, step)
     monkeypatch.setattr(checkpointer.os, "unlink", slow_unlink)
     ck.save(s, 3)                          # a new full file: the chain 0-1-2 is pruned, on a thread
-    assert ck._pruning is not None and ck._pruning.is_alive()
+    assert ck._pruning is not None and ck._pruning[0].is_alive()
     assert {"step-000000000.mth", "step-000000002.mth"} <= set(os.listdir(tmp_path))     # not yet
-    gate.set()
+    threading_timer = __import__("threading").Timer(0.2, gate.set)
+    threading_timer.start()
+    assert ck.steps() == [3]                 # what the Checkpointer says waits for the prune
+    threading_timer.join()
     ck.wait()
     assert order == ["step-000000002.mth", "step-000000001.mth", "step-000000000.mth"]   # dependents first
     assert sorted(os.listdir(tmp_path)) == ["step-000000003.mth"]
@@ -248,7 +251,32 @@ def test_a_pruned_file_that_cannot_be_deleted_is_said_not_lost(tmp_path, monkeyp
     monkeypatch.setattr(checkpointer, "PRUNE_THREAD_BYTES", 1)
     with pytest.warns(checkpointer.CheckpointNote, match="could not delete the pruned"):
         ck.save(_state(2), 2)                          # big ones: on a thread, a one-line note
-        ck.wait()
+        ck.wait()                                      # (given on the caller's thread)
     monkeypatch.undo()
     ck.save(_state(3), 3)                              # the next prune takes them
     assert sorted(os.listdir(tmp_path)) == ["step-000000003.mth"]
+
+
+def test_a_pruning_thread_stops_at_its_first_error_no_delta_loses_its_base(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpointer, "PRUNE_THREAD_BYTES", 1)
+    ck = mithril_gpu.Checkpointer(tmp_path, keep=1, full_every=3)
+    s = _state(0)
+    for step in range(3):                  # a full file and two deltas on it
+        ck.save(s, step)
+        s = _next(s, step)
+    real = os.unlink
+
+    def refuse_newest(p):
+        if p.endswith("step-000000002.mth"):
+            raise PermissionError(1, "Operation not permitted", p)
+        real(p)
+    monkeypatch.setattr(checkpointer.os, "unlink", refuse_newest)
+    with pytest.warns(checkpointer.CheckpointNote, match="could not delete the pruned"):
+        ck.save(s, 3)
+        ck.wait()
+    assert sorted(os.listdir(tmp_path)) == [f"step-00000000{i}.mth" for i in range(4)]   # its bases kept
+    assert ck.steps() == [0, 1, 2, 3]
+    monkeypatch.setattr(checkpointer.os, "unlink", real)
+    ck.save(_next(s, 3), 4)
+    ck.wait()
+    assert sorted(os.listdir(tmp_path)) == ["step-000000003.mth", "step-000000004.mth"]   # 4 is a delta on 3
