@@ -20,7 +20,8 @@ _is_tensor = is_tensor     # older name, used by tools
 def save(obj, path, *, level: int | None = None, threads: int | None = None,
          chunk_elems: int = container.DEFAULT_CHUNK_ELEMS, metadata: dict | None = None,
          base=None, device: str = "auto", progress=None, _base_tensors: dict | None = None,
-         _mode: int | None = None, _choices: dict | None = None, _written: list | None = None) -> None:
+         _mode: int | None = None, _choices: dict | None = None, _written: list | None = None,
+         _encoded: tuple | None = None) -> None:
     """Compress a state dict (or any nest of dicts, lists, tuples, tensors and plain values) to ``path``.
 
     Args:
@@ -49,7 +50,7 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
             except UnicodeEncodeError:
                 raise UnsupportedValueError(f"metadata string {short(t)!r} is not valid Unicode "
                                             "(a lone surrogate): it cannot be stored as UTF-8") from None
-    tree, leaves = tree_mod.encode(obj, is_tensor)
+    tree, leaves = _encoded if _encoded is not None else tree_mod.encode(obj, is_tensor)   # (the Checkpointer's)
     items = []
     for name, t in leaves:
         dt = dtypes.from_torch(t.dtype)

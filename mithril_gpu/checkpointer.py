@@ -324,17 +324,18 @@ class Checkpointer:
                 writer.release_cache([self.path(s) for s in self._doomed(scan, (step, None if full else prev))])
             except (MithrilError, OSError):
                 pass
-        if blocking and self.keep_base_in_memory and _on_cpu(state):
+        enc = _cpu_tree(state) if blocking and self.keep_base_in_memory else None
+        if enc is not None:
             # A blocking save of CPU tensors codes the state as it is; the copy kept for the next
             # delta is taken afterwards, into the previous copy's memory where the layouts match (no
             # snapshot first, no fresh pages to fault in), and checked against the file's
             # checksums. Had anything (another thread) changed the state meanwhile, the file or the
             # copy could disagree with the state: the save is then done again from a snapshot.
-            index = self._write(state, self.path(step), base_path, base_tensors, choices)
+            index = self._write(state, self.path(step), base_path, base_tensors, choices, encoded=enc)
             old, self._base_tensors = self._base_tensors, None
             leaves = None
             try:
-                leaves = _refresh(old or {}, state, index)
+                leaves = _refresh(old or {}, enc[1], index)
             except Exception as e:      # the checkpoint is written; only the next delta's shortcut is lost
                 warnings.warn(CheckpointNote(f"mithril: could not keep step {step}'s tensors in memory "
                                              f"({short(e)}); the next delta reads its base from disk"), stacklevel=2)
@@ -379,14 +380,15 @@ class Checkpointer:
         self._after_write(*self._pending_done)
         return path
 
-    def _write(self, state, path, base_path, base_tensors, choices):
-        """Write one checkpoint file and prune; returns the index written."""
+    def _write(self, state, path, base_path, base_tensors, choices, encoded=None):
+        """Write one checkpoint file and prune; returns the index written. ``encoded``: the
+        state's (tree, named leaves), where the caller has them already."""
         written: list = []
         if base_path is None:
-            api.save(state, path, _written=written, **self.save_kwargs)
+            api.save(state, path, _written=written, _encoded=encoded, **self.save_kwargs)
         else:
             api.save(state, path, base=base_path, _base_tensors=base_tensors, _choices=choices, _written=written,
-                     **self.save_kwargs)
+                     _encoded=encoded, **self.save_kwargs)
         self._remember(path, written[0])
         self._prune()
         return written[0]
@@ -522,9 +524,10 @@ def _map_leaves(fn, leaves: list) -> list:
 _CHANGED = object()      # _refresh: the state is not what the file holds
 
 
-def _on_cpu(state) -> bool:
-    _, leaves = tree_mod.encode(state, _is_tensor)
-    return all(t.device.type == "cpu" for _, t in leaves)
+def _cpu_tree(state):
+    """``state``'s (tree, named leaves) when every tensor is on the CPU, else None."""
+    node, leaves = tree_mod.encode(state, _is_tensor)
+    return (node, leaves) if all(t.device.type == "cpu" for _, t in leaves) else None
 
 
 def _copy_bytes(dst, src) -> None:
@@ -532,12 +535,11 @@ def _copy_bytes(dst, src) -> None:
     np.copyto(dst, src)
 
 
-def _refresh(old: dict, state, index) -> dict | object:
-    """Copies of ``state``'s named tensors (all on the CPU), written into the tensors of ``old``
-    (the previous copies) where name, dtype and shape match, fresh clones elsewhere; or
-    ``_CHANGED`` if a copy's checksum is not the one ``index`` (the file just written from
-    ``state``) holds for it."""
-    _, leaves = tree_mod.encode(state, _is_tensor)
+def _refresh(old: dict, leaves: list, index) -> dict | object:
+    """Copies of a state's named tensors ``leaves`` (all on the CPU), written into the tensors of
+    ``old`` (the previous copies) where name, dtype and shape match, fresh clones elsewhere; or
+    ``_CHANGED`` if a copy's checksum is not the one ``index`` (the file just written from the
+    state) holds for it."""
     entries = {e.name: e for e in index.tensors}
 
     def copy(nt):
