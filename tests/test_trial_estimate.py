@@ -74,3 +74,16 @@ def test_the_trial_chooses_what_coding_for_real_chooses(monkeypatch, changed, dt
     got = deltaplan.choose_ctx(_item(new), x, b)
     monkeypatch.setattr(deltaplan, "_coded_estimate", None)            # code the candidates for real
     assert deltaplan.choose_ctx(_item(new), x, b) == got
+
+
+def test_the_trial_estimates_and_codes_nothing(monkeypatch):
+    """The point of the estimate: choosing a small tensor's coding codes none of its candidates."""
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(96, 512, generator=g) * 0.05).to(torch.bfloat16)
+    new = (base.float() + torch.randn(96, 512, generator=g) * 1e-3).to(torch.bfloat16)
+    calls = []
+    real = deltaplan._coded_estimate
+    monkeypatch.setattr(deltaplan, "_coded_estimate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(deltaplan._trial_coder, "encode", lambda *a, **k: pytest.fail("a candidate was coded"))
+    deltaplan.choose_ctx(_item(new), tensor_bytes(new), tensor_bytes(base))
+    assert len(calls) == 3                 # today's coding, and the sorted delta masked and plain
