@@ -318,12 +318,10 @@ class Checkpointer:
                 self._choices = {}
             choices = self._choices
         base_path = None if full else self.path(prev)
-        if writer.RELEASE_REPLACED:
-            # the files this save makes prunable: their cached pages go now, for the new file to use
-            try:
-                writer.release_cache([self.path(s) for s in self._doomed(scan, (step, None if full else prev))])
-            except (MithrilError, OSError):
-                pass
+        try:        # the files this save makes prunable: their cached pages go now, for the new file to use
+            writer.release_cache([self.path(s) for s in self._doomed(scan, (step, None if full else prev))])
+        except (MithrilError, OSError):
+            pass
         enc = _cpu_tree(state) if blocking and self.keep_base_in_memory else None
         if enc is not None:
             # A blocking save of CPU tensors codes the state as it is; the copy kept for the next

@@ -412,13 +412,12 @@ class MithrilWriter(StorageWriter):
             obj[name] = t
             names.append(name)
         base = _base_rank_file(self.base, rank) if self.base is not None else None
-        if writer.RELEASE_REPLACED:     # this rank's files of the save this one replaces (kept until the commit)
-            try:
-                old = [os.path.join(self.path, n) for n in os.listdir(self.path)
-                       if n.startswith(f"__{rank}_") and _RANK_FILE.match(n) and n != fname]
-            except OSError:
-                old = []
-            writer.release_cache(old)
+        try:                            # this rank's files of the save this one replaces (kept until the commit)
+            old = [os.path.join(self.path, n) for n in os.listdir(self.path)
+                   if n.startswith(f"__{rank}_") and _RANK_FILE.match(n) and n != fname]
+        except OSError:
+            old = []
+        writer.release_cache(old)
         api.save(obj, path, base=base, level=self.level, threads=_rank_threads(self.threads),
                  chunk_elems=self.chunk_elems, device=self.device, metadata={"mithril.dcp.rank": str(rank)})
         del obj

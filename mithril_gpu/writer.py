@@ -97,7 +97,7 @@ FLUSH_BYTES = 4 << 20        # payloads are handed to the writer thread in batch
 QUEUE_BATCHES = 4            # at most this many batches wait for the writer thread (memory bound)
 SYNC_EVERY = 64 << 20        # start writeback of what is written every this many bytes (Linux)
 OLD_FILE_BYTES = 64 << 20    # a replaced file at least this big is freed off the critical path
-RELEASE_REPLACED = True      # drop the page cache of a big file being replaced as its save starts
+RELEASE_REPLACED = True      # release_cache drops the page cache of big files a save replaces, as it starts
 IOV_MAX = 512                # buffers per writev call (the system limit is at least 1024)
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -250,7 +250,7 @@ def release_cache(paths):
     writes anything, so that the thread drops the pages of these very files, whatever is renamed
     over them meanwhile. Symbolic links, files that are not regular and files under
     ``OLD_FILE_BYTES`` are left alone. Best effort: does nothing where the call is missing or
-    fails. Returns the thread, or None.
+    fails, and nothing at all with ``RELEASE_REPLACED`` off. Returns the thread, or None.
 
     Why: the new file needs as many page-cache pages as the old one holds. Freed just before,
     the old file's pages are at hand; otherwise the new file takes pages from the free pool,
@@ -258,7 +258,7 @@ def release_cache(paths):
     machine where the benchmarks of STATUS.md ran) costs a host fault per page on first write:
     measured, a DCP rank file's save took 2x longer. The old file's pages would be freed anyway
     when it is removed after the commit."""
-    if not hasattr(os, "posix_fadvise"):
+    if not RELEASE_REPLACED or not hasattr(os, "posix_fadvise"):
         return None
     fds = []
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -319,8 +319,7 @@ class AtomicFile:
             raise IsADirectoryError(f"{self.path} is a directory")
         self._dir = os.path.dirname(os.path.abspath(self.path))
         remove_stale_temps(self._dir)
-        if RELEASE_REPLACED:
-            release_cache([self.path])
+        release_cache([self.path])
         self._prefix = "." + os.path.basename(self.path)[:200] + TEMP_MARK
         fd, self.tmp = _locked_temp(self._dir, self._prefix)
         try:
