@@ -1,5 +1,6 @@
 """DCP storage writers side by side: FileSystemWriter, FileSystemWriter + its ZStandard extension,
-MithrilWriter (full) and MithrilWriter (delta against the full one, one optimizer step later).
+MithrilWriter (full) and MithrilWriter (delta against the full one, one optimizer step later; and,
+with --methods ...,ma, the same delta taken wherever it is estimated smaller at all).
 
     python benchmarks/bench_dcp.py [--mb 560] [--out DIR] [--threads 1] [--runs 5] [--methods fs,zs,mf,md] [--cold]
 
@@ -181,6 +182,7 @@ def worker(rank, world, args, root):
     from torch.distributed.checkpoint._extension import ZStandard
     from torch.distributed.device_mesh import init_device_mesh
 
+    from mithril_gpu import deltaplan
     from mithril_gpu.dcp import MithrilReader, MithrilWriter
 
     warnings.simplefilter("ignore")
@@ -197,12 +199,17 @@ def worker(rank, world, args, root):
          lambda: MithrilReader(d("mf"), threads=args.threads), "mf"),
         ("MithrilWriter (delta, next step)", s2, lambda: MithrilWriter(d("md"), base=d("mf"), threads=args.threads),
          lambda: MithrilReader(d("md"), threads=args.threads), "md"),
+        ("MithrilWriter (delta, any gain)", s2, lambda: MithrilWriter(d("ma"), base=d("mf"), threads=args.threads),
+         lambda: MithrilReader(d("ma"), threads=args.threads), "ma"),
     ]
+    min_gain = {"ma": 0.0}          # deltaplan.DELTA_MIN_GAIN per method (default otherwise)
+    default_gain = deltaplan.DELTA_MIN_GAIN
     keep = args.methods.split(",")
     methods = [m for m in methods if m[4] in keep]
     rows = {}
     for run in range(args.runs):          # the methods in turn, run after run: all see the same machine
         for label, state, writer, reader, name in methods:
+            deltaplan.DELTA_MIN_GAIN = min_gain.get(name, default_gain)
             os.sync()          # no writeback of the previous method's files pending (as between the saves of a run)
             dist.barrier()
             with Peak() as pk_save:
@@ -213,7 +220,7 @@ def worker(rank, world, args, root):
             target = zeros_like_state(state)
             if args.cold and rank == 0:          # the checkpoint (and a delta's base) read from the disk
                 os.sync()
-                for sub in (name, "mf") if name == "md" else (name,):
+                for sub in (name, "mf") if name in ("md", "ma") else (name,):
                     drop_cache(d(sub))
             dist.barrier()
             with Peak() as pk_load:
@@ -255,14 +262,16 @@ def main():
     ap.add_argument("--runs", type=int, default=5, help="runs of every method, in turn (default 5)")
     ap.add_argument("--methods", default="fs,zs,mf,md",
                     help="which, of fs (FileSystemWriter, always first: the reference), zs (+ ZStandard), "
-                         "mf (MithrilWriter full), md (MithrilWriter delta: needs mf)")
+                         "mf (MithrilWriter full), md (MithrilWriter delta: needs mf), ma (the delta with "
+                         "deltaplan.DELTA_MIN_GAIN = 0: every tensor a delta wherever that is estimated smaller)")
     ap.add_argument("--cold", action="store_true",
                     help="loads read from the disk: the checkpoint's files (and a delta's base's) are evicted from "
                          "the page cache first (os.sync, then posix_fadvise DONTNEED), as for a resume after a restart")
     args = ap.parse_args()
     picked = args.methods.split(",")
-    if picked[0] != "fs" or not set(picked) <= {"fs", "zs", "mf", "md"} or ("md" in picked and "mf" not in picked):
-        ap.error("--methods: fs first, then any of zs, mf, md (md needs mf)")
+    if picked[0] != "fs" or not set(picked) <= {"fs", "zs", "mf", "md", "ma"} or \
+            ({"md", "ma"} & set(picked) and "mf" not in picked):
+        ap.error("--methods: fs first, then any of zs, mf, md, ma (md and ma need mf)")
     root = args.out or tempfile.mkdtemp(prefix="bench_dcp_")
     os.makedirs(root, exist_ok=True)
     try:

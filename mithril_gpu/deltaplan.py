@@ -124,12 +124,68 @@ def _entropy_bytes(plane: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum()) * plane.size / 8
 
 
+def _sample_starts(n: int) -> np.ndarray:
+    """First elements of the sample's blocks of a tensor of ``n`` elements (more than
+    SAMPLE_BLOCKS * BLOCK_ELEMS: smaller tensors are their own sample)."""
+    return np.linspace(0, n - BLOCK_ELEMS, SAMPLE_BLOCKS).astype(np.int64)
+
+
 def _sample(x: np.ndarray, itemsize: int) -> np.ndarray:
     n = x.size // itemsize
     if n <= SAMPLE_BLOCKS * BLOCK_ELEMS:
         return x
-    starts = np.linspace(0, n - BLOCK_ELEMS, SAMPLE_BLOCKS).astype(np.int64)
-    return np.concatenate([x[s * itemsize:(s + BLOCK_ELEMS) * itemsize] for s in starts])
+    return np.concatenate([x[s * itemsize:(s + BLOCK_ELEMS) * itemsize] for s in _sample_starts(n)])
+
+
+class _DiskBase:
+    """A base tensor read from ``base_file``, for the choice and then the delta: :meth:`sample` is
+    the sample :func:`_sample` takes, decoded from only the rows that hold it (each checked against
+    its row digest), and :meth:`whole` the whole tensor, decoding only the rows the sample did not.
+    The sample is None where reading it by rows is not much cheaper than decoding the whole tensor:
+    a small tensor, a sample that touches more than half its rows, or an entry whose rows cannot be
+    decoded on their own (a delta, whose base would be decoded too; a context-sorted delta; a file
+    without row digests)."""
+
+    def __init__(self, base_file, be):
+        self.file, self.entry, self.out, self.rows = base_file, be, None, ()
+
+    def sample(self):
+        f, be = self.file, self.entry
+        n, ce = be.count, be.chunk_elems
+        if n <= SAMPLE_BLOCKS * BLOCK_ELEMS or be.delta is not None or be.whole_only:
+            return None
+        if be.row_digests is None and f.verify:
+            return None
+        starts = _sample_starts(n)
+        rows = sorted({int(r) for s in starts for r in range(s // ce, (s + BLOCK_ELEMS - 1) // ce + 1)})
+        if 2 * len(rows) > be.rows:
+            return None
+        out = np.empty(be.nbytes, np.uint8)
+        for r0, r1 in _runs(rows):
+            f.decode_rows_into(be, out, r0, r1)
+        self.out, self.rows = out, rows
+        isz = be.dtype.itemsize
+        return np.concatenate([out[s * isz:(s + BLOCK_ELEMS) * isz] for s in starts])
+
+    def whole(self) -> np.ndarray:
+        if self.out is None:
+            return self.file.get_bytes(self.entry.name)
+        done = set(self.rows)
+        for r0, r1 in _runs([r for r in range(self.entry.rows) if r not in done]):
+            self.file.decode_rows_into(self.entry, self.out, r0, r1)
+        out, self.out = self.out, None
+        return out
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """[r0, r1) ranges of consecutive rows of sorted ``rows``."""
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return [(a, b) for a, b in runs]
 
 
 def estimate(item: EncodeItem, op: str | None, transform: str, x: np.ndarray, b: np.ndarray) -> float:
@@ -166,19 +222,34 @@ def candidates(dt) -> list[tuple[str | None, str]]:
     return out
 
 
-def choose(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | None, str]:
-    xs, bs = _sample(x, item.dtype.itemsize), _sample(b, item.dtype.itemsize)
+# A delta must be estimated this much smaller than the tensor stored on its own, or the tensor is
+# stored on its own. A delta tensor costs its base's decode on every load and keeps the base
+# needed; one that saves a few percent (an AdamW first moment, which every step changes
+# throughout: 2-4% on a real run) is not worth that. 0 takes any estimated gain.
+DELTA_MIN_GAIN = 0.05
+
+
+def choose(item: EncodeItem, x: np.ndarray, b: np.ndarray, *, sampled: bool = False) -> tuple[str | None, str]:
+    """(delta op or None, transform) with the smallest estimated size on a sample of ``x`` and
+    ``b`` (``sampled``: they are that sample already)."""
+    isz = item.dtype.itemsize
+    xs, bs = (x, b) if sampled else (_sample(x, isz), _sample(b, isz))
     costs = {c: estimate(item, c[0], c[1], xs, bs) for c in candidates(item.dtype)}
+    alone = next(c for c in costs if c[0] is None)
     # ties go to no delta (no base needed to decode), then to the simpler layout
-    return min(costs, key=lambda c: (round(costs[c], 3), c[0] is not None, c[1] == "masked"))
+    best = min(costs, key=lambda c: (round(costs[c], 3), c[0] is not None, c[1] == "masked"))
+    if best[0] is not None and costs[best] > (1 - DELTA_MIN_GAIN) * costs[alone]:
+        return alone
+    return best
 
 
-def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray) -> tuple[str | None, str, tuple | None]:
-    """(op, transform, ctx): :func:`choose`, then, for floats, whether sorting the zigzag deltas
-    by the base's exponent pays. Both forms are estimated on the same sample with the same chunk
-    cost model (planes' entropy, per-chunk overhead), so a tensor is sorted only when its sorted
-    segments are estimated smaller than its rows; otherwise today's choice stands."""
-    op, transform = choose(item, x, b)
+def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray, chosen: tuple | None = None) -> tuple[str | None, str, tuple | None]:
+    """(op, transform, ctx): :func:`choose` (or ``chosen``, its result already at hand), then, for
+    floats, whether sorting the zigzag deltas by the base's exponent pays. Both forms are
+    estimated on the same sample with the same chunk cost model (planes' entropy, per-chunk
+    overhead), so a tensor is sorted only when its sorted segments are estimated smaller than its
+    rows; otherwise today's choice stands."""
+    op, transform = chosen if chosen is not None else choose(item, x, b)
     dt = item.dtype
     if op is None or ctxdelta.default_ctx(dt) is None or item.nbytes == 0:
         return op, transform, None
@@ -264,20 +335,34 @@ class _Planned:
     is chosen: the Checkpointer keeps it between the saves of a chain, so that a tensor's coding
     is chosen once per few saves, not at every one."""
 
-    def __init__(self, item: EncodeItem, fetch_data, fetch_base, choices: dict | None = None):
+    def __init__(self, item: EncodeItem, fetch_data, fetch_base, choices: dict | None = None,
+                 fetch_base_sample=None):
         self.item, self.fetch_data, self.fetch_base, self.choices = item, fetch_data, fetch_base, choices
+        self.fetch_base_sample = fetch_base_sample
 
     def data(self):
         x = self.fetch_data() if callable(self.fetch_data) else self.fetch_data
         hit = self.choices.get(self.item.name) if self.choices is not None else None
-        if hit is not None and hit[0] is None:          # chosen before: no delta (the base is not needed)
+        pre = None
+        if hit is None and self.fetch_base_sample is not None:
+            # a base read from disk: choose from its sample first, so that a tensor stored on its
+            # own never has its base decoded whole
+            bs = self.fetch_base_sample()
+            if bs is not None:
+                pre = choose(self.item, _sample(x, self.item.dtype.itemsize), bs, sampled=True)
+                if pre[0] is None:
+                    hit = (None, pre[1], None)
+        if hit is not None and hit[0] is None:          # no delta: the base is not needed
             op, transform, ctx = hit
             b = None
         else:
             b = self.fetch_base()
-            op, transform, ctx = hit if hit is not None else choose_ctx(self.item, x, b)
-            if self.choices is not None:
-                self.choices[self.item.name] = (op, transform, ctx)
+            if hit is not None:
+                op, transform, ctx = hit
+            else:
+                op, transform, ctx = choose_ctx(self.item, x, b, pre) if pre is not None else choose_ctx(self.item, x, b)
+        if self.choices is not None:
+            self.choices[self.item.name] = (op, transform, ctx)
         it = self.item
         it.transform = transform
         if op is None:
@@ -316,11 +401,13 @@ def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = 
                 same[i] = (it.name, digest)
                 it.chunk_elems = be.chunk_elems
                 continue
+        fetch_sample = None
         if src is not None:
             fetch_base = src if callable(src) else (lambda s=src: s)
         else:
-            fetch_base = (lambda name=it.name: base_file.get_bytes(name))
-        planned = _Planned(it, it.data, fetch_base, choices)
+            disk = _DiskBase(base_file, be)
+            fetch_base, fetch_sample = disk.whole, disk.sample
+        planned = _Planned(it, it.data, fetch_base, choices, fetch_sample)
         it.delta_op, it.base_name, it.base = "pending", it.name, None
         it.data = planned.data
     return same

@@ -250,14 +250,30 @@ class MthFile:
         if e.delta is not None:
             be = self._base_entry(e)
             base = self.base_file.decode_range(be, lo, hi).numpy()
+        self._decode_rows(e, out.numpy(), base, r0, r1)
+        return out[(start - lo) * isz:(stop - lo) * isz]
+
+    def decode_rows_into(self, e: TensorEntry, out: np.ndarray, row0: int, row1: int) -> None:
+        """Decode rows ``[row0, row1)`` of entry ``e`` into their place in ``out``, a uint8 buffer
+        of the whole tensor's bytes (the rest of ``out`` is left as it is). For entries stored on
+        their own (no delta) and row by row, with row digests when verifying: each row is checked
+        against its digest."""
+        self._check_open()
+        if e.delta is not None or e.whole_only or (self.verify and e.row_digests is None):
+            raise ValueError(f"tensor {short(e.name)!r} cannot be decoded row by row on its own")
+        if not 0 <= row0 <= row1 <= e.rows or out.size != e.nbytes:
+            raise ValueError(f"rows [{row0}, {row1}) of tensor {short(e.name)!r} into a buffer of {out.size} bytes")
+        rb = e.chunk_elems * e.dtype.itemsize
+        self._decode_rows(e, out[row0 * rb:min(row1 * rb, e.nbytes)], None, row0, row1)
+
+    def _decode_rows(self, e: TensorEntry, out: np.ndarray, base, row0: int, row1: int) -> None:
         try:
-            decode_rows(self._buf, e, out.numpy(), base, r0, r1, self.threads, self.verify)
+            decode_rows(self._buf, e, out, base, row0, row1, self.threads, self.verify)
         except MithrilError as exc:
             msg = str(exc)
             if len(msg) > MAX_MESSAGE or not msg.isprintable():
                 raise type(exc)(short(msg, MAX_MESSAGE)) from None
             raise
-        return out[(start - lo) * isz:(stop - lo) * isz]
 
     def get_bytes(self, name: str) -> np.ndarray:
         self._check_open()

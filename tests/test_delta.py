@@ -74,12 +74,12 @@ def test_in_memory_base_and_disk_base_write_identical_files(tmp_path):
 
 def test_added_removed_and_changed_tensors(tmp_path):
     base = {"keep": torch.randn(1000), "gone": torch.randn(10), "reshaped": torch.randn(6, 4),
-            "retyped": torch.randn(50), "same": torch.arange(100), "sparse_change": torch.zeros(5000)}
+            "retyped": torch.randn(50), "same": torch.arange(100), "sparse_change": torch.randn(5000)}
     mithril_gpu.save(base, tmp_path / "0.mth")
     nxt = {"keep": base["keep"] + 1e-3, "new": torch.ones(7), "reshaped": base["reshaped"].reshape(4, 6),
            "retyped": base["retyped"].double(), "same": base["same"].clone(),
            "sparse_change": base["sparse_change"].clone()}
-    nxt["sparse_change"][::97] = 1.0
+    nxt["sparse_change"][::97] += 1.0
     mithril_gpu.save(nxt, tmp_path / "1.mth", base=tmp_path / "0.mth")
     back = mithril_gpu.load(tmp_path / "1.mth")
     assert_tree_same(back, nxt)
