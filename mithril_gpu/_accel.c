@@ -11,6 +11,18 @@
 
 #define MAXP 8
 
+/* The plain byte-moving loops (split, merge, delta) are compiled three times where the toolchain
+ * can (GCC 11 or later on x86-64 ELF): for AVX-512 (x86-64-v4), AVX2 and the baseline, the loader picking one
+ * by the CPU (an ifunc). Same C, same bytes; about 2x faster on 16-bit planes with AVX-512. */
+#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__ELF__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define WIDE __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#endif
+#endif
+#ifndef WIDE
+#define WIDE
+#endif
+
 static int get_planes(PyObject *seq, Py_buffer *views, int n, int writable, Py_ssize_t len) {
     if (!PyTuple_Check(seq) || PyTuple_GET_SIZE(seq) != n) {
         PyErr_SetString(PyExc_ValueError, "wrong number of planes");
@@ -34,7 +46,7 @@ static int get_planes(PyObject *seq, Py_buffer *views, int n, int writable, Py_s
 static void release(Py_buffer *v, int n) { for (int i = 0; i < n; i++) PyBuffer_Release(&v[i]); }
 
 /* restrict: planes never alias the source, which lets the compiler vectorise these loops */
-static void bytegroup_split(const uint8_t *restrict s, Py_ssize_t n, int isz, Py_buffer *p) {
+WIDE static void bytegroup_split(const uint8_t *restrict s, Py_ssize_t n, int isz, Py_buffer *p) {
     if (isz == 2) { uint8_t *restrict a = p[0].buf, *restrict b = p[1].buf;
         for (Py_ssize_t i = 0; i < n; i++) { a[i] = s[2*i]; b[i] = s[2*i+1]; } }
     else if (isz == 4) { uint8_t *restrict a = p[0].buf, *restrict b = p[1].buf, *restrict c = p[2].buf, *restrict d = p[3].buf;
@@ -43,7 +55,7 @@ static void bytegroup_split(const uint8_t *restrict s, Py_ssize_t n, int isz, Py
         for (Py_ssize_t i = 0; i < n; i++) a[i] = s[isz*i+k]; }
 }
 
-static void split16(const uint8_t *restrict s, Py_ssize_t n, int e, int m,
+WIDE static void split16(const uint8_t *restrict s, Py_ssize_t n, int e, int m,
                     uint8_t *restrict ex, uint8_t *restrict r0, uint8_t *restrict r1) {
     const uint16_t *restrict x = (const uint16_t *)s;
     const uint16_t emask = (1u << e) - 1, mmask = (1u << m) - 1;
@@ -54,7 +66,7 @@ static void split16(const uint8_t *restrict s, Py_ssize_t n, int e, int m,
         ex[i] = (uint8_t)((v >> m) & emask); r0[i] = (uint8_t)r; r1[i] = (uint8_t)(r >> 8); }
 }
 
-static void split32(const uint8_t *restrict s, Py_ssize_t n, int e, int m, int nr, Py_buffer *p) {
+WIDE static void split32(const uint8_t *restrict s, Py_ssize_t n, int e, int m, int nr, Py_buffer *p) {
     const uint32_t *restrict x = (const uint32_t *)s;
     const uint32_t emask = (1u << e) - 1, mmask = (1u << m) - 1;
     uint8_t *restrict ex = p[0].buf;
@@ -87,7 +99,7 @@ static PyObject *split(PyObject *self, PyObject *args) {
 }
 
 /* the inverse of split into o (n elements); pp: np_ plane pointers */
-static void merge_c(const uint8_t *const *pp, Py_ssize_t n, int isz, int e, int m, int np_, uint8_t *o) {
+WIDE static void merge_c(const uint8_t *const *pp, Py_ssize_t n, int isz, int e, int m, int np_, uint8_t *o) {
     if (!e) {
         if (isz == 2) { const uint8_t *a = pp[0], *b = pp[1];
             for (Py_ssize_t i = 0; i < n; i++) { o[2*i] = a[i]; o[2*i+1] = b[i]; } }
@@ -100,6 +112,13 @@ static void merge_c(const uint8_t *const *pp, Py_ssize_t n, int isz, int e, int 
         const uint8_t *r1 = np_ == 3 ? pp[2] : NULL; uint16_t mmask = (1u << m) - 1;
         for (Py_ssize_t i = 0; i < n; i++) { uint16_t r = r0[i] | (r1 ? (uint16_t)r1[i] << 8 : 0);
             x[i] = (uint16_t)(((r >> m) << 15) | ((uint16_t)ex[i] << m) | (r & mmask)); }
+    } else if (np_ == 4) {          /* fp32 fieldsplit: three sign+mantissa planes, unrolled */
+        uint32_t *restrict x = (uint32_t *)o;
+        const uint8_t *restrict ex = pp[0], *restrict a = pp[1], *restrict b = pp[2], *restrict c = pp[3];
+        uint32_t mmask = (1u << m) - 1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t r = (uint32_t)a[i] | ((uint32_t)b[i] << 8) | ((uint32_t)c[i] << 16);
+            x[i] = ((r >> m) << 31) | ((uint32_t)ex[i] << m) | (r & mmask); }
     } else {
         uint32_t *x = (uint32_t *)o; const uint8_t *ex = pp[0]; int nr = np_ - 1;
         uint32_t mmask = (1u << m) - 1;
@@ -119,7 +138,7 @@ static PyObject *merge(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
         PyBuffer_Release(&out); return NULL;
     }
-    const uint8_t *pp[MAXP]; for (int k = 0; k < np_; k++) pp[k] = p[k].buf;
+    const uint8_t *pp[MAXP] = {0}; for (int k = 0; k < np_; k++) pp[k] = p[k].buf;
     Py_BEGIN_ALLOW_THREADS
     merge_c(pp, n, isz, e, m, np_, out.buf);
     Py_END_ALLOW_THREADS
@@ -144,7 +163,7 @@ static PyObject *merge(PyObject *self, PyObject *args) {
 } while (0)
 
 typedef struct { void *buf; } ptrbuf;
-static void delta_c(const uint8_t *x, const uint8_t *b, uint8_t *o, Py_ssize_t n, int isz, int op, int fl, int inv) {
+WIDE static void delta_c(const uint8_t *x, const uint8_t *b, uint8_t *o, Py_ssize_t n, int isz, int op, int fl, int inv) {
     ptrbuf xs = {(void *)x}, bs = {(void *)b}, os = {(void *)o};
     switch (isz) {
         case 1: DELTA_T(uint8_t, 8); break;

@@ -1,4 +1,6 @@
 """The numpy reference transforms, their exact plane bytes, and the C helper against them."""
+import os
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,15 @@ def test_f32_fieldsplit_and_bytegroup_planes_are_exact():
     assert [p.tolist() for p in planes] == [[127, 128], [0, 0], [0, 0], [0, 0x80 | 0x40]]
     transforms.split(dt, "bytegroup", src, planes)
     assert [p.tolist() for p in planes] == [[0, 0], [0, 0], [0x80, 0x40], [0x3F, 0xC0]]
+
+
+def test_the_c_helper_is_built():
+    """setup.py builds the C helper as optional, so that an install never fails for want of it;
+    this suite must not be as lenient: a build that failed would skip every C test silently.
+    MITHRIL_ALLOW_NO_ACCEL=1 runs the suite on the numpy reference alone."""
+    if os.environ.get("MITHRIL_ALLOW_NO_ACCEL") == "1":
+        pytest.skip("MITHRIL_ALLOW_NO_ACCEL=1")
+    assert cpu._accel is not None, "mithril_gpu._accel did not build (python setup.py build_ext --inplace says why)"
 
 
 @pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
