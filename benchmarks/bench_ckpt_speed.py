@@ -112,7 +112,7 @@ def main():
                     help="also time, in each run, the same delta saves written without the ans codec")
     args = ap.parse_args()
     if args.no_ctx:
-        deltaplan.choose_ctx = lambda item, x, b: (*deltaplan.choose(item, x, b), None)
+        deltaplan.choose_ctx = lambda item, x, b, *pre: (*(pre[0] if pre else deltaplan.choose(item, x, b)), None)
     sa, sb = (int(v) for v in args.pair.split(","))
     a, b = tiled_pair(sa, sb, args.layers)
     raw = sum(t.numel() * t.element_size() for t in b.values())

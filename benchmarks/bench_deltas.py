@@ -275,7 +275,7 @@ def _without_ctx(ctx: bool = False):
     def cm():
         saved, saved_ans = deltaplan.choose_ctx, codecs.ANS_ENABLED
         if not ctx:
-            deltaplan.choose_ctx = lambda item, x, b: (*deltaplan.choose(item, x, b), None)
+            deltaplan.choose_ctx = lambda item, x, b, *pre: (*(pre[0] if pre else deltaplan.choose(item, x, b)), None)
         codecs.ANS_ENABLED = False
         try:
             yield

@@ -133,3 +133,22 @@ def test_decode_rows_into_refuses_what_it_cannot_check(tmp_path):
         rb = 4096 * 4
         assert out[:2 * rb].sum() == 0 and out[4 * rb:].sum() == 0
         assert out[2 * rb:4 * rb].tobytes() == mithril_gpu.api.tensor_bytes(b["m"]).tobytes()[2 * rb:4 * rb]
+
+
+def test_a_base_entry_that_is_itself_a_delta_is_decoded_whole_with_its_own_base(tmp_path, monkeypatch):
+    """A chain: the middle file stores "w" as a plain (row-by-row) delta; the third save takes that
+    file on disk as its base, so its "w" must come through the chain, never by rows on its own."""
+    from mithril_gpu import ctxdelta
+    g = torch.Generator().manual_seed(3)
+    w0 = 0.02 * torch.randn(N, generator=g)
+    w1, w2 = w0 + 1e-6 * torch.randn(N, generator=g), None
+    w2 = w1 + 1e-6 * torch.randn(N, generator=g)
+    monkeypatch.setattr(ctxdelta, "default_ctx", lambda dt: None)      # plain deltas, rows on their own
+    mithril_gpu.save({"w": w0}, tmp_path / "0.mth", chunk_elems=4096)
+    mithril_gpu.save({"w": w1}, tmp_path / "1.mth", base=tmp_path / "0.mth", chunk_elems=4096)
+    with mithril_gpu.open(tmp_path / "1.mth") as f:
+        e = f.entry("w")
+        assert e.delta is not None and not e.whole_only
+        assert deltaplan._DiskBase(f, e).sample() is None
+    mithril_gpu.save({"w": w2}, tmp_path / "2.mth", base=tmp_path / "1.mth", chunk_elems=4096)
+    assert_tree_same(mithril_gpu.load(tmp_path / "2.mth"), {"w": w2})
