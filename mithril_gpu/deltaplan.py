@@ -152,9 +152,7 @@ class _DiskBase:
     def sample(self):
         f, be = self.file, self.entry
         n, ce = be.count, be.chunk_elems
-        if n <= SAMPLE_BLOCKS * BLOCK_ELEMS or be.delta is not None or be.whole_only:
-            return None
-        if be.row_digests is None and f.verify:
+        if n <= SAMPLE_BLOCKS * BLOCK_ELEMS or not f.rows_alone(be):
             return None
         starts = _sample_starts(n)
         rows = sorted({int(r) for s in starts for r in range(s // ce, (s + BLOCK_ELEMS - 1) // ce + 1)})

@@ -259,12 +259,17 @@ class MthFile:
         their own (no delta) and row by row, with row digests when verifying: each row is checked
         against its digest."""
         self._check_open()
-        if e.delta is not None or e.whole_only or (self.verify and e.row_digests is None):
+        if not self.rows_alone(e):
             raise ValueError(f"tensor {short(e.name)!r} cannot be decoded row by row on its own")
         if not 0 <= row0 <= row1 <= e.rows or out.size != e.nbytes:
             raise ValueError(f"rows [{row0}, {row1}) of tensor {short(e.name)!r} into a buffer of {out.size} bytes")
         rb = e.chunk_elems * e.dtype.itemsize
         self._decode_rows(e, out[row0 * rb:min(row1 * rb, e.nbytes)], None, row0, row1)
+
+    def rows_alone(self, e: TensorEntry) -> bool:
+        """Whether :meth:`decode_rows_into` takes entry ``e``: stored on its own (no delta), row by
+        row (not context-sorted), with row digests when this file verifies."""
+        return e.delta is None and not e.whole_only and (e.row_digests is not None or not self.verify)
 
     def _decode_rows(self, e: TensorEntry, out: np.ndarray, base, row0: int, row1: int) -> None:
         try:
