@@ -23,6 +23,16 @@
 #define WIDE
 #endif
 
+/* Element types read from and written to caller buffers, at any address: a plane inside a file's
+ * mapping, or a hand-made buffer, need not be aligned to its element size, and a plain uint32_t
+ * pointer there is undefined behaviour (an SSE memory operand may fault on it). These say
+ * "alignment 1", which costs nothing on x86 (unaligned vector loads) and is portable to
+ * strict-alignment CPUs. Macros over an element type T use T##_ua. */
+typedef uint8_t uint8_t_ua;
+typedef uint16_t uint16_t_ua __attribute__((aligned(1)));
+typedef uint32_t uint32_t_ua __attribute__((aligned(1)));
+typedef uint64_t uint64_t_ua __attribute__((aligned(1)));
+
 static int get_planes(PyObject *seq, Py_buffer *views, int n, int writable, Py_ssize_t len) {
     if (!PyTuple_Check(seq) || PyTuple_GET_SIZE(seq) != n) {
         PyErr_SetString(PyExc_ValueError, "wrong number of planes");
@@ -57,7 +67,7 @@ WIDE static void bytegroup_split(const uint8_t *restrict s, Py_ssize_t n, int is
 
 WIDE static void split16(const uint8_t *restrict s, Py_ssize_t n, int e, int m,
                     uint8_t *restrict ex, uint8_t *restrict r0, uint8_t *restrict r1) {
-    const uint16_t *restrict x = (const uint16_t *)s;
+    const uint16_t_ua *restrict x = (const uint16_t_ua *)s;
     const uint16_t emask = (1u << e) - 1, mmask = (1u << m) - 1;
     if (!r1) for (Py_ssize_t i = 0; i < n; i++) { uint16_t v = x[i];
         ex[i] = (uint8_t)((v >> m) & emask); r0[i] = (uint8_t)(((v >> 15) << m) | (v & mmask)); }
@@ -67,7 +77,7 @@ WIDE static void split16(const uint8_t *restrict s, Py_ssize_t n, int e, int m,
 }
 
 WIDE static void split32(const uint8_t *restrict s, Py_ssize_t n, int e, int m, int nr, Py_buffer *p) {
-    const uint32_t *restrict x = (const uint32_t *)s;
+    const uint32_t_ua *restrict x = (const uint32_t_ua *)s;
     const uint32_t emask = (1u << e) - 1, mmask = (1u << m) - 1;
     uint8_t *restrict ex = p[0].buf;
     if (nr == 3) { uint8_t *restrict a = p[1].buf, *restrict b = p[2].buf, *restrict c = p[3].buf;
@@ -108,19 +118,19 @@ WIDE static void merge_c(const uint8_t *const *pp, Py_ssize_t n, int isz, int e,
         else for (int k = 0; k < isz; k++) { const uint8_t *a = pp[k];
             for (Py_ssize_t i = 0; i < n; i++) o[isz*i+k] = a[i]; }
     } else if (isz == 2) {
-        uint16_t *x = (uint16_t *)o; const uint8_t *ex = pp[0], *r0 = pp[1];
+        uint16_t_ua *x = (uint16_t_ua *)o; const uint8_t *ex = pp[0], *r0 = pp[1];
         const uint8_t *r1 = np_ == 3 ? pp[2] : NULL; uint16_t mmask = (1u << m) - 1;
         for (Py_ssize_t i = 0; i < n; i++) { uint16_t r = r0[i] | (r1 ? (uint16_t)r1[i] << 8 : 0);
             x[i] = (uint16_t)(((r >> m) << 15) | ((uint16_t)ex[i] << m) | (r & mmask)); }
     } else if (np_ == 4) {          /* fp32 fieldsplit: three sign+mantissa planes, unrolled */
-        uint32_t *restrict x = (uint32_t *)o;
+        uint32_t_ua *restrict x = (uint32_t_ua *)o;
         const uint8_t *restrict ex = pp[0], *restrict a = pp[1], *restrict b = pp[2], *restrict c = pp[3];
         uint32_t mmask = (1u << m) - 1;
         for (Py_ssize_t i = 0; i < n; i++) {
             uint32_t r = (uint32_t)a[i] | ((uint32_t)b[i] << 8) | ((uint32_t)c[i] << 16);
             x[i] = ((r >> m) << 31) | ((uint32_t)ex[i] << m) | (r & mmask); }
     } else {
-        uint32_t *x = (uint32_t *)o; const uint8_t *ex = pp[0]; int nr = np_ - 1;
+        uint32_t_ua *x = (uint32_t_ua *)o; const uint8_t *ex = pp[0]; int nr = np_ - 1;
         uint32_t mmask = (1u << m) - 1;
         for (Py_ssize_t i = 0; i < n; i++) { uint32_t r = 0;
             for (int k = 0; k < nr; k++) r |= (uint32_t)((const uint8_t *)pp[1+k])[i] << (8*k);
@@ -150,7 +160,7 @@ static PyObject *merge(PyObject *self, PyObject *args) {
  * op 0 xor: d = x ^ b.  op 1 zigzag: d = zz(key(x) - key(b)), key = order-preserving float
  * key when is_float (x ^ (sign ? all ones : sign bit)), identity otherwise. */
 #define DELTA_T(T, BITS) do { \
-    const T *X = (const T *)xs.buf, *B = (const T *)bs.buf; T *O = (T *)os.buf; \
+    const T##_ua *X = (const T##_ua *)xs.buf, *B = (const T##_ua *)bs.buf; T##_ua *O = (T##_ua *)os.buf; \
     const T sb = (T)1 << (BITS - 1); \
     if (op == 0) { for (Py_ssize_t i = 0; i < n; i++) O[i] = X[i] ^ B[i]; } \
     else if (!inv) { for (Py_ssize_t i = 0; i < n; i++) { T x = X[i], b = B[i]; \
@@ -440,7 +450,7 @@ static PyObject *huff_frame(PyObject *self, PyObject *args) {
 /* Branchless gather: every element's bytes are written at position nnz, and nnz advances by
  * one only for a nonzero element (planes hold n bytes, so the write is always in bounds). */
 #define MASKED_SPLIT_T(T, ISZ) do { \
-    const T *x = (const T *)s; \
+    const T##_ua *x = (const T##_ua *)s; \
     for (Py_ssize_t i = 0; i < n; i += 8) { \
         uint8_t bits = 0; Py_ssize_t lim = n - i < 8 ? n - i : 8; \
         for (Py_ssize_t t = 0; t < lim; t++) { \
@@ -480,7 +490,7 @@ static PyObject *masked_split(PyObject *self, PyObject *args) {
 /* Branchless scatter: element i takes the next stored value if its bit is set, else zero; the
  * read index is clamped so that it stays in bounds, and the bit count is checked against nnz. */
 #define MASKED_MERGE_T(T, ISZ) do { \
-    T *o = (T *)out.buf; Py_ssize_t last = nnz > 0 ? nnz - 1 : 0; \
+    T##_ua *o = (T##_ua *)out.buf; Py_ssize_t last = nnz > 0 ? nnz - 1 : 0; \
     for (Py_ssize_t i = 0; i < n; i++) { \
         T bit = (T)((m[i >> 3] >> (i & 7)) & 1); \
         Py_ssize_t r = j < last ? j : last; \
@@ -541,7 +551,7 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
         T k_ = (T)(b + (T)((z >> 1) ^ (T)(0 - (T)(z & 1)))); \
         dst = (T)(k_ ^ (T)(((T)((T)(k_ >> (BITS - 1)) - 1) | sb) & fm)); } } while (0)
 #define CTX_T(T, BITS) do { \
-    const T *X = (const T *)xs.buf, *Y = (const T *)bs.buf; T *O = (T *)os.buf; \
+    const T##_ua *X = (const T##_ua *)xs.buf, *Y = (const T##_ua *)bs.buf; T##_ua *O = (T##_ua *)os.buf; \
     const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
     const Py_ssize_t L = n / CTX_K; const int nc = 1 << w; \
     for (Py_ssize_t j = 0; j < L; j++) for (int k = 0; k < CTX_K; k++) { T y = Y[k * L + j]; sub[k * nc + CTX_CX(T)]++; } \
@@ -554,10 +564,10 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
     uint64_t *restrict s0 = sub, *restrict s1 = sub + nc, *restrict s2 = sub + 2 * nc, *restrict s3 = sub + 3 * nc; \
     for (Py_ssize_t j0 = 0; j0 < L && !bad; j0 += CTX_BLK) { \
         Py_ssize_t m = L - j0 < CTX_BLK ? L - j0 : CTX_BLK; \
-        for (int k = 0; k < CTX_K; k++) { const T *y_ = Y + k * L + j0; \
+        for (int k = 0; k < CTX_K; k++) { const T##_ua *y_ = Y + k * L + j0; \
             for (Py_ssize_t j = 0; j < m; j++) { T y = y_[j]; cbuf[k][j] = CTX_CX(T); } } \
         if (!inv) { \
-            for (int k = 0; k < CTX_K; k++) { const T *x_ = X + k * L + j0, *y_ = Y + k * L + j0; \
+            for (int k = 0; k < CTX_K; k++) { const T##_ua *x_ = X + k * L + j0, *y_ = Y + k * L + j0; \
                 for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, x_[j], y_[j], dbuf[k][j]); } \
             for (Py_ssize_t j = 0; j < m; j++) { \
                 O[s0[cbuf[0][j]]++] = dbuf[0][j]; O[s1[cbuf[1][j]]++] = dbuf[1][j]; \
@@ -566,7 +576,7 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
             for (Py_ssize_t j = 0; j < m; j++) { \
                 dbuf[0][j] = X[s0[cbuf[0][j]]++]; dbuf[1][j] = X[s1[cbuf[1][j]]++]; \
                 dbuf[2][j] = X[s2[cbuf[2][j]]++]; dbuf[3][j] = X[s3[cbuf[3][j]]++]; } \
-            for (int k = 0; k < CTX_K; k++) { const T *y_ = Y + k * L + j0; T *o_ = O + k * L + j0; \
+            for (int k = 0; k < CTX_K; k++) { const T##_ua *y_ = Y + k * L + j0; T##_ua *o_ = O + k * L + j0; \
                 for (Py_ssize_t j = 0; j < m; j++) CTX_DEC(T, BITS, dbuf[k][j], y_[j], o_[j]); } \
         } \
     } \
@@ -577,7 +587,7 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
 
 /* four histograms of interleaved elements, so that repeated contexts make four chains of
  * increments the CPU overlaps, not one (sub: 4 * 2^w zeroed counters) */
-#define CTX_HIST_T(T) do { const T *Y = (const T *)bs.buf; const T cm = (T)((1u << w) - 1); \
+#define CTX_HIST_T(T) do { const T##_ua *Y = (const T##_ua *)bs.buf; const T cm = (T)((1u << w) - 1); \
     uint32_t *h0 = sub, *h1 = sub + nc, *h2 = sub + 2 * nc, *h3 = sub + 3 * nc; Py_ssize_t i = 0; \
     for (Py_ssize_t i0 = 0; i0 < n; i0 = i) { \
         Py_ssize_t lim = n - i0 > ((Py_ssize_t)1 << 30) ? i0 + ((Py_ssize_t)1 << 30) : n; \
@@ -834,7 +844,7 @@ static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {
 /* Groups of CTX_BLK elements: contexts (in the delta's width, for the vector compares) and deltas
  * first, in loops the compiler vectorises, then the move. */
 #define CTXM_T(T, BITS, GROUP) do { \
-    const T *X = (const T *)xs.buf, *Y = (const T *)bs.buf; T *V = (T *)vs.buf; \
+    const T##_ua *X = (const T##_ua *)xs.buf, *Y = (const T##_ua *)bs.buf; T##_ua *V = (T##_ua *)vs.buf; \
     const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
     T cb[CTX_BLK], db[CTX_BLK]; \
     for (Py_ssize_t j0 = 0; j0 < n && !bad; j0 += CTX_BLK) { \
@@ -1010,7 +1020,7 @@ static void ctxi_group16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_
         db[j] = (T)(V[v] & (T)(0 - bit)); vp[c] = v + bit; pos[c] = p + 1; }
 
 #define CTXI_T(T, BITS, GROUP) do { \
-    const T *Y = (const T *)bs.buf; T *O = (T *)os.buf; const T *V = (const T *)vs.buf; \
+    const T##_ua *Y = (const T##_ua *)bs.buf; T##_ua *O = (T##_ua *)os.buf; const T##_ua *V = (const T##_ua *)vs.buf; \
     const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
     T cb[CTX_BLK], db[CTX_BLK]; \
     for (Py_ssize_t j0 = 0; j0 < n && !bad; j0 += CTX_BLK) { \

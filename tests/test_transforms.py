@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mithril_gpu
-from mithril_gpu import cpu, delta, dtypes, transforms
+from mithril_gpu import cpu, ctxdelta, delta, dtypes, transforms
 
 CASES = [(dt, tr) for dt in dtypes.BY_NAME.values() for tr in transforms.TRANSFORMS
          if transforms.valid_for(dt, tr) and tr != "masked"]
@@ -200,3 +200,63 @@ def test_accel_masked_equals_reference(dt):
         if nnz:
             with pytest.raises(mithril_gpu.CorruptFileError, match="bitmap"):
                 cpu.merge_masked(dt, [np.zeros_like(fast[0])] + fast[1:], out)
+
+
+def _unaligned(a: np.ndarray, fill=None) -> np.ndarray:
+    """A copy of ``a`` (or an empty buffer of its size, filled with ``fill``) at an odd address."""
+    buf = np.empty(a.size + 1, np.uint8)
+    out = buf[1:]
+    assert out.ctypes.data % 2 == 1
+    out[...] = a if fill is None else fill
+    return out
+
+
+@pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
+@pytest.mark.parametrize("dt", [d for d in dtypes.BY_NAME.values() if d.itemsize > 1], ids=lambda d: d.name)
+def test_accel_loops_take_buffers_at_any_address(dt):
+    """A plane inside a file (a stored chunk, a hand-made delta file) need not be aligned to its
+    element size: the C loops read and write through alignment-1 types. Every result at an odd
+    address equals the numpy reference's."""
+    rng = np.random.default_rng(23)
+    n = 1027
+    x = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
+    b = x.copy()
+    b[::3] = rng.integers(0, 256, b[::3].size, dtype=np.uint8)
+    xu, bu = _unaligned(x), _unaligned(b)
+    for tr in [t for t in ("fieldsplit", "bytegroup") if (dt.exp_bits or t != "fieldsplit")]:
+        ref = [np.empty(n * w, np.uint8) for w in transforms.plane_widths(dt, tr)]
+        transforms.split(dt, tr, x, ref)
+        fast = [_unaligned(p, 0xAA) for p in ref]
+        cpu.split_planes(dt, tr, xu, fast)
+        assert [p.tobytes() for p in fast] == [p.tobytes() for p in ref], tr
+        out = _unaligned(x, 0)
+        cpu.merge_planes(dt, tr, [_unaligned(p) for p in ref], out)
+        assert out.tobytes() == x.tobytes(), tr
+    for op in delta.OPS:
+        d = np.empty_like(x)
+        delta.encode(op, dt, x, b, d)
+        fast = _unaligned(x, 0)
+        cpu.delta_apply(op, dt, xu, bu, fast, inverse=False)
+        assert fast.tobytes() == d.tobytes(), op
+        back = _unaligned(x, 0)
+        cpu.delta_apply(op, dt, _unaligned(d), bu, back, inverse=True)
+        assert back.tobytes() == x.tobytes(), op
+    m = x.reshape(n, dt.itemsize).copy()
+    m[rng.random(n) < 0.5] = 0
+    m = _unaligned(m.reshape(-1))
+    ref_nnz, ref = transforms.split_masked(dt, np.array(m))
+    nnz, fast = cpu.split_masked(dt, m)
+    assert nnz == ref_nnz and [p.tobytes() for p in fast] == [p.tobytes() for p in ref]
+    out = _unaligned(m, 0x77)
+    cpu.merge_masked(dt, [_unaligned(p) for p in ref], out)
+    assert out.tobytes() == m.tobytes()
+    ctx = ctxdelta.default_ctx(dt)
+    if ctx is not None:
+        s, w = ctx
+        t = ctxdelta.encode("zigzag", dt, x, b, s, w)
+        fast = _unaligned(x, 0)
+        cpu.ctx_apply("zigzag", dt, xu, bu, fast, s, w, inverse=False)
+        assert fast.tobytes() == t.tobytes()
+        back = _unaligned(x, 0)
+        cpu.ctx_apply("zigzag", dt, _unaligned(t), bu, back, s, w, inverse=True)
+        assert back.tobytes() == x.tobytes()
