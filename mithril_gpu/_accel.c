@@ -687,6 +687,39 @@ static PyObject *ctx_hist(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* unit_hist(src, itemsize, units, masked, hist_out, nnz_out): byte histograms of src cut into
+ * consecutive units of elements (units: int64 element counts, summing to at most the elements of
+ * src): hist_out (uint64[nunits][itemsize][256], zeroed here) counts byte k of each element of a
+ * unit in [unit][k]; with masked, only nonzero elements are counted, and nnz_out (int64[nunits])
+ * gets their number per unit. The delta planner's size model (deltaplan._units_cost) in one pass. */
+static PyObject *unit_hist(PyObject *self, PyObject *args) {
+    Py_buffer src, us, hs, zs; int isz, masked;
+    if (!PyArg_ParseTuple(args, "y*iy*iw*w*", &src, &isz, &us, &masked, &hs, &zs)) return NULL;
+    Py_ssize_t nu = us.len / (Py_ssize_t)sizeof(int64_t), n = isz > 0 ? src.len / isz : 0, tot = 0;
+    const int64_t *U = us.buf; int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && us.len % sizeof(int64_t) == 0
+        && hs.len >= nu * isz * 256 * (Py_ssize_t)sizeof(uint64_t) && zs.len >= nu * (Py_ssize_t)sizeof(int64_t);
+    for (Py_ssize_t u = 0; ok && u < nu; u++) { if (U[u] < 0 || U[u] > n - tot) ok = 0; else tot += U[u]; }
+    if (!ok) {
+        PyBuffer_Release(&src); PyBuffer_Release(&us); PyBuffer_Release(&hs); PyBuffer_Release(&zs);
+        PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *S = src.buf; uint64_t *H = hs.buf; int64_t *Z = zs.buf;
+    memset(H, 0, (size_t)nu * isz * 256 * sizeof(uint64_t));
+    for (Py_ssize_t u = 0; u < nu; u++) {
+        uint64_t *h = H + (size_t)u * isz * 256; int64_t nz = 0;
+        for (int64_t i = 0; i < U[u]; i++, S += isz) {
+            if (masked) { int any = 0; for (int k = 0; k < isz; k++) any |= S[k]; if (!any) continue; }
+            nz++;
+            for (int k = 0; k < isz; k++) h[k * 256 + S[k]]++;
+        }
+        Z[u] = nz;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src); PyBuffer_Release(&us); PyBuffer_Release(&hs); PyBuffer_Release(&zs);
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------------------------------------
  * Context-sorted masked deltas without the sorted stream (writers only: the same bytes as the
  * counting sort above followed by masked splits of the stream's segments, tested). ctxm moves a
@@ -2160,6 +2193,7 @@ static PyMethodDef methods[] = {
     {"merge", merge, METH_VARARGS, "merge(planes, itemsize, exp_bits, man_bits, out)"},
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
     {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)"},
+    {"unit_hist", unit_hist, METH_VARARGS, "unit_hist(src, itemsize, units, masked, hist_out, nnz_out): byte histograms per unit of elements"},
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
     {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
     {"ctxm_cum", ctxm_cum, METH_VARARGS, "ctxm_cum(bitmap, nsorted, cum)"},

@@ -24,6 +24,10 @@ try:
     from ._accel import coded_estimate as _coded_estimate
 except ImportError:
     _coded_estimate = None
+try:
+    from ._accel import unit_hist as _unit_hist
+except ImportError:
+    _unit_hist = None
 
 SAMPLE_BLOCKS = 16
 BLOCK_ELEMS = 4096
@@ -91,28 +95,42 @@ def _units_cost(dt, transform: str, src: np.ndarray, units: list[int], frac: flo
             total += sum(_plane_cost(p) for p in planes)
         return total
     n = src.size // isz
+    over = (1 - frac) * CHUNK_OVERHEAD
+    sizes = np.asarray(units, dtype=np.float64)
+    if _unit_hist is not None:          # the same histograms, in one pass in C
+        hist = np.empty((nunits, isz, 256), np.uint64)
+        nnz_c = np.empty(nunits, np.int64)
+        _unit_hist(src, isz, np.asarray(units, np.int64), int(transform == "masked"), hist, nnz_c)
+        hist = hist.astype(np.int64)
+        stored = sizes if transform != "masked" else nnz_c.astype(np.float64)
+        total = _bitmap_cost(sizes, stored, over) if transform == "masked" else 0.0
+        adj = np.where(stored > 0, np.minimum(stored, over), 0.0)
+        return total + sum(float((_rows_cost(np.ascontiguousarray(hist[:, j, :])) - adj).sum()) for j in range(isz))
     uid = np.repeat(np.arange(nunits, dtype=np.int64), units)
     by = src.reshape(n, isz)
-    over = (1 - frac) * CHUNK_OVERHEAD
 
     def cost(ids, cols, stored):
         h = np.bincount(ids * 256 + cols, minlength=nunits * 256).reshape(nunits, 256)
         c = _rows_cost(h)
         return float((c - np.where(stored > 0, np.minimum(stored, over), 0.0)).sum())
 
-    sizes = np.asarray(units, dtype=np.float64)
     if transform != "masked":
         return sum(cost(uid, by[:, j], sizes) for j in range(isz))
     nz = src.view(transforms._UINT[isz]) != 0
     nnz = np.bincount(uid[nz], minlength=nunits).astype(np.float64)
+    total = _bitmap_cost(sizes, nnz, over)
+    ids, nzb = uid[nz], by[nz]
+    return total + sum(cost(ids, nzb[:, j], nnz) for j in range(isz))
+
+
+def _bitmap_cost(sizes: np.ndarray, nnz: np.ndarray, over: float) -> float:
+    """Estimated bytes of the masked layout's bitmaps of units of ``sizes`` elements, ``nnz``
+    nonzero: at the binary entropy of the unit's nonzero share, one bit a byte at least."""
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(sizes > 0, nnz / sizes, 0.0)
         hb = np.where((q > 0) & (q < 1), -(q * np.log2(q) + (1 - q) * np.log2(1 - q)), 0.0)
     mbytes = np.ceil(sizes / 8)
-    # the bitmap: its bytes at the binary entropy of the unit's nonzero share, one bit a byte at least
-    total = float((np.minimum(mbytes, np.maximum(sizes * hb, mbytes) / 8 + CHUNK_OVERHEAD) - np.minimum(mbytes, over)).sum())
-    ids, nzb = uid[nz], by[nz]
-    return total + sum(cost(ids, nzb[:, j], nnz) for j in range(isz))
+    return float((np.minimum(mbytes, np.maximum(sizes * hb, mbytes) / 8 + CHUNK_OVERHEAD) - np.minimum(mbytes, over)).sum())
 
 
 def _entropy_bytes(plane: np.ndarray) -> float:
@@ -246,13 +264,18 @@ def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray, chosen: tuple | N
     floats, whether sorting the zigzag deltas by the base's exponent pays. Both forms are
     estimated on the same sample with the same chunk cost model (planes' entropy, per-chunk
     overhead), so a tensor is sorted only when its sorted segments are estimated smaller than its
-    rows; otherwise today's choice stands."""
+    rows; otherwise today's choice stands. A tensor that :func:`choose` stores on its own (its
+    plain delta gains less than ``DELTA_MIN_GAIN``) is still sorted where the sorted form gains
+    that much against the tensor on its own (:func:`_sorted_alone`): the gate applies to the best
+    of both forms."""
     op, transform = chosen if chosen is not None else choose(item, x, b)
     dt = item.dtype
-    if op is None or ctxdelta.default_ctx(dt) is None or item.nbytes == 0:
+    if ctxdelta.default_ctx(dt) is None or item.nbytes == 0:
         return op, transform, None
     isz = dt.itemsize
     plain = "raw" if isz == 1 else "bytegroup"
+    if op is None:
+        return _sorted_alone(item, transform, x, b)
     if item.nbytes <= TRIAL_BYTES:           # small: both ways' coded sizes (the entropy model is rough there)
         return _trial(item, op, transform, plain, x, b)
     xs, bs = _sample(x, isz), _sample(b, isz)
@@ -260,15 +283,51 @@ def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray, chosen: tuple | N
     frac = n / total
     d = np.empty_like(xs)
     delta_apply(op, dt, xs, bs, d, inverse=False)
-    rows = max(1, -(-n // max(1, int(item.chunk_elems * frac))))
-    per = -(-n // rows)
-    row_units = [min(per, n - k * per) for k in range(rows) if n - k * per > 0]
-    today = _units_cost(dt, transform, d, row_units, frac)
+    today = _units_cost(dt, transform, d, _row_units(n, item.chunk_elems, frac), frac)
     est = _ctx_estimates(item, "zigzag", ("masked", plain), xs, bs, total)
     tr = min(est, key=est.get)
     if est[tr] < 0.98 * today:
         return "zigzag", tr, ctxdelta.default_ctx(dt)
     return op, transform, None
+
+
+def _row_units(n: int, chunk_elems: int, frac: float) -> list[int]:
+    """A sample of ``n`` elements cut as the tensor's rows are, at the sample's scale."""
+    rows = max(1, -(-n // max(1, int(chunk_elems * frac))))
+    per = -(-n // rows)
+    return [min(per, n - k * per) for k in range(rows) if n - k * per > 0]
+
+
+def _sorted_alone(item: EncodeItem, transform: str, x: np.ndarray, b: np.ndarray):
+    """For a float tensor whose plain delta does not gain ``DELTA_MIN_GAIN``: the context-sorted
+    zigzag delta, masked or plain, where it is estimated that much smaller than the tensor stored
+    on its own with ``transform``, else the tensor on its own. Small tensors compare coded sizes
+    (as :func:`_trial`), larger ones the entropy model on the sample, which is all a large tensor
+    needs: ``x`` and ``b`` may be that sample already."""
+    dt, isz = item.dtype, item.dtype.itemsize
+    plain = "raw" if isz == 1 else "bytegroup"
+    s, w = ctxdelta.default_ctx(dt)
+    alone = (None, transform, None)
+    if DELTA_MIN_GAIN <= 0:
+        return alone                      # choose took any gain: its "no delta" stands
+    if item.nbytes <= TRIAL_BYTES:
+        ce = item.chunk_elems
+        n = item.nbytes // isz
+        own = _coded_size(dt, transform, x, [min(ce, n - r) for r in range(0, n, ce)])
+        t, cnt = np.empty_like(x), np.zeros(1 << w, np.uint64)
+        ctx_apply("zigzag", dt, x, b, t, s, w, inverse=False, counts=cnt)
+        segs = [m for row in ctxdelta.segments(cnt, ce) for m in row]
+        sizes = {tr: _coded_size(dt, tr, t, segs) for tr in ("masked", plain)}
+    else:
+        xs, bs = _sample(x, isz), _sample(b, isz)
+        n, total = xs.size // isz, item.nbytes // isz
+        frac = n / total
+        own = _units_cost(dt, transform, xs, _row_units(n, item.chunk_elems, frac), frac)
+        sizes = _ctx_estimates(item, "zigzag", ("masked", plain), xs, bs, total)
+    tr = min(sizes, key=sizes.get)
+    if sizes[tr] <= (1 - DELTA_MIN_GAIN) * own:
+        return "zigzag", tr, (s, w)
+    return alone
 
 
 TRIAL_BYTES = 256 << 10      # tensors up to this size choose by the coded sizes of both ways (_trial), not the entropy model
@@ -347,9 +406,17 @@ class _Planned:
             # own never has its base decoded whole
             bs = self.fetch_base_sample()
             if bs is not None:
-                pre = choose(self.item, _sample(x, self.item.dtype.itemsize), bs, sampled=True)
+                it = self.item
+                xs = _sample(x, it.dtype.itemsize)
+                pre = choose(it, xs, bs, sampled=True)
                 if pre[0] is None:
+                    # the plain delta does not pay; a large tensor's sorted form is judged on
+                    # the sample too, so the base is decoded whole only for a tensor that pays
                     hit = (None, pre[1], None)
+                    if ctxdelta.default_ctx(it.dtype) is not None:
+                        # large: the sample is all choose_ctx reads (the same bytes as the whole
+                        # base's sample); small: it judges the tensor on the whole base
+                        hit = choose_ctx(it, xs, bs, pre) if it.nbytes > TRIAL_BYTES else None
         if hit is not None and hit[0] is None:          # no delta: the base is not needed
             op, transform, ctx = hit
             b = None

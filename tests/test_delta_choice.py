@@ -152,3 +152,49 @@ def test_a_base_entry_that_is_itself_a_delta_is_decoded_whole_with_its_own_base(
         assert deltaplan._DiskBase(f, e).sample() is None
     mithril_gpu.save({"w": w2}, tmp_path / "2.mth", base=tmp_path / "1.mth", chunk_elems=4096)
     assert_tree_same(mithril_gpu.load(tmp_path / "2.mth"), {"w": w2})
+
+
+def _sign_steps(n):
+    """Weights that each moved by a fixed step up or down (sign-based updates, large ones): in
+    units of a weight's last place the step depends on its exponent, so the plain delta saves
+    under 5% while the delta sorted by the base's exponent saves about 10%."""
+    g = torch.Generator().manual_seed(1)
+    w = 0.02 * torch.randn(n, generator=g)
+    return {"s": w}, {"s": w + 0.02 * torch.sign(torch.randn(n, generator=g))}
+
+
+def _entry(path, name, base=None):
+    with mithril_gpu.open(path, base=base) as f:
+        return f.entry(name)
+
+
+@pytest.mark.parametrize("n", [300_000, 50_000], ids=["sampled", "small-trial"])
+def test_the_gain_rule_weighs_the_context_sorted_form_too(tmp_path, monkeypatch, n):
+    """The 5% rule compares the better of the plain and the context-sorted delta with the tensor
+    on its own: a tensor whose plain delta gains too little is still stored sorted when that gains
+    enough, and the choice is the same whether the base's sample rows or its whole tensor were read."""
+    a, b = _sign_steps(n)
+    mithril_gpu.save(a, tmp_path / "a.mth", chunk_elems=4096)
+    mithril_gpu.save(b, tmp_path / "own.mth", chunk_elems=4096)
+    mithril_gpu.save(b, tmp_path / "b.mth", base=tmp_path / "a.mth", chunk_elems=4096)
+    e, own = _entry(tmp_path / "b.mth", "s", tmp_path / "a.mth"), _entry(tmp_path / "own.mth", "s")
+    assert e.delta is not None and e.ctx is not None
+    assert e.stored_bytes <= (1 - deltaplan.DELTA_MIN_GAIN) * own.stored_bytes
+    assert_tree_same(mithril_gpu.load(tmp_path / "b.mth"), b)
+    # the same file when the whole base is read for the choice
+    monkeypatch.setattr(deltaplan._DiskBase, "sample", lambda self: None)
+    mithril_gpu.save(b, tmp_path / "whole.mth", base=tmp_path / "a.mth", chunk_elems=4096)
+    assert (tmp_path / "b.mth").read_bytes() == (tmp_path / "whole.mth").read_bytes()
+    # without the sorted form, the plain delta alone does not pass the rule: stored on its own
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, b, *pre: (*(pre[0] if pre else deltaplan.choose(item, x, b)), None))
+    mithril_gpu.save(b, tmp_path / "plain.mth", base=tmp_path / "a.mth", chunk_elems=4096)
+    assert _entry(tmp_path / "plain.mth", "s").delta is None
+
+
+def test_a_sorted_form_that_gains_little_does_not_take_the_base(tmp_path):
+    """The first moment of _states: neither form gains 5%, so it stays on its own (and its base is
+    not decoded whole: test_a_tensor_stored_on_its_own_never_decodes_its_base_whole)."""
+    a, b = _states()
+    mithril_gpu.save(a, tmp_path / "a.mth", chunk_elems=4096)
+    mithril_gpu.save(b, tmp_path / "b.mth", base=tmp_path / "a.mth", chunk_elems=4096)
+    assert _entry(tmp_path / "b.mth", "m").delta is None

@@ -87,3 +87,37 @@ def test_the_trial_estimates_and_codes_nothing(monkeypatch):
     monkeypatch.setattr(deltaplan._trial_coder, "encode", lambda *a, **k: pytest.fail("a candidate was coded"))
     deltaplan.choose_ctx(_item(new), tensor_bytes(new), tensor_bytes(base))
     assert len(calls) == 3                 # today's coding, and the sorted delta masked and plain
+
+
+@pytest.mark.skipif(deltaplan._unit_hist is None, reason="C helper not built")
+@pytest.mark.parametrize("name", ["F32", "BF16", "F16", "I32", "U8", "F64"])
+def test_unit_histograms_in_c_give_the_numpy_model_exactly(monkeypatch, name):
+    """deltaplan._units_cost counts each unit's bytes with _accel.unit_hist where it can: the same
+    estimate, to the last bit (the choice, and so the file, must not depend on the helper)."""
+    dt = dtypes.BY_NAME[name]
+    rng = np.random.default_rng(3)
+    for n in (1, 9, 5000, 70000):
+        src = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
+        src[rng.random(src.size) < 0.5] = 0
+        src.reshape(n, dt.itemsize)[rng.random(n) < 0.3] = 0           # whole zero elements too
+        units = [u for u in (n // 3, n - n // 3 - n // 5, 0, n // 5) if u or n > 5]
+        for tr in ("masked", "bytegroup"):
+            fast = deltaplan._units_cost(dt, tr, src, units, 0.3)
+            with monkeypatch.context() as m:
+                m.setattr(deltaplan, "_unit_hist", None)
+                assert deltaplan._units_cost(dt, tr, src, units, 0.3) == fast, (n, tr)
+
+
+@pytest.mark.skipif(deltaplan._unit_hist is None, reason="C helper not built")
+def test_unit_histograms_refuse_units_beyond_the_data():
+    src = np.zeros(40, np.uint8)
+    h, z = np.empty((2, 4, 256), np.uint64), np.empty(2, np.int64)
+    deltaplan._unit_hist(src, 4, np.array([4, 6], np.int64), 1, h, z)
+    assert z.tolist() == [0, 0] and h.sum() == 0
+    for units in ([4, 7], [-1, 2], [11, 0]):
+        with pytest.raises(ValueError):
+            deltaplan._unit_hist(src, 4, np.array(units, np.int64), 0, h, z)
+    with pytest.raises(ValueError):
+        deltaplan._unit_hist(src, 3, np.array([1, 1], np.int64), 0, h, z)
+    with pytest.raises(ValueError):
+        deltaplan._unit_hist(src, 4, np.array([1, 1, 1], np.int64), 0, h, z)      # tables too small
