@@ -21,7 +21,7 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
          chunk_elems: int = container.DEFAULT_CHUNK_ELEMS, metadata: dict | None = None,
          base=None, device: str = "auto", progress=None, _base_tensors: dict | None = None,
          _mode: int | None = None, _choices: dict | None = None, _written: list | None = None,
-         _encoded: tuple | None = None) -> None:
+         _encoded: tuple | None = None, _base_index=None) -> None:
     """Compress a state dict (or any nest of dicts, lists, tuples, tensors and plain values) to ``path``.
 
     Args:
@@ -59,20 +59,21 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
     encoder = backends.choose_encoder(device, [t for _, t in leaves])
     with Progress(progress, sum(it.nbytes for it in items), "save") as bar:
         index = write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
-                            progress=bar, encoder=encoder, base_tensors=_base_tensors, mode=_mode, choices=_choices)
+                            progress=bar, encoder=encoder, base_tensors=_base_tensors, mode=_mode, choices=_choices,
+                            base_index=_base_index)
     if _written is not None:          # the index written (with its identity), for the Checkpointer
         _written.append(index)
 
 
 def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None, level=None,
                 threads=None, progress=None, encoder=None, base_tensors: dict | None = None, mode: int | None = None,
-                choices: dict | None = None):
+                choices: dict | None = None, base_index=None):
     """Write prepared items (the common end of save() and the CLI), planning deltas against ``base``."""
     threads = threads or default_threads()
     base_file, base_record, same = None, None, {}
     try:
         if base is not None:
-            base_file = base if isinstance(base, MthFile) else _open_base(base, threads, items, base_tensors)
+            base_file = base if isinstance(base, MthFile) else _open_base(base, threads, items, base_tensors, base_index)
             if os.path.realpath(base_file.path) == os.path.realpath(os.fspath(path)):     # (links too)
                 raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
                                  "replace its own base; write it under another name")
@@ -94,14 +95,16 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
             base_file.close()
 
 
-def _open_base(base, threads: int, items, base_tensors: dict | None) -> MthFile:
+def _open_base(base, threads: int, items, base_tensors: dict | None, written=None) -> MthFile:
     """The base file of a delta save. When the caller holds the base's tensors in memory (the
     Checkpointer does), only the base's own index is read, not the files of its chain: a base
     tensor is then decoded from disk only if it is missing from ``base_tensors``, and only a
-    tensor that is itself a delta needs the chain (then it is opened whole)."""
+    tensor that is itself a delta needs the chain (then it is opened whole). ``written``: the base's
+    index as this process wrote it, taken if the file still holds that very index (the Checkpointer's
+    next delta then does not parse again what it just wrote)."""
     if not base_tensors:
         return MthFile(base, threads=threads)
-    f = MthFile(base, threads=threads, base=SKIP_BASE)
+    f = MthFile(base, threads=threads, base=SKIP_BASE, _written=written)
     if f.index.base is not None and any(it.name in f and it.name not in base_tensors and f.entry(it.name).delta
                                         for it in items):
         f.close()

@@ -131,6 +131,7 @@ class Checkpointer:
         self._infos: dict[int, tuple] = {}            # step -> (stat key, _Info): files already read
         self._noted: set = set()                      # (step, stat key) already warned about
         self._choices: dict | None = None             # name -> how a delta codes it (deltaplan), reused a few saves
+        self._last_index: tuple | None = None        # (path, Index) of the file last written
 
     # ------------------------------------------------------------ listing
 
@@ -183,6 +184,7 @@ class Checkpointer:
     def _remember(self, path: str, index) -> None:
         """Note what the file just written at ``path`` (one of ours) is, from the index written (no re-read)."""
         step = int(_NAME.match(os.path.basename(path)).group(1))
+        self._last_index = (path, index)     # the next delta's base index, if the file still holds it
         try:
             self._infos[step] = (_stat_key(path), self._info_of(index.identity, index.base))
         except OSError:                      # gone already: the next scan reads what is there
@@ -385,8 +387,10 @@ class Checkpointer:
         if base_path is None:
             api.save(state, path, _written=written, _encoded=encoded, **self.save_kwargs)
         else:
+            last = self._last_index
             api.save(state, path, base=base_path, _base_tensors=base_tensors, _choices=choices, _written=written,
-                     _encoded=encoded, **self.save_kwargs)
+                     _encoded=encoded, _base_index=last[1] if last is not None and last[0] == base_path else None,
+                     **self.save_kwargs)
         self._remember(path, written[0])
         self._prune()
         return written[0]
@@ -542,18 +546,19 @@ def _refresh(old: dict, leaves: list, index) -> dict | object:
 
     def copy(nt):
         name, t = nt
-        o = old.get(name)
+        o, ov = old.get(name), None
         t = t.detach()
         if o is None or o.dtype != t.dtype or o.shape != t.shape or o.device != t.device or not o.is_contiguous() \
                 or t.layout is not torch_strided() or o.layout is not torch_strided() or t.is_quantized \
                 or t.is_conj() or t.is_neg() or o.is_inference():
             o = _clone(t)
         elif t.is_contiguous() and t.numel():
-            _copy_bytes(api.tensor_u8(o).numpy(), api.tensor_u8(t).numpy())
+            ov = api.tensor_u8(o).numpy()
+            _copy_bytes(ov, api.tensor_u8(t).numpy())
         else:
             o.copy_(t)
         e = entries.get(name)
-        same = e is not None and checksum.tensor_checksum(api.tensor_u8(o).numpy(),
+        same = e is not None and checksum.tensor_checksum(api.tensor_u8(o).numpy() if ov is None else ov,
                                                           e.chunk_elems * e.dtype.itemsize) == e.checksum
         return name, o, same
 

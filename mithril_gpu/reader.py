@@ -31,8 +31,14 @@ class MthFile:
     ...     f.keys(); f.info("model/fc.weight"); w = f.get_tensor("model/fc.weight")
     """
 
-    def __init__(self, path, *, verify: bool = True, threads: int | None = None, base=None, _depth: int = 0):
+    def __init__(self, path, *, verify: bool = True, threads: int | None = None, base=None, _depth: int = 0,
+                 _written=None):
         self._closed = False
+        # _written: the Index this library wrote to ``path`` (internal: a Checkpointer's next delta
+        # opens the file it just wrote as its base). It is taken instead of reading and parsing the
+        # index only if the file's trailer names the very index bytes it was written as (its
+        # identity, the xxh64 of those bytes): the same bytes parse to the same entries.
+        self._written = _written
         self.path = os.fspath(path)
         self.verify = verify
         self.threads = threads or default_threads()
@@ -61,16 +67,21 @@ class MthFile:
                     f"the preamble says format version {version}, but the rest is a sound version-"
                     f"{container.VERSION} file: the preamble is damaged") from None
             raise
-        self._fh.seek(off)
-        raw = self._fh.read(length)
-        if len(raw) != length:
-            raise CorruptFileError("file changed while being read")
-        self.index = container.parse_index(raw, digest, off)
+        w = self._written
+        written = w is not None and getattr(w, "identity", None) == f"{digest:016x}"
+        if written:
+            self.index = w
+        else:
+            self._fh.seek(off)
+            raw = self._fh.read(length)
+            if len(raw) != length:
+                raise CorruptFileError("file changed while being read")
+            self.index = container.parse_index(raw, digest, off)
         #: identity of this file, what a delta written against it records (FORMAT.md "Deltas")
         self.identity = f"{digest:016x}"
         self.size = size
         n = len(self.index.tensors)
-        for ref in tree_mod.tensor_refs(self.index.tree):
+        for ref in () if written else tree_mod.tensor_refs(self.index.tree):
             if type(ref) is not int or not 0 <= ref < n:
                 raise CorruptFileError(f"corrupt index: tree refers to tensor {ref!r} of {n}")
         self._by_name = {e.name: e for e in self.index.tensors}

@@ -68,6 +68,34 @@ def test_the_file_just_written_is_not_read_again(tmp_path, monkeypatch):
     assert ck2.steps() == [4, 5] and sorted(opened) == ["step-000000004.mth", "step-000000005.mth"]
 
 
+def test_a_delta_takes_its_bases_index_from_the_writer_while_the_file_holds_it(tmp_path, monkeypatch):
+    """The next delta's base is the file just written: its index is taken as written, not parsed
+    again, but only while the file's trailer names those very index bytes."""
+    from mithril_gpu import container
+
+    parsed = []
+    real = container.parse_index
+    monkeypatch.setattr(container, "parse_index", lambda *a: parsed.append(1) or real(*a))
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    state = _state(2)
+    ck.save(state, 0)
+    for step in (1, 2):
+        state = _next(state, step)
+        ck.save(state, step)
+    assert parsed == []
+    assert_tree_same(mithril_gpu.load(ck.path(2)), state)
+    # the file replaced behind the Checkpointer's back (the same tensors, another index): parsed
+    other = {n: t.clone() for n, t in state.items()}
+    other["extra"] = torch.zeros(3)
+    mithril_gpu.save(other, ck.path(2), chunk_elems=1000)
+    state = _next(state, 3)
+    assert ck.steps() == [0, 1, 2]                  # (the scan reads the new file's index once)
+    parsed.clear()
+    ck.save(state, 3)
+    assert parsed                                   # the base's index: read from the file, not the stale one
+    assert_tree_same(mithril_gpu.load(ck.path(3)), state)
+
+
 def test_codings_are_chosen_at_the_chains_first_delta_and_every_few_saves(tmp_path, monkeypatch):
     calls = []
     real = deltaplan.choose_ctx
