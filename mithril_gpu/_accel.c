@@ -532,6 +532,21 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
  * scatters each element's delta to the next free position of its context; decoding gathers it
  * back from there. One histogram pass over the base, one pass over the elements. */
 #define CTX_MAXW 12
+/* The vector moves' hot contexts: those with 1/128 of the part's elements or more (at most
+ * CTXM_HOT), compared with every group without a branch; the others are found group by group.
+ * (Measured for ctxm: up to 99.5% of the part, 1.8x slower; 1/64 or 1/256 of it, 1.03-1.5x.) */
+#define CTXM_HOT 16
+#define CTXM_HOT_SHARE 128
+static int ctxm_simd;
+static void ctxm_simd_init(void);
+static int ctxm_hot(const uint64_t *C, int nc, Py_ssize_t n, unsigned *hot);
+/* the AVX-512 moves of a block of CTX_T (2-byte elements; defined with ctxm's below; for 4-byte
+ * elements a 16-wide version was 1.1-1.3x slower than the scalar moves, and was dropped):
+ * forward, each delta db[j] to O[pos[cb[j]]++]; inverse, db[j] = X[pos[cb[j]]++] */
+static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t *O,
+                        const unsigned *hot, int nhot);
+static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t *X,
+                          const unsigned *hot, int nhot);
 /* The part is cut into CTX_K sub-parts moved in step (element j of each in turn), each from its
  * own offsets (a sub-part's first position per context: the part's, plus the earlier sub-parts'
  * counts), so that the offset increments form CTX_K independent chains the CPU overlaps; the
@@ -562,6 +577,9 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
         if (hist[c] && (o < off[c] || o > (uint64_t)nsorted)) bad = 1; } \
     T dbuf[CTX_K][CTX_BLK]; uint16_t cbuf[CTX_K][CTX_BLK]; \
     uint64_t *restrict s0 = sub, *restrict s1 = sub + nc, *restrict s2 = sub + 2 * nc, *restrict s3 = sub + 3 * nc; \
+    uint64_t *sk[CTX_K] = {s0, s1, s2, s3}; \
+    const int vec = sizeof(T) == 2 && ctxm_simd == 1; \
+    unsigned hot[CTXM_HOT]; const int nhot = vec ? ctxm_hot(hist, nc, n, hot) : 0; \
     for (Py_ssize_t j0 = 0; j0 < L && !bad; j0 += CTX_BLK) { \
         Py_ssize_t m = L - j0 < CTX_BLK ? L - j0 : CTX_BLK; \
         for (int k = 0; k < CTX_K; k++) { const T##_ua *y_ = Y + k * L + j0; \
@@ -569,11 +587,15 @@ static PyObject *masked_merge(PyObject *self, PyObject *args) {
         if (!inv) { \
             for (int k = 0; k < CTX_K; k++) { const T##_ua *x_ = X + k * L + j0, *y_ = Y + k * L + j0; \
                 for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, x_[j], y_[j], dbuf[k][j]); } \
-            for (Py_ssize_t j = 0; j < m; j++) { \
+            if (vec) for (int k = 0; k < CTX_K; k++) \
+                ctxs_move16(cbuf[k], (const uint16_t *)dbuf[k], m, sk[k], (uint16_t *)O, hot, nhot); \
+            else for (Py_ssize_t j = 0; j < m; j++) { \
                 O[s0[cbuf[0][j]]++] = dbuf[0][j]; O[s1[cbuf[1][j]]++] = dbuf[1][j]; \
                 O[s2[cbuf[2][j]]++] = dbuf[2][j]; O[s3[cbuf[3][j]]++] = dbuf[3][j]; } \
         } else { \
-            for (Py_ssize_t j = 0; j < m; j++) { \
+            if (vec) for (int k = 0; k < CTX_K; k++) \
+                ctxs_gather16(cbuf[k], (uint16_t *)dbuf[k], m, sk[k], (const uint16_t *)X, hot, nhot); \
+            else for (Py_ssize_t j = 0; j < m; j++) { \
                 dbuf[0][j] = X[s0[cbuf[0][j]]++]; dbuf[1][j] = X[s1[cbuf[1][j]]++]; \
                 dbuf[2][j] = X[s2[cbuf[2][j]]++]; dbuf[3][j] = X[s3[cbuf[3][j]]++]; } \
             for (int k = 0; k < CTX_K; k++) { const T##_ua *y_ = Y + k * L + j0; T##_ua *o_ = O + k * L + j0; \
@@ -737,11 +759,6 @@ static PyObject *unit_hist(PyObject *self, PyObject *args) {
 #define CTXM_CHECK 4096
 #define CTXM_SLACK 4096
 
-/* The vector moves' hot contexts: those with 1/128 of the part's elements or more (at most
- * CTXM_HOT), compared with every group of 64 without a branch; the others are found group by
- * group. (Measured: up to 99.5% of the part, 1.8x slower; 1/64 or 1/256 of it, 1.03-1.5x.) */
-#define CTXM_HOT 16
-#define CTXM_HOT_SHARE 128
 static int ctxm_hot(const uint64_t *C, int nc, Py_ssize_t n, unsigned *hot) {
     int nhot = 0;
     for (int c = 0; c < nc && nhot < CTXM_HOT; c++)
@@ -847,6 +864,39 @@ static void ctxm_group32(const uint32_t *cb, const uint32_t *db, Py_ssize_t m, u
 }
 #undef PEXT
 
+/* CTX_T's vector moves (the sorted stream of a bytegroup or raw context-sorted delta): for each
+ * context of a group, its deltas compressed to O at the context's next positions (a masked store:
+ * nothing beyond them is written), or, inverse, its stream positions loaded (a masked load: nothing
+ * beyond them is read) and expanded into its elements' places. The same positions as the scalar
+ * moves, so the same bytes. */
+#define CTXS_LOAD64 __m512i d0 = _mm512_maskz_loadu_epi16(r0, db + j), d1 = _mm512_maskz_loadu_epi16(r1, db + j + 32);
+#define CTXS_PUT64(c, eq) do { \
+    uint64_t eq_ = (eq); unsigned c_ = (c); \
+    int n0 = __builtin_popcount((uint32_t)eq_), n1 = __builtin_popcount((uint32_t)(eq_ >> 32)); \
+    uint16_t *o_ = O + pos[c_]; \
+    _mm512_mask_storeu_epi16(o_, (__mmask32)((1ull << n0) - 1), _mm512_maskz_compress_epi16((__mmask32)eq_, d0)); \
+    _mm512_mask_storeu_epi16(o_ + n0, (__mmask32)((1ull << n1) - 1), _mm512_maskz_compress_epi16((__mmask32)(eq_ >> 32), d1)); \
+    pos[c_] += (uint64_t)(n0 + n1); } while (0)
+#define CTXS_ZERO64 __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+#define CTXS_STORE64 _mm512_mask_storeu_epi16(db + j, r0, a0); _mm512_mask_storeu_epi16(db + j + 32, r1, a1);
+#define CTXS_GET64(c, eq) do { \
+    uint64_t eq_ = (eq); unsigned c_ = (c); \
+    int n0 = __builtin_popcount((uint32_t)eq_), n1 = __builtin_popcount((uint32_t)(eq_ >> 32)); \
+    const uint16_t *x_ = X + pos[c_]; \
+    a0 = _mm512_mask_expand_epi16(a0, (__mmask32)eq_, _mm512_maskz_loadu_epi16((__mmask32)((1ull << n0) - 1), x_)); \
+    a1 = _mm512_mask_expand_epi16(a1, (__mmask32)(eq_ >> 32), _mm512_maskz_loadu_epi16((__mmask32)((1ull << n1) - 1), x_ + n0)); \
+    pos[c_] += (uint64_t)(n0 + n1); } while (0)
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
+static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t *O,
+                        const unsigned *hot, int nhot) {
+    CTXM_GROUPS64(CTXS_LOAD64, CTXS_PUT64, CTXM_NOTHING)
+}
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
+static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t *X,
+                          const unsigned *hot, int nhot) {
+    CTXM_GROUPS64(CTXS_ZERO64, CTXS_GET64, CTXS_STORE64)
+}
+
 static void ctxm_simd_init(void) {
     __builtin_cpu_init();
     ctxm_simd = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2")
@@ -855,6 +905,10 @@ static void ctxm_simd_init(void) {
 #else
 static int ctxm_simd = 0;
 static void ctxm_simd_init(void) {}
+static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t *O,
+                        const unsigned *hot, int nhot) {}
+static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t *X,
+                          const unsigned *hot, int nhot) {}
 #endif
 
 static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {

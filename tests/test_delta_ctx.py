@@ -11,7 +11,7 @@ import torch
 
 import mithril_gpu
 from conftest import ALL_DTYPES, FIXTURES, assert_same, assert_tree_same, ctx_for, random_tensor
-from mithril_gpu import container, cpu, ctxdelta, deltaplan, dtypes
+from mithril_gpu import container, cpu, ctxdelta, delta, deltaplan, dtypes
 from mithril_gpu.errors import ChecksumMismatchError, CorruptFileError, UnsupportedVersionError
 
 
@@ -375,3 +375,49 @@ def test_partial_reads_decode_a_sorted_tensor_whole(tmp_path, force):
     with mithril_gpu.open(tmp_path / "b.mth") as f:
         assert f.entry("w").whole_only
         assert_same(f.get_slice("w")[100:130, 5:9], b[100:130, 5:9])
+
+
+@pytest.mark.skipif(cpu._accel is None or not hasattr(cpu._accel, "ctxm_simd"), reason="C helper not built")
+@pytest.mark.parametrize("name", ["BF16", "F16", "F32", "I16", "I32"])
+def test_the_vector_moves_of_the_sorted_stream_give_the_scalar_bytes(name):
+    """With AVX-512, the context sort's moves of 2-byte elements (both directions) compress
+    each context's deltas to its positions and expand them back; contexts hot enough to be compared
+    with every group, and rare ones found group by group, in blocks, partial groups and parts, give
+    the numpy reference's bytes, as the scalar moves do."""
+    dt = dtypes.from_name(name)
+    isz, fl = dt.itemsize, delta.is_float(dt)
+    rng = np.random.default_rng(11)
+    s, w = ctx_for(dt) if fl else (8 * isz - 8, 8)
+    try:
+        for n in (5, 63, 64, 65, 4 * 1024 + 3, 50_001):
+            # real-looking weights: a few exponents hold most elements, many others a few each
+            v = (rng.standard_normal(n) * 0.02).astype(np.float32)
+            rare = rng.random(n) < 0.05
+            v[rare] *= (2.0 ** rng.integers(-30, 30, int(rare.sum()))).astype(np.float32)
+            v[::97] = rng.standard_normal(v[::97].size) * 1e6
+            if isz == 2:
+                b = (v.view("<u4") >> 16).astype("<u2").view(np.uint8) if name == "BF16" else v.astype("<f2").view(np.uint8)
+            else:
+                b = v.view(np.uint8).copy()
+            x = b.copy()
+            x.view(f"<u{isz}")[rng.random(n) < 0.6] ^= rng.integers(1, 50, dtype=f"<u{isz}")
+            for op in ("xor", "zigzag"):
+                ref = ctxdelta.encode(op, dt, x, b, s, w)
+                outs = []
+                for simd in (0, 1):
+                    cpu._accel.ctxm_simd(simd)
+                    got = np.empty_like(x)
+                    cpu._accel.ctx(x, b, got, isz, ("xor", "zigzag").index(op), int(fl), 0, s, w, None)
+                    back = np.empty_like(x)
+                    cpu._accel.ctx(ref, b, back, isz, ("xor", "zigzag").index(op), int(fl), 1, s, w, None)
+                    outs.append((got.tobytes(), back.tobytes()))
+                    for threads in (2, 3):              # parts, each moved from its own offsets
+                        got2, back2 = np.empty_like(x), np.empty_like(x)
+                        with pytest.MonkeyPatch.context() as m:
+                            m.setattr(cpu, "CTX_PARALLEL_BYTES", 64)
+                            cpu.ctx_apply(op, dt, x, b, got2, s, w, inverse=False, threads=threads)
+                            cpu.ctx_apply(op, dt, ref, b, back2, s, w, inverse=True, threads=threads)
+                        assert got2.tobytes() == ref.tobytes() and back2.tobytes() == x.tobytes(), (n, op, threads)
+                assert outs[0] == outs[1] == (ref.tobytes(), x.tobytes()), (n, op)
+    finally:
+        cpu._accel.ctxm_simd(1)
