@@ -103,10 +103,19 @@ def test_accel_xxh64_equals_xxhash():
     import xxhash
 
     rng = np.random.default_rng(11)
-    data = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
-    for n in list(range(0, 70)) + [255, 256, 1000, 4999, 5000]:
-        for seed in (0, 1, 2**64 - 1):
-            assert cpu._accel.xxh64(data[:n], seed) == xxhash.xxh64_intdigest(data[:n], seed), (n, seed)
+    data = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    # the scalar stripe loop and (where the CPU has AVX-512 DQ/VL) the vector one, at odd offsets too
+    modes = [0] + ([1] if cpu._accel.xxh64_simd(1) else [])
+    try:
+        for mode in modes:
+            cpu._accel.xxh64_simd(mode)
+            for off in (0, 1, 7):
+                for n in list(range(0, 70)) + [95, 96, 97, 255, 256, 1000, 4999, 5000, 262_144, 299_993]:
+                    for seed in (0, 1, 2**64 - 1):
+                        got = cpu._accel.xxh64(data[off:off + n], seed)
+                        assert got == xxhash.xxh64_intdigest(data[off:off + n], seed), (mode, off, n, seed)
+    finally:
+        cpu._accel.xxh64_simd(1)
 
 
 @pytest.mark.parametrize("dt", list(dtypes.BY_NAME.values()), ids=lambda d: d.name)
