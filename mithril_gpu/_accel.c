@@ -583,9 +583,9 @@ static int ctxm_hot(const uint64_t *C, int nc, Py_ssize_t n, unsigned *hot);
 /* the AVX-512 moves of a block of CTX_T (2-byte elements; defined with ctxm's below; for 4-byte
  * elements a 16-wide version was 1.1-1.3x slower than the scalar moves, and was dropped):
  * forward, each delta db[j] to O[pos[cb[j]]++]; inverse, db[j] = X[pos[cb[j]]++] */
-static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t *O,
+static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t_ua *O,
                         const unsigned *hot, int nhot);
-static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t *X,
+static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t_ua *X,
                           const unsigned *hot, int nhot);
 /* The part is cut into CTX_K sub-parts moved in step (element j of each in turn), each from its
  * own offsets (a sub-part's first position per context: the part's, plus the earlier sub-parts'
@@ -628,13 +628,13 @@ static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64
             for (int k = 0; k < CTX_K; k++) { const T##_ua *x_ = X + k * L + j0, *y_ = Y + k * L + j0; \
                 for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, x_[j], y_[j], dbuf[k][j]); } \
             if (vec) for (int k = 0; k < CTX_K; k++) \
-                ctxs_move16(cbuf[k], (const uint16_t *)dbuf[k], m, sk[k], (uint16_t *)O, hot, nhot); \
+                ctxs_move16(cbuf[k], (const uint16_t *)dbuf[k], m, sk[k], (uint16_t_ua *)O, hot, nhot); \
             else for (Py_ssize_t j = 0; j < m; j++) { \
                 O[s0[cbuf[0][j]]++] = dbuf[0][j]; O[s1[cbuf[1][j]]++] = dbuf[1][j]; \
                 O[s2[cbuf[2][j]]++] = dbuf[2][j]; O[s3[cbuf[3][j]]++] = dbuf[3][j]; } \
         } else { \
             if (vec) for (int k = 0; k < CTX_K; k++) \
-                ctxs_gather16(cbuf[k], (uint16_t *)dbuf[k], m, sk[k], (const uint16_t *)X, hot, nhot); \
+                ctxs_gather16(cbuf[k], (uint16_t *)dbuf[k], m, sk[k], (const uint16_t_ua *)X, hot, nhot); \
             else for (Py_ssize_t j = 0; j < m; j++) { \
                 dbuf[0][j] = X[s0[cbuf[0][j]]++]; dbuf[1][j] = X[s1[cbuf[1][j]]++]; \
                 dbuf[2][j] = X[s2[cbuf[2][j]]++]; dbuf[3][j] = X[s3[cbuf[3][j]]++]; } \
@@ -758,11 +758,17 @@ static PyObject *unit_hist(PyObject *self, PyObject *args) {
     Py_buffer src, us, hs, zs; int isz, masked;
     if (!PyArg_ParseTuple(args, "y*iy*iw*w*", &src, &isz, &us, &masked, &hs, &zs)) return NULL;
     Py_ssize_t nu = us.len / (Py_ssize_t)sizeof(int64_t), n = isz > 0 ? src.len / isz : 0, tot = 0;
-    const int64_t *U = us.buf; int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && us.len % sizeof(int64_t) == 0
+    int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && us.len % sizeof(int64_t) == 0
         && hs.len >= nu * isz * 256 * (Py_ssize_t)sizeof(uint64_t) && zs.len >= nu * (Py_ssize_t)sizeof(int64_t);
-    for (Py_ssize_t u = 0; ok && u < nu; u++) { if (U[u] < 0 || U[u] > n - tot) ok = 0; else tot += U[u]; }
-    if (!ok) {
+    /* the units are copied before they are checked: the outputs may overlap them, or another
+     * thread change them, once the GIL is released */
+    int64_t *U = ok ? malloc((size_t)(nu ? nu : 1) * sizeof(int64_t)) : NULL;
+    if (U) memcpy(U, us.buf, (size_t)nu * sizeof(int64_t));
+    for (Py_ssize_t u = 0; U && u < nu; u++) { if (U[u] < 0 || U[u] > n - tot) ok = 0; else tot += U[u]; }
+    if (!ok || !U) {
+        free(U);
         PyBuffer_Release(&src); PyBuffer_Release(&us); PyBuffer_Release(&hs); PyBuffer_Release(&zs);
+        if (ok) return PyErr_NoMemory();
         PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -778,6 +784,7 @@ static PyObject *unit_hist(PyObject *self, PyObject *args) {
         Z[u] = nz;
     }
     Py_END_ALLOW_THREADS
+    free(U);
     PyBuffer_Release(&src); PyBuffer_Release(&us); PyBuffer_Release(&hs); PyBuffer_Release(&zs);
     Py_RETURN_NONE;
 }
@@ -913,7 +920,7 @@ static void ctxm_group32(const uint32_t *cb, const uint32_t *db, Py_ssize_t m, u
 #define CTXS_PUT64(c, eq) do { \
     uint64_t eq_ = (eq); unsigned c_ = (c); \
     int n0 = __builtin_popcount((uint32_t)eq_), n1 = __builtin_popcount((uint32_t)(eq_ >> 32)); \
-    uint16_t *o_ = O + pos[c_]; \
+    uint16_t_ua *o_ = O + pos[c_]; \
     _mm512_mask_storeu_epi16(o_, (__mmask32)((1ull << n0) - 1), _mm512_maskz_compress_epi16((__mmask32)eq_, d0)); \
     _mm512_mask_storeu_epi16(o_ + n0, (__mmask32)((1ull << n1) - 1), _mm512_maskz_compress_epi16((__mmask32)(eq_ >> 32), d1)); \
     pos[c_] += (uint64_t)(n0 + n1); } while (0)
@@ -922,17 +929,17 @@ static void ctxm_group32(const uint32_t *cb, const uint32_t *db, Py_ssize_t m, u
 #define CTXS_GET64(c, eq) do { \
     uint64_t eq_ = (eq); unsigned c_ = (c); \
     int n0 = __builtin_popcount((uint32_t)eq_), n1 = __builtin_popcount((uint32_t)(eq_ >> 32)); \
-    const uint16_t *x_ = X + pos[c_]; \
+    const uint16_t_ua *x_ = X + pos[c_]; \
     a0 = _mm512_mask_expand_epi16(a0, (__mmask32)eq_, _mm512_maskz_loadu_epi16((__mmask32)((1ull << n0) - 1), x_)); \
     a1 = _mm512_mask_expand_epi16(a1, (__mmask32)(eq_ >> 32), _mm512_maskz_loadu_epi16((__mmask32)((1ull << n1) - 1), x_ + n0)); \
     pos[c_] += (uint64_t)(n0 + n1); } while (0)
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
-static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t *O,
+static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t_ua *O,
                         const unsigned *hot, int nhot) {
     CTXM_GROUPS64(CTXS_LOAD64, CTXS_PUT64, CTXM_NOTHING)
 }
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
-static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t *X,
+static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t_ua *X,
                           const unsigned *hot, int nhot) {
     CTXM_GROUPS64(CTXS_ZERO64, CTXS_GET64, CTXS_STORE64)
 }
@@ -945,9 +952,9 @@ static void ctxm_simd_init(void) {
 #else
 static int ctxm_simd = 0;
 static void ctxm_simd_init(void) {}
-static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t *O,
+static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t_ua *O,
                         const unsigned *hot, int nhot) {}
-static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t *X,
+static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t_ua *X,
                           const unsigned *hot, int nhot) {}
 #endif
 

@@ -37,7 +37,9 @@ class MthFile:
         # _written: the Index this library wrote to ``path`` (internal: a Checkpointer's next delta
         # opens the file it just wrote as its base). It is taken instead of reading and parsing the
         # index only if the file's trailer names the very index bytes it was written as (its
-        # identity, the xxh64 of those bytes): the same bytes parse to the same entries.
+        # identity, the xxh64 of those bytes) at the same place (offset and length): the same
+        # bytes parse to the same entries. (Its payload_bytes, plane_bytes and tensor_bytes stay 0:
+        # nothing reads them on this path.)
         self._written = _written
         self.path = os.fspath(path)
         self.verify = verify
@@ -68,7 +70,8 @@ class MthFile:
                     f"{container.VERSION} file: the preamble is damaged") from None
             raise
         w = self._written
-        written = w is not None and getattr(w, "identity", None) == f"{digest:016x}"
+        written = w is not None and getattr(w, "identity", None) == f"{digest:016x}" \
+            and getattr(w, "frame", None) == (off, length)
         if written:
             self.index = w
         else:

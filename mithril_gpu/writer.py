@@ -486,4 +486,5 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
         trailer = container.pack_trailer(at, raw)
         out.write(trailer)
     index.identity = trailer[16:24][::-1].hex()     # the file's identity (FORMAT.md "Deltas"): its index_xxh64
+    index.frame = (at, len(raw))                    # where its index lies in the file (offset, length)
     return index

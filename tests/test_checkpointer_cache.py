@@ -84,6 +84,16 @@ def test_a_delta_takes_its_bases_index_from_the_writer_while_the_file_holds_it(t
         ck.save(state, step)
     assert parsed == []
     assert_tree_same(mithril_gpu.load(ck.path(2)), state)
+    # the same index bytes said to lie elsewhere in the file: not taken
+    idx = ck._last_index[1]
+    parsed.clear()
+    real_frame, idx.frame = idx.frame, (idx.frame[0] + 1, idx.frame[1])
+    with mithril_gpu.reader.MthFile(ck.path(2), base=SKIP_BASE, _written=idx) as g:
+        assert g.index is not idx and len(parsed) == 1
+    idx.frame = real_frame
+    with mithril_gpu.reader.MthFile(ck.path(2), base=SKIP_BASE, _written=idx) as h:
+        assert h.index is idx and len(parsed) == 1 and h.identity == idx.identity
+    parsed.clear()
     # the file replaced behind the Checkpointer's back (the same tensors, another index): parsed
     other = {n: t.clone() for n, t in state.items()}
     other["extra"] = torch.zeros(3)

@@ -121,3 +121,15 @@ def test_unit_histograms_refuse_units_beyond_the_data():
         deltaplan._unit_hist(src, 3, np.array([1, 1], np.int64), 0, h, z)
     with pytest.raises(ValueError):
         deltaplan._unit_hist(src, 4, np.array([1, 1, 1], np.int64), 0, h, z)      # tables too small
+
+
+@pytest.mark.skipif(deltaplan._unit_hist is None, reason="C helper not built")
+def test_unit_histograms_check_the_units_they_use():
+    """The units are copied before they are checked: an output that overlaps them (or another
+    thread changing them) cannot make the C side count past the data."""
+    src = np.full(40, 7, np.uint8)                      # 10 nonzero 4-byte elements
+    buf = np.array([10, 0, 0], np.int64)
+    h = np.empty((2, 4, 256), np.uint64)
+    deltaplan._unit_hist(src, 4, buf[0:2], 0, h, buf[1:3])    # nnz_out overlaps units[1]
+    assert buf.tolist() == [10, 10, 0]                  # unit 0's count written over units[1] ...
+    assert int(h[0].sum()) == 40 and int(h[1].sum()) == 0     # ... but unit 1 was counted as checked: empty
