@@ -311,13 +311,8 @@ def _sorted_alone(item: EncodeItem, transform: str, x: np.ndarray, b: np.ndarray
     if DELTA_MIN_GAIN <= 0:
         return alone                      # choose took any gain: its "no delta" stands
     if item.nbytes <= TRIAL_BYTES:
-        ce = item.chunk_elems
-        n = item.nbytes // isz
-        own = _coded_size(dt, transform, x, [min(ce, n - r) for r in range(0, n, ce)])
-        t, cnt = np.empty_like(x), np.zeros(1 << w, np.uint64)
-        ctx_apply("zigzag", dt, x, b, t, s, w, inverse=False, counts=cnt)
-        segs = [m for row in ctxdelta.segments(cnt, ce) for m in row]
-        sizes = {tr: _coded_size(dt, tr, t, segs) for tr in ("masked", plain)}
+        own = _coded_size(dt, transform, x, _rows_of(item))
+        sizes = _sorted_coded(item, x, b, plain)
     else:
         xs, bs = _sample(x, isz), _sample(b, isz)
         n, total = xs.size // isz, item.nbytes // isz
@@ -369,21 +364,33 @@ def _trial(item: EncodeItem, op: str, transform: str, plain: str, x: np.ndarray,
     ``TRIAL_MARGIN`` of today's size and ``TRIAL_SLACK`` bytes (the estimate misses by a few
     percent on planes of a few hundred bytes, and does not see zstd's matches; a sorted tensor
     costs more to write and to read); coded for real without the helper."""
-    dt, ce = item.dtype, item.chunk_elems
-    n = item.nbytes // dt.itemsize
+    dt = item.dtype
     d = np.empty_like(x)
     delta_apply(op, dt, x, b, d, inverse=False)
-    today = _coded_size(dt, transform, d, [min(ce, n - r) for r in range(0, n, ce)])
-    s, w = ctxdelta.default_ctx(dt)
-    t, cnt = np.empty_like(x), np.zeros(1 << w, np.uint64)
-    ctx_apply("zigzag", dt, x, b, t, s, w, inverse=False, counts=cnt)
-    segs = [m for row in ctxdelta.segments(cnt, ce) for m in row]
-    sizes = {tr: _coded_size(dt, tr, t, segs) for tr in ("masked", plain)}
+    today = _coded_size(dt, transform, d, _rows_of(item))
+    sizes = _sorted_coded(item, x, b, plain)
     tr = min(sizes, key=sizes.get)
     need = max(TRIAL_MARGIN * today, TRIAL_SLACK) if _estimating() else 0
     if sizes[tr] < today - need:
-        return "zigzag", tr, (s, w)
+        return "zigzag", tr, ctxdelta.default_ctx(dt)
     return op, transform, None
+
+
+def _rows_of(item: EncodeItem) -> list[int]:
+    """Elements of each row of ``item`` (the units a tensor that is not sorted is coded in)."""
+    n, ce = item.nbytes // item.dtype.itemsize, item.chunk_elems
+    return [min(ce, n - r) for r in range(0, n, ce)]
+
+
+def _sorted_coded(item: EncodeItem, x: np.ndarray, b: np.ndarray, plain: str) -> dict:
+    """Coded sizes (:func:`_coded_size`) of the context-sorted zigzag delta of ``x`` against
+    ``b``, masked and ``plain``, in the segments a writer cuts it into."""
+    dt = item.dtype
+    s, w = ctxdelta.default_ctx(dt)
+    t, cnt = np.empty_like(x), np.zeros(1 << w, np.uint64)
+    ctx_apply("zigzag", dt, x, b, t, s, w, inverse=False, counts=cnt)
+    segs = [m for row in ctxdelta.segments(cnt, item.chunk_elems) for m in row]
+    return {tr: _coded_size(dt, tr, t, segs) for tr in ("masked", plain)}
 
 
 class _Planned:
