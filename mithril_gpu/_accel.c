@@ -378,6 +378,16 @@ static inline void bw_flush(bitw *b) {
     b->pos += nbytes; b->acc = nbytes == 8 ? 0 : b->acc >> (8 * nbytes); b->bits &= 7;
 }
 
+/* a stream's last i symbols (fewer than 4), its end-mark bit and last bytes */
+static size_t huff_stream_end(bitw *bp, const uint8_t *src, size_t i, const uint32_t *ct, int *overflow) {
+    bitw b = *bp;
+    while (i > 0) { uint32_t e = ct[src[--i]]; b.acc |= (uint64_t)(e & 0xFFFF) << b.bits; b.bits += e >> 16; bw_flush(&b); }
+    b.acc |= (uint64_t)1 << b.bits; b.bits += 1;
+    bw_flush(&b);
+    if (b.overflow) { *overflow = 1; return 0; }
+    return b.pos + (b.bits ? 1 : 0);
+}
+
 /* one Huffman stream: symbols last to first, then the end-mark bit. Returns bytes written.
  * ct[c] = code | nbBits << 16. Four symbols (at most 44 bits) between flushes. */
 static size_t huff_stream(const uint8_t *src, size_t n, const uint32_t *ct, uint8_t *out, size_t cap, int *overflow) {
@@ -396,11 +406,41 @@ static size_t huff_stream(const uint8_t *src, size_t n, const uint32_t *ct, uint
         int nb = bits >> 3; o += nb; acc >>= 8 * nb; bits &= 7;
     }
     b.pos = (size_t)(o - out); b.acc = acc; b.bits = bits;
-    while (i > 0) { uint32_t e = ct[src[--i]]; b.acc |= (uint64_t)(e & 0xFFFF) << b.bits; b.bits += e >> 16; bw_flush(&b); }
-    b.acc |= (uint64_t)1 << b.bits; b.bits += 1;
-    bw_flush(&b);
-    if (b.overflow) { *overflow = 1; return 0; }
-    return b.pos + (b.bits ? 1 : 0);
+    return huff_stream_end(&b, src, i, ct, overflow);
+}
+
+/* the same stream with two symbols a look-up: pt[(b1 << 7) | b0] = the codes of b1 then b0 (b1 =
+ * src[i-1] is coded first) as code | nbBits << 22, for symbols below 128 (HUF_PAIRS entries, filled
+ * by huff_pairs for the symbols present) */
+#define HUF_PAIRS (128 * 128)
+static size_t huff_stream2(const uint8_t *src, size_t n, const uint32_t *ct, const uint32_t *pt, uint8_t *out,
+                           size_t cap, int *overflow) {
+    bitw b = {out, 0, cap, 0, 0, 0};
+    size_t i = n;
+    if (cap < n * 2 + 16) { *overflow = 1; return 0; }
+    uint64_t acc = 0; int bits = 0; uint8_t *o = out;
+    while (i >= 4) {
+        uint32_t q0 = pt[((uint32_t)src[i - 1] << 7) | src[i - 2]], q1 = pt[((uint32_t)src[i - 3] << 7) | src[i - 4]];
+        i -= 4;
+        acc |= (uint64_t)(q0 & 0x3FFFFF) << bits; bits += (int)(q0 >> 22);
+        acc |= (uint64_t)(q1 & 0x3FFFFF) << bits; bits += (int)(q1 >> 22);
+        memcpy(o, &acc, 8);
+        int nb = bits >> 3; o += nb; acc >>= 8 * nb; bits &= 7;
+    }
+    b.pos = (size_t)(o - out); b.acc = acc; b.bits = bits;
+    return huff_stream_end(&b, src, i, ct, overflow);
+}
+
+static void huff_pairs(const uint32_t *ct, const uint32_t *counts, int maxsym, uint32_t *pt) {
+    uint8_t used[128]; int nu = 0;
+    for (int k = 0; k <= maxsym; k++) if (counts[k]) used[nu++] = (uint8_t)k;
+    for (int x = 0; x < nu; x++) {
+        uint32_t e1 = ct[used[x]], c1 = e1 & 0xFFFF, l1 = e1 >> 16;
+        for (int y = 0; y < nu; y++) {
+            uint32_t e0 = ct[used[y]];
+            pt[((uint32_t)used[x] << 7) | used[y]] = (c1 | (e0 & 0xFFFF) << l1) | (l1 + (e0 >> 16)) << 22;
+        }
+    }
 }
 
 /* byte counts of src[0:n] (n < 2^32), with four tables so that repeated bytes do not stall */
@@ -412,7 +452,8 @@ static void hist4(const uint8_t *src, size_t n, uint32_t *counts) {
     for (int k = 0; k < 256; k++) counts[k] = c4[0][k] + c4[1][k] + c4[2][k] + c4[3][k];
 }
 
-static size_t huff_frame_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+/* pt: HUF_PAIRS scratch entries for the two-symbol look-ups, or NULL (one symbol a look-up) */
+static size_t huff_frame_c(const uint8_t *src, size_t n, uint8_t *dst, size_t cap, uint32_t *pt) {
     if (n < 256 || n > (128u << 10) || cap < 2 * n + 256) return 0;
     uint32_t counts[256];
     hist4(src, n, counts);
@@ -451,10 +492,13 @@ static size_t huff_frame_c(const uint8_t *src, size_t n, uint8_t *dst, size_t ca
     }
     size_t jump = p; p += 6;
     size_t seg = (n + 3) / 4, sizes[4]; int overflow = 0;
+    if (maxsym >= 128) pt = NULL;            /* (pairs are indexed by two 7-bit symbols) */
+    if (pt) huff_pairs(ct, counts, maxsym, pt);
     for (int t = 0; t < 4; t++) {
         size_t a = seg * t, e = t == 3 ? n : seg * (t + 1);
         if (p >= cap) return 0;
-        sizes[t] = huff_stream(src + a, e - a, ct, dst + p, cap - p, &overflow);
+        sizes[t] = pt ? huff_stream2(src + a, e - a, ct, pt, dst + p, cap - p, &overflow)
+                      : huff_stream(src + a, e - a, ct, dst + p, cap - p, &overflow);
         if (overflow) return 0;
         p += sizes[t];
     }
@@ -478,7 +522,9 @@ static PyObject *huff_frame(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
     size_t r;
     Py_BEGIN_ALLOW_THREADS
-    r = huff_frame_c(src.buf, (size_t)src.len, dst.buf, (size_t)dst.len);
+    uint32_t *pt = malloc(HUF_PAIRS * sizeof(uint32_t));   /* (without it, one symbol a look-up) */
+    r = huff_frame_c(src.buf, (size_t)src.len, dst.buf, (size_t)dst.len, pt);
+    free(pt);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src); PyBuffer_Release(&dst);
     return PyLong_FromSize_t(r);
@@ -1368,7 +1414,8 @@ static int enc_run(encjob *j) {
     const int64_t *B = j->bnd.buf;
     uint8_t *tmp = NULL, *hs = NULL; int oom = 0, lied = 0; Py_ssize_t pos = 0;
     if (op >= 0 && kind != 0 && maxunit) { tmp = malloc(maxunit); oom |= !tmp; }
-    if (j->huff && maxunit) { hs = malloc(2 * (size_t)maxunit + 256); oom |= !hs; }
+    uint32_t *pt = NULL;
+    if (j->huff && maxunit) { hs = malloc(2 * (size_t)maxunit + 256); oom |= !hs; pt = malloc(HUF_PAIRS * sizeof(uint32_t)); }
     const uint8_t *S = j->dsrc.buf;
     for (Py_ssize_t r = j->d0; r < j->d1 && !oom; r++) {
         Py_ssize_t a = r * j->drb, len = j->dsrc.len - a < j->drb ? j->dsrc.len - a : j->drb;
@@ -1411,13 +1458,13 @@ static int enc_run(encjob *j) {
             r[1] = pl[k] - A; r[2] = L;
             if (L == 0 || (L >= 256 && entropy_c(pl[k], L, step) > j->store_bits)) { r[0] = 0; continue; }
             if (j->huff && kind == 2 && k == 0) {
-                size_t f = huff_frame_c(pl[k], (size_t)L, hs, 2 * (size_t)maxunit + 256);
+                size_t f = huff_frame_c(pl[k], (size_t)L, hs, 2 * (size_t)maxunit + 256, pt);
                 if (f) { memcpy(pl[k], hs, f); r[0] = 1; r[2] = (int64_t)f; continue; }
             }
             r[0] = 2;
         }
     }
-    free(tmp); free(hs);
+    free(tmp); free(hs); free(pt);
     j->used = pos;
     return oom ? -1 : lied ? -2 : 0;
 }

@@ -150,7 +150,8 @@ def test_masked_refuses_a_mask_that_disagrees_with_its_planes():
 
 @pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
 def test_literal_frames_decode_with_libzstd_exactly():
-    """_accel.huff_frame writes standard zstd frames: libzstd must give back every byte."""
+    """_accel.huff_frame writes standard zstd frames: libzstd must give back every byte (planes
+    whose symbols are all below 128 are coded two symbols a look-up, others one: both here)."""
     import zstandard
 
     rng = np.random.default_rng(17)
