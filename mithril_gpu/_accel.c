@@ -378,24 +378,27 @@ static inline void bw_flush(bitw *b) {
     b->pos += nbytes; b->acc = nbytes == 8 ? 0 : b->acc >> (8 * nbytes); b->bits &= 7;
 }
 
-/* a stream's last i symbols (fewer than 4), its end-mark bit and last bytes */
-static size_t huff_stream_end(bitw *bp, const uint8_t *src, size_t i, const uint32_t *ct, int *overflow) {
-    bitw b = *bp;
-    while (i > 0) { uint32_t e = ct[src[--i]]; b.acc |= (uint64_t)(e & 0xFFFF) << b.bits; b.bits += e >> 16; bw_flush(&b); }
-    b.acc |= (uint64_t)1 << b.bits; b.bits += 1;
-    bw_flush(&b);
-    if (b.overflow) { *overflow = 1; return 0; }
-    return b.pos + (b.bits ? 1 : 0);
-}
-
 /* one Huffman stream: symbols last to first, then the end-mark bit. Returns bytes written.
- * ct[c] = code | nbBits << 16. Four symbols (at most 44 bits) between flushes. */
-static size_t huff_stream(const uint8_t *src, size_t n, const uint32_t *ct, uint8_t *out, size_t cap, int *overflow) {
+ * ct[c] = code | nbBits << 16. Four symbols (at most 44 bits) between flushes, looked up one at a
+ * time, or two at a time in pt when given: pt[(b1 << 7) | b0] = the codes of b1 then b0 (b1 =
+ * src[i-1] is coded first) as code | nbBits << 22, for symbols below 128 (HUF_PAIRS entries,
+ * filled by huff_pairs for the symbols present). The same bits either way. */
+#define HUF_PAIRS (128 * 128)
+static size_t huff_stream(const uint8_t *src, size_t n, const uint32_t *ct, const uint32_t *pt, uint8_t *out,
+                          size_t cap, int *overflow) {
     bitw b = {out, 0, cap, 0, 0, 0};
     size_t i = n;
     if (cap < n * 2 + 16) { *overflow = 1; return 0; }   /* 11 bits a symbol at most: no checks needed */
     uint64_t acc = 0; int bits = 0; uint8_t *o = out;
-    while (i >= 4) {
+    if (pt) while (i >= 4) {
+        uint32_t q0 = pt[((uint32_t)src[i - 1] << 7) | src[i - 2]], q1 = pt[((uint32_t)src[i - 3] << 7) | src[i - 4]];
+        i -= 4;
+        acc |= (uint64_t)(q0 & 0x3FFFFF) << bits; bits += (int)(q0 >> 22);
+        acc |= (uint64_t)(q1 & 0x3FFFFF) << bits; bits += (int)(q1 >> 22);
+        memcpy(o, &acc, 8);
+        int nb = bits >> 3; o += nb; acc >>= 8 * nb; bits &= 7;
+    }
+    else while (i >= 4) {
         uint32_t e0 = ct[src[i - 1]], e1 = ct[src[i - 2]], e2 = ct[src[i - 3]], e3 = ct[src[i - 4]];
         i -= 4;
         acc |= (uint64_t)(e0 & 0xFFFF) << bits; bits += e0 >> 16;
@@ -406,29 +409,11 @@ static size_t huff_stream(const uint8_t *src, size_t n, const uint32_t *ct, uint
         int nb = bits >> 3; o += nb; acc >>= 8 * nb; bits &= 7;
     }
     b.pos = (size_t)(o - out); b.acc = acc; b.bits = bits;
-    return huff_stream_end(&b, src, i, ct, overflow);
-}
-
-/* the same stream with two symbols a look-up: pt[(b1 << 7) | b0] = the codes of b1 then b0 (b1 =
- * src[i-1] is coded first) as code | nbBits << 22, for symbols below 128 (HUF_PAIRS entries, filled
- * by huff_pairs for the symbols present) */
-#define HUF_PAIRS (128 * 128)
-static size_t huff_stream2(const uint8_t *src, size_t n, const uint32_t *ct, const uint32_t *pt, uint8_t *out,
-                           size_t cap, int *overflow) {
-    bitw b = {out, 0, cap, 0, 0, 0};
-    size_t i = n;
-    if (cap < n * 2 + 16) { *overflow = 1; return 0; }
-    uint64_t acc = 0; int bits = 0; uint8_t *o = out;
-    while (i >= 4) {
-        uint32_t q0 = pt[((uint32_t)src[i - 1] << 7) | src[i - 2]], q1 = pt[((uint32_t)src[i - 3] << 7) | src[i - 4]];
-        i -= 4;
-        acc |= (uint64_t)(q0 & 0x3FFFFF) << bits; bits += (int)(q0 >> 22);
-        acc |= (uint64_t)(q1 & 0x3FFFFF) << bits; bits += (int)(q1 >> 22);
-        memcpy(o, &acc, 8);
-        int nb = bits >> 3; o += nb; acc >>= 8 * nb; bits &= 7;
-    }
-    b.pos = (size_t)(o - out); b.acc = acc; b.bits = bits;
-    return huff_stream_end(&b, src, i, ct, overflow);
+    while (i > 0) { uint32_t e = ct[src[--i]]; b.acc |= (uint64_t)(e & 0xFFFF) << b.bits; b.bits += e >> 16; bw_flush(&b); }
+    b.acc |= (uint64_t)1 << b.bits; b.bits += 1;
+    bw_flush(&b);
+    if (b.overflow) { *overflow = 1; return 0; }
+    return b.pos + (b.bits ? 1 : 0);
 }
 
 static void huff_pairs(const uint32_t *ct, const uint32_t *counts, int maxsym, uint32_t *pt) {
@@ -497,8 +482,7 @@ static size_t huff_frame_c(const uint8_t *src, size_t n, uint8_t *dst, size_t ca
     for (int t = 0; t < 4; t++) {
         size_t a = seg * t, e = t == 3 ? n : seg * (t + 1);
         if (p >= cap) return 0;
-        sizes[t] = pt ? huff_stream2(src + a, e - a, ct, pt, dst + p, cap - p, &overflow)
-                      : huff_stream(src + a, e - a, ct, dst + p, cap - p, &overflow);
+        sizes[t] = huff_stream(src + a, e - a, ct, pt, dst + p, cap - p, &overflow);
         if (overflow) return 0;
         p += sizes[t];
     }

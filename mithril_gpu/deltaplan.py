@@ -278,24 +278,28 @@ def choose_ctx(item: EncodeItem, x: np.ndarray, b: np.ndarray, chosen: tuple | N
         return _sorted_alone(item, transform, x, b)
     if item.nbytes <= TRIAL_BYTES:           # small: both ways' coded sizes (the entropy model is rough there)
         return _trial(item, op, transform, plain, x, b)
-    xs, bs = _sample(x, isz), _sample(b, isz)
-    n, total = xs.size // isz, item.nbytes // isz
-    frac = n / total
+    xs, bs, rows, frac, est = _sampled_sort(item, x, b, plain)
     d = np.empty_like(xs)
     delta_apply(op, dt, xs, bs, d, inverse=False)
-    today = _units_cost(dt, transform, d, _row_units(n, item.chunk_elems, frac), frac)
-    est = _ctx_estimates(item, "zigzag", ("masked", plain), xs, bs, total)
+    today = _units_cost(dt, transform, d, rows, frac)
     tr = min(est, key=est.get)
     if est[tr] < 0.98 * today:
         return "zigzag", tr, ctxdelta.default_ctx(dt)
     return op, transform, None
 
 
-def _row_units(n: int, chunk_elems: int, frac: float) -> list[int]:
-    """A sample of ``n`` elements cut as the tensor's rows are, at the sample's scale."""
-    rows = max(1, -(-n // max(1, int(chunk_elems * frac))))
-    per = -(-n // rows)
-    return [min(per, n - k * per) for k in range(rows) if n - k * per > 0]
+def _sampled_sort(item: EncodeItem, x: np.ndarray, b: np.ndarray, plain: str):
+    """The sample of ``x`` and ``b`` (either may be that sample already), its rows (the sample cut
+    as the tensor's rows are, at the sample's scale), the sample's share of the tensor, and the
+    estimated sizes of its context-sorted zigzag delta, masked and ``plain``."""
+    isz = item.dtype.itemsize
+    xs, bs = _sample(x, isz), _sample(b, isz)
+    n, total = xs.size // isz, item.nbytes // isz
+    frac = n / total
+    nrows = max(1, -(-n // max(1, int(item.chunk_elems * frac))))
+    per = -(-n // nrows)
+    rows = [min(per, n - k * per) for k in range(nrows) if n - k * per > 0]
+    return xs, bs, rows, frac, _ctx_estimates(item, "zigzag", ("masked", plain), xs, bs, total)
 
 
 def _sorted_alone(item: EncodeItem, transform: str, x: np.ndarray, b: np.ndarray):
@@ -314,11 +318,8 @@ def _sorted_alone(item: EncodeItem, transform: str, x: np.ndarray, b: np.ndarray
         own = _coded_size(dt, transform, x, _rows_of(item))
         sizes = _sorted_coded(item, x, b, plain)
     else:
-        xs, bs = _sample(x, isz), _sample(b, isz)
-        n, total = xs.size // isz, item.nbytes // isz
-        frac = n / total
-        own = _units_cost(dt, transform, xs, _row_units(n, item.chunk_elems, frac), frac)
-        sizes = _ctx_estimates(item, "zigzag", ("masked", plain), xs, bs, total)
+        xs, _, rows, frac, sizes = _sampled_sort(item, x, b, plain)
+        own = _units_cost(dt, transform, xs, rows, frac)
     tr = min(sizes, key=sizes.get)
     if sizes[tr] <= (1 - DELTA_MIN_GAIN) * own:
         return "zigzag", tr, (s, w)
