@@ -265,27 +265,81 @@ static const uint8_t *xxh64_stripes_vec(const uint8_t *p, const uint8_t *limit, 
 static void xxh64_simd_init(void) {}
 #endif
 
-static uint64_t xxh64(const uint8_t *p, size_t len, uint64_t seed) {
-    const uint8_t *end = p + len; uint64_t h;
+/* XXH64's stripe loop over [p, limit + 32) (at least one stripe), its finish from the four
+ * accumulators (len >= 32) or the seed, and the tail of fewer than 32 bytes: shared by the one-shot
+ * digest and the row hasher below. */
+static const uint8_t *xxh64_stripes(const uint8_t *p, const uint8_t *limit, uint64_t v[4]) {
+    if (xxh64_simd == 1) return xxh64_stripes_vec(p, limit, v);
+    uint64_t v1 = v[0], v2 = v[1], v3 = v[2], v4 = v[3];
+    do { v1 = xround(v1, rd64(p)); v2 = xround(v2, rd64(p + 8));
+         v3 = xround(v3, rd64(p + 16)); v4 = xround(v4, rd64(p + 24)); p += 32; } while (p <= limit);
+    v[0] = v1; v[1] = v2; v[2] = v3; v[3] = v4;
+    return p;
+}
+
+static uint64_t xxh64_finish(const uint64_t v[4], uint64_t seed, uint64_t len, const uint8_t *p, const uint8_t *end) {
+    uint64_t h;
     if (len >= 32) {
-        uint64_t v1 = seed + P1 + P2, v2 = seed + P2, v3 = seed, v4 = seed - P1;
-        const uint8_t *limit = end - 32;
-        if (xxh64_simd == 1) {
-            uint64_t v[4] = {v1, v2, v3, v4};
-            p = xxh64_stripes_vec(p, limit, v);
-            v1 = v[0]; v2 = v[1]; v3 = v[2]; v4 = v[3];
-        } else
-        do { v1 = xround(v1, rd64(p)); v2 = xround(v2, rd64(p + 8));
-             v3 = xround(v3, rd64(p + 16)); v4 = xround(v4, rd64(p + 24)); p += 32; } while (p <= limit);
-        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
-        h = xmerge(h, v1); h = xmerge(h, v2); h = xmerge(h, v3); h = xmerge(h, v4);
+        h = rotl64(v[0], 1) + rotl64(v[1], 7) + rotl64(v[2], 12) + rotl64(v[3], 18);
+        h = xmerge(h, v[0]); h = xmerge(h, v[1]); h = xmerge(h, v[2]); h = xmerge(h, v[3]);
     } else h = seed + P5;
-    h += (uint64_t)len;
+    h += len;
     while (p + 8 <= end) { h ^= xround(0, rd64(p)); h = rotl64(h, 27) * P1 + P4; p += 8; }
     if (p + 4 <= end) { h ^= (uint64_t)rd32(p) * P1; h = rotl64(h, 23) * P2 + P3; p += 4; }
     while (p < end) { h ^= (*p) * P5; h = rotl64(h, 11) * P1; p++; }
     h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P3; h ^= h >> 32;
     return h;
+}
+
+static uint64_t xxh64(const uint8_t *p, size_t len, uint64_t seed) {
+    const uint8_t *end = p + len;
+    uint64_t v[4] = {seed + P1 + P2, seed + P2, seed, seed - P1};
+    if (len >= 32) p = xxh64_stripes(p, end - 32, v);
+    return xxh64_finish(v, seed, (uint64_t)len, p, end);
+}
+
+/* Row digests (XXH64, seed 0, of consecutive rows of rb bytes; the last may be shorter) of bytes
+ * fed in pieces of any size: the context sorts hash the very bytes they read, as they read them,
+ * so that a file's row digests always describe what it codes, even if another thread changes the
+ * tensor meanwhile (the file then holds some mix of old and new values, but one that decodes and
+ * checks: never a damaged file). */
+typedef struct { uint64_t v[4]; uint8_t buf[32]; size_t bufn; uint64_t total, left, rest, rb; uint64_t *out; Py_ssize_t k, nout; } rowhash;
+
+static void rowhash_row(rowhash *h) {
+    h->v[0] = P1 + P2; h->v[1] = P2; h->v[2] = 0; h->v[3] = 0 - P1; h->bufn = 0; h->total = 0;
+    h->left = h->rest < h->rb ? h->rest : h->rb; h->rest -= h->left;
+}
+
+/* rows of rb bytes over len bytes in all, digests to out[0 .. nout) (rb 0: hashes nothing) */
+static void rowhash_init(rowhash *h, uint64_t rb, uint64_t len, uint64_t *out, Py_ssize_t nout) {
+    h->rb = rb; h->rest = rb ? len : 0; h->out = out; h->nout = nout; h->k = 0;
+    rowhash_row(h);
+}
+
+static void rowhash_bytes(rowhash *h, const uint8_t *p, size_t n) {     /* n bytes of the current row */
+    const uint8_t *end = p + n;
+    h->total += n;
+    if (h->bufn + n < 32) { memcpy(h->buf + h->bufn, p, n); h->bufn += n; return; }
+    if (h->bufn) {
+        size_t f = 32 - h->bufn;
+        memcpy(h->buf + h->bufn, p, f); p += f;
+        xxh64_stripes(h->buf, h->buf, h->v); h->bufn = 0;
+    }
+    if (end - p >= 32) p = xxh64_stripes(p, end - 32, h->v);
+    memcpy(h->buf, p, (size_t)(end - p)); h->bufn = (size_t)(end - p);
+}
+
+static void rowhash_feed(rowhash *h, const void *data, size_t n) {
+    const uint8_t *p = data;
+    while (n && h->left) {
+        size_t k = n < h->left ? n : (size_t)h->left;
+        rowhash_bytes(h, p, k); p += k; n -= k; h->left -= k;
+        if (!h->left) {
+            if (h->k < h->nout) h->out[h->k] = xxh64_finish(h->v, 0, h->total, h->buf, h->buf + h->bufn);
+            h->k++;
+            rowhash_row(h);
+        }
+    }
 }
 
 /* xxh64_simd(flag=-1) -> 1 when the vector stripe loop is on; 0/1 turns it off/on (tests) */
@@ -635,19 +689,32 @@ static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64
         b ^= (T)(((T)(0 - (T)(b >> (BITS - 1))) | sb) & fm); \
         T k_ = (T)(b + (T)((z >> 1) ^ (T)(0 - (T)(z & 1)))); \
         dst = (T)(k_ ^ (T)(((T)((T)(k_ >> (BITS - 1)) - 1) | sb) & fm)); } } while (0)
+/* row_bytes and digests of ctxm and ctx: none (0, None), or whole elements per row and room for
+ * a digest per row of the part's len bytes */
+static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buffer *dg) {
+    if (!dg) return rb == 0;
+    return rb > 0 && rb % isz == 0 && (uintptr_t)dg->buf % 8 == 0 && dg->len / 8 >= (len + rb - 1) / rb;
+}
+
 #define CTX_T(T, BITS) do { \
     const T##_ua *X = (const T##_ua *)xs.buf, *Y = (const T##_ua *)bs.buf; T##_ua *O = (T##_ua *)os.buf; \
     const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
-    const Py_ssize_t L = n / CTX_K; const int nc = 1 << w; \
+    /* sub-parts 0-2 hold L elements each, sub-part 3 the rest; hashing, L is whole rows */ \
+    const Py_ssize_t relem = have_dg ? rb / (Py_ssize_t)sizeof(T) : 1; \
+    const Py_ssize_t L = n / CTX_K / relem * relem; const int nc = 1 << w; \
     for (Py_ssize_t j = 0; j < L; j++) for (int k = 0; k < CTX_K; k++) { T y = Y[k * L + j]; sub[k * nc + CTX_CX(T)]++; } \
     for (Py_ssize_t j = CTX_K * L; j < n; j++) { T y = Y[j]; sub[(CTX_K - 1) * nc + CTX_CX(T)]++; } \
     for (int c = 0; c < nc; c++) { uint64_t h = 0; for (int k = 0; k < CTX_K; k++) h += sub[k * nc + c]; hist[c] = h; } \
     if (!have_ob) { uint64_t run = 0; for (int c = 0; c < nc; c++) { off[c] = run; run += hist[c]; } } \
     for (int c = 0; c < nc; c++) { uint64_t o = off[c]; for (int k = 0; k < CTX_K; k++) { uint64_t h = sub[k * nc + c]; sub[k * nc + c] = o; o += h; } \
         if (hist[c] && (o < off[c] || o > (uint64_t)nsorted)) bad = 1; } \
-    T dbuf[CTX_K][CTX_BLK]; uint16_t cbuf[CTX_K][CTX_BLK]; \
+    T dbuf[CTX_K][CTX_BLK]; uint16_t cbuf[CTX_K][CTX_BLK]; T (*xl)[CTX_BLK] = (T (*)[CTX_BLK])xlb; \
     uint64_t *restrict s0 = sub, *restrict s1 = sub + nc, *restrict s2 = sub + 2 * nc, *restrict s3 = sub + 3 * nc; \
     uint64_t *sk[CTX_K] = {s0, s1, s2, s3}; \
+    rowhash rh[CTX_K]; \
+    for (int k = 0; k < CTX_K; k++) \
+        rowhash_init(&rh[k], have_dg && !inv ? (uint64_t)rb : 0, (uint64_t)((k < CTX_K - 1 ? L : n - (CTX_K - 1) * L) * (Py_ssize_t)sizeof(T)), \
+                     have_dg ? (uint64_t *)dg.buf + (k * L) / relem : NULL, have_dg ? dg.len / 8 - (k * L) / relem : 0); \
     const int vec = sizeof(T) == 2 && ctxm_simd == 1; \
     unsigned hot[CTXM_HOT]; const int nhot = vec ? ctxm_hot(hist, nc, n, hot) : 0; \
     for (Py_ssize_t j0 = 0; j0 < L && !bad; j0 += CTX_BLK) { \
@@ -655,8 +722,10 @@ static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64
         for (int k = 0; k < CTX_K; k++) { const T##_ua *y_ = Y + k * L + j0; \
             for (Py_ssize_t j = 0; j < m; j++) { T y = y_[j]; cbuf[k][j] = CTX_CX(T); } } \
         if (!inv) { \
-            for (int k = 0; k < CTX_K; k++) { const T##_ua *x_ = X + k * L + j0, *y_ = Y + k * L + j0; \
-                for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, x_[j], y_[j], dbuf[k][j]); } \
+            for (int k = 0; k < CTX_K; k++) { const T##_ua *y_ = Y + k * L + j0; \
+                memcpy(xl[k], (const void *)(X + k * L + j0), (size_t)m * sizeof(T)); /* read once: deltas, digests */ \
+                rowhash_feed(&rh[k], xl[k], (size_t)m * sizeof(T)); \
+                for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, xl[k][j], y_[j], dbuf[k][j]); } \
             if (vec) for (int k = 0; k < CTX_K; k++) \
                 ctxs_move16(cbuf[k], (const uint16_t *)dbuf[k], m, sk[k], (uint16_t_ua *)O, hot, nhot); \
             else for (Py_ssize_t j = 0; j < m; j++) { \
@@ -672,9 +741,23 @@ static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64
                 for (Py_ssize_t j = 0; j < m; j++) CTX_DEC(T, BITS, dbuf[k][j], y_[j], o_[j]); } \
         } \
     } \
-    for (Py_ssize_t i = CTX_K * L; i < n && !bad; i++) { T y = Y[i]; \
-        uint64_t p = s3[CTX_CX(T)]++; \
-        if (!inv) CTX_ENC(T, BITS, X[i], y, O[p]); else CTX_DEC(T, BITS, X[p], y, O[i]); } \
+    /* the rest of sub-part 3, [CTX_K * L, n), block by block from its offsets */ \
+    for (Py_ssize_t j0 = CTX_K * L; j0 < n && !bad; j0 += CTX_BLK) { \
+        Py_ssize_t m = n - j0 < CTX_BLK ? n - j0 : CTX_BLK; \
+        if (m < 1) break; \
+        for (Py_ssize_t j = 0; j < m; j++) { T y = Y[j0 + j]; cbuf[0][j] = CTX_CX(T); } \
+        if (!inv) { \
+            memcpy(xl[0], (const void *)(X + j0), (size_t)m * sizeof(T)); \
+            rowhash_feed(&rh[CTX_K - 1], xl[0], (size_t)m * sizeof(T)); \
+            for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, xl[0][j], Y[j0 + j], dbuf[0][j]); \
+            if (vec) ctxs_move16(cbuf[0], (const uint16_t *)dbuf[0], m, s3, (uint16_t_ua *)O, hot, nhot); \
+            else for (Py_ssize_t j = 0; j < m; j++) O[s3[cbuf[0][j]]++] = dbuf[0][j]; \
+        } else { \
+            if (vec) ctxs_gather16(cbuf[0], (uint16_t *)dbuf[0], m, s3, (const uint16_t_ua *)X, hot, nhot); \
+            else for (Py_ssize_t j = 0; j < m; j++) dbuf[0][j] = X[s3[cbuf[0][j]]++]; \
+            for (Py_ssize_t j = 0; j < m; j++) CTX_DEC(T, BITS, dbuf[0][j], Y[j0 + j], O[j0 + j]); \
+        } \
+    } \
 } while (0)
 
 /* four histograms of interleaved elements, so that repeated contexts make four chains of
@@ -704,16 +787,20 @@ static int ctx_hist_c(Py_buffer bs, int isz, int s, int w, uint64_t *hist) {
     return 0;
 }
 
-/* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)
+/* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None, row_bytes=0, digests=None)
  * inverse 0: out = sorted stream of the deltas of x against base; inverse 1: x is the sorted
  * stream, out = the original elements. counts_out (uint64[2^w]) receives the base's histogram.
  * offsets (uint64[2^w]): the sorted positions of the first element of each context of this part
  * of a tensor (base and, encoding, x, or decoding, out are the part; the sorted side is the whole
- * stream); without it the part is the whole tensor. A position beyond the stream is an error. */
+ * stream); without it the part is the whole tensor. A position beyond the stream is an error.
+ * Encoding, with row_bytes (the part starts a row), digests (uint64 per row of the part) gets the
+ * XXH64 of each row of x, of the very bytes whose deltas were sorted (as ctxm's). */
 static PyObject *ctx(PyObject *self, PyObject *args) {
-    Py_buffer xs, bs, os; int isz, op, fl, inv, s, w; PyObject *cnt = Py_None, *offs = Py_None;
-    if (!PyArg_ParseTuple(args, "y*y*w*iiiiii|OO", &xs, &bs, &os, &isz, &op, &fl, &inv, &s, &w, &cnt, &offs)) return NULL;
-    Py_buffer cb, ob; int have_cb = 0, have_ob = 0;
+    Py_buffer xs, bs, os; int isz, op, fl, inv, s, w; PyObject *cnt = Py_None, *offs = Py_None, *dgo = Py_None;
+    Py_ssize_t rb = 0;
+    if (!PyArg_ParseTuple(args, "y*y*w*iiiiii|OOnO", &xs, &bs, &os, &isz, &op, &fl, &inv, &s, &w, &cnt, &offs, &rb, &dgo))
+        return NULL;
+    Py_buffer cb, ob, dg; int have_cb = 0, have_ob = 0, have_dg = 0;
     Py_ssize_t part = inv ? os.len : xs.len, whole = inv ? xs.len : os.len;
     int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && bs.len == part && part % isz == 0 && whole % isz == 0
              && op >= 0 && op <= 1 && w >= 1 && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz
@@ -726,16 +813,22 @@ static PyObject *ctx(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(offs, &ob, PyBUF_C_CONTIGUOUS) < 0) ok = -1;
         else { have_ob = 1; ok = ob.len >= (Py_ssize_t)(sizeof(uint64_t) << w); }
     }
-    uint64_t *hist = NULL, *off = NULL, *sub = NULL;
+    if (ok == 1 && dgo != Py_None) {
+        if (PyObject_GetBuffer(dgo, &dg, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) ok = -1;
+        else have_dg = 1;
+    }
+    if (ok == 1) ok = rowhash_args_ok(rb, isz, part, have_dg ? &dg : NULL) && !(inv && have_dg);
+    uint64_t *hist = NULL, *off = NULL, *sub = NULL; void *xlb = NULL;
     if (ok == 1) {
         hist = calloc((size_t)1 << w, sizeof(uint64_t)); off = malloc(sizeof(uint64_t) << w);
-        sub = calloc((size_t)CTX_K << w, sizeof(uint64_t));
-        if (!hist || !off || !sub) ok = -2;
+        sub = calloc((size_t)CTX_K << w, sizeof(uint64_t)); xlb = malloc(CTX_K * CTX_BLK * sizeof(uint64_t));
+        if (!hist || !off || !sub || !xlb) ok = -2;
     }
     if (ok != 1) {
-        free(hist); free(off); free(sub);
+        free(hist); free(off); free(sub); free(xlb);
         if (have_cb) PyBuffer_Release(&cb);
         if (have_ob) PyBuffer_Release(&ob);
+        if (have_dg) PyBuffer_Release(&dg);
         PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
         if (ok == -2) return PyErr_NoMemory();
         if (ok == 0) PyErr_SetString(PyExc_ValueError, "bad arguments");
@@ -752,9 +845,10 @@ static PyObject *ctx(PyObject *self, PyObject *args) {
     }
     if (have_cb) memcpy(cb.buf, hist, sizeof(uint64_t) << w);
     Py_END_ALLOW_THREADS
-    free(hist); free(off); free(sub);
+    free(hist); free(off); free(sub); free(xlb);
     if (have_cb) PyBuffer_Release(&cb);
     if (have_ob) PyBuffer_Release(&ob);
+    if (have_dg) PyBuffer_Release(&dg);
     PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
     if (bad) { PyErr_SetString(PyExc_ValueError, "context offsets beyond the sorted stream"); return NULL; }
     Py_RETURN_NONE;
@@ -1010,11 +1104,13 @@ static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {
 #define CTXM_T(T, BITS, GROUP) do { \
     const T##_ua *X = (const T##_ua *)xs.buf, *Y = (const T##_ua *)bs.buf; T##_ua *V = (T##_ua *)vs.buf; \
     const T sb = (T)1 << (BITS - 1); const T cm = (T)((1u << w) - 1); const T fm = fl ? (T)~(T)0 : (T)0; \
-    T cb[CTX_BLK], db[CTX_BLK]; \
+    T cb[CTX_BLK], db[CTX_BLK], xl[CTX_BLK]; \
     for (Py_ssize_t j0 = 0; j0 < n && !bad; j0 += CTX_BLK) { \
         Py_ssize_t m = n - j0 < CTX_BLK ? n - j0 : CTX_BLK; \
+        memcpy(xl, (const void *)(X + j0), (size_t)m * sizeof(T)); /* read once: the deltas and the digests */ \
+        rowhash_feed(&rh, xl, (size_t)m * sizeof(T)); \
         for (Py_ssize_t j = 0; j < m; j++) { T y = Y[j0 + j]; cb[j] = (T)((y >> s) & cm); } \
-        for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, X[j0 + j], Y[j0 + j], db[j]); \
+        for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, xl[j], Y[j0 + j], db[j]); \
         GROUP; \
         if ((j0 + m) % CTXM_CHECK == 0 || j0 + m == n) \
             for (int c = 0; c < nc; c++) bad |= pos[c] > end[c]; \
@@ -1041,21 +1137,35 @@ static int ctxm_args_ok(int isz, int op, int s, int w, Py_ssize_t nsorted, Py_ss
     return tot == (uint64_t)(plen / isz);
 }
 
-/* ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts)
+/* ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None)
  * Moves the part (x, base: its elements in natural order) as above: offsets (uint64[2^w]) its
  * first sorted position per context, counts (uint64[2^w]) its elements per context; bitmap
- * (uint64 words, zeroed) and vals (elements) cover nsorted positions plus CTXM_SLACK. */
+ * (uint64 words, zeroed) and vals (elements) cover nsorted positions plus CTXM_SLACK. With
+ * row_bytes (a multiple of itemsize; the part starts a row), digests (uint64 per row of the part)
+ * gets the XXH64 of each row of x, of the very bytes whose deltas were moved. */
 static PyObject *ctxm(PyObject *self, PyObject *args) {
-    Py_buffer xs, bs, Ws, vs, ob, cbf; int isz, op, fl, s, w; Py_ssize_t nsorted;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*iiiiiny*y*", &xs, &bs, &Ws, &vs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf))
+    Py_buffer xs, bs, Ws, vs, ob, cbf, dg; int isz, op, fl, s, w; Py_ssize_t nsorted, rb = 0; PyObject *dgo = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*iiiiiny*y*|nO", &xs, &bs, &Ws, &vs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf,
+                          &rb, &dgo))
         return NULL;
-    int ok = xs.len == bs.len && ctxm_args_ok(isz, op, s, w, nsorted, xs.len, &Ws, &vs, &ob, &cbf, xs.buf, bs.buf);
+    int have_dg = 0;
+    if (dgo != Py_None) {
+        if (PyObject_GetBuffer(dgo, &dg, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
+            PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+            return NULL;
+        }
+        have_dg = 1;
+    }
+    int ok = xs.len == bs.len && ctxm_args_ok(isz, op, s, w, nsorted, xs.len, &Ws, &vs, &ob, &cbf, xs.buf, bs.buf)
+             && rowhash_args_ok(rb, isz, xs.len, have_dg ? &dg : NULL);
     Py_ssize_t n = ok ? xs.len / isz : 0; int nc = ok ? 1 << w : 0;
     uint64_t *st = NULL;
     if (ok && !(st = malloc(5 * sizeof(uint64_t) << w))) ok = -1;
     if (ok != 1) {
         PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
         PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+        if (have_dg) PyBuffer_Release(&dg);
         if (ok < 0) return PyErr_NoMemory();
         PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
     }
@@ -1068,6 +1178,8 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
         end[c] = bst[c] + ((const uint64_t *)cbf.buf)[c];
     }
     unsigned hot[CTXM_HOT]; int nhot = ctxm_hot(cbf.buf, nc, n, hot);
+    rowhash rh;
+    rowhash_init(&rh, have_dg ? (uint64_t)rb : 0, (uint64_t)xs.len, have_dg ? dg.buf : NULL, have_dg ? dg.len / 8 : 0);
     switch (isz) {
         case 1: CTXM_T(uint8_t, 8, CTXM_SCALAR(uint8_t)); break;
 #ifdef CTXM_HAVE_SIMD
@@ -1088,6 +1200,7 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
     free(st);
     PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
     PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+    if (have_dg) PyBuffer_Release(&dg);
     if (bad) { PyErr_SetString(PyExc_ValueError, "the base's contexts do not match their counts (did the base change?)"); return NULL; }
     Py_RETURN_NONE;
 }
@@ -1401,9 +1514,21 @@ static int enc_run(encjob *j) {
     uint32_t *pt = NULL;
     if (j->huff && maxunit) { hs = malloc(2 * (size_t)maxunit + 256); oom |= !hs; pt = malloc(HUF_PAIRS * sizeof(uint32_t)); }
     const uint8_t *S = j->dsrc.buf;
-    for (Py_ssize_t r = j->d0; r < j->d1 && !oom; r++) {
+    uint64_t *D = j->dig.buf;
+    /* Units that are the digest rows themselves (every tensor but a context-sorted one, whose
+     * digests its sort took) are read once, into the arena or a copy, and the digest and the
+     * coding both taken from that: another thread changing the tensor meanwhile can never make a
+     * row's digest disagree with its coded bytes. */
+    int rowwise = kind != 4 && j->U == j->d1 - j->d0 && S == (const uint8_t *)j->src.buf && j->dsrc.len == j->src.len;
+    for (Py_ssize_t u = 0; rowwise && u < j->U; u++) {
+        Py_ssize_t a = (j->d0 + u) * j->drb, b = j->src.len - a < j->drb ? j->src.len : a + j->drb;
+        rowwise = B[u] == a && B[u + 1] == b;
+    }
+    uint8_t *xr = NULL;
+    if (rowwise && !(kind == 0 && op < 0) && maxunit) { xr = malloc(maxunit); oom |= !xr; }
+    for (Py_ssize_t r = j->d0; r < j->d1 && !oom && !rowwise; r++) {
         Py_ssize_t a = r * j->drb, len = j->dsrc.len - a < j->drb ? j->dsrc.len - a : j->drb;
-        ((uint64_t *)j->dig.buf)[r - j->d0] = xxh64(S + a, (size_t)len, 0);
+        D[r - j->d0] = xxh64(S + a, (size_t)len, 0);
     }
     uint8_t *A = j->arena.buf; int64_t *R = j->rec.buf;
     for (Py_ssize_t u = 0; u < j->U && !oom; u++) {
@@ -1412,10 +1537,16 @@ static int enc_run(encjob *j) {
         const uint8_t *bp = j->have_base ? (const uint8_t *)j->base.buf + a : NULL;
         uint8_t *pl[MAXP + 1]; Py_ssize_t plen[MAXP + 1];
         ((int64_t *)j->nz.buf)[u] = 0;
+        if (rowwise && xr) {
+            if (len) memcpy(xr, x, (size_t)len);
+            D[u] = xxh64(xr, (size_t)len, 0);
+            x = xr;
+        } else if (rowwise && kind != 0) D[u] = xxh64(x, (size_t)len, 0);     /* (only empty units here) */
         if (kind == 0) {
             pl[0] = A + pos; plen[0] = len;
             if (op >= 0) delta_c(x, bp, pl[0], n, isz, op, fl, 0);
             else if (len) memcpy(pl[0], x, len);
+            if (rowwise && !xr) D[u] = xxh64(pl[0], (size_t)len, 0);
             pos += len;
         } else {
             if (op >= 0) { delta_c(x, bp, tmp, n, isz, op, fl, 0); x = tmp; }
@@ -1448,7 +1579,7 @@ static int enc_run(encjob *j) {
             r[0] = 2;
         }
     }
-    free(tmp); free(hs); free(pt);
+    free(tmp); free(hs); free(pt); free(xr);
     j->used = pos;
     return oom ? -1 : lied ? -2 : 0;
 }
@@ -2325,10 +2456,10 @@ static PyMethodDef methods[] = {
     {"split", split, METH_VARARGS, "split(src, itemsize, exp_bits, man_bits, planes)"},
     {"merge", merge, METH_VARARGS, "merge(planes, itemsize, exp_bits, man_bits, out)"},
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
-    {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None)"},
+    {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None, row_bytes=0, digests=None)"},
     {"unit_hist", unit_hist, METH_VARARGS, "unit_hist(src, itemsize, units, masked, hist_out, nnz_out): byte histograms per unit of elements"},
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
-    {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
+    {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None)"},
     {"ctxm_cum", ctxm_cum, METH_VARARGS, "ctxm_cum(bitmap, nsorted, cum)"},
     {"ctxm_inverse", ctxm_inverse, METH_VARARGS, "ctxm_inverse(base, out, bitmap, vals, cum, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
     {"ctxm_simd", py_ctxm_simd, METH_VARARGS, "ctxm_simd(flag=-1) -> 1 when the AVX-512 ctxm move is on; 0/1 turns it off/on"},

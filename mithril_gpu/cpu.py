@@ -123,33 +123,44 @@ CTX_PARALLEL_BYTES = 8 << 20     # a context sort of a larger tensor is split ac
 
 
 def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarray, s: int, w: int,
-              inverse: bool, counts: np.ndarray | None = None, threads: int = 1) -> None:
+              inverse: bool, counts: np.ndarray | None = None, threads: int = 1,
+              row_bytes: int = 0) -> np.ndarray | None:
     """Context-sorted delta (ctxdelta.py): ``out`` = the sorted stream of ``x``'s deltas, or with
     ``inverse`` the original elements from the sorted stream ``x``. ``counts`` (uint64[2^w]) gets
     the elements per context. With ``threads`` > 1 a large tensor is cut into parts sorted in
     parallel (a histogram per part, then each part moves its elements from its own offsets: the
-    same counting sort, the same bytes)."""
+    same counting sort, the same bytes). Encoding with ``row_bytes``, returns the row digests of
+    ``x`` (uint64 per row of that many bytes) taken from the very bytes sorted (see
+    :func:`row_digests_of_sort`); else None."""
     if _accel is not None and hasattr(_accel, "ctx_hist"):
         isz, opi, fl = dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
-        if _ctx_nparts(base.size, threads) <= 1:
-            _accel.ctx(x, base, out, isz, opi, fl, int(inverse), s, w, counts)
-            return
+        rb = row_bytes if not inverse else 0
+        digs = np.empty(-(-base.size // rb) if rb else 0, np.uint64)
+        if _ctx_nparts(base.size, threads, rb) <= 1:
+            _accel.ctx(x, base, out, isz, opi, fl, int(inverse), s, w, counts, None, rb, digs if rb else None)
+            return digs if rb else None
 
         def move(a, b, offs, hist):
             if inverse:
                 _accel.ctx(x, base[a:b], out[a:b], isz, opi, fl, 1, s, w, None, offs.copy())
             else:
-                _accel.ctx(x[a:b], base[a:b], out, isz, opi, fl, 0, s, w, None, offs.copy())
-        _, total, _ = _ctx_parts(base, isz, s, w, threads, move)
+                _accel.ctx(x[a:b], base[a:b], out, isz, opi, fl, 0, s, w, None, offs.copy(),
+                           rb, digs[a // rb:-(-b // rb)] if rb else None)
+        _, total, _ = _ctx_parts(base, isz, s, w, threads, move, rb)
         if counts is not None:
             counts[...] = total
-        return
+        return digs if rb else None
     if inverse:
         ctxdelta.decode(op, dt, x, base, s, w, out)
-    else:
-        out[...] = ctxdelta.encode(op, dt, x, base, s, w)
+        return None
+    if row_bytes:       # one read of x: the digests and the deltas from the same copy
+        x = np.array(x, copy=True)
+    out[...] = ctxdelta.encode(op, dt, x, base, s, w)
     if counts is not None:
         counts[...] = ctxdelta.counts(dt, base, s, w)
+    if row_bytes:
+        return np.array([checksum.row_digest(x[a:a + row_bytes]) for a in range(0, x.size, row_bytes)], np.uint64)
+    return None
 
 
 def ctxm_available() -> bool:
@@ -161,23 +172,28 @@ CTXM = True                  # False: masked context-sorted deltas are sorted in
 
 
 def ctxm_prepare(op: str, dt: DType, x: np.ndarray, base: np.ndarray, s: int, w: int, threads: int = 1,
-                 get=None) -> tuple:
+                 get=None, row_bytes: int = 0) -> tuple:
     """The tables ``encode_units`` kind 4 cuts masked segments of the sorted stream from, without
-    the stream (``_accel.ctxm``): (bitmap words, packed values, cum, block starts + [n], counts).
-    ``get(nbytes)`` gives uint8 buffers (a pool's); parts of a large tensor move in parallel."""
+    the stream (``_accel.ctxm``): (bitmap words, packed values, cum, block starts + [n], counts,
+    row digests of ``x`` or None). ``get(nbytes)`` gives uint8 buffers (a pool's); parts of a
+    large tensor move in parallel. With ``row_bytes``, the row digests are taken from the very
+    bytes moved."""
     isz = dt.itemsize
     n = base.size // isz
     bitmap, vals, cum = ctxm_tables(dt, n, get)
     opi, fl = delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
+    rb = row_bytes
+    digs = np.empty(-(-base.size // rb) if rb else 0, np.uint64)
 
     def move(a, b, offs, hist):
-        _accel.ctxm(x[a:b], base[a:b], bitmap, vals, isz, opi, fl, s, w, n, offs, hist)
+        _accel.ctxm(x[a:b], base[a:b], bitmap, vals, isz, opi, fl, s, w, n, offs, hist,
+                    rb, digs[a // rb:-(-b // rb)] if rb else None)
 
-    hists, total, offs = _ctx_parts(base, isz, s, w, threads, move)
+    hists, total, offs = _ctx_parts(base, isz, s, w, threads, move, rb)
     _accel.ctxm_cum(bitmap, n, cum)
     starts = offs.T[hists.T > 0]            # (context, part) order: ascending sorted positions
     blocks = np.concatenate([starts, np.array([n], np.uint64)]).astype(np.uint64)
-    return bitmap, vals, cum, blocks, total
+    return bitmap, vals, cum, blocks, total, digs if rb else None
 
 
 def ctxm_tables(dt: DType, n: int, get=None) -> tuple:
@@ -202,18 +218,25 @@ def ctxm_unsort(op: str, dt: DType, bitmap: np.ndarray, vals: np.ndarray, cum: n
     _ctx_parts(base, isz, s, w, threads, move)
 
 
-def _ctx_nparts(nbytes: int, threads: int) -> int:
-    """Parts a context sort of ``nbytes`` is cut into: one per thread, each of CTX_PARALLEL_BYTES / 2 or more."""
-    return min(threads, max(1, nbytes // (CTX_PARALLEL_BYTES // 2)))
+def _ctx_nparts(nbytes: int, threads: int, row_bytes: int = 0) -> int:
+    """Parts a context sort of ``nbytes`` is cut into: one per thread, each of CTX_PARALLEL_BYTES / 2
+    or more (and, with ``row_bytes``, a whole number of rows: at most one part per row)."""
+    parts = min(threads, max(1, nbytes // (CTX_PARALLEL_BYTES // 2)))
+    return min(parts, max(1, -(-nbytes // row_bytes))) if row_bytes else parts
 
 
-def _ctx_parts(base: np.ndarray, isz: int, s: int, w: int, threads: int, move) -> tuple:
-    """Cut ``base`` into parts (one per thread for a large tensor), histogram each part's
-    contexts, then ``move(a, b, offsets, hist)`` each part [a, b) (bytes), in parallel; returns
-    (hists, counts per context, offsets per part)."""
+def _ctx_parts(base: np.ndarray, isz: int, s: int, w: int, threads: int, move, row_bytes: int = 0) -> tuple:
+    """Cut ``base`` into parts (one per thread for a large tensor; with ``row_bytes``, at row
+    boundaries, so that each row is hashed by one part), histogram each part's contexts, then
+    ``move(a, b, offsets, hist)`` each part [a, b) (bytes), in parallel; returns (hists, counts
+    per context, offsets per part). Where the parts are cut does not change the sorted order."""
     n = base.size // isz
-    parts = _ctx_nparts(base.size, threads)
-    cuts = [n * p // parts * isz for p in range(parts + 1)]
+    parts = _ctx_nparts(base.size, threads, row_bytes)
+    if row_bytes:
+        rows = -(-base.size // row_bytes)
+        cuts = [min(base.size, rows * p // parts * row_bytes) for p in range(parts + 1)]
+    else:
+        cuts = [n * p // parts * isz for p in range(parts + 1)]
     hists = np.zeros((parts, 1 << w), np.uint64)
 
     def hist(p):
@@ -250,17 +273,19 @@ def _prepare_ctx(item) -> None:
     """Sort a context-sorted delta item's deltas once, and cut the stream into segments (or, for a
     masked item on the fused path, build ctxm's tables instead of the stream)."""
     s, w = item.ctx
+    rb = item.chunk_elems * item.dtype.itemsize
     if item.transform == "masked" and item.ctx_fused and ctxm_available():
         pool = item.stream_pool
-        item.ctx_m = ctxm_prepare(item.delta_op, item.dtype, item.data, item.base, s, w, item.ctx_threads,
-                                  pool.get if pool is not None else None)
+        tables = ctxm_prepare(item.delta_op, item.dtype, item.data, item.base, s, w, item.ctx_threads,
+                              pool.get if pool is not None else None, rb)
+        item.ctx_m, item.ctx_digests = tables[:5], tables[5]
         item.ctx_rows = ctxdelta.segments(item.ctx_m[4], item.chunk_elems)
         item.segs = [n for row in item.ctx_rows for n in row]
         return
     t = item.stream_pool.get(item.nbytes) if item.stream_pool is not None else np.empty(item.nbytes, np.uint8)
     cnt = np.zeros(1 << w, np.uint64)
-    ctx_apply(item.delta_op, item.dtype, item.data, item.base, t, s, w, inverse=False, counts=cnt,
-              threads=item.ctx_threads)
+    item.ctx_digests = ctx_apply(item.delta_op, item.dtype, item.data, item.base, t, s, w, inverse=False,
+                                 counts=cnt, threads=item.ctx_threads, row_bytes=rb)
     item.ctx_rows = ctxdelta.segments(cnt, item.chunk_elems)
     item.segs = [n for row in item.ctx_rows for n in row]
     item.ctx_stream = t
@@ -323,6 +348,7 @@ class EncodeItem:
     ctx_rows: list | None = None     # the same, per chunk_elems block of the sorted stream
     ctx_stream: np.ndarray | None = None   # the sorted stream of deltas, while encoding
     ctx_m: tuple | None = None       # or, masked on the fused path, ctxm_prepare's tables
+    ctx_digests: np.ndarray | None = None   # the row digests the sort took from the bytes it sorted
     ctx_threads: int = 1             # threads for sorting it
     ctx_fused: bool = False          # it is encoded by the fused path (which can take ctx_m)
     stream_pool: object = None       # a BufferPool the sorted stream's buffer comes from (and goes back to)
@@ -356,18 +382,18 @@ def _encode_rows(item: EncodeItem, row0: int, row1: int, coder: codecs.ChunkCode
         held.append(buf)
         return buf
 
-    if item.ctx is not None:           # rows of the original for digests, segments of the sorted stream for chunks
+    if item.ctx is not None:           # the sort's row digests, segments of the sorted stream for chunks
+        digests.extend(int(d) for d in item.ctx_digests[row0:row1])
         for r in range(row0, row1):
-            a, b = r * rb, min((r + 1) * rb, item.nbytes)
-            digests.append(checksum.row_digest(item.data[a:b]))
-            pos = a
+            pos = r * rb
             for n in item.ctx_rows[r]:
                 _encode_unit(item, item.ctx_stream[pos:pos + n * isz], coder, take, out, nnzs, widths)
                 pos += n * isz
         return digests, out, held, nnzs
     for r in range(row0, row1):
         a, b = r * rb, min((r + 1) * rb, item.nbytes)
-        seg = item.data[a:b]
+        seg = take(b - a)               # one read of the row: its digest and its coding from this copy
+        seg[...] = item.data[a:b]
         digests.append(checksum.row_digest(seg))
         if item.delta_op is not None:
             d = take(b - a)
@@ -432,12 +458,13 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
         rec = np.empty((U * nplanes, 3), np.int64)
         nnz = np.zeros(U, np.int64)
         digs = np.empty(r1 - r0, np.uint64)
-        calls.append((src, bounds, it.data, rb, r0, r1, base, isz, kind, e, m, op, int(delta_ref.is_float(dt)), huff,
+        d1 = r0 if it.ctx is not None else r1       # a context-sorted item's digests: its sort's
+        calls.append((src, bounds, it.data, rb, r0, d1, base, isz, kind, e, m, op, int(delta_ref.is_float(dt)), huff,
                       codecs.STORE_ENTROPY_BITS, codecs._SAMPLE, arena, rec, nnz, digs)
                      + (((it.ctx_m[0], it.ctx_m[2], it.ctx_m[3]),) if kind == 4 else ()))
     _accel.encode_many(calls)          # the whole job with one release of the GIL
     aviews = []                        # planes of delta entries still to be zstd-coded: ans candidates
-    for c, (i, _, _) in zip(calls, job):
+    for c, (i, r0, r1) in zip(calls, job):
         arena, rec, nnz, digs = c[16:20]
         mv = memoryview(arena)
         recs = rec.tolist()
@@ -446,6 +473,7 @@ def _encode_job_fused(items: list, job, coder: codecs.ChunkCoder, pool: BufferPo
                 zviews.append(mv[off:off + n])
                 if items[i].delta_op is not None:
                     aviews.append(mv[off:off + n])
+        digs = items[i].ctx_digests[r0:r1] if items[i].ctx is not None else digs
         segs.append((digs.tolist(), recs, mv, nnz.tolist() if c[8] >= 3 else [], items[i].delta_op is not None))
     if aviews and codecs.ans_enabled():    # as ChunkCoder.encode(use_ans=True): one C call for the job's planes
         aarena = pool.get(sum(len(v) for v in aviews))
@@ -602,6 +630,7 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
                 if items[i].ctx_m is not None:
                     streams.put(items[i].ctx_m[:3])
                 items[i].data = items[i].base = items[i].ctx_stream = items[i].ctx_m = items[i].stream_pool = None
+                items[i].ctx_digests = None
                 if items[i].on_done is not None:
                     items[i].on_done()
 

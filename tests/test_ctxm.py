@@ -103,7 +103,7 @@ def _tables(n=10_000, w=8):
 
 def test_the_tables_agree_with_the_sorted_stream():
     dt, x, b = _tables()
-    bitmap, vals, cum, blocks, total = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8, threads=3)
+    bitmap, vals, cum, blocks, total, _ = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8, threads=3)
     ref = ctxdelta.encode("zigzag", dt, x, b, 7, 8).view("<u2")
     assert (total == ctxdelta.counts(dt, b, 7, 8)).all()
     bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:ref.size]
@@ -138,7 +138,7 @@ def test_counts_that_do_not_match_the_base_are_refused():
 
 def test_bad_kind4_tables_are_refused():
     dt, x, b = _tables(1000)
-    bitmap, vals, cum, blocks, total = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8)
+    bitmap, vals, cum, blocks, total, _ = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8)
     n = b.size // 2
 
     def call(bounds, blk, wmap=bitmap):
@@ -251,7 +251,7 @@ def test_hostile_tables_are_refused_not_followed():
     with pytest.raises(ValueError, match="bad arguments"):
         cpu._accel.ctxm(x[:8], b[:8], np.zeros(4, np.uint64), np.zeros(32, np.uint8), 2, 0, 0, 0, 4, 2 ** 63 - 1,
                         np.full(16, 2 ** 40, np.uint64), np.array([4] + [0] * 15, np.uint64))
-    bitmap, vals, cum, blocks, total = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8)
+    bitmap, vals, cum, blocks, total, _ = cpu.ctxm_prepare("zigzag", dt, x, b, 7, 8)
     lying = np.full_like(cum, 10 ** 6)
     lying[0] = 0
     arena = np.empty(4 * n, np.uint8)
