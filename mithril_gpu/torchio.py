@@ -21,16 +21,27 @@ def is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def check_storable(t) -> None:
+    """Raise :class:`UnsupportedValueError` for a tensor whose bytes cannot be stored as they are:
+    sparse or other non-strided layouts, quantized tensors, and tensors on the meta device (which
+    have no data)."""
+    import torch
+
+    if t.layout != torch.strided:
+        raise UnsupportedValueError(f"cannot store a {t.layout} tensor: convert it to dense first")
+    if t.is_quantized:
+        raise UnsupportedValueError("cannot store a quantized tensor")
+    if t.device.type == "meta":
+        raise UnsupportedValueError("cannot store a tensor on the meta device: it has no data")
+
+
 def tensor_u8(t):
     """A tensor's little-endian bytes as a flat uint8 torch tensor on its own device (a copy only
     if it is not contiguous or has a lazy conjugate/negation bit). The caller's tensor is never
     written to."""
     import torch
 
-    if t.layout != torch.strided:
-        raise UnsupportedValueError(f"cannot store a {t.layout} tensor: convert it to dense first")
-    if t.is_quantized or t.device.type == "meta":
-        raise UnsupportedValueError(f"cannot store a {'quantized' if t.is_quantized else 'meta'} tensor")
+    check_storable(t)
     t = t.detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
@@ -53,6 +64,7 @@ def source_for(t):
     """Bytes of a tensor, or a callable that fetches them later (device tensors: one at a time)."""
     if t.device.type == "cpu":
         return tensor_bytes(t)
+    check_storable(t)               # before anything is written, not when its turn comes
     return lambda: tensor_bytes(t.detach().to("cpu"))
 
 

@@ -1,11 +1,13 @@
 """Bit-exact round trips through save/load/open: every dtype, odd shapes, nests, real weights."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import mithril_gpu
-from conftest import ALL_DTYPES, assert_same, bits, random_tensor
+from conftest import ALL_DTYPES, assert_same, bits, random_tensor, subprocess_env
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -140,7 +142,20 @@ def test_unsupported_values_are_refused_with_the_path(tmp_path):
         mithril_gpu.save({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x.mth")
     with pytest.raises(mithril_gpu.UnsupportedValueError, match="sparse"):
         mithril_gpu.save({"s": torch.eye(3).to_sparse()}, tmp_path / "x.mth")
+    with pytest.raises(mithril_gpu.UnsupportedValueError, match="meta device"):     # was NotImplementedError
+        mithril_gpu.save({"a": torch.ones(2), "m": torch.empty(3, device="meta")}, tmp_path / "x.mth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torch_file_with_meta_tensors_is_refused_in_one_line(tmp_path):
+    """A model built on the meta device and saved by mistake: ``mithril compress`` says so in
+    one line (it printed a traceback), and writes nothing."""
+    torch.save({"w": torch.empty(2, 3, device="meta")}, tmp_path / "m.pt")
+    p = subprocess.run([sys.executable, "-m", "mithril_gpu.cli", "compress", str(tmp_path / "m.pt"),
+                        str(tmp_path / "m.mth")], capture_output=True, text=True, env=subprocess_env())
+    assert p.returncode == 1 and "meta device" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.mth").exists()
 
 
 def test_load_to_other_device_string_is_checked(tmp_path):
