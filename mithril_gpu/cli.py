@@ -82,8 +82,11 @@ def _check_base(a) -> None:
 
 
 def _check_paths(a) -> None:
-    """IN and OUT of a file command: not the same file, OUT not a directory, OUT not replaced
-    without --force."""
+    """IN and OUT of a file command: IN a regular file, not the same file as OUT, OUT not a
+    directory, OUT not replaced without --force."""
+    if os.path.exists(a.input) and not stat.S_ISREG(os.stat(a.input).st_mode):
+        raise MithrilError(f"IN ({short(a.input)}) is not a regular file (a pipe, a device or a socket): mithril "
+                           f"reads its input more than once; save it to a file first")
     if os.path.exists(a.output) and os.path.exists(a.input) and os.path.samefile(a.input, a.output):
         raise MithrilError(f"IN and OUT are the same file ({short(a.input)}): write the output under another name")
     if os.path.isdir(a.output):

@@ -46,6 +46,14 @@ class MthFile:
         self.threads = threads or default_threads()
         self._mm = None
         try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {self.path}") from None
+        if not stat.S_ISREG(st.st_mode):    # (opening a FIFO would wait for a writer; a file is read by seeking)
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, a device or a socket"
+            raise NotMithrilFileError(f"{short(self.path)} is not a regular file ({kind}): a .mth file is read "
+                                      f"by seeking in it")
+        try:
             self._fh = open(self.path, "rb")
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {self.path}") from None

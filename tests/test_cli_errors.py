@@ -277,3 +277,29 @@ def test_safetensors_headers_a_mth_index_cannot_hold_are_refused(tmp_path, heade
     src = _safetensors(tmp_path / "in.safetensors", header)
     assert words in assert_one_line_error(run("compress", src, tmp_path / "o.mth"))
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("cmd", ["compress", "decompress", "info", "verify"])
+def test_a_pipe_as_input_is_refused_at_once(tmp_path, cmd):
+    """As gzip and zstd do: a FIFO nobody writes to used to hang the command (opening it waits for
+    a writer), and a pipe with data gave misleading errors ("too short to be a safetensors file")."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    args = [cmd, fifo] + ([tmp_path / "out"] if cmd in ("compress", "decompress") else [])
+    err = assert_one_line_error(run(*args, timeout=60))
+    assert "not a regular file" in err
+    assert sorted(os.listdir(tmp_path)) == ["in.fifo"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_loading_a_pipe_or_a_folder_is_a_typed_error(tmp_path):
+    os.mkfifo(tmp_path / "f")
+    code = ("import sys, mithril_gpu\n"
+            "try:\n    mithril_gpu.load(sys.argv[1])\n"
+            "except mithril_gpu.NotMithrilFileError as e:\n    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=60)        # (it waited for a writer: a timeout here)
+    assert "is not a regular file (a pipe" in p.stdout, p.stderr
+    with pytest.raises(mithril_gpu.NotMithrilFileError, match="folder"):
+        mithril_gpu.load(tmp_path)                     # (an IsADirectoryError from open)
