@@ -11,7 +11,7 @@ import tempfile
 from . import codecs, container
 from .container import Index, TensorEntry
 from .cpu import EncodeItem, encode_all
-from .errors import short
+from .errors import MithrilError, short
 
 WRITER_NAME = "mithril-gpu 0.1.0"
 
@@ -317,6 +317,15 @@ class AtomicFile:
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             raise IsADirectoryError(f"{self.path} is a directory")
+        try:
+            st = os.stat(self.path)
+        except (OSError, ValueError):
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            # a device or a FIFO would be replaced by a regular file (as root, /dev/null itself)
+            raise MithrilError(f"{short(self.path)} is not a regular file (a device, a pipe or a socket): mithril "
+                               f"replaces its output atomically, by renaming a finished file over it; write to a "
+                               f"file instead")
         self._dir = os.path.dirname(os.path.abspath(self.path))
         remove_stale_temps(self._dir)
         release_cache([self.path])

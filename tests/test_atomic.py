@@ -83,3 +83,25 @@ def test_stale_temp_files_are_removed_by_the_next_save_but_live_ones_are_not(tmp
         live.wait()
     mithril_gpu.save({"x": torch.ones(3)}, tmp_path / "third.mth")
     assert temps() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_device_or_a_pipe_is_never_replaced_by_a_file(tmp_path):
+    """The atomic rename would put a regular file in the place of a FIFO or a device node: as
+    root, ``mithril compress x /dev/null -f`` (a way to time a compression) replaced /dev/null
+    itself. Such targets are refused before anything is written."""
+    import stat as stat_mod
+
+    targets = [tmp_path / "pipe"]
+    os.mkfifo(targets[0])
+    if os.geteuid() == 0:                                  # a null device of our own (mknod needs root)
+        os.mknod(tmp_path / "null", 0o644 | stat_mod.S_IFCHR, os.makedev(1, 3))
+        targets.append(tmp_path / "null")
+    for t in targets:
+        with pytest.raises(mithril_gpu.MithrilError, match="not a regular file"):
+            mithril_gpu.save({"a": torch.ones(3)}, t)
+        assert not stat_mod.S_ISREG(os.lstat(t).st_mode)
+    (tmp_path / "link").symlink_to(targets[-1])
+    with pytest.raises(mithril_gpu.MithrilError, match="not a regular file"):
+        mithril_gpu.save({"a": torch.ones(3)}, tmp_path / "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([t.name for t in targets] + ["link"])
