@@ -693,7 +693,7 @@ static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64
  * a digest per row of the part's len bytes */
 static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buffer *dg) {
     if (!dg) return rb == 0;
-    return rb > 0 && rb % isz == 0 && (uintptr_t)dg->buf % 8 == 0 && dg->len / 8 >= (len + rb - 1) / rb;
+    return rb > 0 && rb % isz == 0 && (uintptr_t)dg->buf % 8 == 0 && dg->len / 8 >= len / rb + (len % rb != 0);
 }
 
 #define CTX_T(T, BITS) do { \
@@ -744,7 +744,7 @@ static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buff
     /* the rest of sub-part 3, [CTX_K * L, n), block by block from its offsets */ \
     for (Py_ssize_t j0 = CTX_K * L; j0 < n && !bad; j0 += CTX_BLK) { \
         Py_ssize_t m = n - j0 < CTX_BLK ? n - j0 : CTX_BLK; \
-        if (m < 1) break; \
+        if (m < 1) break;          /* (never: tells GCC the memcpy below has a sane size) */ \
         for (Py_ssize_t j = 0; j < m; j++) { T y = Y[j0 + j]; cbuf[0][j] = CTX_CX(T); } \
         if (!inv) { \
             memcpy(xl[0], (const void *)(X + j0), (size_t)m * sizeof(T)); \
@@ -1487,7 +1487,8 @@ static int enc_parse(PyObject *args, encjob *j) {
             || j->P > MAXP + 1 || j->op < -1 || j->op > 1 || (j->op >= 0) != j->have_base
             || (j->have_base && j->base.len != j->src.len)
             || j->sample < 1 || j->drb < 1 || j->d0 < 0 || j->d1 < j->d0 || (j->d1 > j->d0 && (j->d1 - 1) * j->drb >= j->dsrc.len)
-            || j->rec.len < (Py_ssize_t)(j->U * j->P * 3 * 8) || j->nz.len < j->U * 8 || j->dig.len < (j->d1 - j->d0) * 8)
+            || j->rec.len < (Py_ssize_t)(j->U * j->P * 3 * 8) || j->nz.len < j->U * 8 || j->dig.len < (j->d1 - j->d0) * 8
+            || (uintptr_t)j->rec.buf % 8 || (uintptr_t)j->nz.buf % 8 || (uintptr_t)j->dig.buf % 8)
         err = "bad arguments";
     else if (kind == 4 && ctxm_check(j) < 0) err = "bad sorted-stream tables";
     else if (j->U > 0 && check_bounds(B, j->U, kind == 4 ? j->csorted * isz : j->src.len, isz, &j->maxunit) < 0)

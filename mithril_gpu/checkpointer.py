@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures.thread  # noqa: F401  (imported before _at_exit is registered: see there)
+import errno
 import os
 import re
 import sys
@@ -89,6 +90,13 @@ class Checkpointer:
     critical path; the next save, :meth:`wait`, :meth:`close` and interpreter exit wait for it.
     A save also asks the kernel to drop the cached pages of the files it will prune, as it
     starts (see ``writer.release_cache``).
+
+    Saves into one folder take turns, across processes and Checkpointers: each holds an advisory
+    lock (``flock``) on the folder from choosing its base to the end of its write and prune (a
+    background save until its write is done). So two processes saving the same step at once
+    (every rank of a job that forgot ``if rank == 0``) no longer both write it, the last rename
+    silently winning: the second finds the step taken and raises ``ValueError``. Use one folder
+    per rank for per-rank states (or :mod:`mithril_gpu.dcp`).
 
     Checkpoints that cannot be restored are never listed by :meth:`steps` (so neither
     :meth:`latest` nor a resume uses them), and each gets a one-line :class:`CheckpointNote`
@@ -299,6 +307,22 @@ class Checkpointer:
         self.wait()
         if not isinstance(step, int) or step < 0:
             raise ValueError("step must be a non-negative int")
+        # One save at a time in the folder, across processes (and Checkpointers): from the scan
+        # that picks the base to the end of the write and the prune. Without it, two processes
+        # saving the same step at once (every rank of a job that forgot ``if rank == 0``, or
+        # sharded states in one folder) both wrote it, and the last rename silently won; now the
+        # second one finds the step taken and raises.
+        lock = _lock_folder(self.directory)
+        handed = []
+        try:
+            return self._save_locked(state, step, blocking, lock, handed)
+        finally:
+            if not handed:
+                _unlock_folder(lock)
+
+    def _save_locked(self, state, step: int, blocking: bool, lock, handed: list):
+        """:meth:`save` with the folder's lock held; a background save takes the lock with it
+        (``handed``) and lets it go when its write is done."""
         scan = self._scan()
         ok = sorted(s for s, st in scan.items() if st == _OK)
         if ok and step <= ok[-1]:
@@ -358,9 +382,13 @@ class Checkpointer:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mithril-ckpt")
 
         def run():
-            self._write(*job)
+            try:
+                self._write(*job)
+            finally:
+                _unlock_folder(lock)
             return self.path(step)
         self._pending = self._executor.submit(run)
+        handed.append(True)
         self._pending_done = (step, full, leaves)
         _track(self._pending, self.path(step))
         return self._pending
@@ -530,6 +558,53 @@ def _cpu_tree(state):
     """``state``'s (tree, named leaves) when every tensor is on the CPU, else None."""
     node, leaves = tree_mod.encode(state, _is_tensor)
     return (node, leaves) if all(t.device.type == "cpu" for _, t in leaves) else None
+
+
+_held_folders: set = set()    # descriptors of the folder locks this process holds
+
+
+def _lock_folder(directory: str):
+    """An exclusive advisory lock (``flock``) on the folder itself, waited for; None where the
+    platform has none. Released by :func:`_unlock_folder`, or by the kernel if the process dies.
+    The descriptor is not inherited by programs this process starts, and a child forked while
+    the lock is held (a DataLoader worker during a background save) closes its copy at once:
+    otherwise the child would keep the lock held after the parent let it go."""
+    try:
+        import fcntl
+    except ImportError:                    # (not POSIX: no lock)
+        return None
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:                   # a filesystem without flock (Lustre without -o flock): no lock
+        os.close(fd)
+        if e.errno == errno.EINTR:
+            raise
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    _held_folders.add(fd)
+    return fd
+
+
+def _unlock_folder(fd) -> None:
+    if fd is not None:
+        _held_folders.discard(fd)
+        os.close(fd)                       # (closing the last descriptor releases the flock)
+
+
+def _close_folder_locks_in_child() -> None:
+    for fd in list(_held_folders):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_folders.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_folder_locks_in_child)
 
 
 def _copy_bytes(dst, src) -> None:

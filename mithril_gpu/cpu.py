@@ -130,8 +130,8 @@ def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarr
     the elements per context. With ``threads`` > 1 a large tensor is cut into parts sorted in
     parallel (a histogram per part, then each part moves its elements from its own offsets: the
     same counting sort, the same bytes). Encoding with ``row_bytes``, returns the row digests of
-    ``x`` (uint64 per row of that many bytes) taken from the very bytes sorted (see
-    :func:`row_digests_of_sort`); else None."""
+    ``x`` (uint64 per row of that many bytes) taken from the very bytes sorted (the C helper
+    hashes each block as it copies it; the numpy path sorts and hashes one copy); else None."""
     if _accel is not None and hasattr(_accel, "ctx_hist"):
         isz, opi, fl = dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
         rb = row_bytes if not inverse else 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import io
 import os
 import stat
@@ -87,8 +88,11 @@ def _locked_temp(directory: str, prefix: str) -> tuple[int, str]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # held until the fd closes (or the process dies)
             if os.fstat(fd).st_nlink > 0:
                 return fd, tmp
-        except OSError:
-            pass                                             # a cleaner holds it and will remove it
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return fd, tmp       # a filesystem without flock (Lustre without -o flock): unlocked, and
+                                     # remove_stale_temps, which cannot lock it either, never removes it
+            # else a cleaner holds it and will remove it
         os.close(fd)
     raise OSError(f"could not create a temp file in {directory}")
 

@@ -105,3 +105,25 @@ def test_a_device_or_a_pipe_is_never_replaced_by_a_file(tmp_path):
     with pytest.raises(mithril_gpu.MithrilError, match="not a regular file"):
         mithril_gpu.save({"a": torch.ones(3)}, tmp_path / "link")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([t.name for t in targets] + ["link"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks")
+def test_a_filesystem_without_flock_still_takes_saves(tmp_path, monkeypatch):
+    """Lustre mounted without -o flock (and some NFS setups) answer flock with ENOSYS or ENOLCK.
+    The temp file's lock and the Checkpointer's folder lock are then skipped: saving failed
+    outright ("could not create a temp file") after 100 tries."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    state = {"a": torch.arange(10.0)}
+    mithril_gpu.save(state, tmp_path / "x.mth")
+    assert_same(mithril_gpu.load(tmp_path / "x.mth")["a"], state["a"])
+    ck = mithril_gpu.Checkpointer(tmp_path / "ck", keep=2, full_every=1)
+    for step in range(3):
+        state["a"] += 1
+        ck.save(state, step)
+    assert ck.steps() == [1, 2] and torch.equal(ck.load(2)["a"], state["a"])
+    assert not [n for n in os.listdir(tmp_path / "ck") if n.endswith(".tmp")]

@@ -236,3 +236,66 @@ def test_a_new_checkpointer_removes_temp_files_of_killed_writers_but_not_of_live
         os.close(fd)                                    # the writer dies: its lock goes with it
     Checkpointer(tmp_path)
     assert _temps(tmp_path) == [] and _files(tmp_path) == [0]
+
+
+RACE = textwrap.dedent("""
+    import os, sys, time, torch, mithril_gpu
+    folder, tag, go = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    state = {"w": torch.full((1 << 21,), tag)}             # 8 MB: a write that takes a while
+    ck = mithril_gpu.Checkpointer(folder, keep=None)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    try:
+        ck.save(state, 0)
+        print("saved")
+    except ValueError as e:
+        print("refused:", e)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks")
+def test_two_processes_saving_one_step_in_one_folder_do_not_both_succeed(tmp_path):
+    """Every rank of a job that forgot ``if rank == 0`` saves the same step into the same folder at
+    the same moment. Both wrote it and the last rename won, silently; now saves in one folder
+    take turns, and the second finds the step taken."""
+    go = tmp_path / "go"
+    for attempt in range(3):
+        folder = tmp_path / f"ck{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", RACE, str(folder), str(tag), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=subprocess_env()) for tag in (1.0, 2.0)]
+        import time
+        time.sleep(3)                                   # both started and waiting
+        go.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+        go.unlink()
+        said = sorted(o.strip().split(":")[0] for o, _ in outs)
+        assert said == ["refused", "saved"], outs
+        got = mithril_gpu.load(folder / "step-000000000.mth")["w"]
+        winner = 1.0 if outs[0][0].startswith("saved") else 2.0
+        assert torch.equal(got, torch.full((1 << 21,), winner))
+
+
+FORK = textwrap.dedent("""
+    import os, sys, time, torch, mithril_gpu
+    ck = mithril_gpu.Checkpointer(sys.argv[1], keep=None)
+    state = {"w": torch.randn(1 << 22)}
+    ck.save(state, 0, blocking=False)                      # the folder's lock goes with this save
+    pid = os.fork()                                        # as a DataLoader starting its workers
+    if pid == 0:
+        time.sleep(300)
+        os._exit(0)
+    try:
+        ck.save(state, 1)                                  # waits for step 0, then takes the lock
+        print("done")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_background_save_does_not_keep_the_folder_locked(tmp_path):
+    p = subprocess.run([sys.executable, "-c", FORK, str(tmp_path / "ck")], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120)
+    assert p.stdout.strip() == "done", p.stderr
+    assert mithril_gpu.load(tmp_path / "ck" / "step-000000001.mth")["w"].shape == (1 << 22,)

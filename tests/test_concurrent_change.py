@@ -155,7 +155,10 @@ def test_the_sorts_row_digests_are_xxh64_of_the_rows(isz, monkeypatch):
         rows = -(-x.size // rb)
         want = [xxhash.xxh64(x[r * rb:(r + 1) * rb].tobytes()).intdigest() for r in range(rows)]
         dt = BY_NAME[{1: "U8", 2: "BF16", 4: "F32", 8: "U64"}[isz]]
-        for simd in (0, 1):
+        ref_stream = np.empty_like(x)
+        cpu.ctx_apply("zigzag", dt, x, y, ref_stream, s, w, inverse=False)      # one part, no digests
+        ref_tables = cpu.ctxm_prepare("zigzag", dt, x, y, s, w)
+        for simd in (0, 1):             # (1 is the vector stripe loop where the CPU has AVX-512 DQ/VL)
             cpu._accel.xxh64_simd(simd)
             try:
                 plain, out = np.empty_like(x), np.empty_like(x)
@@ -164,12 +167,16 @@ def test_the_sorts_row_digests_are_xxh64_of_the_rows(isz, monkeypatch):
                 dg = np.zeros(rows, np.uint64)
                 cpu._accel.ctx(x, y, out, isz, 1, 0, 0, s, w, cnt, None, rb, dg)
                 assert dg.tolist() == want and np.array_equal(out, plain)
-                for threads in (1, 3):
+                for threads in (1, 3):      # 3: parts cut at rows (CTX_PARALLEL_BYTES is small here)
                     tables = cpu.ctxm_prepare("zigzag", dt, x, y, s, w, threads=threads, row_bytes=rb)
                     assert tables[5].tolist() == want
+                    words = -(-n // 64)                              # the same bits over sorted positions
+                    assert np.array_equal(tables[0][:words], ref_tables[0][:words])
+                    assert np.array_equal(tables[2], ref_tables[2]) and np.array_equal(tables[4], ref_tables[4])
                     out2 = np.empty_like(x)
                     assert cpu.ctx_apply("zigzag", dt, x, y, out2, s, w, inverse=False, threads=threads,
                                          row_bytes=rb).tolist() == want
+                    assert np.array_equal(out2, ref_stream)
             finally:
                 cpu._accel.xxh64_simd(1)
 
@@ -178,8 +185,11 @@ def test_the_sorts_row_digests_are_xxh64_of_the_rows(isz, monkeypatch):
 def test_the_sorts_refuse_digests_they_cannot_fill():
     x = np.zeros(4000, np.uint8)
     out, bm = np.empty_like(x), np.zeros(100, np.uint64)
-    with pytest.raises(ValueError):                    # room for 1 row of 3 (2000 elements of 2 bytes, rows of 1000)
+    cpu._accel.ctx(x, x, out, 2, 1, 1, 0, 7, 8, None, None, 2000, np.zeros(2, np.uint64))   # (room for both rows)
+    with pytest.raises(ValueError):                    # room for 1 row of 2 (2000 elements of 2 bytes, rows of 1000)
         cpu._accel.ctx(x, x, out, 2, 1, 1, 0, 7, 8, None, None, 2000, np.zeros(1, np.uint64))
+    with pytest.raises(ValueError):                    # rows so long that counting them overflowed
+        cpu._accel.ctx(x, x, out, 2, 1, 1, 0, 7, 8, None, None, 2 ** 63 - 2, np.zeros(0, np.uint64))
     with pytest.raises(ValueError):                    # a row of a byte and a half
         cpu._accel.ctx(x, x, out, 2, 1, 1, 0, 7, 8, None, None, 3, np.zeros(4000, np.uint64))
     with pytest.raises(ValueError):                    # decoding hashes nothing
