@@ -41,6 +41,9 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
     """
     if not isinstance(chunk_elems, int) or not 1 <= chunk_elems <= (8 << 20):
         raise ValueError(f"chunk_elems must be an int in [1, {8 << 20}], got {chunk_elems!r}")
+    _check_threads(threads)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map str to str")
     for text in (metadata or {}).items():
@@ -117,12 +120,20 @@ def _relative(base_path: str, path) -> str:
     return os.path.relpath(os.path.abspath(base_path), d)
 
 
+def _check_threads(threads) -> None:
+    """``threads`` is None (all cores) or an int >= 1: 0 and -1 (python-zstandard's "all cores")
+    used to mean one thread, silently."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None (all cores) or an int >= 1, got {threads!r}")
+
+
 def open(path, *, verify: bool = True, threads: int | None = None, base=None) -> MthFile:  # noqa: A001
     """Open a .mth file for lazy access (``keys()``, ``info(name)``, ``get_tensor(name)``).
 
     ``base`` (a path, a directory or an open :class:`MthFile`) is where a delta file's base is;
     by default it is looked for where the file records it, relative to the file.
     """
+    _check_threads(threads)
     return MthFile(path, verify=verify, threads=threads, base=base)
 
 
@@ -148,6 +159,7 @@ def load(path, device: str = "cpu", *, verify: bool = True, threads: int | None 
     written; the returned object holds those very tensors. If decoding fails midway, tensors in
     ``into`` may be partly written.
     """
+    _check_threads(threads)
     with MthFile(path, verify=verify, threads=threads, base=base) as f:
         return f.load(device, progress, into=into, subtree=subtree, strict=strict)
 

@@ -124,6 +124,10 @@ class Checkpointer:
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise ValueError("keep must be None or an int >= 1")
         self.directory = os.fspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(f"{short(self.directory)} is a file, not a folder for checkpoints")
+        if "threads" in save_kwargs:
+            api._check_threads(save_kwargs["threads"])
         os.makedirs(self.directory, exist_ok=True)
         remove_stale_temps(self.directory)
         self.full_every, self.keep = full_every, keep

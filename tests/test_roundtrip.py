@@ -132,6 +132,30 @@ def test_level_and_chunk_size_options(tmp_path, minilm_bf16):
     assert not (tmp_path / "b.mth").exists()
 
 
+@pytest.mark.parametrize("threads", [0, -1, 2.0, "2", True])
+def test_threads_must_be_a_positive_int(tmp_path, threads):
+    """0 and -1 (python-zstandard's "all cores") meant one thread, silently; a string gave a
+    TypeError from a comparison deep inside."""
+    state = {"a": torch.ones(5)}
+    with pytest.raises(ValueError, match="threads must be None"):
+        mithril_gpu.save(state, tmp_path / "a.mth", threads=threads)
+    assert not (tmp_path / "a.mth").exists()
+    mithril_gpu.save(state, tmp_path / "a.mth", threads=1)
+    for call in (mithril_gpu.load, mithril_gpu.open):
+        with pytest.raises(ValueError, match="threads must be None"):
+            call(tmp_path / "a.mth", threads=threads)
+    with pytest.raises(ValueError, match="threads must be None"):
+        mithril_gpu.Checkpointer(tmp_path / "ck", threads=threads)
+
+
+def test_metadata_that_is_not_a_dict_and_a_checkpointer_on_a_file_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="metadata must be a dict"):     # (an AttributeError)
+        mithril_gpu.save({"a": torch.ones(2)}, tmp_path / "a.mth", metadata="step 3")
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="is a file"):          # ([Errno 17] File exists)
+        mithril_gpu.Checkpointer(tmp_path / "f")
+
+
 def test_unsupported_values_are_refused_with_the_path(tmp_path):
     class Custom:
         pass
