@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from . import checksum, codecs, transforms
-from .errors import short
+from .errors import MithrilError, short
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 VALIDATED = False        # set True once tests/test_gpu.py has passed on a real GPU
@@ -277,6 +277,15 @@ def encode_all(items, write, coder, threads, progress=None):
                             payload, codec_id = np.asarray(host[k]).view(np.uint8).reshape(-1)[:csize], codecs.ZSTD
                         data = memoryview(np.ascontiguousarray(payload)).cast("B")
                         chunks.extend((write(data), len(data), codec_id))
+                # The digests and the planes are two reads of the caller's memory: a kernel on
+                # another stream changing the tensor in between would make a file that fails its
+                # checksums. Hashing it again after the coding catches that (a third read; the
+                # save then fails and the file it replaces stays as it was) without a copy of the
+                # tensor on a device that training keeps full.
+                if row_digests(x, it.chunk_elems * dt.itemsize) != digests:
+                    raise MithrilError(f"tensor {short(it.name)} changed on the GPU while it was being saved (another "
+                                       f"stream or thread wrote to it): nothing was written; save a copy, or "
+                                       f"synchronize first")
                 s.synchronize()                        # nothing of the caller's tensor is read after this
         if progress:
             progress(it.nbytes)

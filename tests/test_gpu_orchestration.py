@@ -235,3 +235,26 @@ def test_an_environment_switch_forces_the_cpu_path(fake, monkeypatch):
 
     with pytest.raises(mithril_gpu.BackendUnavailableError, match="MITHRIL_GPU=0"):
         backends.choose_encoder("cuda", [])
+
+
+def test_a_tensor_changed_between_its_digests_and_its_planes_fails_the_save(tmp_path, fake, monkeypatch):
+    """The GPU path hashes a CUDA tensor, then splits it: another stream writing to it in between
+    would give a file that fails its checksums. The tensor is hashed again after the coding; a
+    change makes the save fail with a typed error and write nothing (the file stays as it was)."""
+    state = {"w": random_tensor(torch.bfloat16, (64, 4096), seed=1)}
+    mithril_gpu.save({"old": torch.ones(3)}, tmp_path / "g.mth", device="cpu")
+    real = gpu.split_planes
+
+    def change_then_split(dt, transform, x, *a, **k):
+        state["w"].view(-1)[:100] += 1                 # another stream's kernel lands here
+        return real(dt, transform, x, *a, **k)
+    monkeypatch.setattr(gpu, "split_planes", change_then_split)
+    node, items = _items(state, 4096)
+    with pytest.raises(mithril_gpu.MithrilError, match="changed on the GPU while it was being saved"):
+        write_mth(tmp_path / "g.mth", items, tree=node, encode=gpu.encode_all, threads=2)
+    assert list(mithril_gpu.load(tmp_path / "g.mth")) == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.mth"]
+    monkeypatch.setattr(gpu, "split_planes", real)
+    node, items = _items(state, 4096)
+    write_mth(tmp_path / "g.mth", items, tree=node, encode=gpu.encode_all, threads=2)     # unchanged: written
+    assert_same(mithril_gpu.load(tmp_path / "g.mth")["w"], state["w"])
