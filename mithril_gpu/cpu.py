@@ -554,8 +554,11 @@ def _run_ordered(jobs, run, consume, threads: int, before_submit=None) -> None:
 
 
 def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: codecs.ChunkCoder,
-               threads: int, progress: Callable[[int], None] | None = None) -> list[tuple[int, list[int]]]:
+               threads: int, progress: Callable[[int], None] | None = None, lend=None) -> list[tuple[int, list[int]]]:
     """Encode every item; ``write(payload)`` appends a payload and returns its file offset.
+    With ``lend`` (the ``writer.AtomicFile`` behind ``write``), payloads that are views of this
+    function's buffers are written from where they are (``lend.write(view, lent=True)``, no
+    copy), and those buffers go back to the pool once ``lend`` has written them.
 
     Returns, per item, ``(checksum, flat chunk list, row digests)`` for its index entry.
     """
@@ -614,11 +617,24 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
             items[i].ctx_threads, items[i].stream_pool, items[i].ctx_fused = threads, streams, use_fused
             items[i].resolve()
 
+    def give_back(pool, bufs) -> None:
+        """``bufs`` back to ``pool``: once written, where payloads may be views of them (lent)."""
+        if lend is not None:
+            lend.after_written(lambda: pool.put(bufs))
+        else:
+            pool.put(bufs)
+
     def consume(job, results):
         for (i, r0, r1), (digs, coded, held, nnzs) in zip(job, results):
             for codec, payload in coded:
-                chunks[i].extend((write(payload), len(payload), codec))
-            buffers.put(held)
+                # A payload that is not bytes is a view of this save's own buffers: of ``held``, or
+                # (a stored segment on the per-row path) of the item's sorted stream. Those go back
+                # to their pools only once written (give_back), so it is lent, not copied.
+                if lend is not None and type(payload) is not bytes:
+                    chunks[i].extend((lend.write(payload, lent=True), len(payload), codec))
+                else:
+                    chunks[i].extend((write(payload), len(payload), codec))
+            give_back(buffers, held)
             digests[i].extend(digs)
             items[i].nnz.extend(nnzs)
             if progress:
@@ -626,9 +642,9 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
                 progress(min(r1 * rb, items[i].nbytes) - r0 * rb)
             if last_seg[i][1] == r1:     # drop references held only for this item
                 if items[i].ctx_stream is not None:
-                    streams.put([items[i].ctx_stream])
+                    give_back(streams, [items[i].ctx_stream])
                 if items[i].ctx_m is not None:
-                    streams.put(items[i].ctx_m[:3])
+                    give_back(streams, items[i].ctx_m[:3])
                 items[i].data = items[i].base = items[i].ctx_stream = items[i].ctx_m = items[i].stream_pool = None
                 items[i].ctx_digests = None
                 if items[i].on_done is not None:

@@ -99,6 +99,7 @@ def _locked_temp(directory: str, prefix: str) -> tuple[int, str]:
 
 FLUSH_BYTES = 4 << 20        # payloads are handed to the writer thread in batches of about this size
 QUEUE_BATCHES = 4            # at most this many batches wait for the writer thread (memory bound)
+LEND = True                  # stored planes are written from the coder's buffers, not copied first
 SYNC_EVERY = 64 << 20        # start writeback of what is written every this many bytes (Linux)
 OLD_FILE_BYTES = 64 << 20    # a replaced file at least this big is freed off the critical path
 RELEASE_REPLACED = True      # release_cache drops the page cache of big files a save replaces, as it starts
@@ -161,23 +162,30 @@ class _Writer:
 
     def _run(self) -> None:
         while True:
-            bufs = self.q.get()
-            if bufs is None:
+            item = self.q.get()
+            if item is None:
                 return
-            if self.error is not None:
-                continue                       # drain: the file is abandoned
+            bufs, after = item
             try:
-                self.written += _write_all(self.fd, bufs)
-                if _start_writeback is not None and self.written - self.synced >= SYNC_EVERY:
-                    _start_writeback(self.fd, self.synced, self.written - self.synced, _SYNC_FILE_RANGE_WRITE)
-                    self.synced = self.written
+                if self.error is None:         # (else drain: the file is abandoned)
+                    self.written += _write_all(self.fd, bufs)
+                    if _start_writeback is not None and self.written - self.synced >= SYNC_EVERY:
+                        _start_writeback(self.fd, self.synced, self.written - self.synced, _SYNC_FILE_RANGE_WRITE)
+                        self.synced = self.written
             except BaseException as e:          # noqa: BLE001  (kept, raised on the caller's thread)
                 self.error = e
+            del bufs, item
+            for fn in after:                    # the lent buffers of this batch are free again
+                try:
+                    fn()
+                except BaseException as e:      # noqa: BLE001
+                    if self.error is None:
+                        self.error = e
 
-    def put(self, bufs: list) -> None:
+    def put(self, bufs: list, after: list) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put(bufs)
+        self.q.put((bufs, after))
 
     def close(self) -> None:
         self.q.put(None)
@@ -349,39 +357,56 @@ class AtomicFile:
         self.fd = fd
         self.offset = 0
         self._batch: list = []
+        self._after: list = []               # called once the current batch is written
         self._batch_bytes = 0
         self._writer: _Writer | None = None
         self.file = _FileView(self)
 
-    def write(self, data) -> int:
-        """Append ``data``; return the offset it starts at. ``data`` may be reused once this returns."""
+    def write(self, data, lent: bool = False) -> int:
+        """Append ``data``; return the offset it starts at. ``data`` may be reused once this returns,
+        unless ``lent``: then it is written from where it is, with no copy, and must not change
+        until a function given to :meth:`after_written` after it has been called."""
         at = self.offset
-        if type(data) is not bytes:
+        if lent:
+            data = memoryview(data).cast("B")
+        elif type(data) is not bytes:
             data = bytes(data)
-        if data:
+        n = len(data)
+        if n:
             self._batch.append(data)
-            self._batch_bytes += len(data)
-            self.offset += len(data)
+            self._batch_bytes += n
+            self.offset += n
             if self._batch_bytes >= FLUSH_BYTES:
                 self._hand_over()
         return at
 
+    def after_written(self, fn) -> None:
+        """Call ``fn()`` (on the writer thread, or at once if nothing waits) once everything
+        written so far is in the file, or was dropped because the file is abandoned: the moment
+        the buffers lent to :meth:`write` before this call may be reused."""
+        if not self._batch and self._writer is None:
+            fn()
+            return
+        self._after.append(fn)
+
     def _hand_over(self) -> None:
         if self._writer is None:
             self._writer = _Writer(self.fd)
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        self._writer.put(batch)
+        batch, after, self._batch, self._after, self._batch_bytes = self._batch, self._after, [], [], 0
+        self._writer.put(batch, after)
 
     def _finish_writes(self) -> None:
         """Every byte written to the file (the writer thread stopped)."""
         if self._writer is not None:
-            if self._batch:
+            if self._batch or self._after:
                 self._hand_over()
             writer, self._writer = self._writer, None
             writer.close()
         elif self._batch:
             _write_all(self.fd, self._batch)
-        self._batch, self._batch_bytes = [], 0
+        after, self._batch, self._after, self._batch_bytes = self._after, [], [], 0
+        for fn in after:
+            fn()
 
     def commit(self) -> None:
         self._finish_writes()
@@ -427,7 +452,7 @@ class AtomicFile:
                 writer.close()
             except BaseException:      # noqa: BLE001  (the write failed; the file goes anyway)
                 pass
-        self._batch = []
+        self._batch, self._after = [], []
         try:
             os.unlink(self.tmp)        # while still locked: no cleaner can be racing for it
         except OSError:
@@ -471,7 +496,8 @@ def write_mth(path, items: list[EncodeItem], *, tree, metadata=None, source=None
     with AtomicFile(path, mode) as out:
         out.write(container.pack_preamble())
         todo = [it for i, it in enumerate(items) if i not in same]
-        results = iter((encode or encode_all)(todo, out.write, coder, threads, progress))
+        results = iter(encode_all(todo, out.write, coder, threads, progress, lend=out if LEND else None) if encode is None
+                       else encode(todo, out.write, coder, threads, progress))
         entries = []
         for i, it in enumerate(items):
             if i in same:

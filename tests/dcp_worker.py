@@ -207,12 +207,12 @@ def kill_scenario(rank, world, root, target, base):
         real = mw.AtomicFile.write
         calls = [0]
 
-        def write(self, data):
+        def write(self, data, lent=False):
             calls[0] += 1
             if calls[0] == 3:          # mid-way through this rank's file
                 open(os.path.join(root, f"killing_{world}"), "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, data)
+            return real(self, data, lent=lent)
 
         mw.AtomicFile.write = write
     dcp.save(state, storage_writer=MithrilWriter(target, base=base))

@@ -81,9 +81,9 @@ def worker(cmd):
             i += 1
     if mode == "cli":
         real_write = mithril_gpu.writer.AtomicFile.write
-        def write(self, data):
+        def write(self, data, lent=False):
             time.sleep(0.003)
-            return real_write(self, data)
+            return real_write(self, data, lent=lent)
         mithril_gpu.writer.AtomicFile.write = write
         sys.argv = ["mithril", "compress", cmd["src"], cmd["out"], "--threads", "1", "-q", "-f"]
         say("go")

@@ -207,3 +207,32 @@ def test_the_release_drops_the_replaced_file_not_the_one_renamed_over_it(tmp_pat
         if t.name == "mithril-release-cache":
             t.join(5)
     assert inos == [old_ino] and new_ino != old_ino
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_stored_planes_are_written_from_the_coders_buffers_and_reused_only_after(tmp_path, monkeypatch, fused):
+    """Stored planes (most of an fp32 save) are written from the coder's buffers without a copy
+    (writer.LEND); a buffer goes back to its pool only once the writer thread has written it. A
+    slow writer and small batches make the encoder reach for buffers while earlier ones still
+    wait: were one reused early, the file would hold another chunk's bytes and fail its checksum."""
+    from mithril_gpu import cpu
+
+    monkeypatch.setattr(cpu, "FUSED", fused)
+    monkeypatch.setattr(writer, "FLUSH_BYTES", 64 << 10)
+    real = writer._write_all
+
+    def slow(fd, bufs):
+        import time
+        time.sleep(0.003)
+        return real(fd, bufs)
+    monkeypatch.setattr(writer, "_write_all", slow)
+    g = torch.Generator().manual_seed(3)
+    state = {f"t{i}": torch.randn(70000, generator=g) for i in range(24)}      # random mantissas: stored
+    mithril_gpu.save(state, tmp_path / "lent.mth", chunk_elems=8192, threads=2)
+    got = mithril_gpu.load(tmp_path / "lent.mth")
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    with mithril_gpu.open(tmp_path / "lent.mth") as f:
+        assert any(0 in e.chunks[2::3] for e in f.index.tensors)              # stored chunks were written
+    monkeypatch.setattr(writer, "LEND", False)                                # copied first: the same bytes
+    mithril_gpu.save(state, tmp_path / "copied.mth", chunk_elems=8192, threads=2)
+    assert (tmp_path / "lent.mth").read_bytes() == (tmp_path / "copied.mth").read_bytes()
