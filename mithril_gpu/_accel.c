@@ -483,12 +483,90 @@ static void huff_pairs(const uint32_t *ct, const uint32_t *counts, int maxsym, u
 }
 
 /* byte counts of src[0:n] (n < 2^32), with four tables so that repeated bytes do not stall */
-static void hist4(const uint8_t *src, size_t n, uint32_t *counts) {
+static void hist4_scalar(const uint8_t *src, size_t n, uint32_t *counts) {
     uint32_t c4[4][256] = {{0}};
     size_t i4 = 0;
     for (; i4 + 4 <= n; i4 += 4) { c4[0][src[i4]]++; c4[1][src[i4 + 1]]++; c4[2][src[i4 + 2]]++; c4[3][src[i4 + 3]]++; }
     for (; i4 < n; i4++) c4[0][src[i4]]++;
     for (int k = 0; k < 256; k++) counts[k] = c4[0][k] + c4[1][k] + c4[2][k] + c4[3][k];
+}
+
+/* Byte histograms of planes with a few frequent values (a float's exponent plane: a handful of
+ * binades hold almost every weight), with AVX-512 BW: the values that hold 1/64 or more of a 4 KB
+ * sample are compared with 64 bytes at a time and counted with popcnt; the other bytes of each
+ * group are counted one by one. The same counts as hist4_scalar (tested); planes with no
+ * frequent value (mantissas) take the scalar loop. Chosen at run time (hist_simd). */
+#define HIST_HOT 24
+#define HIST_SAMPLE 4096
+static int hist_simd = -1;            /* -1: not yet probed; 0: off; 1: on */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f,avx512bw,popcnt")))
+static void hist_hot(const uint8_t *src, size_t n, uint32_t *counts, const uint8_t *hot, int nhot) {
+    uint64_t hc[HIST_HOT] = {0};
+    __m512i hv[HIST_HOT];
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi8((char)hot[h]);
+    memset(counts, 0, 256 * sizeof(uint32_t));
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512i v = _mm512_loadu_si512((const void *)(src + i));
+        uint64_t seen = 0;
+        for (int h = 0; h < nhot; h++) {
+            uint64_t m = _mm512_cmpeq_epi8_mask(v, hv[h]);
+            hc[h] += (uint64_t)__builtin_popcountll(m); seen |= m;
+        }
+        for (uint64_t rest = ~seen; rest; rest &= rest - 1) counts[src[i + (size_t)__builtin_ctzll(rest)]]++;
+    }
+    for (; i < n; i++) counts[src[i]]++;
+    for (int h = 0; h < nhot; h++) counts[hot[h]] += (uint32_t)hc[h];
+}
+static void hist_simd_init(void) {
+    __builtin_cpu_init();
+    hist_simd = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+}
+#else
+static void hist_hot(const uint8_t *src, size_t n, uint32_t *counts, const uint8_t *hot, int nhot) {}
+static void hist_simd_init(void) { hist_simd = 0; }
+#endif
+
+/* counts[256] of the n bytes of src (n < 2^32) */
+static void hist4(const uint8_t *src, size_t n, uint32_t *counts) {
+    if (hist_simd < 0) hist_simd_init();
+    if (hist_simd == 1 && n >= 4 * HIST_SAMPLE) {
+        uint32_t sc[256] = {0};
+        for (size_t i = 0; i < HIST_SAMPLE; i++) sc[src[i]]++;
+        uint8_t hot[HIST_HOT]; int nhot = 0;
+        for (int k = 0; k < 256 && nhot < HIST_HOT; k++) if (sc[k] * 256 >= HIST_SAMPLE) hot[nhot++] = (uint8_t)k;
+        uint32_t covered = 0;
+        for (int h = 0; h < nhot; h++) covered += sc[hot[h]];
+        if (covered * 8 >= HIST_SAMPLE * 7) { hist_hot(src, n, counts, hot, nhot); return; }   /* 7/8 or more */
+    }
+    hist4_scalar(src, n, counts);
+}
+
+/* hist(buf) -> list of 256 counts (hist4, as the coders take them); hist_simd(flag=-1) -> 1 when
+ * the vector path is on, 0/1 turns it off/on (tests) */
+static PyObject *py_hist(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "y*", &b)) return NULL;
+    if (b.len >= ((Py_ssize_t)1 << 32)) { PyBuffer_Release(&b); PyErr_SetString(PyExc_ValueError, "buffer too large"); return NULL; }
+    uint32_t c[256];
+    Py_BEGIN_ALLOW_THREADS
+    hist4(b.buf, (size_t)b.len, c);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    PyObject *out = PyList_New(256);
+    if (!out) return NULL;
+    for (int k = 0; k < 256; k++) PyList_SET_ITEM(out, k, PyLong_FromUnsignedLong(c[k]));
+    return out;
+}
+
+static PyObject *py_hist_simd(PyObject *self, PyObject *args) {
+    int flag = -1;
+    if (!PyArg_ParseTuple(args, "|i", &flag)) return NULL;
+    if (flag == 0) hist_simd = 0;
+    else if (flag == 1) hist_simd_init();
+    else if (hist_simd < 0) hist_simd_init();
+    return PyLong_FromLong(hist_simd);
 }
 
 /* pt: HUF_PAIRS scratch entries for the two-symbol look-ups, or NULL (one symbol a look-up) */
@@ -2454,6 +2532,8 @@ static PyMethodDef methods[] = {
     {"xxh64", py_xxh64, METH_VARARGS, "xxh64(buf, seed=0) -> int, GIL released"},
     {"xxh64_simd", py_xxh64_simd, METH_VARARGS, "xxh64_simd(flag=-1) -> 1 when the AVX-512 stripe loop is on; 0/1 turns it off/on"},
     {"entropy", entropy, METH_VARARGS, "entropy(buf, step) -> bits per byte of a strided sample"},
+    {"hist", py_hist, METH_VARARGS, "hist(buf) -> [256 byte counts]"},
+    {"hist_simd", py_hist_simd, METH_VARARGS, "hist_simd(flag=-1) -> 1 when the vector byte histogram is on"},
     {"split", split, METH_VARARGS, "split(src, itemsize, exp_bits, man_bits, planes)"},
     {"merge", merge, METH_VARARGS, "merge(planes, itemsize, exp_bits, man_bits, out)"},
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},

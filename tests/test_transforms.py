@@ -182,6 +182,45 @@ def test_literal_frames_decode_with_libzstd_exactly():
     assert used >= 40
 
 
+@pytest.mark.skipif(cpu._accel is None or not hasattr(cpu._accel, "hist"), reason="C helper not built")
+def test_byte_histograms_are_exact_with_and_without_vectors():
+    """The coders' byte histograms (Huffman tables, entropy gates, ans estimates) count a plane's
+    frequent values 64 bytes at a time where the CPU has AVX-512 BW: the same counts as the
+    scalar loop whatever the plane, including one whose first 4 KB (the sample that picks the
+    frequent values) look nothing like the rest; and the same Huffman frames."""
+    rng = np.random.default_rng(23)
+    modes = [0] + ([1] if cpu._accel.hist_simd(1) else [])
+    out = {m: np.empty(300_000, np.uint8) for m in modes}
+    try:
+        for t in range(400):
+            n = int(rng.choice([0, 1, 63, 64, 65, 16383, 16384, 16448, 131072])) if t % 2 else int(rng.integers(0, 140_000))
+            kind = t % 6
+            if kind == 0:
+                a = rng.integers(0, 256, n)
+            elif kind == 1:
+                a = np.clip(rng.normal(120, 3, n), 0, 255)
+            elif kind == 2:
+                a = np.full(n, 7)
+            elif kind == 3:                               # the sample lies about the rest
+                a = np.clip(rng.normal(120, 2, n), 0, 255)
+                a[n // 2:] = rng.integers(0, 256, n - n // 2)
+            elif kind == 4:                               # frequent values and a long rare tail
+                a = np.where(rng.random(n) < 0.9, rng.integers(118, 122, n), rng.integers(0, 128, n))
+            else:
+                a = np.minimum(rng.zipf(1.2, n), 255)
+            a = a.astype(np.uint8)
+            want = np.bincount(a, minlength=256).tolist()
+            frames = {}
+            for m in modes:
+                cpu._accel.hist_simd(m)
+                assert cpu._accel.hist(a) == want, (t, m)
+                k = cpu._accel.huff_frame(a, out[m]) if n <= 131072 else 0
+                frames[m] = bytes(out[m][:k])
+            assert len(set(frames.values())) == 1, t
+    finally:
+        cpu._accel.hist_simd(1)
+
+
 @pytest.mark.skipif(cpu._accel is None, reason="C helper not built")
 def test_literal_frames_refuse_what_they_cannot_code():
     out = np.empty(100_000, np.uint8)          # room enough: each refusal is for the input's sake
