@@ -236,3 +236,22 @@ def test_stored_planes_are_written_from_the_coders_buffers_and_reused_only_after
     monkeypatch.setattr(writer, "LEND", False)                                # copied first: the same bytes
     mithril_gpu.save(state, tmp_path / "copied.mth", chunk_elems=8192, threads=2)
     assert (tmp_path / "lent.mth").read_bytes() == (tmp_path / "copied.mth").read_bytes()
+
+
+def test_the_coders_buffers_outlive_a_save_up_to_a_limit(tmp_path, monkeypatch):
+    """The pool of plane buffers is shared by saves (memory a host took back costs a fault per
+    page to touch again), keeps at most cpu.POOL_BYTES of free buffers, and changes no byte."""
+    from mithril_gpu import cpu
+
+    monkeypatch.setattr(cpu, "_SHARED_POOL", cpu.BufferPool(4 << 20))
+    g = torch.Generator().manual_seed(5)
+    state = {f"t{i}": torch.randn(300_000, generator=g) for i in range(6)}
+    mithril_gpu.save(state, tmp_path / "a.mth")
+    assert 0 < cpu._SHARED_POOL.free_bytes <= 4 << 20                 # kept, within the limit
+    mithril_gpu.save(state, tmp_path / "b.mth")                       # from the pool's buffers
+    monkeypatch.setattr(cpu, "SHARE_POOL", False)
+    mithril_gpu.save(state, tmp_path / "c.mth")
+    assert (tmp_path / "a.mth").read_bytes() == (tmp_path / "b.mth").read_bytes() == (tmp_path / "c.mth").read_bytes()
+    pool = cpu.BufferPool(100)
+    pool.put([np.empty(60, np.uint8), np.empty(60, np.uint8)])
+    assert pool.free_bytes == 60 and pool.get(50).size == 50 and pool.free_bytes == 0
