@@ -492,10 +492,11 @@ static void hist4_scalar(const uint8_t *src, size_t n, uint32_t *counts) {
 }
 
 /* Byte histograms of planes with a few frequent values (a float's exponent plane: a handful of
- * binades hold almost every weight), with AVX-512 BW: the values that hold 1/64 or more of a 4 KB
- * sample are compared with 64 bytes at a time and counted with popcnt; the other bytes of each
- * group are counted one by one. The same counts as hist4_scalar (tested); planes with no
- * frequent value (mantissas) take the scalar loop. Chosen at run time (hist_simd). */
+ * binades hold almost every weight), with AVX-512 BW: the values that hold 1/256 or more of a 4 KB
+ * sample (at most HIST_HOT of them) are compared with 64 bytes at a time and counted with popcnt,
+ * where together they hold 7/8 of the sample or more; the other bytes of each group are counted
+ * one by one. The same counts as hist4_scalar (tested); planes without such values (mantissas)
+ * take the scalar loop. Chosen at run time (hist_simd). */
 #define HIST_HOT 24
 #define HIST_SAMPLE 4096
 static int hist_simd = -1;            /* -1: not yet probed; 0: off; 1: on */

@@ -339,8 +339,8 @@ class BufferPool:
 
 # The coders' buffers outlive a save (up to POOL_BYTES of them): on a host that takes back memory
 # a process freed (a VM's balloon, or just the allocator returning it), every save used to fault
-# in its buffers afresh. MiniLM saved alternately with a pool per save: fp32 0.92-0.94x the time,
-# bf16 0.83-0.86x (STATUS).
+# in its buffers afresh. MiniLM saved alternately with a pool per save: fp32 0.90-0.92x the time,
+# bf16 0.88x (STATUS).
 POOL_BYTES = 64 << 20
 SHARE_POOL = True
 _SHARED_POOL = BufferPool(POOL_BYTES)
