@@ -852,8 +852,13 @@ static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buff
                                        h0[c] = h1[c] = h2[c] = h3[c] = 0; } \
     } } while (0)
 
+static int ctxm_simd;
+static void ctx_hist16_simd(const uint16_t_ua *Y, Py_ssize_t n, int s, int w, uint64_t *hist);
 static int ctx_hist_c(Py_buffer bs, int isz, int s, int w, uint64_t *hist) {
     Py_ssize_t n = bs.len / isz; int nc = 1 << w;
+#ifdef __x86_64__
+    if (isz == 2 && w <= 8 && ctxm_simd == 1) { ctx_hist16_simd(bs.buf, n, s, w, hist); return 0; }
+#endif
     uint32_t *sub = calloc(4 * (size_t)nc, sizeof(uint32_t));   /* (counts of at most 2^30 elements each) */
     if (!sub) return -1;
     switch (isz) {
@@ -1063,11 +1068,12 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
     uint64_t a = acc[c_] | (bits << r); \
     if (r + k >= 64) { ctxm_flush(W, p >> 6, a, bst[c_]); a = r ? bits >> (64 - r) : 0; } \
     acc[c_] = a; pos[c_] = p + (uint64_t)k; \
-    uint64_t mm = eq_ & nz; int n0 = __builtin_popcount((uint32_t)mm), n1 = __builtin_popcount((uint32_t)(mm >> 32)); \
+    uint64_t mm = eq_ & nz; \
+    if (mm) { int n0 = __builtin_popcount((uint32_t)mm), n1 = __builtin_popcount((uint32_t)(mm >> 32)); \
     uint16_t *v_ = V + vp[c_]; \
     _mm512_mask_storeu_epi16(v_, (__mmask32)((1ull << n0) - 1), _mm512_maskz_compress_epi16((__mmask32)mm, d0)); \
     _mm512_mask_storeu_epi16(v_ + n0, (__mmask32)((1ull << n1) - 1), _mm512_maskz_compress_epi16((__mmask32)(mm >> 32), d1)); \
-    vp[c_] += (uint64_t)(n0 + n1); } while (0)
+    vp[c_] += (uint64_t)(n0 + n1); } } while (0)
 
 /* Groups of 64 16-bit elements (cb: their contexts; m of them): for each context present in a
  * group, PUT(context, its elements as a 64-bit mask); the part's hot contexts are compared with
@@ -1096,14 +1102,55 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
             rem &= ~eq; PUT(c, eq); } \
         AFTER \
     }
-#define CTXM_LOAD_DELTAS \
-    __m512i d0 = _mm512_maskz_loadu_epi16(r0, db + j), d1 = _mm512_maskz_loadu_epi16(r1, db + j + 32); \
-    uint64_t nz = (uint64_t)_mm512_test_epi16_mask(d0, d0) | (uint64_t)_mm512_test_epi16_mask(d1, d1) << 32;
-
+/* The move of ctxm for 16-bit elements, a block of m: groups of 64 elements, their contexts and
+ * deltas made in registers from the elements (X; each loaded once, and stored to xl for the row
+ * digests) and their base (Y): CTX_ENC and
+ * (y >> s) & cm lane by lane, the same values. Each hot context is compared with every group
+ * without a branch (CTXM_PUT64 stores values only for a context with a nonzero delta in the group:
+ * sparse deltas skip most stores); the group's other contexts one by one. */
+#define CTXM_ENC16(xv, yv, dv) do { __m512i x_ = (xv), y_ = (yv); \
+    if (op == 0) dv = _mm512_xor_si512(x_, y_); else { \
+        x_ = _mm512_xor_si512(x_, _mm512_and_si512(_mm512_or_si512(_mm512_srai_epi16(x_, 15), sbv), fmv)); \
+        y_ = _mm512_xor_si512(y_, _mm512_and_si512(_mm512_or_si512(_mm512_srai_epi16(y_, 15), sbv), fmv)); \
+        __m512i v_ = _mm512_sub_epi16(x_, y_); \
+        dv = _mm512_xor_si512(_mm512_slli_epi16(v_, 1), _mm512_srai_epi16(v_, 15)); } } while (0)
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
-static void ctxm_group16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint64_t *vp,
-                         uint64_t *acc, const uint64_t *bst, uint64_t *W, uint16_t *V, const unsigned *hot, int nhot) {
-    CTXM_GROUPS64(CTXM_LOAD_DELTAS, CTXM_PUT64, CTXM_NOTHING)
+static void ctxm_block16(const uint16_t_ua *X, uint16_t *xl, const uint16_t_ua *Y, Py_ssize_t m, int op, int fl, int s, int w,
+                         uint64_t *pos, uint64_t *vp, uint64_t *acc, const uint64_t *bst, uint64_t *W, uint16_t *V,
+                         const unsigned *hot, int nhot) {
+    const __m512i sbv = _mm512_set1_epi16((short)0x8000), fmv = _mm512_set1_epi16(fl ? -1 : 0);
+    const __m512i cmv = _mm512_set1_epi16((short)((1u << w) - 1));
+    const __m128i sv = _mm_cvtsi32_si128(s);
+    uint16_t cb[64];
+    __m512i hv[CTXM_HOT];
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
+    for (Py_ssize_t j = 0; j < m; j += 64) {
+        Py_ssize_t left = m - j;
+        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0;
+        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
+        __m512i y0 = _mm512_maskz_loadu_epi16(r0, (const void *)(Y + j)), y1 = _mm512_maskz_loadu_epi16(r1, (const void *)(Y + j + 32));
+        __m512i x0 = _mm512_maskz_loadu_epi16(r0, (const void *)(X + j)), x1 = _mm512_maskz_loadu_epi16(r1, (const void *)(X + j + 32));
+        _mm512_mask_storeu_epi16(xl + j, r0, x0); _mm512_mask_storeu_epi16(xl + j + 32, r1, x1);
+        __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(y0, sv), cmv), c1 = _mm512_and_si512(_mm512_srl_epi16(y1, sv), cmv);
+        __m512i d0, d1;
+        CTXM_ENC16(x0, y0, d0); CTXM_ENC16(x1, y1, d1);
+        uint64_t nz = ((uint64_t)_mm512_mask_test_epi16_mask(r0, d0, d0)
+                       | (uint64_t)_mm512_mask_test_epi16_mask(r1, d1, d1) << 32);
+        for (int h = 0; h < nhot; h++) {
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
+            seen |= eq; CTXM_PUT64(hot[h], eq); }
+        rem &= ~seen;
+        if (rem) {
+            _mm512_storeu_si512(cb, c0); _mm512_storeu_si512(cb + 32, c1);
+            while (rem) {
+                unsigned c = cb[__builtin_ctzll(rem)];
+                __m512i b = _mm512_set1_epi16((short)c);
+                uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
+                               | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
+                rem &= ~eq; CTXM_PUT64(c, eq); }
+        }
+    }
 }
 
 #define PEXT _pext_u32
@@ -1147,6 +1194,41 @@ static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64
     CTXM_GROUPS64(CTXS_ZERO64, CTXS_GET64, CTXS_STORE64)
 }
 
+/* The context histogram of 16-bit elements with contexts of at most 8 bits (ctx_hist_c's), 64
+ * elements at a time: contexts packed to bytes (in an order of their own: a histogram does not
+ * care), compared with each hot context (1/128 of a sample of the first elements or more, up to
+ * CTXM_HOT), the matches counted; the others one by one. The same counts. */
+__attribute__((target("avx512f,avx512bw,popcnt")))
+static void ctx_hist16_simd(const uint16_t_ua *Y, Py_ssize_t n, int s, int w, uint64_t *hist) {
+    const unsigned cm = (1u << w) - 1;
+    Py_ssize_t ns = n < 4096 ? n : 4096;
+    for (Py_ssize_t i = 0; i < ns; i++) hist[(Y[i] >> s) & cm]++;
+    unsigned hot[CTXM_HOT]; int nhot = ctxm_hot(hist, 1 << w, ns, hot);
+    uint64_t cnt[CTXM_HOT] = {0};
+    __m512i hv[CTXM_HOT];
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi8((char)hot[h]);
+    const __m512i cmv = _mm512_set1_epi16((short)cm);
+    const __m128i sv = _mm_cvtsi32_si128(s);
+    uint8_t cb[64];
+    Py_ssize_t i = ns;
+    for (; i + 64 <= n; i += 64) {
+        __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512((const void *)(Y + i)), sv), cmv);
+        __m512i c1 = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512((const void *)(Y + i + 32)), sv), cmv);
+        __m512i cv = _mm512_packus_epi16(c0, c1);
+        uint64_t seen = 0;
+        for (int h = 0; h < nhot; h++) {
+            uint64_t eq = _mm512_cmpeq_epi8_mask(cv, hv[h]);
+            seen |= eq; cnt[h] += (uint64_t)__builtin_popcountll(eq); }
+        uint64_t rem = ~seen;
+        if (rem) {
+            _mm512_storeu_si512(cb, cv);
+            do { hist[cb[__builtin_ctzll(rem)]]++; rem &= rem - 1; } while (rem);
+        }
+    }
+    for (; i < n; i++) hist[(Y[i] >> s) & cm]++;
+    for (int h = 0; h < nhot; h++) hist[hot[h]] += cnt[h];
+}
+
 static void ctxm_simd_init(void) {
     __builtin_cpu_init();
     ctxm_simd = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2")
@@ -1155,6 +1237,7 @@ static void ctxm_simd_init(void) {
 #else
 static int ctxm_simd = 0;
 static void ctxm_simd_init(void) {}
+static void ctx_hist16_simd(const uint16_t_ua *Y, Py_ssize_t n, int s, int w, uint64_t *hist) {}
 static void ctxs_move16(const uint16_t *cb, const uint16_t *db, Py_ssize_t m, uint64_t *pos, uint16_t_ua *O,
                         const unsigned *hot, int nhot) {}
 static void ctxs_gather16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, const uint16_t_ua *X,
@@ -1262,7 +1345,20 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
     switch (isz) {
         case 1: CTXM_T(uint8_t, 8, CTXM_SCALAR(uint8_t)); break;
 #ifdef CTXM_HAVE_SIMD
-        case 2: CTXM_T(uint16_t, 16, if (simd) ctxm_group16(cb, db, m, pos, vp, acc, bst, W, V, hot, nhot); else { CTXM_SCALAR(uint16_t) }); break;
+        case 2:
+            if (simd) {                   /* contexts and deltas made in registers, not in cb and db */
+                const uint16_t_ua *X = (const uint16_t_ua *)xs.buf, *Y = (const uint16_t_ua *)bs.buf;
+                uint16_t xl[CTX_BLK];
+                for (Py_ssize_t j0 = 0; j0 < n && !bad; j0 += CTX_BLK) {
+                    Py_ssize_t m = n - j0 < CTX_BLK ? n - j0 : CTX_BLK;
+                    /* each element read once, into a register: its delta is moved and it goes to xl, */
+                    ctxm_block16(X + j0, xl, Y + j0, m, op, fl, s, w, pos, vp, acc, bst, W, (uint16_t *)vs.buf, hot, nhot);
+                    rowhash_feed(&rh, xl, (size_t)m * 2);          /* whose bytes the digests are taken of */
+                    if ((j0 + m) % CTXM_CHECK == 0 || j0 + m == n)
+                        for (int c = 0; c < nc; c++) bad |= pos[c] > end[c];
+                }
+            } else CTXM_T(uint16_t, 16, CTXM_SCALAR(uint16_t));
+            break;
         case 4: CTXM_T(uint32_t, 32, if (simd) ctxm_group32(cb, db, m, pos, vp, acc, bst, W, V, hot, nhot); else { CTXM_SCALAR(uint32_t) }); break;
 #else
         case 2: CTXM_T(uint16_t, 16, CTXM_SCALAR(uint16_t)); break;
@@ -1361,11 +1457,55 @@ static Py_ssize_t ctxm_unit(const uint64_t *W, const uint64_t *cum, const uint64
 /* groups of 64 16-bit elements: each context's bits for the group read as one window, deposited
  * at its elements (pdep), its values expanded into them */
 #define CTXI_ZERO __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-#define CTXI_STORE _mm512_mask_storeu_epi16(db + j, r0, a0); _mm512_mask_storeu_epi16(db + j + 32, r1, a1);
+
+/* ctxm_inverse's move for 16-bit elements, a block of m, in groups of 64: the contexts made in
+ * registers from the base (Y), each context's deltas deposited (CTXI_PUT64), CTX_DEC done in
+ * registers too and the elements stored to O (which may be Y itself: each group of Y is read
+ * before its O is written). The same values as CTXI_T with CTXI_SCALAR. */
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi,bmi2,popcnt")))
-static void ctxi_group16(const uint16_t *cb, uint16_t *db, Py_ssize_t m, uint64_t *pos, uint64_t *vp,
-                         const uint64_t *W, const uint16_t *V, const unsigned *hot, int nhot) {
-    CTXM_GROUPS64(CTXI_ZERO, CTXI_PUT64, CTXI_STORE)
+static void ctxi_block16(const uint16_t_ua *Y, uint16_t_ua *O, Py_ssize_t m, int op, int fl, int s, int w,
+                         uint64_t *pos, uint64_t *vp, const uint64_t *W, const uint16_t *V, const unsigned *hot, int nhot) {
+    const __m512i sbv = _mm512_set1_epi16((short)0x8000), fmv = _mm512_set1_epi16(fl ? -1 : 0);
+    const __m512i cmv = _mm512_set1_epi16((short)((1u << w) - 1)), one = _mm512_set1_epi16(1);
+    const __m128i sv = _mm_cvtsi32_si128(s);
+    uint16_t cb[64];
+    __m512i hv[CTXM_HOT];
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
+    for (Py_ssize_t j = 0; j < m; j += 64) {
+        Py_ssize_t left = m - j;
+        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0;
+        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
+        __m512i y0 = _mm512_maskz_loadu_epi16(r0, (const void *)(Y + j)), y1 = _mm512_maskz_loadu_epi16(r1, (const void *)(Y + j + 32));
+        __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(y0, sv), cmv), c1 = _mm512_and_si512(_mm512_srl_epi16(y1, sv), cmv);
+        CTXI_ZERO
+        for (int h = 0; h < nhot; h++) {
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
+            seen |= eq; CTXI_PUT64(hot[h], eq); }
+        rem &= ~seen;
+        if (rem) {
+            _mm512_storeu_si512(cb, c0); _mm512_storeu_si512(cb + 32, c1);
+            while (rem) {
+                unsigned c = cb[__builtin_ctzll(rem)];
+                __m512i b = _mm512_set1_epi16((short)c);
+                uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
+                               | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
+                rem &= ~eq; CTXI_PUT64(c, eq); }
+        }
+        __m512i o0, o1;
+        if (op == 0) { o0 = _mm512_xor_si512(a0, y0); o1 = _mm512_xor_si512(a1, y1); }
+        else {
+#define CTXI_DEC16(z, y, o) do { \
+            __m512i b_ = _mm512_xor_si512(y, _mm512_and_si512(_mm512_or_si512(_mm512_srai_epi16(y, 15), sbv), fmv)); \
+            __m512i k_ = _mm512_add_epi16(b_, _mm512_xor_si512(_mm512_srli_epi16(z, 1), \
+                                                               _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_and_si512(z, one)))); \
+            o = _mm512_xor_si512(k_, _mm512_and_si512(_mm512_or_si512(_mm512_sub_epi16(_mm512_srli_epi16(k_, 15), one), sbv), fmv)); \
+        } while (0)
+            CTXI_DEC16(a0, y0, o0); CTXI_DEC16(a1, y1, o1);
+#undef CTXI_DEC16
+        }
+        _mm512_mask_storeu_epi16((void *)(O + j), r0, o0); _mm512_mask_storeu_epi16((void *)(O + j + 32), r1, o1);
+    }
 }
 #define CTXI_HAVE_SIMD 1
 #endif
@@ -1421,7 +1561,17 @@ static PyObject *ctxm_inverse(PyObject *self, PyObject *args) {
     switch (isz) {
         case 1: CTXI_T(uint8_t, 8, CTXI_SCALAR(uint8_t)); break;
 #ifdef CTXI_HAVE_SIMD
-        case 2: CTXI_T(uint16_t, 16, if (simd) ctxi_group16(cb, db, m, pos, vp, W, V, hot, nhot); else { CTXI_SCALAR(uint16_t) }); break;
+        case 2:
+            if (simd) {                   /* contexts and elements made in registers */
+                const uint16_t_ua *Y = (const uint16_t_ua *)bs.buf; uint16_t_ua *O = (uint16_t_ua *)os.buf;
+                for (Py_ssize_t j0 = 0; j0 < n && !bad; j0 += CTX_BLK) {
+                    Py_ssize_t m = n - j0 < CTX_BLK ? n - j0 : CTX_BLK;
+                    ctxi_block16(Y + j0, O + j0, m, op, fl, s, w, pos, vp, W, (const uint16_t *)vs.buf, hot, nhot);
+                    if ((j0 + m) % CTXM_CHECK == 0 || j0 + m == n)
+                        for (int c = 0; c < nc; c++) bad |= pos[c] > end[c];
+                }
+            } else CTXI_T(uint16_t, 16, CTXI_SCALAR(uint16_t));
+            break;
 #else
         case 2: CTXI_T(uint16_t, 16, CTXI_SCALAR(uint16_t)); break;
 #endif

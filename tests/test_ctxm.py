@@ -265,3 +265,48 @@ def test_hostile_tables_are_refused_not_followed():
         with pytest.raises(ValueError):
             cpu._accel.ctxm_inverse(b, np.empty_like(b), bitmap, vals, np.full_like(cum, 10 ** 7), 2, 1, 1, 7, 8, n,
                                     offs, total)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 4095, 4096, 4097, 4096 + 64 * 7 + 5, 50_001])
+def test_context_histogram_counts_every_element(simd, n):
+    """ctx_hist (the vector count of 16-bit elements: hot contexts from the first 4096, the rest one
+    by one) gives np.bincount's counts: contexts hot in the sample and absent later, absent in the
+    sample and frequent later, many rare ones, every width and shift of a 16-bit float's exponent."""
+    cpu._accel.ctxm_simd(simd)
+    rng = np.random.default_rng(n)
+    head = ((rng.standard_normal(min(n, 4096)) * 0.02).astype(np.float32).view("<u4") >> 16).astype("<u2")
+    tail = rng.integers(0, 1 << 16, max(0, n - 4096)).astype("<u2")      # every exponent, none of the sample's mix
+    tail[: len(tail) // 2] = 0x3f80                                      # 1.0: absent from the sample
+    u = np.concatenate([head, tail])
+    for s, w in ((7, 8), (10, 5), (0, 8), (8, 8), (3, 4), (7, 9)):
+        hist = np.full(1 << w, 7, np.uint64)                             # (zeroed by ctx_hist)
+        cpu._accel.ctx_hist(u.view(np.uint8), 2, s, w, hist)
+        ref = np.bincount((u >> s) & ((1 << w) - 1), minlength=1 << w)
+        assert (hist == ref).all(), (s, w)
+
+
+@pytest.mark.parametrize("transform", ["masked", "bytegroup"])
+def test_sorted_streams_outlive_a_save(tmp_path, monkeypatch, transform):
+    """ctxm's tables (masked) and the sorted streams (bytegroup) come from a pool shared by saves,
+    as the coders' buffers do (cpu._SHARED_STREAMS, at most cpu.POOL_BYTES kept): a buffer used
+    again, with another tensor's bytes in it, changes no byte of the next file."""
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, bb: ("zigzag", transform, ctx_for(item.dtype)))
+    monkeypatch.setattr(deltaplan._DiskBase, "sample", lambda self: None)
+    monkeypatch.setattr(cpu, "_SHARED_STREAMS", cpu.BufferPool(8 << 20))
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy((rng.standard_normal(200_003) * 0.02).astype(np.float32)).to(torch.bfloat16)
+    a = {"w": w, "v": w[:70_001].clone()}
+    mithril_gpu.save(a, tmp_path / "a.mth", chunk_elems=4096)
+    outs = []
+    for k, (frac, share) in enumerate([(0.9, True), (0.05, True), (0.05, True), (0.05, False)]):
+        monkeypatch.setattr(cpu, "SHARE_POOL", share)
+        b = {n: _changed(t, 11 if frac < 0.5 else 12, frac) for n, t in a.items()}
+        mithril_gpu.save(b, tmp_path / f"b{k}.mth", chunk_elems=4096, base=tmp_path / "a.mth", threads=2)
+        outs.append((tmp_path / f"b{k}.mth").read_bytes())
+        if k == 0:
+            assert 0 < cpu._SHARED_STREAMS.free_bytes <= 8 << 20          # kept, within the limit
+        assert_tree_same(mithril_gpu.load(tmp_path / f"b{k}.mth"), b)
+    with mithril_gpu.open(tmp_path / "b1.mth") as f:
+        assert all(e.ctx is not None for e in f.index.tensors)
+    assert outs[1] == outs[2] == outs[3]          # after dense deltas in the buffers, and without the pool
