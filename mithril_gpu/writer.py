@@ -1,13 +1,13 @@
 """Writing .mth files: atomic replacement and the streaming layout (payloads, then index, then trailer)."""
 from __future__ import annotations
 
-import atexit
 import errno
 import io
 import os
 import stat
 import sys
 import tempfile
+import threading
 
 from . import codecs, container
 from .container import Index, TensorEntry
@@ -153,7 +153,6 @@ class _Writer:
 
     def __init__(self, fd: int):
         import queue
-        import threading
 
         self.fd, self.error, self.written, self.synced = fd, None, 0, 0
         self.q = queue.Queue(QUEUE_BATCHES)
@@ -213,35 +212,82 @@ class _FileView(io.RawIOBase):
         return self._owner.fd
 
 
-_old_files: set = set()        # replaced files still being freed in the background
+_old_fds: set = set()          # open files whose names are gone, closed (freed) on background threads
+_old_lock = threading.Lock()   # held while one is closed, and across fork()
 
 
-def _free_old(path: str) -> None:
+def _open_old(path) -> int | None:
+    """An open descriptor of ``path`` if it is a regular file of ``OLD_FILE_BYTES`` or more with
+    one link (whose blocks its removal would free), else None. POSIX only: there a file stays
+    whole while open, whatever happens to its name."""
+    if os.name != "posix":
+        return None
     try:
-        os.unlink(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size >= OLD_FILE_BYTES:
+            return fd
     except OSError:
         pass
-    _old_files.discard(path)
+    os.close(fd)
+    return None
+
+
+def _free_old(fd: int) -> None:
+    with _old_lock:
+        _old_fds.discard(fd)
+        try:
+            os.close(fd)             # the last reference: the file system frees the blocks now, here
+        except OSError:
+            pass
+
+
+def _close_in_background(fd: int) -> None:
+    with _old_lock:
+        _old_fds.add(fd)
+    try:
+        threading.Thread(target=_free_old, args=(fd,), name="mithril-free-old", daemon=True).start()
+    except RuntimeError:           # no thread to be had (a limit, interpreter shutdown): free it here
+        _free_old(fd)
+
+
+def _old_fds_in_child() -> None:
+    """A forked child closes its copies of the descriptors its parent is freeing (a DataLoader
+    worker must not keep a replaced checkpoint's blocks for its lifetime)."""
+    global _old_lock
+    for fd in list(_old_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _old_fds.clear()
+    _old_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=lambda: _old_lock.acquire(), after_in_parent=lambda: _old_lock.release(),
+                        after_in_child=_old_fds_in_child)
 
 
 def free_in_background(path: str) -> None:
-    """Unlink ``path``: at once if it is smaller than ``OLD_FILE_BYTES`` (or gone), else on a
-    background thread: freeing a big file's blocks takes the file system ~0.1 s per GB, which need
-    not be on a save's critical path. Finished at interpreter exit; a process killed first leaves
-    the file, which its owner's next save removes."""
-    import threading
-
+    """Remove ``path``. Its name is gone when this returns (a folder listed or removed right after
+    sees nothing of it). A file of ``OLD_FILE_BYTES`` or more is held open across the unlink and
+    closed on a background thread: freeing a big file's blocks takes the file system ~0.1 s per
+    GB, which need not be on the caller's critical path. Its space comes back when that thread
+    closes it, or when the process ends, however it ends."""
+    fd = _open_old(path)
     try:
-        if os.stat(path, follow_symlinks=False).st_size < OLD_FILE_BYTES:
-            os.unlink(path)
-            return
+        os.unlink(path)
     except OSError:
+        if fd is not None:
+            os.close(fd)
         return
-    _old_files.add(path)
-    try:
-        threading.Thread(target=_free_old, args=(path,), name="mithril-free-old", daemon=True).start()
-    except RuntimeError:           # no thread to be had (a limit, interpreter shutdown): free it here
-        _free_old(path)
+    if fd is not None:
+        _close_in_background(fd)
 
 
 def _drop_cached(fds: list) -> None:
@@ -289,8 +335,6 @@ def release_cache(paths):
             os.close(fd)
     if not fds:
         return None
-    import threading
-
     t = threading.Thread(target=_drop_cached, args=(fds,), name="mithril-release-cache", daemon=True)
     try:
         t.start()
@@ -298,12 +342,6 @@ def release_cache(paths):
         _drop_cached(fds)       # no thread to be had: here, then
         return None
     return t
-
-
-@atexit.register
-def _free_old_at_exit() -> None:
-    for path in list(_old_files):
-        _free_old(path)
 
 
 class AtomicFile:
@@ -320,9 +358,9 @@ class AtomicFile:
     (no copy; other buffers are copied, since their owner may reuse them) and hands batches of
     about 4 MB to a writer thread, which writes each batch with one ``writev`` and starts the
     kernel's writeback every 64 MB (``sync_file_range``, on Linux), so the fsync at the end
-    waits for little. A big file that is replaced is unlinked on a background thread after the
-    rename (its blocks are freed off the critical path); were the process killed first, that
-    link is a temp file that the next write into the directory removes.
+    waits for little. A big file that is replaced is held open across the rename and closed on a
+    background thread after the commit, so that its blocks are freed off the critical path; no
+    name of it is left behind, and a process killed first frees it as it dies.
     """
 
     def __init__(self, path: str | os.PathLike, mode: int | None = None):
@@ -411,13 +449,14 @@ class AtomicFile:
     def commit(self) -> None:
         self._finish_writes()
         os.fsync(self.fd)
-        old = self._keep_old()
-        # rename while the lock is still held, so no cleaner can take a complete file for a stale one
+        old = _open_old(self.path)      # the replaced file, held open across the rename: its blocks are
+        # freed when it is closed, after the commit, on a background thread (no name of it is left).
+        # Rename while the lock is still held, so no cleaner can take a complete file for a stale one.
         try:
             os.replace(self.tmp, self.path)
         except BaseException:
             if old is not None:
-                _free_old(old)
+                os.close(old)
             raise
         os.close(self.fd)
         self.fd = -1
@@ -430,20 +469,7 @@ class AtomicFile:
         except OSError:
             pass
         if old is not None:
-            free_in_background(old)
-
-    def _keep_old(self) -> str | None:
-        """A second link to a big file about to be replaced (so the rename does not free it), or None."""
-        try:
-            st = os.stat(self.path, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size < OLD_FILE_BYTES:
-                return None
-            old = os.path.join(self._dir, f"{self._prefix}old-{os.urandom(6).hex()}{TEMP_SUFFIX}")
-            os.link(self.path, old)
-        except OSError:
-            return None
-        _old_files.add(old)
-        return old
+            _close_in_background(old)
 
     def abort(self) -> None:
         writer, self._writer = self._writer, None

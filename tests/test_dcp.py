@@ -282,20 +282,22 @@ def test_earlier_rank_files_are_removed_after_a_commit_big_ones_off_the_critical
         (tmp_path / name).write_bytes(b"x" * 100)
     with open(tmp_path / big, "wb") as fh:          # sparse: big by size, cheap to make
         fh.truncate(writer.OLD_FILE_BYTES)
-    held = threading.Event()
+    held, fds = threading.Event(), []
     real = writer._free_old
 
-    def slow_free(p):                 # hold the background unlink until the test has looked
+    def slow_free(fd):                # hold the background close until the test has looked
+        fds.append(fd)
         held.wait(5)
-        real(p)
+        real(fd)
     monkeypatch.setattr(writer, "_free_old", slow_free)
     dcp._remove_unlisted(str(tmp_path), {keep: {}})
-    assert sorted(os.listdir(tmp_path)) == sorted([keep, big, other])     # the small one at once
+    assert sorted(os.listdir(tmp_path)) == sorted([keep, other])          # every name gone at once
+    assert len(writer._old_fds) == 1                                      # the big one still open
     held.set()
     for t in threading.enumerate():
         if t.name == "mithril-free-old":
             t.join(5)
-    assert sorted(os.listdir(tmp_path)) == sorted([keep, other]) and not writer._old_files
+    assert fds and not writer._old_fds
 
 
 def test_a_save_releases_the_cache_of_its_own_ranks_earlier_files_only(tmp_path, monkeypatch):

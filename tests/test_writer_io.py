@@ -4,6 +4,7 @@ and none of it weakens atomicity: a failed write leaves the old file and no temp
 import errno
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -77,31 +78,90 @@ def test_a_failed_write_on_the_writer_thread_keeps_the_old_file(tmp_path, monkey
     assert os.listdir(tmp_path) == ["ckpt.mth"]
 
 
-def test_a_replaced_big_file_is_freed_after_the_rename(tmp_path, monkeypatch):
+def _hold_frees(monkeypatch):
+    """Hold writer._free_old (the background close of a replaced big file) until released; returns
+    (release, the descriptors held, a function that waits for the threads)."""
+    held, fds = threading.Event(), []
+    real = writer._free_old
+
+    def slow_free(fd):
+        fds.append(fd)
+        held.wait(5)
+        real(fd)
+    monkeypatch.setattr(writer, "_free_old", slow_free)
+
+    def join():
+        for t in threading.enumerate():
+            if t.name == "mithril-free-old":
+                t.join(5)
+    return held, fds, join
+
+
+def test_a_replaced_big_file_is_freed_after_the_rename_and_leaves_no_name(tmp_path, monkeypatch):
+    """The replaced file is held open across the rename and closed on a background thread (its
+    blocks freed off the critical path); its name is gone when the save returns, so a folder
+    listed or removed at once sees only the new file (shutil.rmtree used to race the thread that
+    unlinked a second link)."""
     monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1000)
     path = tmp_path / "ckpt.mth"
     mithril_gpu.save({"w": torch.randn(10_000)}, path)
     old_inode = os.stat(path).st_ino
-    held = threading.Event()
-    freed = []
-    real = writer._free_old
-
-    def slow_free(p):                      # hold the background unlink until the test has looked
-        held.wait(5)
-        freed.append(p)
-        real(p)
-    monkeypatch.setattr(writer, "_free_old", slow_free)
+    held, fds, join = _hold_frees(monkeypatch)
     new = {"w": torch.randn(10_000)}
     mithril_gpu.save(new, path)
-    names = os.listdir(tmp_path)
-    old_links = [n for n in names if writer.is_temp_name(n)]
-    assert len(old_links) == 1 and os.stat(tmp_path / old_links[0]).st_ino == old_inode   # still linked
+    assert os.listdir(tmp_path) == ["ckpt.mth"]                    # no second name, even now
+    for _ in range(100):
+        if fds:
+            break
+        time.sleep(0.01)
+    st = os.fstat(fds[0])
+    assert st.st_ino == old_inode and st.st_nlink == 0 and fds[0] in writer._old_fds   # open, unnamed
     assert torch.equal(mithril_gpu.load(path)["w"], new["w"])
     held.set()
-    for t in threading.enumerate():
-        if t.name == "mithril-free-old":
-            t.join(5)
-    assert freed and os.listdir(tmp_path) == ["ckpt.mth"]
+    join()
+    assert not writer._old_fds
+    with pytest.raises(OSError):
+        os.fstat(fds[0])                                            # closed: the blocks are free
+
+
+def test_a_small_replaced_file_is_not_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1 << 30)
+    calls = []
+    monkeypatch.setattr(writer, "_close_in_background", lambda fd: calls.append(fd))
+    path = tmp_path / "ckpt.mth"
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)
+    assert calls == [] and os.listdir(tmp_path) == ["ckpt.mth"]
+
+
+def test_a_forked_child_closes_the_replaced_files_its_parent_is_freeing(tmp_path, monkeypatch):
+    """A child forked while a replaced file waits for its background close (a DataLoader worker
+    started during a save) closes its copy at once: it never keeps the old file's blocks."""
+    monkeypatch.setattr(writer, "OLD_FILE_BYTES", 1000)
+    path = tmp_path / "ckpt.mth"
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)
+    held, fds, join = _hold_frees(monkeypatch)
+    mithril_gpu.save({"w": torch.randn(10_000)}, path)
+    for _ in range(100):
+        if fds:
+            break
+        time.sleep(0.01)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: is its copy of the descriptor still open?
+        try:
+            os.fstat(fds[0])
+            os.write(w, b"open")
+        except OSError:
+            os.write(w, b"closed")
+        os._exit(0)
+    os.close(w)
+    answer = os.read(r, 16)
+    os.waitpid(pid, 0)
+    os.close(r)
+    held.set()
+    join()
+    assert answer == b"closed"
 
 
 def test_an_old_link_left_by_a_killed_process_goes_with_the_next_save(tmp_path):
