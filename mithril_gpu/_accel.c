@@ -781,8 +781,12 @@ static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buff
     /* sub-parts 0-2 hold L elements each, sub-part 3 the rest; hashing, L is whole rows */ \
     const Py_ssize_t relem = have_dg ? rb / (Py_ssize_t)sizeof(T) : 1; \
     const Py_ssize_t L = n / CTX_K / relem * relem; const int nc = 1 << w; \
-    for (Py_ssize_t j = 0; j < L; j++) for (int k = 0; k < CTX_K; k++) { T y = Y[k * L + j]; sub[k * nc + CTX_CX(T)]++; } \
-    for (Py_ssize_t j = CTX_K * L; j < n; j++) { T y = Y[j]; sub[(CTX_K - 1) * nc + CTX_CX(T)]++; } \
+    if (sizeof(T) == 2 && w <= 8 && ctxm_simd == 1)     /* (sub is zeroed: the vector count adds to it) */ \
+        for (int k = 0; k < CTX_K; k++) \
+            ctx_hist16_simd((const uint16_t_ua *)(Y + k * L), k < CTX_K - 1 ? L : n - (CTX_K - 1) * L, s, w, sub + k * nc); \
+    else { \
+        for (Py_ssize_t j = 0; j < L; j++) for (int k = 0; k < CTX_K; k++) { T y = Y[k * L + j]; sub[k * nc + CTX_CX(T)]++; } \
+        for (Py_ssize_t j = CTX_K * L; j < n; j++) { T y = Y[j]; sub[(CTX_K - 1) * nc + CTX_CX(T)]++; } } \
     for (int c = 0; c < nc; c++) { uint64_t h = 0; for (int k = 0; k < CTX_K; k++) h += sub[k * nc + c]; hist[c] = h; } \
     if (!have_ob) { uint64_t run = 0; for (int c = 0; c < nc; c++) { off[c] = run; run += hist[c]; } } \
     for (int c = 0; c < nc; c++) { uint64_t o = off[c]; for (int k = 0; k < CTX_K; k++) { uint64_t h = sub[k * nc + c]; sub[k * nc + c] = o; o += h; } \
@@ -852,7 +856,6 @@ static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buff
                                        h0[c] = h1[c] = h2[c] = h3[c] = 0; } \
     } } while (0)
 
-static int ctxm_simd;
 static void ctx_hist16_simd(const uint16_t_ua *Y, Py_ssize_t n, int s, int w, uint64_t *hist);
 static int ctx_hist_c(Py_buffer bs, int isz, int s, int w, uint64_t *hist) {
     Py_ssize_t n = bs.len / isz; int nc = 1 << w;
