@@ -1105,6 +1105,43 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
             rem &= ~eq; PUT(c, eq); } \
         AFTER \
     }
+/* ctxm_block16's and ctxi_block16's common parts: the constants (zigzag's sign bit and float
+ * mask, the context mask and shift, the hot contexts), and a group's head: its elements as a mask
+ * (rem; r0, r1 for the two halves), its base elements (y0, y1) and their contexts (c0, c1). */
+#define CTXB16_SETUP \
+    const __m512i sbv = _mm512_set1_epi16((short)0x8000), fmv = _mm512_set1_epi16(fl ? -1 : 0); \
+    const __m512i cmv = _mm512_set1_epi16((short)((1u << w) - 1)); \
+    const __m128i sv = _mm_cvtsi32_si128(s); \
+    uint16_t cb[64]; \
+    __m512i hv[CTXM_HOT]; \
+    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
+#define CTXB16_GROUP \
+    Py_ssize_t left = m - j; \
+    uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0; \
+    __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32); \
+    __m512i y0 = _mm512_maskz_loadu_epi16(r0, (const void *)(Y + j)), y1 = _mm512_maskz_loadu_epi16(r1, (const void *)(Y + j + 32)); \
+    __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(y0, sv), cmv), c1 = _mm512_and_si512(_mm512_srl_epi16(y1, sv), cmv);
+
+/* For each context of a group of 64 16-bit elements whose contexts are in c0 and c1 (lanes of
+ * r0, r1; rem: the group's elements as a mask, seen = 0): PUT(context, its elements as a 64-bit
+ * mask). The hot contexts (hv[h] = hot[h]) are compared with every group without a branch, the
+ * group's other contexts found one by one (cb: room for 64 contexts). */
+#define CTXM_CONTEXTS64(PUT) \
+    for (int h = 0; h < nhot; h++) { \
+        uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h]) \
+                       | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32); \
+        seen |= eq; PUT(hot[h], eq); } \
+    rem &= ~seen; \
+    if (rem) { \
+        _mm512_storeu_si512(cb, c0); _mm512_storeu_si512(cb + 32, c1); \
+        while (rem) { \
+            unsigned c = cb[__builtin_ctzll(rem)]; \
+            __m512i b = _mm512_set1_epi16((short)c); \
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b) \
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32); \
+            rem &= ~eq; PUT(c, eq); } \
+    }
+
 /* The move of ctxm for 16-bit elements, a block of m: groups of 64 elements, their contexts and
  * deltas made in registers from the elements (X; each loaded once, and stored to xl for the row
  * digests) and their base (Y): CTX_ENC and
@@ -1121,38 +1158,16 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")))
 static void ctxm_block16(const uint16_t_ua *X, uint16_t *xl, const uint16_t_ua *Y, Py_ssize_t m, int op, int fl, int s, int w,
                          uint64_t *pos, uint64_t *vp, uint64_t *acc, const uint64_t *bst, uint64_t *W, uint16_t *V,
                          const unsigned *hot, int nhot) {
-    const __m512i sbv = _mm512_set1_epi16((short)0x8000), fmv = _mm512_set1_epi16(fl ? -1 : 0);
-    const __m512i cmv = _mm512_set1_epi16((short)((1u << w) - 1));
-    const __m128i sv = _mm_cvtsi32_si128(s);
-    uint16_t cb[64];
-    __m512i hv[CTXM_HOT];
-    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
+    CTXB16_SETUP
     for (Py_ssize_t j = 0; j < m; j += 64) {
-        Py_ssize_t left = m - j;
-        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0;
-        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
-        __m512i y0 = _mm512_maskz_loadu_epi16(r0, (const void *)(Y + j)), y1 = _mm512_maskz_loadu_epi16(r1, (const void *)(Y + j + 32));
+        CTXB16_GROUP
         __m512i x0 = _mm512_maskz_loadu_epi16(r0, (const void *)(X + j)), x1 = _mm512_maskz_loadu_epi16(r1, (const void *)(X + j + 32));
         _mm512_mask_storeu_epi16(xl + j, r0, x0); _mm512_mask_storeu_epi16(xl + j + 32, r1, x1);
-        __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(y0, sv), cmv), c1 = _mm512_and_si512(_mm512_srl_epi16(y1, sv), cmv);
         __m512i d0, d1;
         CTXM_ENC16(x0, y0, d0); CTXM_ENC16(x1, y1, d1);
         uint64_t nz = ((uint64_t)_mm512_mask_test_epi16_mask(r0, d0, d0)
                        | (uint64_t)_mm512_mask_test_epi16_mask(r1, d1, d1) << 32);
-        for (int h = 0; h < nhot; h++) {
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
-            seen |= eq; CTXM_PUT64(hot[h], eq); }
-        rem &= ~seen;
-        if (rem) {
-            _mm512_storeu_si512(cb, c0); _mm512_storeu_si512(cb + 32, c1);
-            while (rem) {
-                unsigned c = cb[__builtin_ctzll(rem)];
-                __m512i b = _mm512_set1_epi16((short)c);
-                uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
-                               | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
-                rem &= ~eq; CTXM_PUT64(c, eq); }
-        }
+        CTXM_CONTEXTS64(CTXM_PUT64)
     }
 }
 
@@ -1468,33 +1483,12 @@ static Py_ssize_t ctxm_unit(const uint64_t *W, const uint64_t *cum, const uint64
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi,bmi2,popcnt")))
 static void ctxi_block16(const uint16_t_ua *Y, uint16_t_ua *O, Py_ssize_t m, int op, int fl, int s, int w,
                          uint64_t *pos, uint64_t *vp, const uint64_t *W, const uint16_t *V, const unsigned *hot, int nhot) {
-    const __m512i sbv = _mm512_set1_epi16((short)0x8000), fmv = _mm512_set1_epi16(fl ? -1 : 0);
-    const __m512i cmv = _mm512_set1_epi16((short)((1u << w) - 1)), one = _mm512_set1_epi16(1);
-    const __m128i sv = _mm_cvtsi32_si128(s);
-    uint16_t cb[64];
-    __m512i hv[CTXM_HOT];
-    for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
+    const __m512i one = _mm512_set1_epi16(1);
+    CTXB16_SETUP
     for (Py_ssize_t j = 0; j < m; j += 64) {
-        Py_ssize_t left = m - j;
-        uint64_t rem = left >= 64 ? ~0ull : ((1ull << left) - 1), seen = 0;
-        __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32);
-        __m512i y0 = _mm512_maskz_loadu_epi16(r0, (const void *)(Y + j)), y1 = _mm512_maskz_loadu_epi16(r1, (const void *)(Y + j + 32));
-        __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(y0, sv), cmv), c1 = _mm512_and_si512(_mm512_srl_epi16(y1, sv), cmv);
+        CTXB16_GROUP
         CTXI_ZERO
-        for (int h = 0; h < nhot; h++) {
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h])
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32);
-            seen |= eq; CTXI_PUT64(hot[h], eq); }
-        rem &= ~seen;
-        if (rem) {
-            _mm512_storeu_si512(cb, c0); _mm512_storeu_si512(cb + 32, c1);
-            while (rem) {
-                unsigned c = cb[__builtin_ctzll(rem)];
-                __m512i b = _mm512_set1_epi16((short)c);
-                uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b)
-                               | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32);
-                rem &= ~eq; CTXI_PUT64(c, eq); }
-        }
+        CTXM_CONTEXTS64(CTXI_PUT64)
         __m512i o0, o1;
         if (op == 0) { o0 = _mm512_xor_si512(a0, y0); o1 = _mm512_xor_si512(a1, y1); }
         else {
