@@ -501,6 +501,18 @@ static void hist4_scalar(const uint8_t *src, size_t n, uint32_t *counts) {
 #define HIST_SAMPLE 4096
 static int hist_simd = -1;            /* -1: not yet probed; 0: off; 1: on */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* 64 bytes v against the hot values (hv[h], at most HIST_HOT or CTXM_HOT of them): hc[h] += the
+ * bytes equal to hv[h]; returns the mask of the bytes equal to none, for the caller to count one
+ * by one (hist_hot's and ctx_hist16_simd's loop) */
+__attribute__((target("avx512f,avx512bw,popcnt")))
+static inline uint64_t hot_count64(__m512i v, const __m512i *hv, int nhot, uint64_t *hc) {
+    uint64_t seen = 0;
+    for (int h = 0; h < nhot; h++) {
+        uint64_t m = _mm512_cmpeq_epi8_mask(v, hv[h]);
+        hc[h] += (uint64_t)__builtin_popcountll(m); seen |= m;
+    }
+    return ~seen;
+}
 __attribute__((target("avx512f,avx512bw,popcnt")))
 static void hist_hot(const uint8_t *src, size_t n, uint32_t *counts, const uint8_t *hot, int nhot) {
     uint64_t hc[HIST_HOT] = {0};
@@ -509,13 +521,8 @@ static void hist_hot(const uint8_t *src, size_t n, uint32_t *counts, const uint8
     memset(counts, 0, 256 * sizeof(uint32_t));
     size_t i = 0;
     for (; i + 64 <= n; i += 64) {
-        __m512i v = _mm512_loadu_si512((const void *)(src + i));
-        uint64_t seen = 0;
-        for (int h = 0; h < nhot; h++) {
-            uint64_t m = _mm512_cmpeq_epi8_mask(v, hv[h]);
-            hc[h] += (uint64_t)__builtin_popcountll(m); seen |= m;
-        }
-        for (uint64_t rest = ~seen; rest; rest &= rest - 1) counts[src[i + (size_t)__builtin_ctzll(rest)]]++;
+        uint64_t rest = hot_count64(_mm512_loadu_si512((const void *)(src + i)), hv, nhot, hc);
+        for (; rest; rest &= rest - 1) counts[src[i + (size_t)__builtin_ctzll(rest)]]++;
     }
     for (; i < n; i++) counts[src[i]]++;
     for (int h = 0; h < nhot; h++) counts[hot[h]] += (uint32_t)hc[h];
@@ -1078,6 +1085,26 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
     _mm512_mask_storeu_epi16(v_ + n0, (__mmask32)((1ull << n1) - 1), _mm512_maskz_compress_epi16((__mmask32)(mm >> 32), d1)); \
     vp[c_] += (uint64_t)(n0 + n1); } } while (0)
 
+/* For each context of a group of 64 16-bit elements whose contexts are in c0 and c1 (lanes of
+ * r0, r1; rem: the group's elements as a mask, seen = 0): PUT(context, its elements as a 64-bit
+ * mask). The hot contexts (hv[h] = hot[h]) are compared with every group without a branch, the
+ * group's other contexts found one by one (cx: room for 64 contexts). */
+#define CTXM_CONTEXTS64(PUT) \
+    for (int h = 0; h < nhot; h++) { \
+        uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h]) \
+                       | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32); \
+        seen |= eq; PUT(hot[h], eq); } \
+    rem &= ~seen; \
+    if (rem) { \
+        _mm512_storeu_si512(cx, c0); _mm512_storeu_si512(cx + 32, c1); \
+        while (rem) { \
+            unsigned c = cx[__builtin_ctzll(rem)]; \
+            __m512i b = _mm512_set1_epi16((short)c); \
+            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b) \
+                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32); \
+            rem &= ~eq; PUT(c, eq); } \
+    }
+
 /* Groups of 64 16-bit elements (cb: their contexts; m of them): for each context present in a
  * group, PUT(context, its elements as a 64-bit mask); the part's hot contexts are compared with
  * every group without branches, the others found one by one. BEFORE and AFTER: statements run
@@ -1085,6 +1112,7 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
 #define CTXM_NOTHING
 #define CTXM_GROUPS64(BEFORE, PUT, AFTER) \
     __m512i hv[CTXM_HOT]; \
+    uint16_t cx[64]; \
     for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]); \
     for (Py_ssize_t j = 0; j < m; j += 64) { \
         Py_ssize_t left = m - j; \
@@ -1092,17 +1120,7 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
         __mmask32 r0 = (__mmask32)rem, r1 = (__mmask32)(rem >> 32); \
         __m512i c0 = _mm512_maskz_loadu_epi16(r0, cb + j), c1 = _mm512_maskz_loadu_epi16(r1, cb + j + 32); \
         BEFORE \
-        for (int h = 0; h < nhot; h++) { \
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h]) \
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32); \
-            seen |= eq; PUT(hot[h], eq); } \
-        rem &= ~seen; \
-        while (rem) { \
-            unsigned c = (unsigned)cb[j + __builtin_ctzll(rem)]; \
-            __m512i b = _mm512_set1_epi16((short)c); \
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b) \
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32); \
-            rem &= ~eq; PUT(c, eq); } \
+        CTXM_CONTEXTS64(PUT) \
         AFTER \
     }
 /* ctxm_block16's and ctxi_block16's common parts: the constants (zigzag's sign bit and float
@@ -1112,7 +1130,7 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
     const __m512i sbv = _mm512_set1_epi16((short)0x8000), fmv = _mm512_set1_epi16(fl ? -1 : 0); \
     const __m512i cmv = _mm512_set1_epi16((short)((1u << w) - 1)); \
     const __m128i sv = _mm_cvtsi32_si128(s); \
-    uint16_t cb[64]; \
+    uint16_t cx[64]; \
     __m512i hv[CTXM_HOT]; \
     for (int h = 0; h < nhot; h++) hv[h] = _mm512_set1_epi16((short)hot[h]);
 #define CTXB16_GROUP \
@@ -1122,30 +1140,9 @@ static int ctxm_simd = -1;                /* -1: not yet probed; 0: off; 1: on (
     __m512i y0 = _mm512_maskz_loadu_epi16(r0, (const void *)(Y + j)), y1 = _mm512_maskz_loadu_epi16(r1, (const void *)(Y + j + 32)); \
     __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(y0, sv), cmv), c1 = _mm512_and_si512(_mm512_srl_epi16(y1, sv), cmv);
 
-/* For each context of a group of 64 16-bit elements whose contexts are in c0 and c1 (lanes of
- * r0, r1; rem: the group's elements as a mask, seen = 0): PUT(context, its elements as a 64-bit
- * mask). The hot contexts (hv[h] = hot[h]) are compared with every group without a branch, the
- * group's other contexts found one by one (cb: room for 64 contexts). */
-#define CTXM_CONTEXTS64(PUT) \
-    for (int h = 0; h < nhot; h++) { \
-        uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask(r0, c0, hv[h]) \
-                       | (uint64_t)_mm512_mask_cmpeq_epi16_mask(r1, c1, hv[h]) << 32); \
-        seen |= eq; PUT(hot[h], eq); } \
-    rem &= ~seen; \
-    if (rem) { \
-        _mm512_storeu_si512(cb, c0); _mm512_storeu_si512(cb + 32, c1); \
-        while (rem) { \
-            unsigned c = cb[__builtin_ctzll(rem)]; \
-            __m512i b = _mm512_set1_epi16((short)c); \
-            uint64_t eq = ((uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)rem, c0, b) \
-                           | (uint64_t)_mm512_mask_cmpeq_epi16_mask((__mmask32)(rem >> 32), c1, b) << 32); \
-            rem &= ~eq; PUT(c, eq); } \
-    }
-
 /* The move of ctxm for 16-bit elements, a block of m: groups of 64 elements, their contexts and
  * deltas made in registers from the elements (X; each loaded once, and stored to xl for the row
- * digests) and their base (Y): CTX_ENC and
- * (y >> s) & cm lane by lane, the same values. Each hot context is compared with every group
+ * digests) and their base (Y): CTX_ENC and (y >> s) & cm lane by lane, the same values. Each hot context is compared with every group
  * without a branch (CTXM_PUT64 stores values only for a context with a nonzero delta in the group:
  * sparse deltas skip most stores); the group's other contexts one by one. */
 #define CTXM_ENC16(xv, yv, dv) do { __m512i x_ = (xv), y_ = (yv); \
@@ -1233,11 +1230,7 @@ static void ctx_hist16_simd(const uint16_t_ua *Y, Py_ssize_t n, int s, int w, ui
         __m512i c0 = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512((const void *)(Y + i)), sv), cmv);
         __m512i c1 = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512((const void *)(Y + i + 32)), sv), cmv);
         __m512i cv = _mm512_packus_epi16(c0, c1);
-        uint64_t seen = 0;
-        for (int h = 0; h < nhot; h++) {
-            uint64_t eq = _mm512_cmpeq_epi8_mask(cv, hv[h]);
-            seen |= eq; cnt[h] += (uint64_t)__builtin_popcountll(eq); }
-        uint64_t rem = ~seen;
+        uint64_t rem = hot_count64(cv, hv, nhot, cnt);
         if (rem) {
             _mm512_storeu_si512(cb, cv);
             do { hist[cb[__builtin_ctzll(rem)]]++; rem &= rem - 1; } while (rem);
