@@ -598,17 +598,8 @@ def _unlock_folder(fd) -> None:
         os.close(fd)                       # (closing the last descriptor releases the flock)
 
 
-def _close_folder_locks_in_child() -> None:
-    for fd in list(_held_folders):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _held_folders.clear()
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_folder_locks_in_child)
+    os.register_at_fork(after_in_child=lambda: writer.close_quietly(_held_folders))
 
 
 def _copy_bytes(dst, src) -> None:

@@ -212,8 +212,21 @@ class _FileView(io.RawIOBase):
         return self._owner.fd
 
 
-_old_fds: set = set()          # open files whose names are gone, closed (freed) on background threads
-_old_lock = threading.Lock()   # held while one is closed, and across fork()
+_old_fds: set = set()          # replaced files held open, from before their name goes until a
+_old_lock = threading.Lock()   # background thread closes them (freeing them); the lock is held
+                               # while one is closed, and across fork(), so that a child's copy of
+                               # the set names exactly the descriptors it inherited open
+
+
+def close_quietly(fds: set) -> None:
+    """Close every descriptor in ``fds`` (ignoring errors) and empty it: what a forked child does
+    with the descriptors its parent holds for a while (this module's and the Checkpointer's)."""
+    for fd in list(fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def _open_old(path) -> int | None:
@@ -230,6 +243,7 @@ def _open_old(path) -> int | None:
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size >= OLD_FILE_BYTES:
+            _old_fds.add(fd)           # (no lock: a save's commit never waits for a background close)
             return fd
     except OSError:
         pass
@@ -247,8 +261,6 @@ def _free_old(fd: int) -> None:
 
 
 def _close_in_background(fd: int) -> None:
-    with _old_lock:
-        _old_fds.add(fd)
     try:
         threading.Thread(target=_free_old, args=(fd,), name="mithril-free-old", daemon=True).start()
     except RuntimeError:           # no thread to be had (a limit, interpreter shutdown): free it here
@@ -259,12 +271,7 @@ def _old_fds_in_child() -> None:
     """A forked child closes its copies of the descriptors its parent is freeing (a DataLoader
     worker must not keep a replaced checkpoint's blocks for its lifetime)."""
     global _old_lock
-    for fd in list(_old_fds):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _old_fds.clear()
+    close_quietly(_old_fds)
     _old_lock = threading.Lock()
 
 
@@ -284,7 +291,7 @@ def free_in_background(path: str) -> None:
         os.unlink(path)
     except OSError:
         if fd is not None:
-            os.close(fd)
+            _free_old(fd)
         return
     if fd is not None:
         _close_in_background(fd)
@@ -456,7 +463,7 @@ class AtomicFile:
             os.replace(self.tmp, self.path)
         except BaseException:
             if old is not None:
-                os.close(old)
+                _free_old(old)
             raise
         os.close(self.fd)
         self.fd = -1
