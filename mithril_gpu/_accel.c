@@ -1284,6 +1284,7 @@ static PyObject *py_ctxm_simd(PyObject *self, PyObject *args) {
         rowhash_feed(&rh, xl, (size_t)m * sizeof(T)); \
         for (Py_ssize_t j = 0; j < m; j++) { T y = Y[j0 + j]; cb[j] = (T)((y >> s) & cm); } \
         for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, xl[j], Y[j0 + j], db[j]); \
+        if (K) memcpy(K + j0 * (Py_ssize_t)sizeof(T), xl, (size_t)m * sizeof(T)); /* after its base is read */ \
         GROUP; \
         if ((j0 + m) % CTXM_CHECK == 0 || j0 + m == n) \
             for (int c = 0; c < nc; c++) bad |= pos[c] > end[c]; \
@@ -1310,18 +1311,22 @@ static int ctxm_args_ok(int isz, int op, int s, int w, Py_ssize_t nsorted, Py_ss
     return tot == (uint64_t)(plen / isz);
 }
 
-/* ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None)
+/* ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None,
+ *      keep=None)
  * Moves the part (x, base: its elements in natural order) as above: offsets (uint64[2^w]) its
  * first sorted position per context, counts (uint64[2^w]) its elements per context; bitmap
  * (uint64 words, zeroed) and vals (elements) cover nsorted positions plus CTXM_SLACK. With
  * row_bytes (a multiple of itemsize; the part starts a row), digests (uint64 per row of the part)
- * gets the XXH64 of each row of x, of the very bytes whose deltas were moved. */
+ * gets the XXH64 of each row of x, of the very bytes whose deltas were moved. With keep (writable,
+ * x's length; it may be base itself), keep gets those very bytes too, each block once its base
+ * elements are read: a Checkpointer's copy of the base becomes the copy of what was coded. */
 static PyObject *ctxm(PyObject *self, PyObject *args) {
-    Py_buffer xs, bs, Ws, vs, ob, cbf, dg; int isz, op, fl, s, w; Py_ssize_t nsorted, rb = 0; PyObject *dgo = Py_None;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*iiiiiny*y*|nO", &xs, &bs, &Ws, &vs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf,
-                          &rb, &dgo))
+    Py_buffer xs, bs, Ws, vs, ob, cbf, dg, ks; int isz, op, fl, s, w; Py_ssize_t nsorted, rb = 0;
+    PyObject *dgo = Py_None, *ko = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*iiiiiny*y*|nOO", &xs, &bs, &Ws, &vs, &isz, &op, &fl, &s, &w, &nsorted, &ob, &cbf,
+                          &rb, &dgo, &ko))
         return NULL;
-    int have_dg = 0;
+    int have_dg = 0, have_k = 0;
     if (dgo != Py_None) {
         if (PyObject_GetBuffer(dgo, &dg, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
             PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
@@ -1330,8 +1335,18 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
         }
         have_dg = 1;
     }
+    if (ko != Py_None) {
+        if (PyObject_GetBuffer(ko, &ks, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
+            PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
+            if (have_dg) PyBuffer_Release(&dg);
+            return NULL;
+        }
+        have_k = 1;
+    }
+    char *K = have_k ? (char *)ks.buf : NULL;
     int ok = xs.len == bs.len && ctxm_args_ok(isz, op, s, w, nsorted, xs.len, &Ws, &vs, &ob, &cbf, xs.buf, bs.buf)
-             && rowhash_args_ok(rb, isz, xs.len, have_dg ? &dg : NULL);
+             && rowhash_args_ok(rb, isz, xs.len, have_dg ? &dg : NULL) && (!have_k || ks.len == xs.len);
     Py_ssize_t n = ok ? xs.len / isz : 0; int nc = ok ? 1 << w : 0;
     uint64_t *st = NULL;
     if (ok && !(st = malloc(5 * sizeof(uint64_t) << w))) ok = -1;
@@ -1339,6 +1354,7 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
         PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
         PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
         if (have_dg) PyBuffer_Release(&dg);
+        if (have_k) PyBuffer_Release(&ks);
         if (ok < 0) return PyErr_NoMemory();
         PyErr_SetString(PyExc_ValueError, "bad arguments"); return NULL;
     }
@@ -1365,6 +1381,7 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
                     /* each element read once, into a register: its delta is moved and it goes to xl, */
                     ctxm_block16(X + j0, xl, Y + j0, m, op, fl, s, w, pos, vp, acc, bst, W, (uint16_t *)vs.buf, hot, nhot);
                     rowhash_feed(&rh, xl, (size_t)m * 2);          /* whose bytes the digests are taken of */
+                    if (K) memcpy(K + 2 * j0, xl, (size_t)m * 2);  /* and keep gets */
                     if ((j0 + m) % CTXM_CHECK == 0 || j0 + m == n)
                         for (int c = 0; c < nc; c++) bad |= pos[c] > end[c];
                 }
@@ -1387,6 +1404,7 @@ static PyObject *ctxm(PyObject *self, PyObject *args) {
     PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&Ws); PyBuffer_Release(&vs);
     PyBuffer_Release(&ob); PyBuffer_Release(&cbf);
     if (have_dg) PyBuffer_Release(&dg);
+    if (have_k) PyBuffer_Release(&ks);
     if (bad) { PyErr_SetString(PyExc_ValueError, "the base's contexts do not match their counts (did the base change?)"); return NULL; }
     Py_RETURN_NONE;
 }
@@ -2681,7 +2699,7 @@ static PyMethodDef methods[] = {
     {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None, row_bytes=0, digests=None)"},
     {"unit_hist", unit_hist, METH_VARARGS, "unit_hist(src, itemsize, units, masked, hist_out, nnz_out): byte histograms per unit of elements"},
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
-    {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None)"},
+    {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None, keep=None)"},
     {"ctxm_cum", ctxm_cum, METH_VARARGS, "ctxm_cum(bitmap, nsorted, cum)"},
     {"ctxm_inverse", ctxm_inverse, METH_VARARGS, "ctxm_inverse(base, out, bitmap, vals, cum, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
     {"ctxm_simd", py_ctxm_simd, METH_VARARGS, "ctxm_simd(flag=-1) -> 1 when the AVX-512 ctxm move is on; 0/1 turns it off/on"},

@@ -21,7 +21,8 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
          chunk_elems: int = container.DEFAULT_CHUNK_ELEMS, metadata: dict | None = None,
          base=None, device: str = "auto", progress=None, _base_tensors: dict | None = None,
          _mode: int | None = None, _choices: dict | None = None, _written: list | None = None,
-         _encoded: tuple | None = None, _base_index=None) -> None:
+         _encoded: tuple | None = None, _base_index=None, _keep: dict | None = None,
+         _refreshed: set | None = None) -> None:
     """Compress a state dict (or any nest of dicts, lists, tuples, tensors and plain values) to ``path``.
 
     Args:
@@ -63,15 +64,22 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
     with Progress(progress, sum(it.nbytes for it in items), "save") as bar:
         index = write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
                             progress=bar, encoder=encoder, base_tensors=_base_tensors, mode=_mode, choices=_choices,
-                            base_index=_base_index)
+                            base_index=_base_index, keep=_keep, refreshed=_refreshed)
     if _written is not None:          # the index written (with its identity), for the Checkpointer
         _written.append(index)
 
 
 def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=None, base=None, level=None,
                 threads=None, progress=None, encoder=None, base_tensors: dict | None = None, mode: int | None = None,
-                choices: dict | None = None, base_index=None):
-    """Write prepared items (the common end of save() and the CLI), planning deltas against ``base``."""
+                choices: dict | None = None, base_index=None, keep: dict | None = None,
+                refreshed: set | None = None):
+    """Write prepared items (the common end of save() and the CLI), planning deltas against ``base``.
+
+    ``keep`` and ``refreshed`` (the Checkpointer's): ``keep`` (name -> writable uint8 array) is the
+    memory of the caller's copy of the base, the same bytes as ``base_tensors``, which this call
+    may turn into a copy of what it writes, tensor by tensor; the names of the tensors whose copy
+    holds the very bytes written are added to ``refreshed`` (those stored as "same", and those whose
+    context sort wrote the coded bytes there). If the call raises, the copy may be part old, part new."""
     threads = threads or default_threads()
     base_file, base_record, same = None, None, {}
     try:
@@ -81,7 +89,7 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
                 raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
                                  "replace its own base; write it under another name")
             base_record = {"xxh64": base_file.identity, "path": _relative(base_file.path, path)}
-            same = plan_deltas(items, base_file, base_tensors, choices)
+            same = plan_deltas(items, base_file, base_tensors, choices, keep=keep if refreshed is not None else None)
             matched = sum(it.nbytes for i, it in enumerate(items) if i in same or it.delta_op is not None)
             total = sum(it.nbytes for it in items)
             if total and matched < total / 2:
@@ -91,8 +99,12 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
 
                 warnings.warn(f"mithril: only {100 * matched / total:.0f}% of the bytes have a tensor of the same name, "
                               f"dtype and shape in the base {short(base_file.path)}", BaseNote, stacklevel=3)
-        return write_mth(path, items, tree=tree, metadata=metadata, source=source, base=base_record, same=same,
-                         level=level, threads=threads, progress=progress, encode=encoder, mode=mode)
+        index = write_mth(path, items, tree=tree, metadata=metadata, source=source, base=base_record, same=same,
+                          level=level, threads=threads, progress=progress, encode=encoder, mode=mode)
+        if refreshed is not None and keep:
+            refreshed.update(it.name for it in items if it.kept)
+            refreshed.update(items[i].name for i in same if items[i].name in keep)
+        return index
     finally:
         if base_file is not None and base_file is not base:
             base_file.close()

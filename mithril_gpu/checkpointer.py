@@ -24,6 +24,7 @@ import numpy as np
 from . import api, checksum, tree as tree_mod, writer
 from .errors import BaseMismatchError, CorruptFileError, MissingBaseError, MithrilError, short
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
+from .torchio import writable_bytes
 from .writer import remove_stale_temps
 
 _NAME = re.compile(r"step-(\d+)\.mth\Z")
@@ -359,11 +360,22 @@ class Checkpointer:
             # snapshot first, no fresh pages to fault in), and checked against the file's
             # checksums. Had anything (another thread) changed the state meanwhile, the file or the
             # copy could disagree with the state: the save is then done again from a snapshot.
-            index = self._write(state, self.path(step), base_path, base_tensors, choices, encoded=enc)
+            # The context sort writes what it codes over the copy it sorts against (``refreshed``: those
+            # names, and the ones stored as "same", already hold what the file holds): no second pass.
+            refreshed = set() if base_tensors is not None and REFRESH_IN_PLACE else None
+            keep = {n: a for n, t in self._base_tensors.items()
+                    if (a := writable_bytes(t)) is not None} if refreshed is not None else None
+            try:
+                index = self._write(state, self.path(step), base_path, base_tensors, choices, encoded=enc,
+                                    keep=keep, refreshed=refreshed)
+            except BaseException:
+                if refreshed is not None:       # the copy may be part old, part new: never a base again
+                    self._base_tensors = None
+                raise
             old, self._base_tensors = self._base_tensors, None
             leaves = None
             try:
-                leaves = _refresh(old or {}, enc[1], index)
+                leaves = _refresh(old or {}, enc[1], index, refreshed or ())
             except Exception as e:      # the checkpoint is written; only the next delta's shortcut is lost
                 warnings.warn(CheckpointNote(f"mithril: could not keep step {step}'s tensors in memory "
                                              f"({short(e)}); the next delta reads its base from disk"), stacklevel=2)
@@ -412,9 +424,10 @@ class Checkpointer:
         self._after_write(*self._pending_done)
         return path
 
-    def _write(self, state, path, base_path, base_tensors, choices, encoded=None):
+    def _write(self, state, path, base_path, base_tensors, choices, encoded=None, keep=None, refreshed=None):
         """Write one checkpoint file and prune; returns the index written. ``encoded``: the
-        state's (tree, named leaves), where the caller has them already."""
+        state's (tree, named leaves), where the caller has them already; ``keep`` and
+        ``refreshed``: see ``api.write_items`` (this Checkpointer's copy, refreshed in place)."""
         written: list = []
         if base_path is None:
             api.save(state, path, _written=written, _encoded=encoded, **self.save_kwargs)
@@ -422,7 +435,7 @@ class Checkpointer:
             last = self._last_index
             api.save(state, path, base=base_path, _base_tensors=base_tensors, _choices=choices, _written=written,
                      _encoded=encoded, _base_index=last[1] if last is not None and last[0] == base_path else None,
-                     **self.save_kwargs)
+                     _keep=keep, _refreshed=refreshed, **self.save_kwargs)
         self._remember(path, written[0])
         self._prune()
         return written[0]
@@ -602,25 +615,35 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: writer.close_quietly(_held_folders))
 
 
+# A blocking delta save of CPU tensors lets the context sort write what it codes over the copy it
+# sorts against (the copy then needs no second pass: no copy, no checksums). False: every tensor
+# is copied and checked after the write, as before (the reference the tests compare with).
+REFRESH_IN_PLACE = True
+
+
 def _copy_bytes(dst, src) -> None:
     """dst[...] = src for two uint8 arrays (numpy: 5x torch's copy for bf16; releases the GIL)."""
     np.copyto(dst, src)
 
 
-def _refresh(old: dict, leaves: list, index) -> dict | object:
+def _refresh(old: dict, leaves: list, index, done=()) -> dict | object:
     """Copies of a state's named tensors ``leaves`` (all on the CPU), written into the tensors of
     ``old`` (the previous copies) where name, dtype and shape match, fresh clones elsewhere; or
     ``_CHANGED`` if a copy's checksum is not the one ``index`` (the file just written from the
-    state) holds for it."""
+    state) holds for it. The names in ``done`` already hold the very bytes the file holds (the
+    save wrote them there): they are taken as they are."""
     entries = {e.name: e for e in index.tensors}
 
     def copy(nt):
         name, t = nt
         o, ov = old.get(name), None
         t = t.detach()
-        if o is None or o.dtype != t.dtype or o.shape != t.shape or o.device != t.device or not o.is_contiguous() \
-                or t.layout is not torch_strided() or o.layout is not torch_strided() or t.is_quantized \
-                or t.is_conj() or t.is_neg() or o.is_inference():
+        bad = o is None or o.dtype != t.dtype or o.shape != t.shape or o.device != t.device or not o.is_contiguous() \
+            or t.layout is not torch_strided() or o.layout is not torch_strided() or t.is_quantized \
+            or t.is_conj() or t.is_neg() or o.is_inference()
+        if name in done and not bad and o.device.type == "cpu":
+            return name, o, True
+        if bad:
             o = _clone(t)
         elif t.is_contiguous() and t.numel():
             ov = api.tensor_u8(o).numpy()

@@ -172,12 +172,13 @@ CTXM = True                  # False: masked context-sorted deltas are sorted in
 
 
 def ctxm_prepare(op: str, dt: DType, x: np.ndarray, base: np.ndarray, s: int, w: int, threads: int = 1,
-                 get=None, row_bytes: int = 0) -> tuple:
+                 get=None, row_bytes: int = 0, keep: np.ndarray | None = None) -> tuple:
     """The tables ``encode_units`` kind 4 cuts masked segments of the sorted stream from, without
     the stream (``_accel.ctxm``): (bitmap words, packed values, cum, block starts + [n], counts,
     row digests of ``x`` or None). ``get(nbytes)`` gives uint8 buffers (a pool's); parts of a
     large tensor move in parallel. With ``row_bytes``, the row digests are taken from the very
-    bytes moved."""
+    bytes moved; with ``keep`` (uint8, x's size; it may be ``base`` itself), so is a copy of them.
+    If this raises, ``keep`` may hold some of them."""
     isz = dt.itemsize
     n = base.size // isz
     bitmap, vals, cum = ctxm_tables(dt, n, get)
@@ -187,7 +188,7 @@ def ctxm_prepare(op: str, dt: DType, x: np.ndarray, base: np.ndarray, s: int, w:
 
     def move(a, b, offs, hist):
         _accel.ctxm(x[a:b], base[a:b], bitmap, vals, isz, opi, fl, s, w, n, offs, hist,
-                    rb, digs[a // rb:-(-b // rb)] if rb else None)
+                    rb, digs[a // rb:-(-b // rb)] if rb else None, None if keep is None else keep[a:b])
 
     hists, total, offs = _ctx_parts(base, isz, s, w, threads, move, rb)
     _accel.ctxm_cum(bitmap, n, cum)
@@ -276,9 +277,14 @@ def _prepare_ctx(item) -> None:
     rb = item.chunk_elems * item.dtype.itemsize
     if item.transform == "masked" and item.ctx_fused and ctxm_available():
         pool = item.stream_pool
+        keep = item.keep
+        if keep is not None and not (keep.dtype == np.uint8 and keep.size == item.nbytes and keep.flags.writeable
+                                     and keep.flags.c_contiguous):
+            keep = None
         tables = ctxm_prepare(item.delta_op, item.dtype, item.data, item.base, s, w, item.ctx_threads,
-                              pool.get if pool is not None else None, rb)
+                              pool.get if pool is not None else None, rb, keep=keep)
         item.ctx_m, item.ctx_digests = tables[:5], tables[5]
+        item.kept = keep is not None
         item.ctx_rows = ctxdelta.segments(item.ctx_m[4], item.chunk_elems)
         item.segs = [n for row in item.ctx_rows for n in row]
         return
@@ -387,6 +393,8 @@ class EncodeItem:
     ctx_threads: int = 1             # threads for sorting it
     ctx_fused: bool = False          # it is encoded by the fused path (which can take ctx_m)
     stream_pool: object = None       # a BufferPool the sorted stream's buffer comes from (and goes back to)
+    keep: np.ndarray | None = None   # the caller's copy of the base (uint8) to refresh: the sort may write the coded bytes there
+    kept: bool = False               # ... and did: ``keep`` holds the very bytes coded (ctxm's ``keep``)
 
     @property
     def nbytes(self) -> int:

@@ -449,12 +449,15 @@ SAME_PROBE_BYTES = 4096
 
 
 def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = None,
-                choices: dict | None = None) -> dict[int, tuple[str, int]]:
+                choices: dict | None = None, keep: dict | None = None) -> dict[int, tuple[str, int]]:
     """Mark items that can be stored against ``base_file``; return, for the items identical to a
     base tensor ("same"), {item position: (base name, checksum)}.
 
     ``base_tensors`` (name -> CPU uint8 bytes or callable) spares decoding the base from disk.
     ``choices``: earlier choices to reuse, and where new ones are recorded (see :class:`_Planned`).
+    ``keep`` (name -> writable uint8 array): the memory of ``base_tensors``, the caller's copy, to
+    become a copy of what is written: an item whose base is such bytes gets its array as ``keep``
+    (its sort may write the coded bytes there).
     """
     same = {}
     for i, it in enumerate(items):
@@ -482,5 +485,6 @@ def plan_deltas(items: list[EncodeItem], base_file, base_tensors: dict | None = 
             fetch_base, fetch_sample = disk.whole, disk.sample
         planned = _Planned(it, it.data, fetch_base, choices, fetch_sample)
         it.delta_op, it.base_name, it.base = "pending", it.name, None
+        it.keep = (keep or {}).get(it.name) if src is not None and not callable(src) else None
         it.data = planned.data
     return same

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mithril_gpu
-from mithril_gpu import checkpointer, deltaplan
+from mithril_gpu import checkpointer, cpu, deltaplan, writer
 from mithril_gpu.errors import MissingBaseError
 from mithril_gpu.reader import SKIP_BASE
 from mithril_gpu.torchio import tensor_bytes
@@ -318,3 +318,70 @@ def test_a_pruning_thread_stops_at_its_first_error_no_delta_loses_its_base(tmp_p
     ck.save(_next(s, 3), 4)
     ck.wait()
     assert sorted(os.listdir(tmp_path)) == ["step-000000003.mth", "step-000000004.mth"]   # 4 is a delta on 3
+
+
+def _sorted_state(seed, n=1 << 16):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    return {"w": w, "same": torch.arange(3000.0).to(torch.bfloat16), "i": torch.arange(500)}
+
+
+@pytest.mark.skipif(not cpu.ctxm_available(), reason="needs the C helper's ctxm")
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_sort_writes_what_it_codes_over_the_kept_copy(tmp_path, monkeypatch, in_place):
+    """A blocking delta save's context sort (ctxm) writes the bytes it codes over the copy kept
+    for the next delta, and "same" tensors' copies already hold them: those need no copy and no
+    check after the write. The copy stays where it was and equals the file, save after save."""
+    monkeypatch.setattr(checkpointer, "REFRESH_IN_PLACE", in_place)
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, b, pre=None: ("zigzag", "masked", (7, 8))
+                        if item.name == "w" else (None, "raw", None))
+    seen, real = [], checkpointer._refresh
+    monkeypatch.setattr(checkpointer, "_refresh", lambda old, leaves, index, done=(): seen.append(set(done))
+                        or real(old, leaves, index, done))
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    state = _sorted_state(0)
+    ck.save(state, 0)
+    ptrs = {n: t.data_ptr() for n, t in ck._base_tensors.items()}
+    saved = [{n: t.clone() for n, t in state.items()}]
+    for step in range(1, 5):
+        g = torch.Generator().manual_seed(step)
+        state["w"].add_((torch.randn(state["w"].shape, generator=g) * 1e-4).to(torch.bfloat16))
+        state["i"][step] += 1
+        ck.save(state, step)
+        saved.append({n: t.clone() for n, t in state.items()})
+        assert {n: t.data_ptr() for n, t in ck._base_tensors.items()} == ptrs
+        assert_tree_same(ck._base_tensors, state)
+        with mithril_gpu.open(ck.path(step)) as f:
+            assert f.info("w")["delta"] == "zigzag" and f.info("same")["delta"] == "same"
+    assert seen[1:] == [{"w", "same"} if in_place else set()] * 4
+    for step, want in enumerate(saved):
+        assert_tree_same(ck.load(step), want)
+
+
+@pytest.mark.skipif(not cpu.ctxm_available(), reason="needs the C helper's ctxm")
+def test_a_failed_delta_save_drops_the_copy_it_may_have_refreshed(tmp_path, monkeypatch):
+    """A save that fails after its sort has written over the kept copy leaves that copy part
+    old, part new: it is dropped (the next delta reads its base from disk), never used as a base."""
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, b, pre=None: ("zigzag", "masked", (7, 8))
+                        if item.name == "w" else (None, "raw", None))
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    s0 = _sorted_state(1)
+    ck.save(s0, 0)
+    s1 = {n: t.clone() for n, t in s0.items()}
+    s1["w"].add_(torch.full((), 1e-3, dtype=torch.bfloat16))
+    real = writer.encode_all
+
+    def sort_then_fail(items, *a, **k):
+        for it in items:
+            it.ctx_fused = True                            # as encode_all sets it
+            it.resolve()
+        assert any(it.kept for it in items)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(writer, "encode_all", sort_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        ck.save(s1, 1)
+    assert ck._base_tensors is None and ck.steps() == [0]
+    monkeypatch.setattr(writer, "encode_all", real)
+    ck.save(s1, 1)                                         # its base read from disk
+    assert_tree_same(ck.load(1), s1)
+    assert_tree_same(ck.load(0), s0)

@@ -111,6 +111,41 @@ def test_the_tables_agree_with_the_sorted_stream():
     assert int(cum[-1]) == int((ref != 0).sum())
 
 
+@pytest.mark.parametrize("name", ["U8", "BF16", "F32", "F64"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_keep_gets_the_bytes_moved_even_over_the_base(monkeypatch, name, threads):
+    # ctxm's keep (the Checkpointer's copy of the base): the same tables with or without it, and
+    # keep ends up holding x, also when keep is the base itself (each block written once read)
+    monkeypatch.setattr(cpu, "CTX_PARALLEL_BYTES", 4096)
+    dt = dtypes.from_name(name)
+    rng = np.random.default_rng(3)
+    n = 30_011
+    b = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
+    if dt.itemsize > 1:                       # a few contexts, as weights have
+        b.view(f"<u{dt.itemsize}")[:] &= np.array((1 << 8 * dt.itemsize) - 1 - (0b1111 << (8 * dt.itemsize - 5)),
+                                                  f"<u{dt.itemsize}")
+    x = b.copy()
+    x[rng.random(x.size) < 0.1] ^= 3
+    s, w = ctx_for(dt) if dt.itemsize > 1 else (4, 4)
+    for simd in SIMD:
+        cpu._accel.ctxm_simd(simd)
+        ref = cpu.ctxm_prepare("zigzag", dt, x, b, s, w, threads=threads, row_bytes=1024 * dt.itemsize)
+        sep = np.zeros_like(x)
+        got = cpu.ctxm_prepare("zigzag", dt, x, b, s, w, threads=threads, row_bytes=1024 * dt.itemsize, keep=sep)
+        assert (sep == x).all()
+        over = b.copy()
+        got2 = cpu.ctxm_prepare("zigzag", dt, x, over, s, w, threads=threads, row_bytes=1024 * dt.itemsize, keep=over)
+        assert (over == x).all()
+        nw = n // 64 + 1
+        for g in (got, got2):
+            assert (g[0][:nw] == ref[0][:nw]).all() and (g[2] == ref[2]).all() and (g[3] == ref[3]).all()
+            assert (g[4] == ref[4]).all() and (g[5] == ref[5]).all()
+            k = int(ref[2][-1])
+            assert k and g[2][-1] == k
+    with pytest.raises(ValueError, match="bad arguments"):                  # keep of another length
+        cpu.ctxm_prepare("zigzag", dt, x, b, s, w, keep=np.zeros(x.size - dt.itemsize, np.uint8))
+
+
 def test_counts_that_do_not_match_the_base_are_refused():
     dt, x, b = _tables()
     n = b.size // 2
