@@ -815,7 +815,8 @@ static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buff
             for (int k = 0; k < CTX_K; k++) { const T##_ua *y_ = Y + k * L + j0; \
                 memcpy(xl[k], (const void *)(X + k * L + j0), (size_t)m * sizeof(T)); /* read once: deltas, digests */ \
                 rowhash_feed(&rh[k], xl[k], (size_t)m * sizeof(T)); \
-                for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, xl[k][j], y_[j], dbuf[k][j]); } \
+                for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, xl[k][j], y_[j], dbuf[k][j]); \
+                if (K) memcpy(K + (k * L + j0) * (Py_ssize_t)sizeof(T), xl[k], (size_t)m * sizeof(T)); } \
             if (vec) for (int k = 0; k < CTX_K; k++) \
                 ctxs_move16(cbuf[k], (const uint16_t *)dbuf[k], m, sk[k], (uint16_t_ua *)O, hot, nhot); \
             else for (Py_ssize_t j = 0; j < m; j++) { \
@@ -840,6 +841,7 @@ static int rowhash_args_ok(Py_ssize_t rb, int isz, Py_ssize_t len, const Py_buff
             memcpy(xl[0], (const void *)(X + j0), (size_t)m * sizeof(T)); \
             rowhash_feed(&rh[CTX_K - 1], xl[0], (size_t)m * sizeof(T)); \
             for (Py_ssize_t j = 0; j < m; j++) CTX_ENC(T, BITS, xl[0][j], Y[j0 + j], dbuf[0][j]); \
+            if (K) memcpy(K + j0 * (Py_ssize_t)sizeof(T), xl[0], (size_t)m * sizeof(T)); \
             if (vec) ctxs_move16(cbuf[0], (const uint16_t *)dbuf[0], m, s3, (uint16_t_ua *)O, hot, nhot); \
             else for (Py_ssize_t j = 0; j < m; j++) O[s3[cbuf[0][j]]++] = dbuf[0][j]; \
         } else { \
@@ -881,20 +883,25 @@ static int ctx_hist_c(Py_buffer bs, int isz, int s, int w, uint64_t *hist) {
     return 0;
 }
 
-/* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None, row_bytes=0, digests=None)
+/* ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None, row_bytes=0, digests=None,
+ *     keep=None)
  * inverse 0: out = sorted stream of the deltas of x against base; inverse 1: x is the sorted
  * stream, out = the original elements. counts_out (uint64[2^w]) receives the base's histogram.
  * offsets (uint64[2^w]): the sorted positions of the first element of each context of this part
  * of a tensor (base and, encoding, x, or decoding, out are the part; the sorted side is the whole
  * stream); without it the part is the whole tensor. A position beyond the stream is an error.
  * Encoding, with row_bytes (the part starts a row), digests (uint64 per row of the part) gets the
- * XXH64 of each row of x, of the very bytes whose deltas were sorted (as ctxm's). */
+ * XXH64 of each row of x, of the very bytes whose deltas were sorted, and keep (writable, x's
+ * length; it may be base itself) a copy of them, each block once its base elements are read (as
+ * ctxm's). */
 static PyObject *ctx(PyObject *self, PyObject *args) {
     Py_buffer xs, bs, os; int isz, op, fl, inv, s, w; PyObject *cnt = Py_None, *offs = Py_None, *dgo = Py_None;
+    PyObject *ko = Py_None;
     Py_ssize_t rb = 0;
-    if (!PyArg_ParseTuple(args, "y*y*w*iiiiii|OOnO", &xs, &bs, &os, &isz, &op, &fl, &inv, &s, &w, &cnt, &offs, &rb, &dgo))
+    if (!PyArg_ParseTuple(args, "y*y*w*iiiiii|OOnOO", &xs, &bs, &os, &isz, &op, &fl, &inv, &s, &w, &cnt, &offs, &rb, &dgo,
+                          &ko))
         return NULL;
-    Py_buffer cb, ob, dg; int have_cb = 0, have_ob = 0, have_dg = 0;
+    Py_buffer cb, ob, dg, ks; int have_cb = 0, have_ob = 0, have_dg = 0, have_k = 0;
     Py_ssize_t part = inv ? os.len : xs.len, whole = inv ? xs.len : os.len;
     int ok = (isz == 1 || isz == 2 || isz == 4 || isz == 8) && bs.len == part && part % isz == 0 && whole % isz == 0
              && op >= 0 && op <= 1 && w >= 1 && w <= CTX_MAXW && s >= 0 && s + w <= 8 * isz
@@ -911,6 +918,10 @@ static PyObject *ctx(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(dgo, &dg, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) ok = -1;
         else have_dg = 1;
     }
+    if (ok == 1 && ko != Py_None) {
+        if (PyObject_GetBuffer(ko, &ks, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) ok = -1;
+        else { have_k = 1; ok = !inv && ks.len == part; }
+    }
     if (ok == 1) ok = rowhash_args_ok(rb, isz, part, have_dg ? &dg : NULL) && !(inv && have_dg);
     uint64_t *hist = NULL, *off = NULL, *sub = NULL; void *xlb = NULL;
     if (ok == 1) {
@@ -923,12 +934,14 @@ static PyObject *ctx(PyObject *self, PyObject *args) {
         if (have_cb) PyBuffer_Release(&cb);
         if (have_ob) PyBuffer_Release(&ob);
         if (have_dg) PyBuffer_Release(&dg);
+        if (have_k) PyBuffer_Release(&ks);
         PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
         if (ok == -2) return PyErr_NoMemory();
         if (ok == 0) PyErr_SetString(PyExc_ValueError, "bad arguments");
         return NULL;
     }
     Py_ssize_t n = part / isz, nsorted = whole / isz; int bad = 0;
+    char *K = have_k ? (char *)ks.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
     if (have_ob) memcpy(off, ob.buf, sizeof(uint64_t) << w);
     switch (isz) {
@@ -943,6 +956,7 @@ static PyObject *ctx(PyObject *self, PyObject *args) {
     if (have_cb) PyBuffer_Release(&cb);
     if (have_ob) PyBuffer_Release(&ob);
     if (have_dg) PyBuffer_Release(&dg);
+    if (have_k) PyBuffer_Release(&ks);
     PyBuffer_Release(&xs); PyBuffer_Release(&bs); PyBuffer_Release(&os);
     if (bad) { PyErr_SetString(PyExc_ValueError, "context offsets beyond the sorted stream"); return NULL; }
     Py_RETURN_NONE;
@@ -2696,7 +2710,7 @@ static PyMethodDef methods[] = {
     {"split", split, METH_VARARGS, "split(src, itemsize, exp_bits, man_bits, planes)"},
     {"merge", merge, METH_VARARGS, "merge(planes, itemsize, exp_bits, man_bits, out)"},
     {"delta", delta, METH_VARARGS, "delta(x, base, out, itemsize, op, is_float, inverse)"},
-    {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None, row_bytes=0, digests=None)"},
+    {"ctx", ctx, METH_VARARGS, "ctx(x, base, out, itemsize, op, is_float, inverse, s, w, counts_out=None, offsets=None, row_bytes=0, digests=None, keep=None)"},
     {"unit_hist", unit_hist, METH_VARARGS, "unit_hist(src, itemsize, units, masked, hist_out, nnz_out): byte histograms per unit of elements"},
     {"ctx_hist", ctx_hist, METH_VARARGS, "ctx_hist(base, itemsize, s, w, counts_out)"},
     {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None, keep=None)"},

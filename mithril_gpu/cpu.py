@@ -124,32 +124,37 @@ CTX_PARALLEL_BYTES = 8 << 20     # a context sort of a larger tensor is split ac
 
 def ctx_apply(op: str, dt: DType, x: np.ndarray, base: np.ndarray, out: np.ndarray, s: int, w: int,
               inverse: bool, counts: np.ndarray | None = None, threads: int = 1,
-              row_bytes: int = 0) -> np.ndarray | None:
+              row_bytes: int = 0, keep: np.ndarray | None = None) -> np.ndarray | None:
     """Context-sorted delta (ctxdelta.py): ``out`` = the sorted stream of ``x``'s deltas, or with
     ``inverse`` the original elements from the sorted stream ``x``. ``counts`` (uint64[2^w]) gets
     the elements per context. With ``threads`` > 1 a large tensor is cut into parts sorted in
     parallel (a histogram per part, then each part moves its elements from its own offsets: the
     same counting sort, the same bytes). Encoding with ``row_bytes``, returns the row digests of
     ``x`` (uint64 per row of that many bytes) taken from the very bytes sorted (the C helper
-    hashes each block as it copies it; the numpy path sorts and hashes one copy); else None."""
+    hashes each block as it copies it; the numpy path sorts and hashes one copy); else None.
+    Encoding with ``keep`` (uint8, x's size; it may be ``base`` itself), a copy of those very bytes
+    goes there too (the C helper only: where it is absent, or decoding, ``keep`` is refused); if
+    this raises, ``keep`` may hold some of them."""
     if _accel is not None and hasattr(_accel, "ctx_hist"):
         isz, opi, fl = dt.itemsize, delta_ref.OPS.index(op), int(delta_ref.is_float(dt))
         rb = row_bytes if not inverse else 0
         digs = np.empty(-(-base.size // rb) if rb else 0, np.uint64)
         if _ctx_nparts(base.size, threads, rb) <= 1:
-            _accel.ctx(x, base, out, isz, opi, fl, int(inverse), s, w, counts, None, rb, digs if rb else None)
+            _accel.ctx(x, base, out, isz, opi, fl, int(inverse), s, w, counts, None, rb, digs if rb else None, keep)
             return digs if rb else None
 
         def move(a, b, offs, hist):
             if inverse:
-                _accel.ctx(x, base[a:b], out[a:b], isz, opi, fl, 1, s, w, None, offs.copy())
+                _accel.ctx(x, base[a:b], out[a:b], isz, opi, fl, 1, s, w, None, offs.copy(), 0, None, keep)
             else:
                 _accel.ctx(x[a:b], base[a:b], out, isz, opi, fl, 0, s, w, None, offs.copy(),
-                           rb, digs[a // rb:-(-b // rb)] if rb else None)
+                           rb, digs[a // rb:-(-b // rb)] if rb else None, None if keep is None else keep[a:b])
         _, total, _ = _ctx_parts(base, isz, s, w, threads, move, rb)
         if counts is not None:
             counts[...] = total
         return digs if rb else None
+    if keep is not None:
+        raise ValueError("keep needs the C helper, and an encoding")
     if inverse:
         ctxdelta.decode(op, dt, x, base, s, w, out)
         return None
@@ -275,12 +280,12 @@ def _prepare_ctx(item) -> None:
     masked item on the fused path, build ctxm's tables instead of the stream)."""
     s, w = item.ctx
     rb = item.chunk_elems * item.dtype.itemsize
+    keep = item.keep          # the caller's copy of the base, to hold what is coded (C sorts only)
+    if keep is not None and not (keep.dtype == np.uint8 and keep.size == item.nbytes and keep.flags.writeable
+                                 and keep.flags.c_contiguous and _accel is not None and hasattr(_accel, "ctx_hist")):
+        keep = None
     if item.transform == "masked" and item.ctx_fused and ctxm_available():
         pool = item.stream_pool
-        keep = item.keep
-        if keep is not None and not (keep.dtype == np.uint8 and keep.size == item.nbytes and keep.flags.writeable
-                                     and keep.flags.c_contiguous):
-            keep = None
         tables = ctxm_prepare(item.delta_op, item.dtype, item.data, item.base, s, w, item.ctx_threads,
                               pool.get if pool is not None else None, rb, keep=keep)
         item.ctx_m, item.ctx_digests = tables[:5], tables[5]
@@ -291,7 +296,8 @@ def _prepare_ctx(item) -> None:
     t = item.stream_pool.get(item.nbytes) if item.stream_pool is not None else np.empty(item.nbytes, np.uint8)
     cnt = np.zeros(1 << w, np.uint64)
     item.ctx_digests = ctx_apply(item.delta_op, item.dtype, item.data, item.base, t, s, w, inverse=False,
-                                 counts=cnt, threads=item.ctx_threads, row_bytes=rb)
+                                 counts=cnt, threads=item.ctx_threads, row_bytes=rb, keep=keep)
+    item.kept = keep is not None
     item.ctx_rows = ctxdelta.segments(cnt, item.chunk_elems)
     item.segs = [n for row in item.ctx_rows for n in row]
     item.ctx_stream = t

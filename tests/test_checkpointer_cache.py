@@ -328,12 +328,14 @@ def _sorted_state(seed, n=1 << 16):
 
 @pytest.mark.skipif(not cpu.ctxm_available(), reason="needs the C helper's ctxm")
 @pytest.mark.parametrize("in_place", [True, False])
-def test_the_sort_writes_what_it_codes_over_the_kept_copy(tmp_path, monkeypatch, in_place):
-    """A blocking delta save's context sort (ctxm) writes the bytes it codes over the copy kept
-    for the next delta, and "same" tensors' copies already hold them: those need no copy and no
-    check after the write. The copy stays where it was and equals the file, save after save."""
+@pytest.mark.parametrize("transform", ["masked", "bytegroup"])
+def test_the_sort_writes_what_it_codes_over_the_kept_copy(tmp_path, monkeypatch, in_place, transform):
+    """A blocking delta save's context sort (ctxm's tables, or the sorted stream) writes the
+    bytes it codes over the copy kept for the next delta, and "same" tensors' copies already hold
+    them: those need no copy and no check after the write. The copy stays where it was and equals
+    the file, save after save."""
     monkeypatch.setattr(checkpointer, "REFRESH_IN_PLACE", in_place)
-    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, b, pre=None: ("zigzag", "masked", (7, 8))
+    monkeypatch.setattr(deltaplan, "choose_ctx", lambda item, x, b, pre=None: ("zigzag", transform, (7, 8))
                         if item.name == "w" else (None, "raw", None))
     seen, real = [], checkpointer._refresh
     monkeypatch.setattr(checkpointer, "_refresh", lambda old, leaves, index, done=(): seen.append(set(done))
@@ -353,6 +355,7 @@ def test_the_sort_writes_what_it_codes_over_the_kept_copy(tmp_path, monkeypatch,
         assert_tree_same(ck._base_tensors, state)
         with mithril_gpu.open(ck.path(step)) as f:
             assert f.info("w")["delta"] == "zigzag" and f.info("same")["delta"] == "same"
+            assert f.index.tensors[[e.name for e in f.index.tensors].index("w")].transform == transform
     assert seen[1:] == [{"w", "same"} if in_place else set()] * 4
     for step, want in enumerate(saved):
         assert_tree_same(ck.load(step), want)

@@ -114,8 +114,9 @@ def test_the_tables_agree_with_the_sorted_stream():
 @pytest.mark.parametrize("name", ["U8", "BF16", "F32", "F64"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_keep_gets_the_bytes_moved_even_over_the_base(monkeypatch, name, threads):
-    # ctxm's keep (the Checkpointer's copy of the base): the same tables with or without it, and
-    # keep ends up holding x, also when keep is the base itself (each block written once read)
+    # ctxm's and ctx's keep (the Checkpointer's copy of the base): the same tables (or stream) with
+    # or without it, and keep ends up holding x, also when keep is the base itself (each block
+    # written once its base elements are read)
     monkeypatch.setattr(cpu, "CTX_PARALLEL_BYTES", 4096)
     dt = dtypes.from_name(name)
     rng = np.random.default_rng(3)
@@ -144,6 +145,18 @@ def test_keep_gets_the_bytes_moved_even_over_the_base(monkeypatch, name, threads
             assert k and g[2][-1] == k
     with pytest.raises(ValueError, match="bad arguments"):                  # keep of another length
         cpu.ctxm_prepare("zigzag", dt, x, b, s, w, keep=np.zeros(x.size - dt.itemsize, np.uint8))
+    # the sorted stream's sort (_accel.ctx, bytegroup and raw deltas) likewise
+    for simd in SIMD:
+        cpu._accel.ctxm_simd(simd)
+        ref, cnt = np.empty_like(x), np.zeros(1 << w, np.uint64)
+        dref = cpu.ctx_apply("zigzag", dt, x, b, ref, s, w, False, cnt, threads, 1024 * dt.itemsize)
+        over = b.copy()
+        for keep, base in ((np.zeros_like(x), b), (over, over)):        # apart, and over the base
+            out, cnt2 = np.empty_like(x), np.zeros(1 << w, np.uint64)
+            d = cpu.ctx_apply("zigzag", dt, x, base, out, s, w, False, cnt2, threads, 1024 * dt.itemsize, keep=keep)
+            assert (keep == x).all() and (out == ref).all() and (cnt2 == cnt).all() and (d == dref).all()
+    with pytest.raises(ValueError, match="bad arguments"):
+        cpu.ctx_apply("zigzag", dt, x, b, np.empty_like(x), s, w, False, keep=np.zeros(x.size - dt.itemsize, np.uint8))
 
 
 def test_counts_that_do_not_match_the_base_are_refused():
