@@ -33,16 +33,25 @@ class NotPlainTorchError(InputFormatError):
 
 
 def sniff(path) -> str:
-    """'safetensors', 'torch', 'mth' or 'unknown', from the first bytes of the file."""
+    """'safetensors', 'torch', 'mth' or 'unknown', from the first bytes of the file.
+
+    A safetensors file is recognised first, by its shape (a header length that fits the file, then
+    "{"): its first byte is the low byte of that length, which is 0x80, a pickle's first byte, for
+    one header length in 32, and "PK", a zip's, for one length of all.
+    """
     with open(path, "rb") as f:
         head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
     if head.startswith(b"\x89MTH"):
         return "mth"
+    st = len(head) >= 9 and head[8:9] == b"{"
+    if st:
+        (n,) = struct.unpack("<Q", head[:8])
+        if n <= SAFETENSORS_MAX_HEADER and 8 + n <= size:
+            return "safetensors"
     if head[:2] == b"PK" or head[:2] == b"\x80\x02" or head[:1] == b"\x80":
         return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
+    return "safetensors" if st else "unknown"       # (a damaged one: its reader says what is wrong)
 
 
 class SafetensorsFile:

@@ -234,3 +234,34 @@ def test_an_unrelated_base_is_said_in_one_line_and_not_recorded(tmp_path):
     assert "Warning" not in p.stderr and "warn(" not in p.stderr
     with mithril_gpu.open(tmp_path / "b.mth") as f:
         assert f.index.base is None
+
+
+def _safetensors_with_header_length(path, want):
+    """A safetensors file (safetensors' own writer) whose header is ``want`` bytes long."""
+    import struct
+
+    from safetensors.torch import save_file
+    for k in range(0, 4 * want):
+        save_file({"w": torch.arange(6, dtype=torch.float32)}, path, metadata={"format": "pt", "note": "x" * k})
+        n = struct.unpack("<Q", open(path, "rb").read(8))[0]
+        if n == want:
+            return
+        if n > want:
+            break
+    raise AssertionError(f"no header of {want} bytes")
+
+
+def test_safetensors_whose_first_bytes_look_like_a_pickle_or_a_zip_round_trip_byte_identical(tmp_path):
+    # the header length's low byte comes first: 0x80 (a pickle's first byte) for one length in 32,
+    # "PK" (a zip's) for 0x4B50; such files were taken for torch files, re-serialised and lost
+    # their __metadata__
+    from mithril_gpu import formats
+    for want, head in ((384, b"\x80"), (0x4B50, b"PK")):
+        p = tmp_path / f"h{want}.safetensors"
+        _safetensors_with_header_length(p, want)
+        assert open(p, "rb").read(len(head)) == head and formats.sniff(p) == "safetensors"
+        run("compress", p, tmp_path / f"h{want}.mth")
+        run("decompress", tmp_path / f"h{want}.mth", tmp_path / f"b{want}.safetensors")
+        assert sha(tmp_path / f"b{want}.safetensors") == sha(p)
+    torch.save({"w": torch.ones(3)}, tmp_path / "t.pt")
+    assert formats.sniff(tmp_path / "t.pt") == "torch"
