@@ -112,11 +112,14 @@ def _check_out_dir(a, what: str) -> None:
                            f"{short(a.output)} exists and is not")
 
 
+SKIP = object()        # what ``convert`` gives for a file left out of OUT
+
+
 def _walk_dir(a, verb: str, convert, base_for) -> int:
     """Run the command on every checkpoint file of directory IN, mirrored into OUT (subfolders
     kept), and copy every other file as it is. ``convert(src, dst)`` gives the output path of a
-    checkpoint file (None: not one); ``base_for(rel, name)`` the --base for that file. Every check
-    is made before anything is written."""
+    checkpoint file (None: not one, copied; SKIP: left out); ``base_for(rel, name)`` the --base
+    for that file. Every check is made before anything is written."""
     src_root, dst_root = os.path.abspath(a.input), os.path.abspath(a.output)
     _check_out_dir(a, "a directory")
     if not os.path.exists(dst_root) and a.output.rstrip("/" + os.sep).endswith(DIR_OUT_SUFFIXES):
@@ -135,6 +138,11 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
         for name in sorted(files):
             src = os.path.join(folder, name)
             dst = convert(src, os.path.join(dst_root, rel, name))
+            if dst is SKIP:
+                if not a.quiet:
+                    print(f"  left out {_show(os.path.relpath(src, src_root))} (a Lightning delta anchor: "
+                          "the files decompressed from it do not need it)")
+                continue
             plan.append((None, src, dst or os.path.join(dst_root, rel, name), dst is not None))
     n = sum(1 for p in plan if p[3])
     if n == 0:
@@ -314,7 +322,12 @@ def cmd_decompress(a) -> int:
         return cli_decompress(a)
     if os.path.isdir(a.input):
         def convert(src, dst):
-            return dst[:-len(".mth")] if src.endswith(".mth") and formats.sniff(src) == "mth" else None
+            if formats.sniff(src) != "mth":
+                return None
+            if formats.LIGHTNING_ANCHOR.match(os.path.basename(src)):
+                return SKIP                 # a base of Lightning's deltas: the files written do not need it
+            # x.mth -> x; a .mth file under another name (Lightning's .ckpt) keeps its name
+            return dst[:-len(".mth")] if src.endswith(".mth") else dst
 
         def base_for(rel, name):   # a folder: each delta's base is found there by its recorded name
             return os.path.join(a.base, rel)

@@ -20,6 +20,10 @@ from . import dtypes
 from .errors import CorruptFileError, MithrilError, short
 
 SAFETENSORS_MAX_HEADER = 100 << 20
+# The full anchors MithrilCheckpointIO(deltas=True) writes beside Lightning's checkpoints, which are
+# deltas against them (lightning.py). A folder's decompression leaves them out: no file it writes
+# needs them.
+LIGHTNING_ANCHOR = re.compile(r"\.mithril-anchor-(\d+)\.mth\Z")
 
 
 class InputFormatError(MithrilError):

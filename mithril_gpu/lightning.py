@@ -31,9 +31,23 @@ except ImportError:  # the standalone pytorch_lightning package
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from . import api, tree as tree_mod
+from .formats import LIGHTNING_ANCHOR as _ANCHOR
 from .reader import SKIP_BASE, MthFile
 
-_ANCHOR = re.compile(r"\.mithril-anchor-(\d+)\.mth\Z")
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _local(path) -> str:
+    """``path`` as a local path; a URL (``s3://``, ``memory://``: Lightning hands fsspec paths on
+    as they are) is refused, never written to a local folder named after it (``file://`` is local)."""
+    path = os.fspath(path)
+    if isinstance(path, str) and _URL.match(path):
+        if path.startswith("file://"):
+            return path[len("file://"):]
+        raise ValueError(f"MithrilCheckpointIO writes local files only, and {path[:200]!r} is a URL: give "
+                         "ModelCheckpoint a local dirpath (and copy the folder to remote storage yourself)")
+    return path
 
 
 class MithrilCheckpointIO(CheckpointIO):
@@ -64,7 +78,7 @@ class MithrilCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = os.fspath(path)
+        path = _local(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         with self._lock:
             if not self.deltas:
@@ -89,10 +103,10 @@ class MithrilCheckpointIO(CheckpointIO):
         device = "cpu"
         if isinstance(map_location, str) or type(map_location).__name__ == "device":
             device = str(map_location)
-        return api.load(os.fspath(path), device=device)
+        return api.load(_local(path), device=device)
 
     def remove_checkpoint(self, path) -> None:
-        path = os.fspath(path)
+        path = _local(path)
         with self._lock:
             try:
                 os.unlink(path)

@@ -102,3 +102,47 @@ def test_removing_a_checkpoint_never_removes_what_another_needs(tmp_path):
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".mithril-anchor-")) == [anchors[-1]]
     with pytest.raises(TypeError, match="storage_options"):
         io.save_checkpoint(states[0], tmp_path / "x.ckpt", storage_options={"a": 1})
+
+
+def test_decompressing_a_folder_of_delta_checkpoints_gives_plain_torch_files(tmp_path):
+    """`mithril decompress` on a MithrilCheckpointIO(deltas=True) folder: each .ckpt (a .mth delta
+    under Lightning's name) becomes a torch file of the same name that torch.load reads, and the
+    hidden anchors are left out. It used to copy the .ckpt files as they were (still deltas, against
+    anchors that OUT no longer held) and report success."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    io = MithrilCheckpointIO(deltas=True, full_every=10)
+    g = torch.Generator().manual_seed(0)
+    states = {}
+    for step in (1, 2, 3):
+        st = {"state_dict": {"w": torch.randn(64, 64, generator=g)}, "global_step": step, "epoch": 0}
+        io.save_checkpoint(st, tmp_path / "ck" / f"epoch=0-step={step}.ckpt")
+        states[f"epoch=0-step={step}.ckpt"] = st
+    assert any(n.startswith(".mithril-anchor-") for n in os.listdir(tmp_path / "ck"))
+    p = subprocess.run([sys.executable, "-m", "mithril_gpu", "decompress", tmp_path / "ck", tmp_path / "out"],
+                       capture_output=True, text=True, env=subprocess_env())
+    assert p.returncode == 0, p.stderr
+    assert "decompressed 3 checkpoint files" in p.stdout and "left out .mithril-anchor-" in p.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(states)
+    for name, st in states.items():
+        assert_tree_same(torch.load(tmp_path / "out" / name, weights_only=True), st)
+
+
+def test_a_url_dirpath_is_refused_not_written_to_a_local_folder_named_after_it(tmp_path, monkeypatch):
+    # Lightning hands fsspec paths on as they are: "memory://run/x.ckpt" used to be written to a
+    # local folder "memory:/run", so checkpoints never reached the remote store
+    monkeypatch.chdir(tmp_path)
+    io = MithrilCheckpointIO()
+    for url in ("memory://run/ckpts/a.ckpt", "s3://bucket/a.ckpt"):
+        with pytest.raises(ValueError, match="local files only"):
+            io.save_checkpoint({"w": torch.ones(2)}, url)
+        with pytest.raises(ValueError, match="local files only"):
+            io.load_checkpoint(url)
+        with pytest.raises(ValueError, match="local files only"):
+            io.remove_checkpoint(url)
+    assert os.listdir(tmp_path) == []
+    io.save_checkpoint({"w": torch.ones(2)}, f"file://{tmp_path}/a.ckpt")          # file:// is local
+    assert_tree_same(io.load_checkpoint(tmp_path / "a.ckpt"), {"w": torch.ones(2)})
