@@ -17,7 +17,7 @@ def _load_tree(f, device: str, progress=None, into=None, subtree=None, strict: b
     refs = set(tree_mod.tensor_refs(node))
     entries = [e for i, e in enumerate(f.index.tensors) if i in refs]
     local = {e.name: e.name[len(prefix):] for e in entries}            # names relative to the subtree
-    targets = _targets(entries, local, into, strict, subtree) if into is not None else {}
+    targets = _targets(f, node, local, into, strict, subtree) if into is not None else {}
     rest = [e for e in entries if e.name not in targets]
     with Progress(progress, sum(e.nbytes for e in entries), "load") as bar:
         if targets:
@@ -56,18 +56,26 @@ def _names(names, limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _targets(entries, local: dict, into, strict: bool, subtree) -> dict:
-    """{file name: (entry, tensor)} for the file's tensors that ``into`` holds, after checking them all."""
-    _, leaves = tree_mod.encode(into, torchio.is_tensor)
-    given = dict(leaves)
-    wanted = {local[e.name]: e for e in entries}
-    missing = [n for n in wanted if n not in given]           # in the file, not in into
-    unexpected = [n for n in given if n not in wanted]        # in into, not in the file
+def _targets(f, node, local: dict, into, strict: bool, subtree) -> dict:
+    """{file name: (entry, tensor)} for the file's tensors (under ``node``) that ``into`` holds at
+    the same place, after checking them all. Places are compared as paths of keys and positions
+    (``tree.leaf_paths``), not as names: a key holding "/" can name two places alike."""
+    itree, leaves = tree_mod.encode(into, torchio.is_tensor)
+    given: dict = {}                      # path -> (name in into, tensor)
+    for p, i in tree_mod.leaf_paths(itree):
+        given.setdefault(p, leaves[i])
+    wanted: dict = {}                     # path -> file entry
+    for p, i in tree_mod.leaf_paths(node):
+        wanted.setdefault(p, f.index.tensors[i])
+    missing = [local[e.name] for p, e in wanted.items() if p not in given]       # in the file, not in into
+    unexpected = [n for p, (n, _) in given.items() if p not in wanted]          # in into, not in the file
     matched = len(wanted) - len(missing)
     if matched == 0 or (strict and (missing or unexpected)):
         hint = ""
         if subtree is None:
-            heads = {n.split("/", 1)[0] for n in wanted if "/" in n and n.split("/", 1)[1] in given}
+            names = set(n for n, _ in given.values())
+            heads = {n.split("/", 1)[0] for n in (local[e.name] for e in wanted.values())
+                     if "/" in n and n.split("/", 1)[1] in names}
             if heads:
                 hint = f"; the file keeps them under {_names(heads, 3)}: pass subtree={sorted(heads)[0]!r}"
         parts = [f"{len(missing)} tensors of the file are not in into ({_names(missing)})" if missing else "",
@@ -76,15 +84,18 @@ def _targets(entries, local: dict, into, strict: bool, subtree) -> dict:
                                  + "; ".join(p for p in parts if p) + hint
                                  + ("" if matched == 0 else "; pass strict=False to fill only the tensors that match"))
     out = {}
-    for name, t in given.items():
-        e = wanted.get(name)
+    for p, (name, t) in given.items():
+        e = wanted.get(p)
         if e is None:
             continue
         want = dtypes.to_torch(e.dtype)
         if t.dtype != want or tuple(t.shape) != e.shape:
             raise StateMismatchError(f"cannot load tensor {short(name)!r} ({e.dtype.name} {list(e.shape)}) into a "
                                      f"tensor of {t.dtype} {list(t.shape)}")
-        out[e.name] = (e, t)
+        if e.name in out and not _same_memory(out[e.name][1], t):
+            raise StateMismatchError(f"the file holds one tensor ({short(local[e.name])!r}) in places where into "
+                                     f"holds two ({short(out[e.name][2])!r} and {short(name)!r}): load without into")
+        out[e.name] = (e, t, name)
     if missing or unexpected:
         import warnings
 
@@ -92,7 +103,14 @@ def _targets(entries, local: dict, into, strict: bool, subtree) -> dict:
                       f"and were loaded fresh{' (' + _names(missing) + ')' if missing else ''}; {len(unexpected)} of "
                       f"into are not in the file and were left as they were"
                       f"{' (' + _names(unexpected) + ')' if unexpected else ''}", LoadReport, stacklevel=5)
-    return out
+    return {k: v[:2] for k, v in out.items()}
+
+
+def _same_memory(a, b) -> bool:
+    """Whether tensors ``a`` and ``b`` are one (or views of the same elements: tied weights that
+    ``state_dict()`` hands out as two tensors)."""
+    return a is b or (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+                      and a.data_ptr() == b.data_ptr())
 
 
 def _load_into(f, targets: dict, progress=None) -> None:

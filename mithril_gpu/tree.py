@@ -335,6 +335,34 @@ def tensor_refs(node, depth: int = 0):
                 yield from tensor_refs(x, depth + 1)
 
 
+def leaf_paths(node, path: tuple = (), depth: int = 0):
+    """Yield (path, tensor index) for every tensor (or numpy array) the tree holds, outside dict
+    keys. A path is a tuple of steps: ("k", the key's node as JSON) into a dict's value, ("i", n)
+    into a list's or tuple's item, ("m",) into an OrderedDict's ``_metadata``. Unlike tensor names
+    ('/'-joined labels, made unique in order of appearance: {"a/b": x, "a": {"b": y}} names y
+    "a/b#1"), two different places never share a path."""
+    if depth > MAX_DEPTH or not isinstance(node, dict):
+        return
+    import json
+
+    for kind, v in node.items():
+        if kind == "tensor":
+            yield path, v
+        elif kind == "ndarray" and isinstance(v, list) and v:
+            yield path, v[0]
+        elif kind in ("dict", "odict"):
+            odict = kind == "odict" and isinstance(v, list) and len(v) == 2
+            for pair in (v[0] if odict else v) if isinstance(v[0] if odict else v, list) else ():
+                if isinstance(pair, list) and len(pair) == 2:
+                    step = ("k", json.dumps(pair[0], sort_keys=True, separators=(",", ":")))
+                    yield from leaf_paths(pair[1], path + (step,), depth + 1)
+            if odict and isinstance(v[1], dict):
+                yield from leaf_paths(v[1], path + (("m",),), depth + 1)
+        elif kind in ("list", "tuple") and isinstance(v, list):
+            for i, x in enumerate(v):
+                yield from leaf_paths(x, path + (("i", i),), depth + 1)
+
+
 def children(kind: str, v):
     """The child nodes of a node of ``kind`` with value ``v`` (keys too), as far as they are well formed."""
     if kind == "odict" and isinstance(v, list) and len(v) == 2:

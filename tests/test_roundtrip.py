@@ -274,3 +274,27 @@ def test_progress_true_draws_a_bar_and_callables_get_bytes(tmp_path, capsys):
     seen = []
     mithril_gpu.save({"a": t}, tmp_path / "q.mth", progress=seen.append)
     assert sum(seen) == t.numel() * 4
+
+
+def test_load_into_matches_places_not_names(tmp_path):
+    # {"a/b": x, "a": {"b": y}}: both places are named "a/b" (the second "a/b#1", by order of
+    # appearance); an into= with the keys in the other order used to get x and y swapped, silently
+    x, y = torch.full((2,), 1.0), torch.full((2,), 2.0)
+    mithril_gpu.save({"a/b": x, "a": {"b": y}}, tmp_path / "s.mth")
+    dst = {"a": {"b": torch.zeros(2)}, "a/b": torch.zeros(2)}
+    mithril_gpu.load(tmp_path / "s.mth", into=dst)
+    assert dst["a/b"].tolist() == [1.0, 1.0] and dst["a"]["b"].tolist() == [2.0, 2.0]
+    # int and str keys are different places too ("1" and 1 are both named "1")
+    mithril_gpu.save({1: x, "1": y}, tmp_path / "k.mth")
+    dst = {"1": torch.zeros(2), 1: torch.zeros(2)}
+    mithril_gpu.load(tmp_path / "k.mth", into=dst)
+    assert dst[1].tolist() == [1.0, 1.0] and dst["1"].tolist() == [2.0, 2.0]
+    # one tensor in two places of the file, two tensors there in into: refused, nothing written
+    mithril_gpu.save({"p": x, "q": x}, tmp_path / "t.mth")
+    dst = {"p": torch.zeros(2), "q": torch.zeros(2)}
+    with pytest.raises(mithril_gpu.StateMismatchError, match="holds one tensor"):
+        mithril_gpu.load(tmp_path / "t.mth", into=dst)
+    assert dst["p"].tolist() == [0.0, 0.0]
+    shared = torch.zeros(2)
+    mithril_gpu.load(tmp_path / "t.mth", into={"p": shared, "q": shared.detach()})      # tied: one memory
+    assert shared.tolist() == [1.0, 1.0]
