@@ -153,8 +153,9 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps of the restorable checkpoints in the directory, oldest first (see the class
-        docstring for what happens to the others)."""
-        self._settle()
+        docstring for what happens to the others). A pending background save is finished first
+        (its error raised), as :meth:`load` and :meth:`latest` do."""
+        self.wait()
         return sorted(s for s, st in self._scan().items() if st == _OK)
 
     def _files(self) -> list[int]:
@@ -271,9 +272,13 @@ class Checkpointer:
         Raises FileNotFoundError if there is no checkpoint of ``step``, :class:`MissingBaseError`
         if a base of its chain is missing, :class:`BaseMismatchError` if a base is another file
         than the one its delta was written against, and a :class:`FormatError` if a file of the
-        chain cannot be read.
+        chain cannot be read. A pending background save is finished first (its error raised).
         """
-        self._settle()
+        self.wait()
+        return self._chain(step)
+
+    def _chain(self, step: int) -> list[int]:
+        """:meth:`chain` without waiting (what a save, maybe a background one, calls)."""
         try:
             info = self._info(step)
         except FileNotFoundError:
@@ -337,7 +342,7 @@ class Checkpointer:
         full = prev is None or max(scan) != prev
         if not full:
             if self._since_full is None or self._last_step != prev:     # resuming: count the chain on disk
-                self._since_full = len(self.chain(prev)) - 1
+                self._since_full = len(self._chain(prev)) - 1
             full = self._since_full + 1 >= self.full_every
         base_tensors = None
         if not full and self._base_tensors is not None and self._last_step == prev:
@@ -457,12 +462,12 @@ class Checkpointer:
             ok = sorted(s for s, st in scan.items() if st == _OK)
             needed = set()
             if new is not None:
-                needed.update(self.chain(new[1]) if new[1] is not None else ())
+                needed.update(self._chain(new[1]) if new[1] is not None else ())
                 keep = ok[-(self.keep - 1):] if self.keep > 1 else []
             else:
                 keep = ok[-self.keep:]
             for s in keep:
-                needed.update(self.chain(s))
+                needed.update(self._chain(s))
             doomed.update(s for s in ok if s not in needed)
         return doomed
 

@@ -299,3 +299,18 @@ def test_a_child_forked_during_a_background_save_does_not_keep_the_folder_locked
                        env=subprocess_env(), timeout=120)
     assert p.stdout.strip() == "done", p.stderr
     assert mithril_gpu.load(tmp_path / "ck" / "step-000000001.mth")["w"].shape == (1 << 22,)
+
+
+def test_steps_and_chain_see_a_pending_background_save(tmp_path):
+    # as load() and latest() do: right after save(blocking=False), steps() used to miss the step
+    # and chain() to raise FileNotFoundError
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=5)
+    w = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    ck.save({"w": w}, 1)
+    w[::100] += 1
+    ck.save({"w": w}, 2, blocking=False)
+    assert ck.steps() == [1, 2]
+    w[::100] += 1
+    ck.save({"w": w}, 3, blocking=False)
+    assert ck.chain(3) == [3, 2, 1]
+    ck.close()
