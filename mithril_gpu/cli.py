@@ -218,7 +218,16 @@ def cmd_compress(a) -> int:
 
         return cli_compress(a)
     if os.path.isdir(a.input):
+        noted = set()
+
         def convert(src, dst):
+            if formats.in_dcp_folder(src):         # a DCP folder inside: kept as it is
+                folder = os.path.dirname(src)
+                if folder not in noted and not a.quiet:
+                    noted.add(folder)
+                    print(f"  kept {_show(os.path.relpath(folder, a.input))}/ as it is (a torch.distributed.checkpoint "
+                          "folder: compress it on its own, `mithril compress DIR OUT`)")
+                return None
             return dst + ".mth" if formats.sniff(src) in ("safetensors", "torch") else None
 
         def base_for(rel, name):   # the same file, compressed, in the base folder (if it has one)

@@ -36,6 +36,13 @@ class NotPlainTorchError(InputFormatError):
     a pickled model). Compressing a folder copies such a file as it is; it is never unpickled."""
 
 
+def in_dcp_folder(path) -> bool:
+    """Whether file ``path`` is part of a ``torch.distributed.checkpoint`` folder (its folder holds
+    DCP's ``.metadata``): its ``.distcp`` files are not torch files, however their first bytes
+    look, and such a folder is compressed as a whole (``mithril compress DIR OUT``), not file by file."""
+    return os.path.isfile(os.path.join(os.path.dirname(os.fspath(path)), ".metadata"))
+
+
 def sniff(path) -> str:
     """'safetensors', 'torch', 'mth' or 'unknown', from the first bytes of the file.
 

@@ -210,6 +210,7 @@ def compress_checkpoint(folder, base=None, *, level: int | None = None, threads:
     original is removed once its ``.mth`` is complete; other files stay as they are. A folder
     interrupted midway holds each file whole, either as it was or compressed. ``base``: a folder
     compressed the same way; a file with a ``<name>.mth`` there is stored as a delta against it.
+    A ``torch.distributed.checkpoint`` folder inside (FSDP's sharded state) is kept as it is.
     Returns the names compressed, relative to ``folder``."""
     from . import formats
     from .errors import UnsupportedValueError
@@ -222,7 +223,7 @@ def compress_checkpoint(folder, base=None, *, level: int | None = None, threads:
             src = os.path.join(root, name)
             if name.startswith(".") or not os.path.isfile(src) or os.path.islink(src):
                 continue
-            if formats.sniff(src) not in ("safetensors", "torch"):
+            if formats.in_dcp_folder(src) or formats.sniff(src) not in ("safetensors", "torch"):
                 continue
             rel = os.path.relpath(src, folder)
             cand = os.path.join(os.fspath(base), rel + ".mth") if base is not None else None
@@ -308,6 +309,12 @@ class _CallbackImpl:
                              "back for load_best_model_at_end=True: turn one of them off")
 
     def on_save(self, args, state, control, **kwargs):
+        # Every process writes files of the checkpoint (its RNG state; its shards, with FSDP or
+        # DeepSpeed), and the Trainer calls this without waiting for the others: the first process
+        # compresses the folder once every process is here, so no file is caught half written or
+        # left behind uncompressed.
+        if getattr(args, "world_size", 1) > 1:
+            _barrier()
         if not state.is_world_process_zero:
             return
         run_dir = args.output_dir
@@ -378,6 +385,14 @@ class _CallbackImpl:
         for n in names:        # an anchor being made when a run was killed
             if _ANCHOR_PARTIAL.match(n):
                 shutil.rmtree(os.path.join(run_dir, n), ignore_errors=True)
+
+
+def _barrier() -> None:
+    """Wait for every process of the run (torch.distributed's default group, when there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 _CALLBACK = None

@@ -234,3 +234,13 @@ def test_callback_refuses_load_best_model_at_end_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="load_best_model_at_end"):
         train(tmp_path / "out", [mh.MithrilCallback()], steps=2, load_best_model_at_end=True,
               eval_strategy="steps", eval_steps=2, eval_dataset=Tokens())
+
+
+def test_callback_in_a_two_process_run_waits_for_every_process_files(tmp_path):
+    """Each process writes its own RNG state (and, sharded, its own shards), and the Trainer calls
+    on_save without waiting for the others: the first process used to compress the folder while
+    a slower one was still writing, leaving its file uncompressed (or catching it half written).
+    tests/hf_ddp_worker.py: 2 processes (gloo), rank 1 writes late."""
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "hf_ddp_worker.py"), str(tmp_path)],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0 and os.path.exists(tmp_path / "ok"), p.stderr[-3000:]

@@ -237,3 +237,24 @@ def test_the_out_folder_gets_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "packed").st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_dcp_folder_inside_is_kept_as_it_is(tmp_path):
+    """FSDP's sharded state (a torch.distributed.checkpoint folder inside the checkpoint folder):
+    its .distcp files look like torch files, and compressing them one by one failed the whole
+    folder (and, through MithrilCallback, the training run at its first save). It is kept as it
+    is, said in one line; the other files are compressed."""
+    import torch.distributed.checkpoint as dcp
+
+    import mithril_gpu.hf as mh
+
+    src = tmp_path / "ckpt"
+    dcp.save({"a": torch.randn(100), "b": torch.randn(50)}, checkpoint_id=str(src / "pytorch_model_fsdp_0"))
+    torch.save({"x": torch.ones(3)}, src / "optimizer.pt")
+    p = run("compress", src, tmp_path / "out")
+    assert "kept pytorch_model_fsdp_0/ as it is" in p.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["optimizer.pt.mth", "pytorch_model_fsdp_0"]
+    for n in os.listdir(src / "pytorch_model_fsdp_0"):
+        assert sha(src / "pytorch_model_fsdp_0" / n) == sha(tmp_path / "out" / "pytorch_model_fsdp_0" / n)
+    assert mh.compress_checkpoint(src) == ["optimizer.pt"]                  # in place, as MithrilCallback does
+    assert sorted(os.listdir(src / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp"]
