@@ -9,7 +9,7 @@ from .deltaplan import plan_deltas
 from .errors import UnsupportedValueError, short
 from .loading import LoadReport  # noqa: F401  (part of the API: the warning load(strict=False) gives)
 from .progress import Progress
-from .reader import SKIP_BASE, MthFile
+from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 from .torchio import is_tensor, source_for, tensor_bytes, tensor_u8  # noqa: F401  (tensor_bytes, tensor_u8: for tools)
 from .transforms import default_transform
 from .writer import write_mth
@@ -85,9 +85,26 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
     try:
         if base is not None:
             base_file = base if isinstance(base, MthFile) else _open_base(base, threads, items, base_tensors, base_index)
-            if os.path.realpath(base_file.path) == os.path.realpath(os.fspath(path)):     # (links too)
+            chain = base_file.chain()         # (the base alone where the Checkpointer skips its chain)
+            here = os.path.realpath(os.fspath(path))
+            if os.path.realpath(base_file.path) == here:     # (links too)
                 raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
                                  "replace its own base; write it under another name")
+            if any(os.path.realpath(p) == here for p in chain[1:]):
+                raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against {short(base_file.path)!r}, "
+                                 "whose chain of bases holds the file being replaced: neither would load again; "
+                                 "write it under another name, or without base=")
+        if base_file is not None and len(chain) > MAX_CHAIN:
+            import warnings
+
+            from .writer import BaseNote
+            warnings.warn(f"mithril: {short(base_file.path)} ends a chain of {len(chain)} files, the most a reader "
+                          f"follows: {short(os.fspath(path))} is saved whole, not as a delta against it", BaseNote,
+                          stacklevel=3)
+            if base_file is not base:
+                base_file.close()
+            base_file = None
+        if base_file is not None:
             base_record = {"xxh64": base_file.identity, "path": _relative(base_file.path, path)}
             same = plan_deltas(items, base_file, base_tensors, choices, keep=keep if refreshed is not None else None)
             matched = sum(it.nbytes for i, it in enumerate(items) if i in same or it.delta_op is not None)

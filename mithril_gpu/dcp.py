@@ -243,6 +243,29 @@ def read_json_metadata(path) -> dict:
         raise CorruptFileError(f"{short(mpath)} is not valid JSON: the metadata is damaged") from None
 
 
+def _refuse_chain_through(base: str, doc: dict, path: str) -> None:
+    """Refuse a delta against ``base`` (its metadata ``doc``) when a directory of its chain of bases
+    is ``path``, the checkpoint being written: that save removes the files of ``path`` the chain
+    needs (two slots saved in turn, each against the other), and neither would load again."""
+    from .reader import MAX_CHAIN
+
+    here, d, seen = os.path.realpath(path), base, 0
+    while seen <= MAX_CHAIN:
+        rel = doc.get("base") if isinstance(doc, dict) else None
+        if not isinstance(rel, str):
+            return
+        d = os.path.join(d, rel)
+        if os.path.realpath(d) == here:
+            raise ValueError(f"cannot write {short(path)} as a delta against {short(base)}, whose chain of bases "
+                             f"holds {short(path)} itself: the save would remove files that chain needs, and neither "
+                             "checkpoint would load again; write it to another directory, or without base=")
+        try:
+            doc = read_json_metadata(d)
+        except MithrilError:
+            return                      # (a base missing further down: its loads say so)
+        seen += 1
+
+
 def _write_json_atomic(path: str, obj) -> None:
     from .writer import AtomicFile
 
@@ -327,7 +350,8 @@ class MithrilWriter(StorageWriter):
             if os.path.realpath(self.base) == os.path.realpath(self.path):      # (links too)
                 raise ValueError(f"base= is the checkpoint being written ({short(self.path)}): a delta needs an "
                                  "earlier checkpoint directory")
-            read_json_metadata(self.base)      # a committed mithril checkpoint, said before any work
+            doc = read_json_metadata(self.base)      # a committed mithril checkpoint, said before any work
+            _refuse_chain_through(self.base, doc, self.path)
         if not self.overwrite and os.path.exists(os.path.join(self.path, METADATA_NAME)):
             raise MithrilError(f"a checkpoint is already committed in {short(self.path)} and overwrite=False")
         return plan

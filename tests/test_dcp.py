@@ -345,3 +345,27 @@ def test_base_that_is_the_checkpoint_itself_through_a_link_is_refused(tmp_path):
         back = {"w": torch.zeros(40, 24, dtype=torch.bfloat16)}
         dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "c"), no_dist=True)
     assert_same(back["w"], state["w"])
+
+
+def test_two_slots_saved_in_turn_against_each_other_are_refused(tmp_path):
+    """slot0 full, slot1 against slot0, then slot0 against slot1: slot1's chain holds slot0 itself,
+    whose files the save removes. It used to return normally and leave neither loadable."""
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    w = torch.randn(40, 24).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"w": w}, storage_writer=dcp.MithrilWriter(tmp_path / "s0"), no_dist=True)
+        dcp_.save({"w": w + 1}, storage_writer=dcp.MithrilWriter(tmp_path / "s1", base=tmp_path / "s0"), no_dist=True)
+        before = sorted(os.listdir(tmp_path / "s0"))
+        with pytest.raises(CheckpointException) as ei:
+            dcp_.save({"w": w + 2}, storage_writer=dcp.MithrilWriter(tmp_path / "s0", base=tmp_path / "s1"),
+                      no_dist=True)
+        errs = [e for e, _ in ei.value.failures.values()]
+        assert any("chain of bases holds" in str(e) for e in errs), errs
+        assert sorted(os.listdir(tmp_path / "s0")) == before
+        for d, want in (("s0", w), ("s1", w + 1)):
+            back = {"w": torch.zeros(40, 24, dtype=torch.bfloat16)}
+            dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / d), no_dist=True)
+            assert_same(back["w"], want)

@@ -169,9 +169,10 @@ def test_retention_never_deletes_a_needed_base(tmp_path):
         ck2.save({"w": torch.zeros(1)}, 5)
 
 
-def test_chain_length_is_bounded(tmp_path):
+def test_chain_length_is_bounded(tmp_path, monkeypatch):
     from mithril_gpu.reader import MAX_CHAIN
 
+    monkeypatch.setattr(mithril_gpu.api, "MAX_CHAIN", 10 ** 6)     # a writer that makes too long a chain
     prev = None
     for i in range(MAX_CHAIN + 2):
         p = tmp_path / f"{i}.mth"
@@ -313,3 +314,38 @@ def test_bases_decode_in_place(tmp_path, monkeypatch):
         f.decode_into([e, e], [o1, o2])
         want = s2["a"].view(torch.uint8).numpy().tobytes()
         assert o1.tobytes() == want and o2.tobytes() == want
+
+
+def test_a_delta_whose_chain_holds_the_file_being_replaced_is_refused(tmp_path):
+    # a full, b against a, then a against b: b's chain holds a, which the save replaces; it used to
+    # return normally and leave neither file loadable
+    w = torch.randn(5000)
+    mithril_gpu.save({"w": w}, tmp_path / "a.mth")
+    mithril_gpu.save({"w": w + 1e-3}, tmp_path / "b.mth", base=tmp_path / "a.mth")
+    before = (tmp_path / "a.mth").read_bytes()
+    with pytest.raises(ValueError, match="chain of bases holds the file being replaced"):
+        mithril_gpu.save({"w": w + 2e-3}, tmp_path / "a.mth", base=tmp_path / "b.mth")
+    assert (tmp_path / "a.mth").read_bytes() == before
+    assert torch.equal(mithril_gpu.load(tmp_path / "b.mth")["w"], w + 1e-3)
+
+
+def test_a_delta_past_the_longest_chain_a_reader_follows_is_saved_whole(tmp_path, monkeypatch):
+    # a chain of MAX_CHAIN + 1 files is the longest a reader follows: a delta against its newest
+    # file used to be written, and no load could read it ("chain is longer than 64 files")
+    from mithril_gpu import deltaplan, reader
+    monkeypatch.setattr(reader, "MAX_CHAIN", 3)
+    monkeypatch.setattr(mithril_gpu.api, "MAX_CHAIN", 3)
+    monkeypatch.setattr(deltaplan, "DELTA_MIN_GAIN", 0.0)
+    w = torch.randn(5000)
+    mithril_gpu.save({"w": w}, tmp_path / "s0.mth")
+    for k in range(1, 6):
+        w[k] += 1
+        p = tmp_path / f"s{k}.mth"
+        if k != 4:                   # s3 ends a chain of 4 files: s4 is saved whole, s5 against it
+            mithril_gpu.save({"w": w}, p, base=tmp_path / f"s{k - 1}.mth")
+        else:
+            with pytest.warns(mithril_gpu.writer.BaseNote, match="saved whole"):
+                mithril_gpu.save({"w": w}, p, base=tmp_path / f"s{k - 1}.mth")
+        assert torch.equal(mithril_gpu.load(p)["w"], w)
+        with mithril_gpu.open(p) as f:
+            assert (f.index.base is None) == (k == 4)
