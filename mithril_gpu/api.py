@@ -10,7 +10,7 @@ from .errors import UnsupportedValueError, short
 from .loading import LoadReport  # noqa: F401  (part of the API: the warning load(strict=False) gives)
 from .progress import Progress
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
-from .torchio import is_tensor, source_for, tensor_bytes, tensor_u8  # noqa: F401  (tensor_bytes, tensor_u8: for tools)
+from .torchio import check_storable, is_tensor, source_for, tensor_bytes, tensor_u8  # noqa: F401  (tensor_bytes, tensor_u8: for tools)
 from .transforms import default_transform
 from .writer import write_mth
 
@@ -40,7 +40,7 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
         progress: ``True`` for a progress bar on stderr, or a callable receiving the number of
             input bytes done, as work goes.
     """
-    if not isinstance(chunk_elems, int) or not 1 <= chunk_elems <= (8 << 20):
+    if type(chunk_elems) is not int or not 1 <= chunk_elems <= (8 << 20):     # (True is an int, and no size)
         raise ValueError(f"chunk_elems must be an int in [1, {8 << 20}], got {chunk_elems!r}")
     _check_threads(threads)
     if metadata is not None and not isinstance(metadata, dict):
@@ -57,6 +57,7 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
     tree, leaves = _encoded if _encoded is not None else tree_mod.encode(obj, is_tensor)   # (the Checkpointer's)
     items = []
     for name, t in leaves:
+        check_storable(t)               # (before its shape is asked for: a nested tensor has none)
         dt = dtypes.from_torch(t.dtype)
         items.append(EncodeItem(name, dt, tuple(t.shape), source_for(t), default_transform(dt), chunk_elems,
                                 device_tensor=t if t.device.type == "cuda" else None))

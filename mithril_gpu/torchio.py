@@ -27,8 +27,13 @@ def check_storable(t) -> None:
     have no data)."""
     import torch
 
-    if t.layout != torch.strided:
-        raise UnsupportedValueError(f"cannot store a {t.layout} tensor: convert it to dense first")
+    if any(c.__name__ == "DTensor" for c in type(t).__mro__):
+        raise UnsupportedValueError("cannot store a DTensor (one rank's part of a distributed tensor): save the "
+                                    "state through torch.distributed.checkpoint with mithril_gpu.dcp.MithrilWriter, "
+                                    "or call .full_tensor() first")
+    if t.layout != torch.strided or t.is_nested:
+        raise UnsupportedValueError(f"cannot store a {'nested' if t.is_nested else t.layout} tensor: convert it "
+                                    "to dense first")
     if t.is_quantized:
         raise UnsupportedValueError("cannot store a quantized tensor")
     if t.device.type == "meta":

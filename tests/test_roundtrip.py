@@ -298,3 +298,26 @@ def test_load_into_matches_places_not_names(tmp_path):
     shared = torch.zeros(2)
     mithril_gpu.load(tmp_path / "t.mth", into={"p": shared, "q": shared.detach()})      # tied: one memory
     assert shared.tolist() == [1.0, 1.0]
+
+
+def test_tensors_save_cannot_store_are_typed_one_line_errors(tmp_path):
+    # a strided nested tensor and a DTensor (an FSDP2 state_dict's values) escaped as RuntimeErrors
+    # from deep inside; chunk_elems=True was taken for 1 and wrote a file no load could read
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(mithril_gpu.UnsupportedValueError, match="nested tensor"):
+        mithril_gpu.save({"n": nested}, tmp_path / "n.mth")
+    with pytest.raises(ValueError, match="chunk_elems"):
+        mithril_gpu.save({"a": torch.ones(3)}, tmp_path / "b.mth", chunk_elems=True)
+    assert sorted(os.listdir(tmp_path)) == []
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        d = distribute_tensor(torch.ones(4, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(mithril_gpu.UnsupportedValueError, match="DTensor.*MithrilWriter"):
+            mithril_gpu.save({"d": d}, tmp_path / "d.mth")
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "d.mth").exists()
