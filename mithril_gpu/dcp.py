@@ -426,6 +426,10 @@ class MithrilWriter(StorageWriter):
             name = fqn
             if count[fqn] > 1:
                 name = fqn + "@" + ",".join(map(str, it.index.offset or ()))
+                # (an fqn may itself read "w@0,0": a shard's name never takes another item's)
+                k, first = 1, name
+                while name in obj or name in count:
+                    name, k = f"{first}#{k}", k + 1
             data = planner.resolve_data(it)
             if it.type == WriteItemType.BYTE_IO:
                 buf = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
@@ -433,6 +437,8 @@ class MithrilWriter(StorageWriter):
                     torch.empty(0, dtype=torch.uint8)
             else:
                 t = data.detach()     # a new tensor object each time: two fqns sharing a tensor stay two
+            if name in obj:               # (cannot happen: names are made unique above; never silently)
+                raise UnsupportedValueError(f"cannot name the shard {short(name)!r} in the rank file uniquely")
             obj[name] = t
             names.append(name)
         base = _base_rank_file(self.base, rank) if self.base is not None else None
@@ -565,9 +571,10 @@ def _remove_unlisted(directory: str, files: dict) -> None:
 
 def read_box(f, name: str, key: tuple, out) -> None:
     """Copy box ``key`` (a tuple of slices) of tensor ``name`` of open file ``f`` into ``out``
-    (a tensor of the box's shape and the file's dtype). The whole tensor of a contiguous CPU
-    ``out`` is decoded straight into it; a partial box decodes only the rows that cover it, each
-    checked against its row digest (``MthFile.get_slice``)."""
+    (a tensor of the box's shape). The whole tensor of a contiguous CPU ``out`` of the file's dtype
+    is decoded straight into it; a partial box decodes only the rows that cover it, each checked
+    against its row digest (``MthFile.get_slice``). An ``out`` of another dtype (a bf16 checkpoint
+    loaded into fp32 parameters) gets the values cast by ``Tensor.copy_``, as stock DCP does."""
     from . import dtypes
 
     e = f.entry(name)
@@ -576,9 +583,17 @@ def read_box(f, name: str, key: tuple, out) -> None:
     if len(key) != len(e.shape) or any(s.start < 0 or s.stop > n for s, n in zip(key, e.shape)):
         raise CorruptFileError(f"tensor {short(name)!r} {list(e.shape)} does not hold the box "
                                f"{[(s.start, s.stop) for s in key]} the DCP metadata says it holds")
-    if out.dtype != want or tuple(out.shape) != box:
+    if tuple(out.shape) != box:
         raise CorruptFileError(f"tensor {short(name)!r} is {e.dtype.name} {list(e.shape)}; the "
-                               f"checkpoint metadata asks for {out.dtype} {list(box)} of it")
+                               f"checkpoint metadata asks for {list(box)} of it, into a tensor of {list(out.shape)}")
+    if out.dtype != want:
+        import torch
+
+        got = torch.empty(box, dtype=want)
+        f.get_slice(name).read_into(key, got)
+        with torch.no_grad():
+            out.copy_(got)
+        return
     f.get_slice(name).read_into(key, out)     # whole: straight into out; a box: only its rows, verified
 
 

@@ -369,3 +369,42 @@ def test_two_slots_saved_in_turn_against_each_other_are_refused(tmp_path):
             back = {"w": torch.zeros(40, 24, dtype=torch.bfloat16)}
             dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / d), no_dist=True)
             assert_same(back["w"], want)
+
+
+def _one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    return dist
+
+
+def test_a_shard_name_never_takes_another_fqns_and_a_cast_load_works(tmp_path):
+    """A rank holding two shards of "w" names them "w@<offsets>": an fqn spelled "w@0,0" used to
+    take the first shard's place in the rank file, silently. And loading into tensors of another
+    dtype (bf16 saved, fp32 parameters) casts as stock DCP does; it was refused as a damaged file."""
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as STShard
+    from torch.distributed._shard.sharded_tensor import init_from_local_shards
+
+    dist = _one_rank_group(tmp_path)
+    try:
+        def state(fill=None):
+            full = torch.arange(24, dtype=torch.float32).reshape(8, 3)
+            shards = [STShard(full[o:o + 4].clone() if fill is None else torch.full((4, 3), fill),
+                              ShardMetadata([o, 0], [4, 3], "rank:0/cpu")) for o in (0, 4)]
+            return {"w": init_from_local_shards(shards, [8, 3]),
+                    "w@0,0": torch.full((4, 3), -7.0) if fill is None else torch.full((4, 3), fill),
+                    "b": torch.arange(6.0).to(torch.bfloat16)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp_.save(state(), storage_writer=dcp.MithrilWriter(tmp_path / "c"))
+            back = state(fill=0.0)
+            back["b"] = torch.zeros(6, dtype=torch.float32)
+            dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "c"))
+        assert back["w"].local_shards()[0].tensor.flatten().tolist() == list(range(12))
+        assert back["w"].local_shards()[1].tensor.flatten().tolist() == list(range(12, 24))
+        assert back["w@0,0"].flatten().tolist() == [-7.0] * 12
+        assert back["b"].dtype == torch.float32 and back["b"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    finally:
+        dist.destroy_process_group()
