@@ -967,15 +967,20 @@ def _cli_convert(a, compress: bool) -> int:
     _check_out_dir(a, "a DCP checkpoint directory")
     if os.path.isdir(a.output) and os.listdir(a.output) and not a.force:
         raise MithrilError(f"OUT ({short(a.output)}) exists: pass -f/--force to write into it")
+    from .formats import StagedDir
+
     t0 = time.perf_counter()
-    if compress:
-        if a.base is not None and not is_mithril_dcp_dir(a.base):
-            raise MithrilError(f"--base {short(a.base)} is not a mithril DCP checkpoint directory (no {METADATA_NAME})")
-        compress_dir(a.input, a.output, base=a.base, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems)
-        raw, packed = _dir_size(a.input), _dir_size(a.output)
-    else:
-        decompress_dir(a.input, a.output, verify=not a.no_verify, threads=a.threads, base=a.base)
-        raw, packed = _dir_size(a.output), _dir_size(a.input)
+    if compress and a.base is not None and not is_mithril_dcp_dir(a.base):
+        raise MithrilError(f"--base {short(a.base)} is not a mithril DCP checkpoint directory (no {METADATA_NAME})")
+    # written into a hidden sibling, moved into place at the end: a failed or killed run leaves OUT as
+    # it was (a sibling: relative paths to a base outside stay right once it is moved)
+    with StagedDir(a.output) as stage:
+        if compress:
+            compress_dir(a.input, stage.tmp, base=a.base, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems)
+            raw, packed = _dir_size(a.input), _dir_size(stage.tmp)
+        else:
+            decompress_dir(a.input, stage.tmp, verify=not a.no_verify, threads=a.threads, base=a.base)
+            raw, packed = _dir_size(stage.tmp), _dir_size(a.input)
     if not a.quiet:
         print(_summary(f"{'compressed' if compress else 'decompressed'} DCP checkpoint", a.input, a.output, raw,
                        packed, time.perf_counter() - t0, packing=compress))

@@ -408,3 +408,33 @@ def test_a_shard_name_never_takes_another_fqns_and_a_cast_load_works(tmp_path):
         assert back["b"].dtype == torch.float32 and back["b"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_failed_cli_conversion_leaves_no_output_folder(tmp_path, capsys):
+    """`mithril compress`/`decompress` of a DCP folder wrote straight into OUT: a damaged rank
+    file left a partial OUT (rank files without the metadata that commits them) that the next run
+    then refused without -f. OUT now appears whole or not at all."""
+    import torch.distributed.checkpoint as dcp_
+
+    from mithril_gpu.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"a": torch.randn(300, 30), "b": torch.randn(40)},
+                  storage_writer=dcp_.FileSystemWriter(tmp_path / "stock"), no_dist=True)
+    shutil.copytree(tmp_path / "stock", tmp_path / "bad")
+    for n in os.listdir(tmp_path / "bad"):
+        if n.endswith(".distcp"):
+            p = tmp_path / "bad" / n
+            os.truncate(p, os.path.getsize(p) // 2)
+    assert main(["compress", str(tmp_path / "bad"), str(tmp_path / "c")]) == 1
+    assert main(["compress", str(tmp_path / "stock"), str(tmp_path / "good")]) == 0
+    shutil.copytree(tmp_path / "good", tmp_path / "good_bad")
+    for n in os.listdir(tmp_path / "good_bad"):
+        if n.endswith(".mth"):
+            with open(tmp_path / "good_bad" / n, "r+b") as fh:
+                fh.seek(200)
+                fh.write(b"\xff" * 64)
+    assert main(["decompress", str(tmp_path / "good_bad"), str(tmp_path / "s")]) == 1
+    capsys.readouterr()
+    assert sorted(os.listdir(tmp_path)) == ["bad", "good", "good_bad", "stock"]     # no OUT, no hidden sibling
