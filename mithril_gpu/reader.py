@@ -191,6 +191,13 @@ class MthFile:
         if self._closed:
             raise ValueError(f"I/O operation on closed file {short(self.path)}: open it again to decode tensors")
 
+    def _closed_midway(self) -> None:
+        """A decode that failed because another thread closed the file (its memory went away): say
+        so, rather than call the file damaged."""
+        if self._closed:
+            raise ValueError(f"{short(self.path)} was closed (by another thread) while it was being decoded: "
+                             "the file is not damaged; open it again to decode tensors") from None
+
     def decode_into(self, entries: list[TensorEntry], outs: list[np.ndarray], progress=None, *,
                     verify: bool | None = None) -> None:
         """Decode entries into the given uint8 buffers (resolving delta bases), verifying checksums
@@ -220,6 +227,7 @@ class MthFile:
         try:
             decode_all(self._buf, work, self.threads, verify, progress)
         except MithrilError as exc:      # whatever a file holds, its errors stay one short line
+            self._closed_midway()
             msg = str(exc)
             if len(msg) > MAX_MESSAGE or not msg.isprintable():
                 raise type(exc)(short(msg, MAX_MESSAGE)) from None
@@ -297,6 +305,7 @@ class MthFile:
         try:
             decode_rows(self._buf, e, out, base, row0, row1, self.threads, self.verify)
         except MithrilError as exc:
+            self._closed_midway()
             msg = str(exc)
             if len(msg) > MAX_MESSAGE or not msg.isprintable():
                 raise type(exc)(short(msg, MAX_MESSAGE)) from None

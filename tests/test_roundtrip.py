@@ -321,3 +321,27 @@ def test_tensors_save_cannot_store_are_typed_one_line_errors(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not (tmp_path / "d.mth").exists()
+
+
+def test_a_file_closed_by_another_thread_mid_decode_is_not_called_damaged(tmp_path, monkeypatch):
+    # the decode then fails on released memory, which used to come out as CorruptFileError
+    from mithril_gpu import reader
+    mithril_gpu.save({"w": torch.randn(300, 40)}, tmp_path / "c.mth")
+    f = mithril_gpu.open(tmp_path / "c.mth")
+
+    def close_then_fail(*a, **k):
+        f.close()
+        raise mithril_gpu.CorruptFileError("corrupt file: operation forbidden on released memoryview object")
+    monkeypatch.setattr(reader, "decode_all", close_then_fail)
+    monkeypatch.setattr(reader, "decode_rows", close_then_fail)
+    with pytest.raises(ValueError, match="closed \\(by another thread\\) while it was being decoded"):
+        f.get_tensor("w")
+    f = mithril_gpu.open(tmp_path / "c.mth")
+    with pytest.raises(ValueError, match="closed \\(by another thread\\)"):
+        f.get_slice("w")[3:5]
+    f = mithril_gpu.open(tmp_path / "c.mth")         # a real damage, file open: still CorruptFileError
+    monkeypatch.setattr(reader, "decode_all", lambda *a, **k: (_ for _ in ()).throw(
+        mithril_gpu.CorruptFileError("corrupt file: bad")))
+    with pytest.raises(mithril_gpu.CorruptFileError):
+        f.get_tensor("w")
+    f.close()
