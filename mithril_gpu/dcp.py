@@ -56,6 +56,7 @@ FORMAT_NAME = "mithril-dcp"
 FORMAT_VERSION = 1
 MAX_METADATA_BYTES = 256 << 20
 _RANK_FILE = re.compile(r"^__(\d+)_([0-9a-f]{8})\.mth$")
+_STOCK_FILE = re.compile(r"^__\d+_\d+\.distcp$")       # FileSystemWriter's data files
 
 
 @dataclass(frozen=True)
@@ -559,13 +560,19 @@ class MithrilReader(StorageReader):
 def _remove_unlisted(directory: str, files: dict) -> None:
     """After a commit: remove rank files of earlier saves into the same directory (big ones on a
     background thread, off the save's critical path; any left by a killed process go at the next
-    save)."""
+    save), and a stock (FileSystemWriter) checkpoint the save replaced: its ``.metadata`` first,
+    then its ``.distcp`` files (left there, ``dcp.load`` without a reader went on loading it)."""
     try:
         names = os.listdir(directory)
     except OSError:
         return
+    if STOCK_METADATA_NAME in names:
+        try:
+            os.unlink(os.path.join(directory, STOCK_METADATA_NAME))
+        except OSError:
+            pass
     for name in names:
-        if _RANK_FILE.match(name) and name not in files:
+        if (_RANK_FILE.match(name) and name not in files) or _STOCK_FILE.match(name):
             free_in_background(os.path.join(directory, name))
 
 

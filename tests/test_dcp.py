@@ -438,3 +438,19 @@ def test_a_failed_cli_conversion_leaves_no_output_folder(tmp_path, capsys):
     assert main(["decompress", str(tmp_path / "good_bad"), str(tmp_path / "s")]) == 1
     capsys.readouterr()
     assert sorted(os.listdir(tmp_path)) == ["bad", "good", "good_bad", "stock"]     # no OUT, no hidden sibling
+
+
+def test_a_save_over_a_stock_checkpoint_removes_it(tmp_path):
+    # its .metadata and .distcp files stayed, and dcp.load(checkpoint_id=D) went on loading the old
+    # step silently
+    import torch.distributed.checkpoint as dcp_
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"w": torch.zeros(50)}, storage_writer=dcp_.FileSystemWriter(tmp_path / "c"), no_dist=True)
+        dcp_.save({"w": torch.ones(50)}, storage_writer=dcp.MithrilWriter(tmp_path / "c"), no_dist=True)
+        left = sorted(os.listdir(tmp_path / "c"))
+        assert ".metadata" not in left and not any(n.endswith(".distcp") for n in left), left
+        back = {"w": torch.zeros(50)}
+        dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "c"), no_dist=True)
+    assert back["w"].tolist() == [1.0] * 50
