@@ -82,6 +82,8 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
     holds the very bytes written are added to ``refreshed`` (those stored as "same", and those whose
     context sort wrote the coded bytes there). If the call raises, the copy may be part old, part new."""
     threads = threads or default_threads()
+    if isinstance(base, (bytes, bytearray)):         # a bytes path, as open() and load(base=) take
+        base = os.fsdecode(bytes(base))
     base_file, base_record, same = None, None, {}
     try:
         if base is not None:

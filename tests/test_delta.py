@@ -349,3 +349,13 @@ def test_a_delta_past_the_longest_chain_a_reader_follows_is_saved_whole(tmp_path
         assert torch.equal(mithril_gpu.load(p)["w"], w)
         with mithril_gpu.open(p) as f:
             assert (f.index.base is None) == (k == 4)
+
+
+def test_base_may_be_a_bytes_path(tmp_path):
+    # as load(base=) and open() take: save(base=b"...") raised a raw TypeError
+    w = torch.randn(5000)
+    mithril_gpu.save({"w": w}, tmp_path / "a.mth")
+    mithril_gpu.save({"w": w + 1e-3}, tmp_path / "b.mth", base=os.fsencode(tmp_path / "a.mth"))
+    assert torch.equal(mithril_gpu.load(tmp_path / "b.mth")["w"], w + 1e-3)
+    with mithril_gpu.open(tmp_path / "b.mth") as f:
+        assert f.index.base is not None
