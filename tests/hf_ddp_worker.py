@@ -27,6 +27,7 @@ def _rank(rank, world, root, port):
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     import mithril_gpu.hf as mh
+    from hf_data import Tokens
 
     real = Trainer._save_rng_state
 
@@ -41,14 +42,6 @@ def _rank(rank, world, root, port):
             src = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", f"rng_state_{rank}.pth")
             with open(src, "rb") as f, open(os.path.join(root, f"raw-{state.global_step}-{rank}"), "wb") as g:
                 g.write(f.read())
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, i):
-            ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "labels": ids.clone()}
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_same, subprocess_env
+from hf_data import Tokens
 from test_trainer_folder import assert_restored, run
 
 transformers = pytest.importorskip("transformers")
@@ -151,15 +152,6 @@ def test_importing_the_module_does_not_import_transformers():
 
 
 # ---------------------------------------------------------------- the Trainer
-
-class Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return 32
-
-    def __getitem__(self, i):
-        ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
-        return {"input_ids": ids, "labels": ids.clone()}
-
 
 class Snapshot(TrainerCallback):
     """Copies each checkpoint folder as the Trainer wrote it (runs before MithrilCallback)."""
