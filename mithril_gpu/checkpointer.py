@@ -195,6 +195,19 @@ class Checkpointer:
             # a base outside this directory is not the Checkpointer's to track: the chain ends there
         return _Info(identity, base_step, base_identity)
 
+    def _still_ours(self, step: int) -> bool:
+        """Whether the file of ``step`` is still the one this Checkpointer wrote last (its copy in
+        memory is that file's content only while it is: a file replaced behind its back, by
+        another process or by hand, has other values, and a delta coded against the copy would not
+        decode against the file)."""
+        last = self._last_index
+        if last is None or last[0] != self.path(step):
+            return False
+        try:
+            return self._info(step).identity == last[1].identity
+        except (OSError, MithrilError):
+            return False
+
     def _remember(self, path: str, index) -> None:
         """Note what the file just written at ``path`` (one of ours) is, from the index written (no re-read)."""
         step = int(_NAME.match(os.path.basename(path)).group(1))
@@ -345,7 +358,7 @@ class Checkpointer:
                 self._since_full = len(self._chain(prev)) - 1
             full = self._since_full + 1 >= self.full_every
         base_tensors = None
-        if not full and self._base_tensors is not None and self._last_step == prev:
+        if not full and self._base_tensors is not None and self._last_step == prev and self._still_ours(prev):
             base_tensors = {n: api.tensor_bytes(t) if t.device.type == "cpu" else (lambda t=t: api.tensor_bytes(t.to("cpu")))
                             for n, t in self._base_tensors.items()}     # (CPU bytes at hand: views, no copies)
         choices = None

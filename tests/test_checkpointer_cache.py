@@ -402,3 +402,22 @@ def test_a_failed_delta_save_drops_the_copy_it_may_have_refreshed(tmp_path, monk
     ck.save(s1, 1)                                         # its base read from disk
     assert_tree_same(ck.load(1), s1)
     assert_tree_same(ck.load(0), s0)
+
+
+def test_a_base_file_replaced_behind_the_checkpointers_back_is_not_taken_from_memory(tmp_path):
+    """The copy in memory is the content of the file this Checkpointer wrote last. When another
+    Checkpointer (or a person) replaced that file with other values, a delta coded against the copy
+    did not decode against the file: a checksum error at load, wrong values with verify=False."""
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+
+    def st(s, k=0):
+        return {"w": (w + 1e-3 * s + k).to(torch.bfloat16)}
+    a = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    a.save(st(0), 0)
+    a.save(st(1), 1)
+    os.remove(a.path(1))
+    b = mithril_gpu.Checkpointer(tmp_path, full_every=10, keep=None)
+    b.save(st(1, k=5), 1)
+    a.save(st(2), 2)
+    assert_tree_same(mithril_gpu.load(a.path(2)), st(2))
+    assert_tree_same(mithril_gpu.load(a.path(1)), st(1, k=5))
