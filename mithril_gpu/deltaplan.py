@@ -396,7 +396,7 @@ def _sorted_coded(item: EncodeItem, x: np.ndarray, b: np.ndarray, plain: str) ->
 
 class _Planned:
     """Defers the op choice to when an item's bytes and its base's bytes are first fetched.
-    ``choices`` (name -> (op, transform, ctx)), when given, is consulted first and records what
+    ``choices`` ((name, dtype name, shape) -> (op, transform, ctx)), when given, is consulted first and records what
     is chosen: the Checkpointer keeps it between the saves of a chain, so that a tensor's coding
     is chosen once per few saves, not at every one."""
 
@@ -407,7 +407,10 @@ class _Planned:
 
     def data(self):
         x = self.fetch_data() if callable(self.fetch_data) else self.fetch_data
-        hit = self.choices.get(self.item.name) if self.choices is not None else None
+        # a choice holds for the same name, dtype and shape only (a tensor of the same name may
+        # change dtype between saves: bf16 one time, fp32 the next)
+        key = (self.item.name, self.item.dtype.name, tuple(self.item.shape))
+        hit = self.choices.get(key) if self.choices is not None else None
         pre = None
         if hit is None and self.fetch_base_sample is not None:
             # a base read from disk: choose from its sample first, so that a tensor stored on its
@@ -435,7 +438,7 @@ class _Planned:
             else:
                 op, transform, ctx = choose_ctx(self.item, x, b, pre) if pre is not None else choose_ctx(self.item, x, b)
         if self.choices is not None:
-            self.choices[self.item.name] = (op, transform, ctx)
+            self.choices[key] = (op, transform, ctx)
         it = self.item
         it.transform = transform
         if op is None:

@@ -421,3 +421,20 @@ def test_a_base_file_replaced_behind_the_checkpointers_back_is_not_taken_from_me
     a.save(st(2), 2)
     assert_tree_same(mithril_gpu.load(a.path(2)), st(2))
     assert_tree_same(mithril_gpu.load(a.path(1)), st(1, k=5))
+
+
+def test_a_tensor_that_changes_dtype_between_saves_gets_a_choice_of_its_own(tmp_path):
+    """Codings chosen at a chain's first delta are reused by name for a few saves; a tensor saved
+    as fp32 and then as bf16 under the same name got the fp32 choice (an fp32 context on bf16
+    elements) and every later delta save failed with ValueError('bad arguments')."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+    ck = mithril_gpu.Checkpointer(tmp_path, full_every=20, keep=None)
+    saved = {}
+    for step in range(8):
+        t = w + 1e-3 * step
+        st = {"w": t if step < 3 else t.to(torch.bfloat16), "v": torch.randn(500, generator=g)}
+        ck.save(st, step)
+        saved[step] = st
+    for step, st in saved.items():
+        assert_tree_same(ck.load(step), st)
