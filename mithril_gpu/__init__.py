@@ -8,7 +8,7 @@ Importing this package never needs CUDA, CuPy or nvCOMP; torch is imported on fi
 """
 from .api import load, open, save  # noqa: A004
 from .container import VERSION as FORMAT_VERSION
-from .errors import (BackendUnavailableError, BaseMismatchError, ChecksumMismatchError, CorruptFileError,
+from .errors import (BackendUnavailableError, BaseConflictError, BaseMismatchError, ChecksumMismatchError, CorruptFileError,
                      FormatError, IncompleteCheckpointError, MissingBaseError, MithrilError, NotMithrilFileError,
                      StateMismatchError, TruncatedFileError, UnsupportedValueError, UnsupportedVersionError)
 from .reader import MthFile
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "save", "load", "open", "MthFile", "FORMAT_VERSION", "MithrilError", "FormatError",
     "NotMithrilFileError", "UnsupportedVersionError", "TruncatedFileError", "CorruptFileError",
-    "ChecksumMismatchError", "UnsupportedValueError", "BaseMismatchError", "MissingBaseError",
+    "ChecksumMismatchError", "UnsupportedValueError", "BaseMismatchError", "MissingBaseError", "BaseConflictError",
     "BackendUnavailableError", "StateMismatchError", "IncompleteCheckpointError", "Checkpointer",
 ]
 

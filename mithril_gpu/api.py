@@ -6,7 +6,7 @@ import os
 from . import backends, container, dtypes, tree as tree_mod
 from .cpu import EncodeItem, default_threads
 from .deltaplan import plan_deltas
-from .errors import UnsupportedValueError, short
+from .errors import BaseConflictError, UnsupportedValueError, short
 from .loading import LoadReport  # noqa: F401  (part of the API: the warning load(strict=False) gives)
 from .progress import Progress
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
@@ -91,10 +91,10 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
             chain = base_file.chain()         # (the base alone where the Checkpointer skips its chain)
             here = os.path.realpath(os.fspath(path))
             if os.path.realpath(base_file.path) == here:     # (links too)
-                raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
+                raise BaseConflictError(f"cannot write {os.fspath(path)!r} as a delta against itself: the new file would "
                                  "replace its own base; write it under another name")
             if any(os.path.realpath(p) == here for p in chain[1:]):
-                raise ValueError(f"cannot write {os.fspath(path)!r} as a delta against {short(base_file.path)!r}, "
+                raise BaseConflictError(f"cannot write {os.fspath(path)!r} as a delta against {short(base_file.path)!r}, "
                                  "whose chain of bases holds the file being replaced: neither would load again; "
                                  "write it under another name, or without base=")
         if base_file is not None and len(chain) > MAX_CHAIN:

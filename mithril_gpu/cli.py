@@ -149,7 +149,10 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
         what = "checkpoint files (.safetensors or torch)" if verb == "compressed" else ".mth files"
         raise MithrilError(f"no {what} in {short(a.input)}: nothing to {'compress' if verb == 'compressed' else 'decompress'}")
     writes: dict[str, str] = {}
-    for _, src, dst, _ in plan:
+    for make, src, dst, _ in plan:
+        if make is not None and os.path.lexists(make) and not os.path.isdir(make):
+            raise MithrilError(f"{short(make)} is a file, where the folder {short(os.path.relpath(make, dst_root))} "
+                               "would be written: move it away")
         if dst is None:
             continue
         if os.path.isdir(dst):
@@ -158,12 +161,40 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
             raise MithrilError(f"{short(writes[dst])} and {short(src)} would both be written to {short(dst)}: "
                                "rename one of them")
         writes[dst] = src
+    if verb == "compressed" and a.base is not None:
+        _refuse_bases_in_out(plan, src_root, base_for, {os.path.realpath(d) for d in writes})
     from .formats import StagedDir
 
     # written into a hidden sibling, moved into place at the end: a failed or killed run leaves OUT as it was
     with StagedDir(dst_root) as stage:
         staged = [(m and stage.where(m), s, d and stage.where(d), c) for m, s, d, c in plan]
         return _run_plan(a, verb, staged, src_root, base_for)
+
+
+def _refuse_bases_in_out(plan, src_root: str, base_for, finals: set) -> None:
+    """Refuse, before any work, a --base whose files (or their chains of bases) are files this run
+    writes: OUT is built aside and moved into place, so a delta against a file of OUT was coded
+    against the file it then replaced, and neither loaded (`--base OUT -f` returned 0)."""
+    from .reader import SKIP_BASE, MthFile
+
+    for _, src, _, is_ckpt in plan:
+        if not is_ckpt:
+            continue
+        rel = os.path.relpath(src, src_root)
+        base = base_for(os.path.dirname(rel) or ".", os.path.basename(src))
+        seen = 0
+        while base is not None and seen <= 64:
+            if os.path.realpath(base) in finals:
+                raise MithrilError(f"--base: {short(base)} is a file this run writes (OUT or its chain of bases "
+                                   "holds it): a delta against it would replace its own base; give another --base")
+            try:
+                with MthFile(base, verify=False, base=SKIP_BASE) as f:
+                    rec = f.index.base
+            except (MithrilError, OSError):
+                break
+            path = rec.get("path") if isinstance(rec, dict) else None
+            base = os.path.join(os.path.dirname(base), path) if isinstance(path, str) else None
+            seen += 1
 
 
 def _run_plan(a, verb, plan, src_root, base_for) -> int:
@@ -339,7 +370,8 @@ def cmd_decompress(a) -> int:
             return dst[:-len(".mth")] if src.endswith(".mth") else dst
 
         def base_for(rel, name):   # a folder: each delta's base is found there by its recorded name
-            return os.path.join(a.base, rel)
+            d = os.path.join(a.base, rel)
+            return d if os.path.isdir(d) else None   # (no such folder: its files need no base, or say so)
         return _walk_dir(a, "decompressed", convert, base_for)
     _check_paths(a)
     if a.output.endswith(".mth"):

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from . import container, writer
 from .writer import free_in_background
-from .errors import (BaseMismatchError, CorruptFileError, FormatError, IncompleteCheckpointError,  # noqa: F401
+from .errors import (BaseConflictError, BaseMismatchError, CorruptFileError, FormatError, IncompleteCheckpointError,  # noqa: F401
                      MithrilError, UnsupportedValueError, short)
 
 METADATA_NAME = "mithril_dcp.json"       # the commit point of a mithril DCP checkpoint
@@ -257,7 +257,7 @@ def _refuse_chain_through(base: str, doc: dict, path: str) -> None:
             return
         d = os.path.join(d, rel)
         if os.path.realpath(d) == here:
-            raise ValueError(f"cannot write {short(path)} as a delta against {short(base)}, whose chain of bases "
+            raise BaseConflictError(f"cannot write {short(path)} as a delta against {short(base)}, whose chain of bases "
                              f"holds {short(path)} itself: the save would remove files that chain needs, and neither "
                              "checkpoint would load again; write it to another directory, or without base=")
         try:
@@ -349,7 +349,7 @@ class MithrilWriter(StorageWriter):
         os.makedirs(self.path, exist_ok=True)
         if self.base is not None:
             if os.path.realpath(self.base) == os.path.realpath(self.path):      # (links too)
-                raise ValueError(f"base= is the checkpoint being written ({short(self.path)}): a delta needs an "
+                raise BaseConflictError(f"base= is the checkpoint being written ({short(self.path)}): a delta needs an "
                                  "earlier checkpoint directory")
             doc = read_json_metadata(self.base)      # a committed mithril checkpoint, said before any work
             _refuse_chain_through(self.base, doc, self.path)

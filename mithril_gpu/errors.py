@@ -52,6 +52,11 @@ class MissingBaseError(BaseMismatchError):
     """A delta checkpoint's base file cannot be found."""
 
 
+class BaseConflictError(MithrilError, ValueError):
+    """``save(base=...)``: the base cannot be used for the file being written: it is that file,
+    or its chain of bases holds it (the save would replace a file the chain needs)."""
+
+
 class StateMismatchError(MithrilError, ValueError):
     """``load(into=...)``: the tensors given do not match the file's (names, dtypes or shapes)."""
 

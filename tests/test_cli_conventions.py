@@ -204,3 +204,35 @@ def test_two_files_of_a_folder_never_write_the_same_output(tmp_path):
     ok("compress", MINILM, model / "x.safetensors.mth")
     assert "both" in error("compress", model, tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
+
+
+def test_a_base_that_out_replaces_is_refused_before_any_work(tmp_path):
+    """--base OUT -f: OUT is built aside and moved into place, so each delta was coded against the
+    file it then replaced; both checkpoints were lost and the command exited 0. A single file gave
+    a traceback. Both are one-line errors now, and OUT is left as it was."""
+    from safetensors.torch import save_file
+    w = torch.randn(512, 300, generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        os.makedirs(tmp_path / f"ck{i}" / "sub")
+        save_file({"w": (w + 1e-3 * i).bfloat16()}, tmp_path / f"ck{i}" / "model.safetensors")
+        save_file({"w": (w + 2e-3 * i).bfloat16()}, tmp_path / f"ck{i}" / "sub" / "part.safetensors")
+    ok("compress", tmp_path / "ck0", tmp_path / "packed")
+    before = sha(tmp_path / "packed" / "model.safetensors.mth")
+    assert "a file this run writes" in error("compress", tmp_path / "ck1", tmp_path / "packed", "--base",
+                                             tmp_path / "packed", "-f")
+    assert sha(tmp_path / "packed" / "model.safetensors.mth") == before
+    ok("compress", tmp_path / "ck0" / "model.safetensors", tmp_path / "s.mth")
+    assert "delta against itself" in error("compress", tmp_path / "ck1" / "model.safetensors", tmp_path / "s.mth",
+                                           "--base", tmp_path / "s.mth", "-f")
+    # -f into an OUT where a folder of IN is a file: refused before any work (it failed halfway)
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "sub").write_text("a file")
+    assert "where the folder sub would be written" in error("compress", tmp_path / "ck0", tmp_path / "out", "-f")
+    assert sorted(os.listdir(tmp_path / "out")) == ["sub"]
+    # decompress --base DIR lacking one of IN's folders, whose files need no base: fine
+    ok("compress", tmp_path / "ck1", tmp_path / "p1", "--base", tmp_path / "packed")
+    shutil.rmtree(tmp_path / "packed" / "sub")
+    ok("compress", tmp_path / "ck1" / "sub" / "part.safetensors", tmp_path / "p1" / "sub" / "part.safetensors.mth",
+       "-f")
+    ok("decompress", tmp_path / "p1", tmp_path / "back", "--base", tmp_path / "packed")
+    assert sha(tmp_path / "back" / "model.safetensors") == sha(tmp_path / "ck1" / "model.safetensors")
