@@ -148,8 +148,11 @@ def _open_base(base, threads: int, items, base_tensors: dict | None, written=Non
 
 
 def _relative(base_path: str, path) -> str:
-    d = os.path.dirname(os.path.abspath(os.fspath(path)))
-    return os.path.relpath(os.path.abspath(base_path), d)
+    """The base's path as a delta at ``path`` records it: relative to the real folder of ``path``
+    (a reader joins it to the folder it opened the delta from, and the system resolves ".." from
+    the real folder: a path made from a symlinked folder at another depth led nowhere)."""
+    d = os.path.realpath(os.path.dirname(os.path.abspath(os.fspath(path))))
+    return os.path.relpath(os.path.realpath(base_path), d)
 
 
 def _check_threads(threads) -> None:

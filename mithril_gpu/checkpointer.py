@@ -328,7 +328,7 @@ class Checkpointer:
         finished first (see the class docstring).
         """
         self.wait()
-        if not isinstance(step, int) or step < 0:
+        if type(step) is not int or step < 0:        # (True is an int, and no step)
             raise ValueError("step must be a non-negative int")
         # One save at a time in the folder, across processes (and Checkpointers): from the scan
         # that picks the base to the end of the write and the prune. Without it, two processes

@@ -41,7 +41,7 @@ class MthFile:
         # bytes parse to the same entries. (Its payload_bytes, plane_bytes and tensor_bytes stay 0:
         # nothing reads them on this path.)
         self._written = _written
-        self.path = os.fspath(path)
+        self.path = os.fsdecode(os.fspath(path))     # (a bytes path: joined with recorded str paths)
         self.verify = verify
         self.threads = threads or default_threads()
         self._mm = None
@@ -122,14 +122,15 @@ class MthFile:
             raise CorruptFileError(f"delta chain is longer than {MAX_CHAIN} files (or loops)")
         if isinstance(base, MthFile):
             bf = base
+            self._base_given = True          # the caller's file: theirs to close, not ours
         else:
             cand = []
             if base is not None and os.path.isdir(os.fspath(base)):
                 cand.append(os.path.join(os.fspath(base), os.path.basename(str(rec or ""))))
             elif base is not None:
                 cand.append(os.fspath(base))
-            if isinstance(rec, str) and rec:
-                cand.append(os.path.join(os.path.dirname(os.path.abspath(self.path)), rec))
+            if isinstance(rec, str) and rec:     # (from the real folder, as writers record it)
+                cand.append(os.path.join(os.path.dirname(os.path.realpath(self.path)), rec))
             found = next((c for c in cand if _is_regular_file(c)), None)
             if found is None:
                 raise MissingBaseError(
@@ -385,7 +386,7 @@ class MthFile:
 
     def close(self) -> None:
         self._closed = True
-        if self.__dict__.get("base_file") is not None:
+        if self.__dict__.get("base_file") is not None and not self.__dict__.get("_base_given"):
             self.base_file.close()
         buf = self.__dict__.get("_buf")
         if buf is not None:

@@ -314,3 +314,10 @@ def test_steps_and_chain_see_a_pending_background_save(tmp_path):
     ck.save({"w": w}, 3, blocking=False)
     assert ck.chain(3) == [3, 2, 1]
     ck.close()
+
+
+def test_a_bool_is_not_a_step(tmp_path):
+    ck = mithril_gpu.Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="step must be"):
+        ck.save({"w": torch.ones(3)}, True)
+    assert ck.steps() == []

@@ -359,3 +359,26 @@ def test_base_may_be_a_bytes_path(tmp_path):
     assert torch.equal(mithril_gpu.load(tmp_path / "b.mth")["w"], w + 1e-3)
     with mithril_gpu.open(tmp_path / "b.mth") as f:
         assert f.index.base is not None
+
+
+def test_bases_through_bytes_paths_open_files_and_symlinked_folders(tmp_path):
+    w = torch.randn(5000)
+    mithril_gpu.save({"w": w}, tmp_path / "s0.mth")
+    mithril_gpu.save({"w": w + 1e-3}, tmp_path / "s1.mth", base=tmp_path / "s0.mth")
+    mithril_gpu.save({"w": w + 2e-3}, tmp_path / "s2.mth", base=tmp_path / "s1.mth")
+    # a bytes path to a delta: its recorded (str) base path is joined to it (a raw TypeError)
+    assert torch.equal(mithril_gpu.load(os.fsencode(tmp_path / "s2.mth"))["w"], w + 2e-3)
+    with mithril_gpu.open(os.fsencode(tmp_path / "s2.mth")) as f:
+        assert torch.equal(f.get_tensor("w"), w + 2e-3)
+    # an open MthFile given as base= stays open: the caller's to close (load closed it)
+    base = mithril_gpu.open(tmp_path / "s1.mth")
+    assert torch.equal(mithril_gpu.load(tmp_path / "s2.mth", base=base)["w"], w + 2e-3)
+    assert not base.closed and torch.equal(base.get_tensor("w"), w + 1e-3)
+    base.close()
+    # a delta written into a symlinked folder at another depth: its base path is recorded from the
+    # real folder, so it loads by the link and by the real path (it loaded by neither)
+    os.makedirs(tmp_path / "real" / "deeper" / "ck")
+    os.symlink(tmp_path / "real" / "deeper" / "ck", tmp_path / "ck")
+    mithril_gpu.save({"w": w + 3e-3}, tmp_path / "ck" / "s3.mth", base=tmp_path / "s2.mth")
+    for p in (tmp_path / "ck" / "s3.mth", tmp_path / "real" / "deeper" / "ck" / "s3.mth"):
+        assert torch.equal(mithril_gpu.load(p)["w"], w + 3e-3)
