@@ -108,7 +108,8 @@ class Checkpointer:
       version, or by files deleted by hand), is unrecoverable: the next :meth:`save` deletes it.
       If the newest file in the directory is one (or is damaged), that save is a full checkpoint.
     * a *damaged* file, one that cannot be read as a .mth file (and any delta that needs it), is
-      left where it is for you to look at; it is never deleted.
+      left where it is for you to look at; it is never deleted (a save of its step renames it to
+      ``<name>.damaged`` first, with a note).
 
     With ``blocking=False``, a save still running when the interpreter exits (the script's end,
     ``sys.exit()``, or an uncaught exception) is finished before exit. If it fails, or failed
@@ -194,6 +195,19 @@ class Checkpointer:
                     base_step = int(m.group(1))
             # a base outside this directory is not the Checkpointer's to track: the chain ends there
         return _Info(identity, base_step, base_identity)
+
+    def _set_aside(self, step: int) -> None:
+        """Rename the damaged file of ``step`` to ``<name>.damaged`` (``.damaged-2``, ...), with a
+        one-line note: a save of that step would replace it, and a damaged file is left for you."""
+        path = self.path(step)
+        k, dst = 1, path + ".damaged"
+        while os.path.lexists(dst):
+            k += 1
+            dst = f"{path}.damaged-{k}"
+        os.rename(path, dst)
+        self._infos.pop(step, None)
+        warnings.warn(CheckpointNote(f"mithril: the damaged checkpoint of step {step} is kept as {short(dst)}; "
+                                     "the new one takes its name"), stacklevel=4)
 
     def _still_ours(self, step: int) -> bool:
         """Whether the file of ``step`` is still the one this Checkpointer wrote last (its copy in
@@ -350,6 +364,9 @@ class Checkpointer:
         ok = sorted(s for s, st in scan.items() if st == _OK)
         if ok and step <= ok[-1]:
             raise ValueError(f"step {step} is not after the newest checkpoint (step {ok[-1]})")
+        if scan.get(step) == _DAMAGED:      # never deleted: moved aside, out of the new file's way
+            self._set_aside(step)
+            scan = self._scan()
         prev = ok[-1] if ok else None
         # a full save if there is nothing to be a delta of, or if the newest file's chain is broken
         full = prev is None or max(scan) != prev

@@ -202,6 +202,12 @@ def test_a_damaged_file_is_not_listed_and_is_left_in_place(tmp_path):
     assert ck.chain(4) == [4]                          # the newest file was unreadable: a full save
     assert _files(tmp_path) == [3, 4]                  # kept: it is not the Checkpointer's to delete
     assert (tmp_path / "step-000000003.mth").read_bytes() == b"not a checkpoint at all"
+    # a save of that very step (a run resumed from an earlier one) moves it aside, never over it
+    (tmp_path / "step-000000005.mth").write_bytes(b"damaged too")
+    with pytest.warns(CheckpointNote, match="damaged checkpoint of step 5 is kept as .*step-000000005.mth.damaged"):
+        ck.save(_state(5), 5)
+    assert (tmp_path / "step-000000005.mth.damaged").read_bytes() == b"damaged too"
+    assert ck.load(5)["step"] == 5
 
 
 # ---------------------------------------------------------------- stale temp files
