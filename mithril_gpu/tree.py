@@ -148,8 +148,10 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
             _check_text(o, "/".join(path) or "<top level>")
         try:
             return _scalar(o)
-        except UnsupportedValueError:
+        except UnsupportedValueError as e:
             where = "/".join(path) or "<top level>"
+            if type(o) is int:           # (too long an int: _scalar says why)
+                raise UnsupportedValueError(f"at {short(where)}: {e}") from None
             raise UnsupportedValueError(
                 f"cannot store a value of type {type(o).__module__}.{type(o).__qualname__} at {short(where)}: "
                 "mithril stores tensors, numpy arrays, dicts, lists, tuples, str, int, float, bool, None, "
@@ -201,13 +203,23 @@ def _is_plain_key(k) -> bool:
     return type(k) in (str, int, float, bool) or k is None
 
 
+MAX_INT_CHARS = 4300      # an int node's text, sign included (Python's default limit on int(str))
+
+
 def _scalar(o):
     if o is None:
         return {"none": None}
     if isinstance(o, bool):
         return {"bool": o}
     if isinstance(o, int) and type(o) in (int,):
-        return {"int": str(o)}
+        try:
+            text = str(o)
+        except ValueError:          # (over Python's digit limit for str(); a reader refuses it too)
+            text = None
+        if text is None or len(text) > MAX_INT_CHARS:
+            raise UnsupportedValueError(f"an int of more than {MAX_INT_CHARS} characters cannot be stored (a "
+                                        "reader refuses longer ones)") from None
+        return {"int": text}
     if isinstance(o, float) and type(o) is float:
         return {"float": repr(o)}
     if isinstance(o, str) and type(o) is str:
@@ -291,7 +303,7 @@ def decode(node, tensor_at, depth: int = 0):
             return tuple(decode(x, tensor_at, depth + 1) for x in v)
         if kind == "str" and isinstance(v, str):
             return v
-        if kind == "int" and isinstance(v, str) and len(v) <= 4300:
+        if kind == "int" and isinstance(v, str) and len(v) <= MAX_INT_CHARS:
             return int(v)
         if kind == "float" and isinstance(v, str):
             return float(v)

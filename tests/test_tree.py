@@ -154,3 +154,16 @@ def test_files_with_numpy_arrays_announce_the_feature(tmp_path):
     with mithril_gpu.open(tmp_path / "n.mth") as f, mithril_gpu.open(tmp_path / "p.mth") as g:
         feats = [json.loads(x.index.to_json())["features"] for x in (f, g)]
         assert feats == [["ndarray"], []]
+
+
+def test_an_int_a_reader_would_refuse_is_refused_when_saved(tmp_path):
+    # a reader takes int nodes of up to 4300 characters, sign included; a writer took a negative
+    # int of 4300 digits (4301 characters): the save returned and no load could read the file
+    import mithril_gpu
+    for v in (10 ** 4299, -(10 ** 4298)):           # 4300 characters: saved and read back
+        mithril_gpu.save({"x": v}, tmp_path / "a.mth")
+        assert mithril_gpu.load(tmp_path / "a.mth")["x"] == v
+    for v in (-(10 ** 4299), 10 ** 4300):
+        with pytest.raises(mithril_gpu.UnsupportedValueError, match="at x: an int of more than 4300 characters"):
+            mithril_gpu.save({"x": v}, tmp_path / "b.mth")
+    assert not (tmp_path / "b.mth").exists()
