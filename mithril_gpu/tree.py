@@ -186,16 +186,17 @@ def _torch_node(kind: str, v):
     import torch
 
     if kind == "torch_size" and isinstance(v, list) and len(v) <= 64 \
-            and all(isinstance(d, str) and _DIM.fullmatch(d) for d in v):
+            and all(isinstance(d, str) and _DIM.fullmatch(d) and -2 ** 63 <= int(d) < 2 ** 63 for d in v):
         return torch.Size(int(d) for d in v)
     if kind == "torch_dtype" and isinstance(v, str) and _NAME.fullmatch(v):
         dt = getattr(torch, v, None)
         return dt if isinstance(dt, torch.dtype) else None
     if kind == "torch_device" and isinstance(v, str) and _DEVICE.fullmatch(v):
         try:
-            return torch.device(v)
+            d = torch.device(v)
         except (RuntimeError, ValueError):
             return None
+        return d if str(d) == v else None    # (torch keeps an index below 64 and wraps others: refused)
     return None
 
 

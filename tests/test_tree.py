@@ -167,3 +167,16 @@ def test_an_int_a_reader_would_refuse_is_refused_when_saved(tmp_path):
         with pytest.raises(mithril_gpu.UnsupportedValueError, match="at x: an int of more than 4300 characters"):
             mithril_gpu.save({"x": v}, tmp_path / "b.mth")
     assert not (tmp_path / "b.mth").exists()
+
+
+def test_torch_values_torch_would_change_are_refused():
+    # torch.device keeps an index below 64 and wraps others ("cuda:999999" came back as
+    # "cuda:63"); a size beyond int64 made a torch.Size whose repr raised
+    from mithril_gpu import tree
+    from mithril_gpu.errors import CorruptFileError
+    for node in ({"torch_device": "cuda:999999"}, {"torch_device": "cuda:256"},
+                 {"torch_size": ["9999999999999999999"]}):
+        with pytest.raises(CorruptFileError, match="bad tree node"):
+            tree.decode(node, lambda i: None)
+    assert str(tree.decode({"torch_device": "cuda:3"}, lambda i: None)) == "cuda:3"
+    assert tuple(tree.decode({"torch_size": ["2", "-1"]}, lambda i: None)) == (2, -1)
