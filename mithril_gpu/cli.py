@@ -481,8 +481,9 @@ def cmd_verify(a) -> int:
             f.check(bar)                # the tree, then every tensor in batches, as load() checks them
         n = len(f.index.tensors)
     dt = time.perf_counter() - t0
-    print(f"OK {_show(a.file)}: {n} tensors, {_mb(raw)} decoded, checksums verified and tree rebuilt in "
-          f"{dt:.2f} s{_speed(raw, dt)}")
+    if not a.quiet:                     # (-q: the exit status says it)
+        print(f"OK {_show(a.file)}: {n} tensors, {_mb(raw)} decoded, checksums verified and tree rebuilt in "
+              f"{dt:.2f} s{_speed(raw, dt)}")
     return 0
 
 

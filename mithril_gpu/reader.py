@@ -50,9 +50,14 @@ class MthFile:
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {self.path}") from None
         if not stat.S_ISREG(st.st_mode):    # (opening a FIFO would wait for a writer; a file is read by seeking)
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, a device or a socket"
-            raise NotMithrilFileError(f"{short(self.path)} is not a regular file ({kind}): a .mth file is read "
-                                      f"by seeking in it")
+            if stat.S_ISDIR(st.st_mode):
+                inside = sorted(n for n in os.listdir(self.path) if n.endswith(".mth"))[:1] \
+                    if os.access(self.path, os.R_OK) else []
+                raise NotMithrilFileError(f"{short(self.path)} is a folder: give one of its .mth files"
+                                          + (f" (such as {short(os.path.join(self.path, inside[0]))})" if inside
+                                             else ""))
+            raise NotMithrilFileError(f"{short(self.path)} is not a regular file (a pipe, a device or a socket): "
+                                      "a .mth file is read by seeking in it")
         try:
             self._fh = open(self.path, "rb")
         except FileNotFoundError:

@@ -303,3 +303,19 @@ def test_loading_a_pipe_or_a_folder_is_a_typed_error(tmp_path):
     assert "is not a regular file (a pipe" in p.stdout, p.stderr
     with pytest.raises(mithril_gpu.NotMithrilFileError, match="folder"):
         mithril_gpu.load(tmp_path)                     # (an IsADirectoryError from open)
+
+
+def test_info_and_verify_on_a_folder_name_a_file_to_give_and_verify_q_is_quiet(tmp_path):
+    import torch
+
+    import mithril_gpu
+    os.makedirs(tmp_path / "ck")
+    mithril_gpu.save({"w": torch.ones(10)}, tmp_path / "ck" / "model.safetensors.mth")
+    for cmd in ("info", "verify"):
+        p = subprocess.run([sys.executable, "-m", "mithril_gpu", cmd, str(tmp_path / "ck")], capture_output=True,
+                           text=True, env=subprocess_env())
+        assert p.returncode == 1 and "is a folder: give one of its .mth files (such as" in p.stderr, p.stderr
+        assert p.stderr.count("\n") == 1
+    p = subprocess.run([sys.executable, "-m", "mithril_gpu", "verify", "-q", str(tmp_path / "ck" / "model.safetensors.mth")],
+                       capture_output=True, text=True, env=subprocess_env())
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
