@@ -163,10 +163,13 @@ def _check_threads(threads) -> None:
 
 
 def open(path, *, verify: bool = True, threads: int | None = None, base=None) -> MthFile:  # noqa: A001
-    """Open a .mth file for lazy access (``keys()``, ``info(name)``, ``get_tensor(name)``).
+    """Open a .mth file for lazy access (``keys()``, ``info(name)``, ``get_tensor(name)``,
+    ``get_slice(name)[...]``: only the rows a box needs are decoded, each checked).
 
-    ``base`` (a path, a directory or an open :class:`MthFile`) is where a delta file's base is;
-    by default it is looked for where the file records it, relative to the file.
+    ``verify=False`` skips checksum checks; ``threads``: CPU threads for decoding (default: all
+    cores). ``base`` (a path, a directory or an open :class:`MthFile`, which stays the caller's
+    to close) is where a delta file's base is; by default it is looked for where the file
+    records it, relative to the file's real folder.
     """
     _check_threads(threads)
     return MthFile(path, verify=verify, threads=threads, base=base)
@@ -177,12 +180,15 @@ def load(path, device: str = "cpu", *, verify: bool = True, threads: int | None 
     """Decompress a whole .mth file: the object given to :func:`save`, every tensor bit-exact.
 
     ``device`` is where tensors go (``"cpu"``, ``"cuda"``, ``"cuda:1"``...). ``verify=False``
-    skips checksum checks (faster; a damaged file may then decode to wrong values).
+    skips checksum checks (faster; a damaged file may then decode to wrong values). ``threads``:
+    CPU threads (default: all cores). ``base``: where a delta file's base is (a path, a folder or
+    an open :class:`MthFile`), if not where the file records it. ``progress``: ``True`` for a
+    progress bar on stderr, or a callable given the bytes decoded as work goes.
 
     ``subtree``: load only that part of the saved object, a ``/``-separated path of dict keys
     (``"model"`` picks the model's state dict out of ``{"model": ..., "optimizer": ..., "step": ...}``).
 
-    ``into``: an existing state dict (or nest) whose tensors are filled in place, by name, like
+    ``into``: an existing state dict (or nest) whose tensors are filled in place, key by key, like
     ``load_state_dict`` but without a second copy in memory (on a GPU: straight into the device
     tensors). Names are those of the loaded object (of ``subtree`` when given). With
     ``strict=True`` (the default) the names must match exactly: tensors the file has and

@@ -150,6 +150,7 @@ class Checkpointer:
     # ------------------------------------------------------------ listing
 
     def path(self, step: int) -> str:
+        """The file of ``step``: ``<directory>/step-NNNNNNNNN.mth`` (nine digits or more)."""
         return os.path.join(self.directory, f"step-{step:09d}.mth")
 
     def steps(self) -> list[int]:
@@ -556,6 +557,8 @@ class Checkpointer:
     # ------------------------------------------------------------ loading
 
     def load(self, step: int, device: str = "cpu", **kw):
+        """The state saved at ``step`` (a pending background save is finished first); ``kw`` as
+        for :func:`mithril_gpu.load` (``into=``, ``subtree=``, ``verify=``...)."""
         self.wait()
         if not os.path.exists(self.path(step)):
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (have: {self.steps()})")

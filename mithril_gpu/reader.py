@@ -154,6 +154,7 @@ class MthFile:
     # ------------------------------------------------------------ inspection
 
     def keys(self) -> list[str]:
+        """The tensors' names, in file order (a nested object's are its '/'-joined key paths)."""
         return [e.name for e in self.index.tensors]
 
     def __contains__(self, name) -> bool:
@@ -171,6 +172,10 @@ class MthFile:
             raise KeyError(f"no tensor named {short(repr(name))} in {short(self.path)}") from None
 
     def info(self, name: str) -> dict:
+        """What tensor ``name`` is, without decoding it: ``dtype`` (the .mth name: "BF16"...),
+        ``shape`` (a tuple), ``nbytes`` (decoded), ``stored`` (its chunks' bytes in the file),
+        ``transform``, ``delta`` (None, or the delta op: "xor", "zigzag", "same") and ``xxh64``
+        (its checksum, 16 hex digits)."""
         e = self.entry(name)
         return {"dtype": e.dtype.name, "shape": e.shape, "nbytes": e.nbytes, "stored": e.stored_bytes,
                 "transform": e.transform, "delta": (e.delta or {}).get("op"), "xxh64": f"{e.checksum:016x}"}
@@ -325,6 +330,8 @@ class MthFile:
         return out
 
     def get_tensor(self, name: str, device: str = "cpu"):
+        """Tensor ``name``, decoded whole (its delta base too, where it has one) and checked,
+        on ``device`` ("cpu", "cuda", "cuda:1"...)."""
         self._check_open()
         e = self.entry(name)
         backends.check_load_device(device)
