@@ -31,10 +31,7 @@ def status() -> tuple[bool, str]:
     (every tensor is then coded on the CPU, in the same format)."""
     if os.environ.get("MITHRIL_GPU") == "0":
         return False, "the GPU backend is turned off (MITHRIL_GPU=0)"
-    if not VALIDATED and os.environ.get("MITHRIL_GPU_EXPERIMENTAL") != "1":
-        return False, ("the GPU backend has not yet been validated on a GPU "
-                       "(set MITHRIL_GPU_EXPERIMENTAL=1 to try it)")
-    try:
+    try:                         # (what stops it here first; then whether it may run at all)
         import cupy
     except ImportError:
         return False, "CuPy is not installed (pip install cupy-cuda13x)"
@@ -49,6 +46,9 @@ def status() -> tuple[bool, str]:
         return False, "nvCOMP is not installed (pip install nvidia-nvcomp-cu13)"
     if not os.path.isfile(os.path.join(KERNEL_DIR, "planes.cu")):
         return False, f"the CUDA kernels are missing ({KERNEL_DIR})"
+    if not VALIDATED and os.environ.get("MITHRIL_GPU_EXPERIMENTAL") != "1":
+        return False, ("the GPU backend has not yet been validated on a GPU "
+                       "(set MITHRIL_GPU_EXPERIMENTAL=1 to try it)")
     return True, ""
 
 
