@@ -117,8 +117,15 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
 
                 from .writer import BaseNote
 
-                warnings.warn(f"mithril: only {100 * matched / total:.0f}% of the bytes have a tensor of the same name, "
-                              f"dtype and shape in the base {short(base_file.path)}", BaseNote, stacklevel=3)
+                if not any(i in same or it.delta_op is not None for i, it in enumerate(items)):
+                    # nothing can be stored against it: one note, and the writer records no base
+                    warnings.warn(f"mithril: no tensor has one of the same name, dtype and shape in the base "
+                                  f"{short(base_file.path)}: written as a full checkpoint that does not need it",
+                                  BaseNote, stacklevel=3)
+                    base_record = None
+                else:
+                    warnings.warn(f"mithril: only {100 * matched / total:.0f}% of the bytes have a tensor of the same "
+                                  f"name, dtype and shape in the base {short(base_file.path)}", BaseNote, stacklevel=3)
         index = write_mth(path, items, tree=tree, metadata=metadata, source=source, base=base_record, same=same,
                           level=level, threads=threads, progress=progress, encode=encoder, mode=mode)
         if refreshed is not None and keep:
