@@ -175,7 +175,7 @@ def _refuse_bases_in_out(plan, src_root: str, base_for, finals: set) -> None:
     """Refuse, before any work, a --base whose files (or their chains of bases) are files this run
     writes: OUT is built aside and moved into place, so a delta against a file of OUT was coded
     against the file it then replaced, and neither loaded (`--base OUT -f` returned 0)."""
-    from .reader import SKIP_BASE, MthFile
+    from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 
     for _, src, _, is_ckpt in plan:
         if not is_ckpt:
@@ -183,7 +183,7 @@ def _refuse_bases_in_out(plan, src_root: str, base_for, finals: set) -> None:
         rel = os.path.relpath(src, src_root)
         base = base_for(os.path.dirname(rel) or ".", os.path.basename(src))
         seen = 0
-        while base is not None and seen <= 64:
+        while base is not None and seen <= MAX_CHAIN:
             if os.path.realpath(base) in finals:
                 raise MithrilError(f"--base: {short(base)} is a file this run writes (OUT or its chain of bases "
                                    "holds it): a delta against it would replace its own base; give another --base")
@@ -193,7 +193,7 @@ def _refuse_bases_in_out(plan, src_root: str, base_for, finals: set) -> None:
             except (MithrilError, OSError):
                 break
             path = rec.get("path") if isinstance(rec, dict) else None
-            base = os.path.join(os.path.dirname(base), path) if isinstance(path, str) else None
+            base = os.path.join(os.path.dirname(os.path.realpath(base)), path) if isinstance(path, str) else None
             seen += 1
 
 
