@@ -17,17 +17,19 @@ import re
 import sys
 import threading
 import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 
-from . import api, checksum, tree as tree_mod, writer
+from . import api, checksum, cpu, tree as tree_mod, writer
 from .errors import BaseMismatchError, CorruptFileError, MissingBaseError, MithrilError, short
 from .reader import MAX_CHAIN, SKIP_BASE, MthFile
 from .torchio import writable_bytes
 from .writer import remove_stale_temps
 
 _NAME = re.compile(r"step-(\d+)\.mth\Z")
+_instances: "weakref.WeakSet" = weakref.WeakSet()      # every live Checkpointer (a forked child resets their writers)
 PRUNE_THREAD_BYTES = 64 << 20   # pruned files of this many bytes in all are deleted on a thread (Checkpointer._prune)
 RECHOOSE_EVERY = 4      # deltas re-choose each tensor's coding every this many saves (the first of a chain too)
 
@@ -139,6 +141,7 @@ class Checkpointer:
         self._last_step = None                        # the step of that save
         self._since_full = None                       # deltas written since the last full save
         self._executor = None                         # one background writer, for blocking=False
+        _instances.add(self)
         self._pruning = None                          # (thread, its errors) deleting pruned files, or None
         self._pending = None
         self._pending_done = None
@@ -423,10 +426,16 @@ class Checkpointer:
         snapshot, leaves = state, None
         if self.keep_base_in_memory or not blocking:        # CUDA tensors: copied on their device first
             snapshot, leaves = _snapshot(state)
-        if blocking:
+        if blocking or not cpu.pools_ok():   # (at interpreter exit no background thread may start: done now)
             self._write(snapshot, self.path(step), base_path, base_tensors, choices)
             self._after_write(step, full, leaves)
-            return self.path(step)
+            if blocking:
+                return self.path(step)
+            from concurrent.futures import Future
+
+            done = Future()
+            done.set_result(self.path(step))
+            return done
         job = (snapshot, self.path(step), base_path, base_tensors, choices)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -439,7 +448,7 @@ class Checkpointer:
             finally:
                 _unlock_folder(lock)
             return self.path(step)
-        self._pending = self._executor.submit(run)
+        self._pending = cpu.submit(self._executor, run)     # (at interpreter exit: run now)
         handed.append(True)
         self._pending_done = (step, full, leaves)
         _track(self._pending, self.path(step))
@@ -598,11 +607,11 @@ def _map_leaves(fn, leaves: list) -> list:
     """``[fn(leaf) for leaf in leaves]`` (named tensors), on two threads for a state over 64 MB:
     copies release the GIL, and two threads halve a large state's copy time."""
     big = sum(t.numel() * t.element_size() for _, t in leaves) > (64 << 20)
-    if big and len(leaves) > 1:
+    if big and len(leaves) > 1 and cpu.pools_ok():
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(2, thread_name_prefix="mithril-snap") as ex:
-            return list(ex.map(fn, leaves))
+            return [f.result() for f in [cpu.submit(ex, fn, nt) for nt in leaves]]
     return [fn(nt) for nt in leaves]
 
 
@@ -809,10 +818,14 @@ def _fail_exit_status() -> None:
 
 
 def _forget_in_child() -> None:
-    """A forked child has none of its parent's writer threads: their saves are not its to wait for."""
+    """A forked child has none of its parent's writer threads: their saves are not its to wait for,
+    and each Checkpointer starts a writer of its own when it needs one (the inherited executor has
+    no thread: a save submitted to it, or a wait for the parent's, never ended)."""
     global _unwaited_lock
     _unwaited.clear()
     _unwaited_lock = threading.Lock()
+    for ck in list(_instances):
+        ck._executor, ck._pending, ck._pending_done, ck._pruning = None, None, None, None
 
 
 if hasattr(os, "register_at_fork"):

@@ -251,15 +251,19 @@ def _ctx_parts(base: np.ndarray, isz: int, s: int, w: int, threads: int, move, r
     def run(p):
         move(cuts[p], cuts[p + 1], offs[p], hists[p])
 
-    if parts > 1:
+    if parts > 1 and pools_ok():
         with ThreadPoolExecutor(parts, thread_name_prefix="mithril-ctx") as ex:
-            list(ex.map(hist, range(parts)))
+            for f in [submit(ex, hist, p) for p in range(parts)]:
+                f.result()
             total, offs = _part_offsets(hists)
-            list(ex.map(run, range(parts)))
-    else:
-        hist(0)
+            for f in [submit(ex, run, p) for p in range(parts)]:
+                f.result()
+    else:                                   # (one part; or no pool at interpreter exit: the same parts in turn)
+        for p in range(parts):
+            hist(p)
         total, offs = _part_offsets(hists)
-        run(0)
+        for p in range(parts):
+            run(p)
     return hists, total, offs
 
 
@@ -580,9 +584,37 @@ def _plan_jobs(sizes: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]
     return jobs
 
 
+def pools_ok() -> bool:
+    """Whether a thread pool may take work. Once the main thread has returned, the interpreter
+    begins to exit and ``concurrent.futures`` refuses new work, while a thread of the program may
+    still be saving or loading: that work is then done on the calling thread (a save from a
+    non-daemon thread used to fail with "cannot schedule new futures after interpreter shutdown")."""
+    import concurrent.futures.thread as cft
+
+    return not getattr(cft, "_shutdown", False)
+
+
+def submit(pool, fn, *args):
+    """``pool.submit(fn, *args)``; once the interpreter has begun to exit (a pool made before then
+    refuses new work), ``fn`` runs on the calling thread instead and a done future is returned."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:
+        if pools_ok():
+            raise
+    from concurrent.futures import Future
+
+    done = Future()
+    try:
+        done.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001  (handed to whoever asks for the result, as a pool would)
+        done.set_exception(e)
+    return done
+
+
 def _run_ordered(jobs, run, consume, threads: int, before_submit=None) -> None:
     """Run ``run(job)`` on a pool, handing results to ``consume(job, result)`` in job order."""
-    if threads <= 1 or len(jobs) <= 1:
+    if threads <= 1 or len(jobs) <= 1 or not pools_ok():
         for job in jobs:
             if before_submit:
                 before_submit(job)
@@ -593,7 +625,7 @@ def _run_ordered(jobs, run, consume, threads: int, before_submit=None) -> None:
         for job in jobs:
             if before_submit:
                 before_submit(job)
-            window.append((job, pool.submit(run, job)))
+            window.append((job, submit(pool, run, job)))
             if len(window) >= 2 * threads:
                 jj, fut = window.popleft()
                 consume(jj, fut.result())
@@ -634,7 +666,8 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
     pending = [i for i, it in enumerate(items) if it.delta_op == "pending" and it.nbytes]
     pending_set = set(pending)
     big = sum(items[i].nbytes for i in pending) >= HELPER_MIN_BYTES
-    helper = ThreadPoolExecutor(1, thread_name_prefix="mithril-plan") if pending and threads > 1 and big else None
+    helper = ThreadPoolExecutor(1, thread_name_prefix="mithril-plan") \
+        if pending and threads > 1 and big and pools_ok() else None
     ahead: dict[int, object] = {}
     cursor = [0]                     # next position in ``pending`` to hand to the helper
 
@@ -652,7 +685,7 @@ def encode_all(items: list[EncodeItem], write: Callable[[bytes], int], coder: co
             j = pending[cursor[0]]
             if j > cur and (nbytes >= PREFETCH_BYTES or count >= PREFETCH_ITEMS):
                 break
-            ahead[j] = helper.submit(resolve_one, j)
+            ahead[j] = submit(helper, resolve_one, j)
             cursor[0] += 1
             if j > cur:
                 nbytes, count = nbytes + items[j].nbytes, count + 1

@@ -327,3 +327,62 @@ def test_a_bool_is_not_a_step(tmp_path):
     with pytest.raises(ValueError, match="step must be"):
         ck.save({"w": torch.ones(3)}, True)
     assert ck.steps() == []
+
+
+FORK_CHILD_SAVES = textwrap.dedent("""
+    import os, signal, sys, torch, mithril_gpu
+    ck = mithril_gpu.Checkpointer(sys.argv[1], full_every=4, keep=None, threads=1)
+    states = [{"w": torch.full((1 << 20,), float(k))} for k in range(4)]    # (no torch work in the child)
+    ck.save(states[0], 0)
+    fut = ck.save(states[1], 1, blocking=False)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)                                 # a hang becomes SIGALRM
+        ck.steps()
+        fut2 = ck.save(states[2], 100, blocking=False)   # the child's own background save
+        ck.wait()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    fut.result()
+    ck.save(states[3], 200)
+    print("child", status)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_saves_in_the_background_with_writers_of_its_own(tmp_path):
+    """The child inherited each Checkpointer's background executor without its thread: waiting for
+    the parent's pending save, or for a save of its own, never ended (and held the folder lock)."""
+    p = subprocess.run([sys.executable, "-c", FORK_CHILD_SAVES, str(tmp_path / "ck")], capture_output=True,
+                       text=True, env=subprocess_env(), timeout=240)
+    assert p.stdout.strip() == "child 0", (p.stdout, p.stderr[-2000:])
+    for step, v in ((1, 1.0), (100, 2.0), (200, 3.0)):
+        assert mithril_gpu.load(tmp_path / "ck" / f"step-{step:09d}.mth")["w"][0].item() == v
+
+
+EXIT_THREAD = textwrap.dedent("""
+    import sys, threading, time, torch, mithril_gpu
+    root = sys.argv[1]
+    state = {"w": torch.randn(1 << 21), "v": torch.randn(1 << 21)}
+    ck = mithril_gpu.Checkpointer(root + "/ck", full_every=4, keep=None)
+
+    def worker():
+        time.sleep(0.5)                                  # the main thread has returned by now
+        mithril_gpu.save(state, root + "/a.mth")
+        back = mithril_gpu.load(root + "/a.mth")
+        ck.save(state, 0, blocking=False).result()
+        ck.save(state, 1)
+        print("ok" if all(torch.equal(back[k], state[k]) for k in state) else "WRONG", flush=True)
+    threading.Thread(target=worker).start()
+""")
+
+
+def test_saves_and_loads_from_a_thread_after_the_main_thread_returned(tmp_path):
+    """The interpreter's exit begins when the main thread returns; concurrent.futures then refuses
+    new work, and a multi-threaded save or load from a thread still running failed with an untyped
+    RuntimeError ('cannot schedule new futures after interpreter shutdown')."""
+    p = subprocess.run([sys.executable, "-c", EXIT_THREAD, str(tmp_path)], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=240)
+    assert p.stdout.strip() == "ok", (p.stdout, p.stderr[-2000:])
+    assert torch.equal(mithril_gpu.load(tmp_path / "ck" / "step-000000001.mth")["w"],
+                       mithril_gpu.load(tmp_path / "a.mth")["w"])
