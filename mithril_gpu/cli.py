@@ -166,7 +166,7 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
     from .formats import StagedDir
 
     # written into a hidden sibling, moved into place at the end: a failed or killed run leaves OUT as it was
-    with StagedDir(dst_root) as stage:
+    with StagedDir(dst_root, force=a.force) as stage:
         staged = [(m and stage.where(m), s, d and stage.where(d), c) for m, s, d, c in plan]
         return _run_plan(a, verb, staged, src_root, base_for)
 

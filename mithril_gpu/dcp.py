@@ -981,7 +981,7 @@ def _cli_convert(a, compress: bool) -> int:
         raise MithrilError(f"--base {short(a.base)} is not a mithril DCP checkpoint directory (no {METADATA_NAME})")
     # written into a hidden sibling, moved into place at the end: a failed or killed run leaves OUT as
     # it was (a sibling: relative paths to a base outside stay right once it is moved)
-    with StagedDir(a.output) as stage:
+    with StagedDir(a.output, force=a.force) as stage:
         if compress:
             compress_dir(a.input, stage.tmp, base=a.base, level=a.level, threads=a.threads, chunk_elems=a.chunk_elems)
             raw, packed = _dir_size(a.input), _dir_size(stage.tmp)

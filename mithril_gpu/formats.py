@@ -7,6 +7,7 @@ are kept in the .mth index and the tensors are written back at their original of
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import math
 import mmap
@@ -320,8 +321,10 @@ class StagedDir:
     no live process holds.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, force: bool = False):
         self.path = os.path.abspath(os.fspath(path))
+        self.force = force              # an OUT made by another run meanwhile is written into (as -f does)
+        self.existed = os.path.lexists(self.path)
         parent, name = os.path.split(self.path)
         self.prefix = f".{name[:200]}{STAGE_MARK}"
         os.makedirs(parent, exist_ok=True)        # OUT's parents are made as before (only OUT is staged)
@@ -340,9 +343,18 @@ class StagedDir:
     def commit(self) -> None:
         import shutil
 
+        moved = False
         if not os.path.lexists(self.path):
-            os.rename(self.tmp, self.path)
-        else:
+            try:
+                os.rename(self.tmp, self.path)
+                moved = True
+            except OSError as e:        # another run made OUT in the meantime (below)
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not os.path.isdir(self.path):
+                    raise
+        if not moved and not self.existed and not self.force:
+            raise MithrilError(f"{short(self.path)} appeared while this run was writing it (another run?): "
+                               "nothing of it was replaced; pass -f/--force to write into it")
+        if not moved:
             for folder, dirs, files in os.walk(self.tmp):
                 dirs.sort()
                 target = os.path.join(self.path, os.path.relpath(folder, self.tmp))
@@ -392,7 +404,10 @@ def _locked_stage(parent: str, prefix: str) -> tuple[int | None, str]:
         tmp = tempfile.mkdtemp(prefix=prefix, suffix=STAGE_SUFFIX, dir=parent)
         if fcntl is None:
             return None, tmp
-        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:       # another run's cleaner took it for a stale one: try another
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)       # held until the fd closes or the process dies
             if os.fstat(fd).st_nlink > 0:

@@ -236,3 +236,27 @@ def test_a_base_that_out_replaces_is_refused_before_any_work(tmp_path):
        "-f")
     ok("decompress", tmp_path / "p1", tmp_path / "back", "--base", tmp_path / "packed")
     assert sha(tmp_path / "back" / "model.safetensors") == sha(tmp_path / "ck1" / "model.safetensors")
+
+
+def test_an_out_folder_another_run_made_meanwhile_is_written_into_only_with_force(tmp_path):
+    # two runs to one new OUT at once: the later one failed with a raw error naming its hidden
+    # folder ("Directory not empty"); it now says what happened, replaces nothing without -f, and
+    # writes into it with -f
+    from mithril_gpu.errors import MithrilError
+    for force in (False, True):
+        out = tmp_path / f"out{int(force)}"
+        st = formats.StagedDir(out, force=force)
+        with open(os.path.join(st.tmp, "a"), "w") as fh:
+            fh.write("mine")
+        os.makedirs(out)                      # the other run's OUT
+        (out / "b").write_text("theirs")
+        if force:
+            with st:
+                pass
+            assert sorted(os.listdir(out)) == ["a", "b"]
+        else:
+            with pytest.raises(MithrilError, match="appeared while this run was writing it"):
+                with st:
+                    pass
+            assert sorted(os.listdir(out)) == ["b"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
