@@ -353,7 +353,8 @@ class MithrilWriter(StorageWriter):
                                  "earlier checkpoint directory")
             doc = read_json_metadata(self.base)      # a committed mithril checkpoint, said before any work
             _refuse_chain_through(self.base, doc, self.path)
-        if not self.overwrite and os.path.exists(os.path.join(self.path, METADATA_NAME)):
+        if not self.overwrite and (os.path.exists(os.path.join(self.path, METADATA_NAME))
+                                   or os.path.exists(os.path.join(self.path, STOCK_METADATA_NAME))):
             raise MithrilError(f"a checkpoint is already committed in {short(self.path)} and overwrite=False")
         return plan
 
@@ -988,6 +989,17 @@ def _cli_convert(a, compress: bool) -> int:
         else:
             decompress_dir(a.input, stage.tmp, verify=not a.no_verify, threads=a.threads, base=a.base)
             raw, packed = _dir_size(stage.tmp), _dir_size(a.input)
+    # written into an OUT that held a checkpoint (-f): its commit file and data of the other kind
+    # (or of an earlier save) go, so that no reader finds the previous step there
+    if compress:
+        _remove_unlisted(a.output, read_json_metadata(a.output).get("files") or {})
+    else:
+        for name in os.listdir(a.output):
+            if name == METADATA_NAME or _RANK_FILE.match(name):
+                try:
+                    os.unlink(os.path.join(a.output, name))
+                except OSError:
+                    pass
     if not a.quiet:
         print(_summary(f"{'compressed' if compress else 'decompressed'} DCP checkpoint", a.input, a.output, raw,
                        packed, time.perf_counter() - t0, packing=compress))

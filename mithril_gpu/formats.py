@@ -322,7 +322,10 @@ class StagedDir:
     """
 
     def __init__(self, path, force: bool = False):
-        self.path = os.path.abspath(os.fspath(path))
+        self.given = os.path.abspath(os.fspath(path))
+        # staged beside OUT's real place (OUT may be a link to a folder elsewhere): relative paths
+        # from the staged files to delta bases are then those of the files moved into OUT
+        self.path = os.path.realpath(self.given)
         self.force = force              # an OUT made by another run meanwhile is written into (as -f does)
         self.existed = os.path.lexists(self.path)
         parent, name = os.path.split(self.path)
@@ -337,7 +340,7 @@ class StagedDir:
 
     def where(self, p: str) -> str:
         """Where a path under ``path`` is written until the commit."""
-        rel = os.path.relpath(os.path.abspath(p), self.path)
+        rel = os.path.relpath(os.path.abspath(p), self.given)
         return self.tmp if rel == "." else os.path.join(self.tmp, rel)
 
     def commit(self) -> None:

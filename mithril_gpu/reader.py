@@ -134,8 +134,15 @@ class MthFile:
                 cand.append(os.path.join(os.fspath(base), os.path.basename(str(rec or ""))))
             elif base is not None:
                 cand.append(os.fspath(base))
-            if isinstance(rec, str) and rec:     # (from the real folder, as writers record it)
-                cand.append(os.path.join(os.path.dirname(os.path.realpath(self.path)), rec))
+            if isinstance(rec, str) and rec:
+                # from the real folder, as writers record it; then from the real file's folder (a
+                # file that is itself a link, as in the Hugging Face cache), then as written
+                here = os.path.abspath(self.path)
+                for d in (os.path.realpath(os.path.dirname(here)), os.path.dirname(os.path.realpath(here)),
+                          os.path.dirname(here)):
+                    c = os.path.join(d, rec)
+                    if c not in cand:
+                        cand.append(c)
             found = next((c for c in cand if _is_regular_file(c)), None)
             if found is None:
                 raise MissingBaseError(

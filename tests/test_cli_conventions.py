@@ -260,3 +260,21 @@ def test_an_out_folder_another_run_made_meanwhile_is_written_into_only_with_forc
                     pass
             assert sorted(os.listdir(out)) == ["b"]
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
+
+
+def test_a_delta_folder_written_into_a_linked_out_at_another_depth_loads(tmp_path):
+    # OUT a link to a folder elsewhere: the files were staged beside the link and recorded their
+    # base from there; moved into the link's target, they loaded by no path
+    from safetensors.torch import save_file
+    w = torch.randn(512, 300, generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        os.makedirs(tmp_path / f"in{i}")
+        save_file({"w": (w + 1e-3 * i).bfloat16()}, tmp_path / f"in{i}" / "m.safetensors")
+    ok("compress", tmp_path / "in0", tmp_path / "base")
+    os.makedirs(tmp_path / "deep" / "er" / "real")
+    os.symlink(tmp_path / "deep" / "er" / "real", tmp_path / "out")
+    ok("compress", tmp_path / "in1", tmp_path / "out", "--base", tmp_path / "base", "-f")
+    with mithril_gpu.open(tmp_path / "out" / "m.safetensors.mth") as f:
+        assert f.index.base is not None
+    back = mithril_gpu.load(tmp_path / "out" / "m.safetensors.mth")["w"]
+    assert torch.equal(back, (w + 1e-3).bfloat16())

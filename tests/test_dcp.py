@@ -454,3 +454,22 @@ def test_a_save_over_a_stock_checkpoint_removes_it(tmp_path):
         back = {"w": torch.zeros(50)}
         dcp_.load(back, storage_reader=dcp.MithrilReader(tmp_path / "c"), no_dist=True)
     assert back["w"].tolist() == [1.0] * 50
+
+
+def test_overwrite_false_refuses_a_stock_checkpoint_and_cli_f_leaves_no_other_commit(tmp_path):
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mithril_gpu.cli import main
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"w": torch.zeros(50)}, storage_writer=dcp_.FileSystemWriter(tmp_path / "c"), no_dist=True)
+        with pytest.raises(CheckpointException):       # (it went ahead, and then removed the stock one)
+            dcp_.save({"w": torch.ones(50)}, storage_writer=dcp.MithrilWriter(tmp_path / "c", overwrite=False),
+                      no_dist=True)
+        assert sorted(os.listdir(tmp_path / "c")) == [".metadata", "__0_0.distcp"]
+        dcp_.save({"w": torch.ones(50)}, storage_writer=dcp_.FileSystemWriter(tmp_path / "new"), no_dist=True)
+        # `mithril compress new c -f`: c's stock commit used to stay beside the new one
+        assert main(["compress", str(tmp_path / "new"), str(tmp_path / "c"), "-f", "-q"]) == 0
+        left = sorted(os.listdir(tmp_path / "c"))
+        assert ".metadata" not in left and not any(n.endswith(".distcp") for n in left), left

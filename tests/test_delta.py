@@ -384,3 +384,21 @@ def test_bases_through_bytes_paths_open_files_and_symlinked_folders(tmp_path):
     mithril_gpu.save({"w": w + 3e-3}, tmp_path / "ck" / "s3.mth", base=tmp_path / "s2.mth")
     for p in (tmp_path / "ck" / "s3.mth", tmp_path / "real" / "deeper" / "ck" / "s3.mth"):
         assert torch.equal(mithril_gpu.load(p)["w"], w + 3e-3)
+
+
+def test_a_delta_reached_through_a_linked_file_finds_its_base(tmp_path):
+    # the Hugging Face cache: snapshots/<rev>/x.mth -> ../../blobs/<sha>; the base is found from
+    # the folder the link is in
+    w = torch.randn(5000)
+    os.makedirs(tmp_path / "blobs")
+    os.makedirs(tmp_path / "snap")
+    mithril_gpu.save({"w": w}, tmp_path / "snap" / "base.mth")
+    mithril_gpu.save({"w": w + 1e-3}, tmp_path / "blobs" / "abc", base=tmp_path / "snap" / "base.mth")
+    # written in blobs/ against ../snap/base.mth; also reachable as a link in snap/
+    os.symlink(tmp_path / "blobs" / "abc", tmp_path / "snap" / "delta.mth")
+    assert torch.equal(mithril_gpu.load(tmp_path / "snap" / "delta.mth")["w"], w + 1e-3)
+    # and a file written in snap/ against base.mth, then moved to blobs/ and linked back
+    mithril_gpu.save({"w": w + 2e-3}, tmp_path / "snap" / "d2.mth", base=tmp_path / "snap" / "base.mth")
+    os.rename(tmp_path / "snap" / "d2.mth", tmp_path / "blobs" / "def")
+    os.symlink(tmp_path / "blobs" / "def", tmp_path / "snap" / "d2.mth")
+    assert torch.equal(mithril_gpu.load(tmp_path / "snap" / "d2.mth")["w"], w + 2e-3)
