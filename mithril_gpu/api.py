@@ -117,7 +117,7 @@ def write_items(path, items: list[EncodeItem], *, tree, metadata=None, source=No
 
                 from .writer import BaseNote
 
-                if not any(i in same or it.delta_op is not None for i, it in enumerate(items)):
+                if matched == 0:
                     # nothing can be stored against it: one note, and the writer records no base
                     warnings.warn(f"mithril: no tensor has one of the same name, dtype and shape in the base "
                                   f"{short(base_file.path)}: written as a full checkpoint that does not need it",

@@ -365,7 +365,8 @@ def leaf_paths(node, path: tuple = (), depth: int = 0):
             yield path, v[0]
         elif kind in ("dict", "odict"):
             odict = kind == "odict" and isinstance(v, list) and len(v) == 2
-            for pair in (v[0] if odict else v) if isinstance(v[0] if odict else v, list) else ():
+            pairs = v[0] if odict else v
+            for pair in pairs if isinstance(pairs, list) else ():
                 if isinstance(pair, list) and len(pair) == 2:
                     step = ("k", json.dumps(pair[0], sort_keys=True, separators=(",", ":")))
                     yield from leaf_paths(pair[1], path + (step,), depth + 1)
