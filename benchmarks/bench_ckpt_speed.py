@@ -3,7 +3,7 @@ of a real model's shape (a 24-layer, d=1024 transformer in bf16: ~335 M paramete
 whose tensors are tiled from two consecutive checkpoints of benchmarks/bench_deltas.py's real run,
 so the changes are real ones (each tile with its own random signs, so no tile repeats another).
 
-    python benchmarks/bench_ckpt_speed.py [--pair 299,300] [--runs 3] [--layers 24]
+    python benchmarks/bench_ckpt_speed.py [--pair 299,300] [--runs 3] [--layers 24] [--threads 1,2,4]
 
 With --compare-ans, each run also times the same delta saves written without the ans codec.
 Prints the median seconds and MB/s of a full save, a Checkpointer full save and a Checkpointer
@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--chain", type=int, default=3, help="later delta saves timed after the first (default 3)")
     ap.add_argument("--no-ctx", action="store_true", help="delta saves without context-sorted deltas")
+    ap.add_argument("--threads", default="", help="thread counts to measure in turn, e.g. 1,2,4,8,16 (default: all cores)")
     ap.add_argument("--profile", action="store_true", help="also profile one save of each kind on one thread")
     ap.add_argument("--compare-ans", action="store_true",
                     help="also time, in each run, the same delta saves written without the ans codec")
@@ -116,8 +117,14 @@ def main():
     sa, sb = (int(v) for v in args.pair.split(","))
     a, b = tiled_pair(sa, sb, args.layers)
     raw = sum(t.numel() * t.element_size() for t in b.values())
-    print(f"state dict: {len(b)} tensors, {raw / 1e6:.0f} MB bf16, pair {sa}->{sb}, threads {cpu.default_threads()}",
-          flush=True)
+    counts = [int(v) for v in args.threads.split(",")] if args.threads else [None]
+    for threads in counts:
+        print(f"state dict: {len(b)} tensors, {raw / 1e6:.0f} MB bf16, pair {sa}->{sb}, "
+              f"threads {threads or cpu.default_threads()}", flush=True)
+        measure(args, a, b, raw, threads)
+
+
+def measure(args, a: dict, b: dict, raw: int, threads: int | None) -> None:
     tmp = tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP"))
     full_t, delta_t, full_cpu, delta_cpu, ckfull_t, chain_t = [], [], [], [], [], []
     noans_t, noans_cpu, noans_chain_t, load_t, noans_load_t = [], [], [], [], []
@@ -125,21 +132,21 @@ def main():
     for r in range(args.runs):
         path = os.path.join(tmp, "full.mth")
         t, c = time.perf_counter(), time.process_time()
-        mithril_gpu.save(b, path)
+        mithril_gpu.save(b, path, threads=threads)
         full_t.append(time.perf_counter() - t)
         full_cpu.append(time.process_time() - c)
         sizes["full"] = os.path.getsize(path)
         os.unlink(path)
         d2 = os.path.join(tmp, f"full{r}")
         t = time.perf_counter()
-        mithril_gpu.Checkpointer(d2, full_every=10, keep=None).save(b, 0)
+        mithril_gpu.Checkpointer(d2, full_every=10, keep=None, threads=threads).save(b, 0)
         ckfull_t.append(time.perf_counter() - t)
         shutil.rmtree(d2)
         saved_ans = codecs.ANS_ENABLED
         for variant in (("ans", "no ans") if args.compare_ans else ("ans",)):
             codecs.ANS_ENABLED = saved_ans and variant == "ans"
             d = os.path.join(tmp, f"ck{r}")
-            ck = mithril_gpu.Checkpointer(d, full_every=10, keep=None)
+            ck = mithril_gpu.Checkpointer(d, full_every=10, keep=None, threads=threads)
             ck.save(a, 0)
             t, c = time.perf_counter(), time.process_time()
             ck.save(b, 1)
