@@ -1664,6 +1664,253 @@ static Py_ssize_t masked_merge_c(const uint8_t *m, const uint8_t *const *pb, Py_
     return j;
 }
 
+/* The masked split of a delta in one pass (enc_run's kind 3 with a delta op): d = delta(x, b)
+ * (op 0 xor, 1 zigzag, as delta_c; op -1: d = x), then masked_split_c(d). With AVX-512 (BW and
+ * VBMI2) 2- and 4-byte elements go a vector at a time: the nonzero flags are the bitmap's bits
+ * as they are, and the nonzero deltas are compressed to the front of the vector and split into
+ * their byte planes with stores of a whole vector's width at position nnz (in bounds: nnz <= i
+ * and planes hold n bytes; what lies beyond nnz is not part of a plane). The same bytes as
+ * delta_c then masked_split_c (tests/test_transforms.py compares them over sizes, densities, ops
+ * and both paths). tmp: room for n elements (the scalar path's deltas). */
+static int msplit_simd = -1;             /* -1: not yet probed; 0: off; 1: on */
+#ifdef CTXM_HAVE_SIMD
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+static Py_ssize_t msplit16_simd(const uint8_t *x8, const uint8_t *b8, Py_ssize_t n, int op, int fl,
+                                uint8_t *m, uint8_t *p0, uint8_t *p1, Py_ssize_t *done) {
+    Py_ssize_t nnz = 0, i = 0;
+    const __m512i sb = _mm512_set1_epi16((short)0x8000);
+    for (; i + 32 <= n; i += 32) {
+        __m512i d = _mm512_loadu_si512(x8 + 2 * i);
+        if (op >= 0) {
+            __m512i b = _mm512_loadu_si512(b8 + 2 * i);
+            if (op == 0) d = _mm512_xor_si512(d, b);
+            else {
+                if (fl) {               /* the order-preserving key: x ^ (sign ? 0xffff : 0x8000) */
+                    d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_srai_epi16(d, 15), sb));
+                    b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi16(b, 15), sb));
+                }
+                d = _mm512_sub_epi16(d, b);
+                d = _mm512_xor_si512(_mm512_slli_epi16(d, 1), _mm512_srai_epi16(d, 15));
+            }
+        }
+        __mmask32 nz = _mm512_test_epi16_mask(d, d);
+        uint32_t bits = (uint32_t)nz;
+        memcpy(m + i / 8, &bits, 4);
+        __m512i c = _mm512_maskz_compress_epi16(nz, d);
+        _mm256_storeu_si256((__m256i *)(p0 + nnz), _mm512_cvtepi16_epi8(c));
+        _mm256_storeu_si256((__m256i *)(p1 + nnz), _mm512_cvtepi16_epi8(_mm512_srli_epi16(c, 8)));
+        nnz += __builtin_popcount(bits);
+    }
+    *done = i;
+    return nnz;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+static Py_ssize_t msplit32_simd(const uint8_t *x8, const uint8_t *b8, Py_ssize_t n, int op, int fl,
+                                uint8_t *m, uint8_t **pb, Py_ssize_t *done) {
+    Py_ssize_t nnz = 0, i = 0;
+    const __m512i sb = _mm512_set1_epi32((int)0x80000000u);
+    for (; i + 16 <= n; i += 16) {
+        __m512i d = _mm512_loadu_si512(x8 + 4 * i);
+        if (op >= 0) {
+            __m512i b = _mm512_loadu_si512(b8 + 4 * i);
+            if (op == 0) d = _mm512_xor_si512(d, b);
+            else {
+                if (fl) {
+                    d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_srai_epi32(d, 31), sb));
+                    b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sb));
+                }
+                d = _mm512_sub_epi32(d, b);
+                d = _mm512_xor_si512(_mm512_slli_epi32(d, 1), _mm512_srai_epi32(d, 31));
+            }
+        }
+        __mmask16 nz = _mm512_test_epi32_mask(d, d);
+        uint16_t bits = (uint16_t)nz;
+        memcpy(m + i / 8, &bits, 2);
+        __m512i c = _mm512_maskz_compress_epi32(nz, d);
+        _mm_storeu_si128((__m128i *)(pb[0] + nnz), _mm512_cvtepi32_epi8(c));
+        _mm_storeu_si128((__m128i *)(pb[1] + nnz), _mm512_cvtepi32_epi8(_mm512_srli_epi32(c, 8)));
+        _mm_storeu_si128((__m128i *)(pb[2] + nnz), _mm512_cvtepi32_epi8(_mm512_srli_epi32(c, 16)));
+        _mm_storeu_si128((__m128i *)(pb[3] + nnz), _mm512_cvtepi32_epi8(_mm512_srli_epi32(c, 24)));
+        nnz += __builtin_popcount(bits);
+    }
+    *done = i;
+    return nnz;
+}
+#endif
+
+static void msplit_simd_init(void) {
+#ifdef CTXM_HAVE_SIMD
+    __builtin_cpu_init();
+    msplit_simd = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+                  && __builtin_cpu_supports("avx512vbmi2") ? 1 : 0;
+#else
+    msplit_simd = 0;
+#endif
+}
+
+static Py_ssize_t masked_delta_split(const uint8_t *x, const uint8_t *b, Py_ssize_t n, int isz, int op, int fl,
+                                     uint8_t *tmp, uint8_t *m, uint8_t **pb) {
+    Py_ssize_t nnz = 0, i = 0;
+#ifdef CTXM_HAVE_SIMD
+    if (msplit_simd == 1 && isz == 2) nnz = msplit16_simd(x, b, n, op, fl, m, pb[0], pb[1], &i);
+    else if (msplit_simd == 1 && isz == 4) nnz = msplit32_simd(x, b, n, op, fl, m, pb, &i);
+#endif
+    if (i < n) {                 /* the rest (i is a multiple of 8: whole bitmap bytes) */
+        const uint8_t *s = x + i * isz;
+        if (op >= 0) { delta_c(s, b + i * isz, tmp, n - i, isz, op, fl, 0); s = tmp; }
+        uint8_t *q[8];
+        for (int k = 0; k < isz; k++) q[k] = pb[k] + nnz;
+        nnz += masked_split_c(s, n - i, isz, m + i / 8, q);
+    }
+    return nnz;
+}
+
+/* The inverse in one pass (dec_run's kind 3 with a delta op): masked_merge_c of the planes, then
+ * the delta's inverse against b (op -1: none), into o. With AVX-512, each vector's bitmap bits
+ * say how many packed values it takes (loaded with a mask: nothing past them is read), expanded
+ * to their elements' places, the inverse applied in registers. Returns the bitmap's count of set
+ * bits over the n elements (the caller compares it with nnz, as after masked_merge_c); a vector
+ * whose bits would take values past nnz ends the vector loop, and the scalar rest counts them. */
+#ifdef CTXM_HAVE_SIMD
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+static Py_ssize_t mmerge16_simd(const uint8_t *m, const uint8_t *p0, const uint8_t *p1, Py_ssize_t nnz, Py_ssize_t n,
+                                int op, int fl, const uint8_t *b8, uint8_t *o8, Py_ssize_t *done) {
+    Py_ssize_t j = 0, i = 0;
+    const __m512i sb = _mm512_set1_epi16((short)0x8000), ones = _mm512_set1_epi16(-1), one = _mm512_set1_epi16(1);
+    for (; i + 32 <= n; i += 32) {
+        uint32_t bits; memcpy(&bits, m + i / 8, 4);
+        int cnt = __builtin_popcount(bits);
+        if (j + cnt > nnz) break;
+        __mmask32 lm = cnt == 32 ? 0xffffffffu : (1u << cnt) - 1;
+        __m512i w = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, p0 + j)),
+                                    _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, p1 + j)), 8));
+        __m512i d = _mm512_maskz_expand_epi16((__mmask32)bits, w);
+        if (op >= 0) {
+            __m512i b = _mm512_loadu_si512(b8 + 2 * i);
+            if (op == 0) d = _mm512_xor_si512(d, b);
+            else {
+                if (fl) b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi16(b, 15), sb));
+                __m512i dd = _mm512_xor_si512(_mm512_srli_epi16(d, 1), _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_and_si512(d, one)));
+                d = _mm512_add_epi16(b, dd);
+                if (fl) d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_xor_si512(_mm512_srai_epi16(d, 15), ones), sb));
+            }
+        }
+        _mm512_storeu_si512(o8 + 2 * i, d);
+        j += cnt;
+    }
+    *done = i;
+    return j;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+static Py_ssize_t mmerge32_simd(const uint8_t *m, const uint8_t *const *pb, Py_ssize_t nnz, Py_ssize_t n,
+                                int op, int fl, const uint8_t *b8, uint8_t *o8, Py_ssize_t *done) {
+    Py_ssize_t j = 0, i = 0;
+    const __m512i sb = _mm512_set1_epi32((int)0x80000000u), ones = _mm512_set1_epi32(-1), one = _mm512_set1_epi32(1);
+    for (; i + 16 <= n; i += 16) {
+        uint16_t bits; memcpy(&bits, m + i / 8, 2);
+        int cnt = __builtin_popcount(bits);
+        if (j + cnt > nnz) break;
+        __mmask16 lm = (__mmask16)(cnt == 16 ? 0xffffu : (1u << cnt) - 1);
+        __m512i w = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, pb[0] + j));
+        w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, pb[1] + j)), 8));
+        w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, pb[2] + j)), 16));
+        w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, pb[3] + j)), 24));
+        __m512i d = _mm512_maskz_expand_epi32((__mmask16)bits, w);
+        if (op >= 0) {
+            __m512i b = _mm512_loadu_si512(b8 + 4 * i);
+            if (op == 0) d = _mm512_xor_si512(d, b);
+            else {
+                if (fl) b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sb));
+                __m512i dd = _mm512_xor_si512(_mm512_srli_epi32(d, 1), _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_and_si512(d, one)));
+                d = _mm512_add_epi32(b, dd);
+                if (fl) d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_xor_si512(_mm512_srai_epi32(d, 31), ones), sb));
+            }
+        }
+        _mm512_storeu_si512(o8 + 4 * i, d);
+        j += cnt;
+    }
+    *done = i;
+    return j;
+}
+#endif
+
+static Py_ssize_t masked_merge_delta(const uint8_t *m, const uint8_t *const *pb, Py_ssize_t nnz, Py_ssize_t n, int isz,
+                                     int op, int fl, const uint8_t *b, uint8_t *tmp, uint8_t *o) {
+    Py_ssize_t j = 0, i = 0;
+#ifdef CTXM_HAVE_SIMD
+    if (msplit_simd == 1 && isz == 2) j = mmerge16_simd(m, pb[0], pb[1], nnz, n, op, fl, b, o, &i);
+    else if (msplit_simd == 1 && isz == 4) j = mmerge32_simd(m, pb, nnz, n, op, fl, b, o, &i);
+#endif
+    if (i < n) {                 /* the rest (i a multiple of 8), from the values not yet taken */
+        const uint8_t *q[8];
+        for (int k = 0; k < isz; k++) q[k] = pb[k] + j;
+        uint8_t *t = op >= 0 ? tmp : o + i * isz;
+        j += masked_merge_c(m + i / 8, q, nnz - j, n - i, isz, t);
+        if (op >= 0) delta_c(t, b + i * isz, o + i * isz, n - i, isz, op, fl, 1);
+    }
+    return j;
+}
+
+/* masked_merge_delta(mask, planes, nnz, itemsize, op, is_float, base or None, out) -> the mask's
+ * count of set bits (nnz when it agrees with the planes): out = delta^-1(merge(mask, planes), base) */
+static PyObject *py_masked_merge_delta(PyObject *self, PyObject *args) {
+    Py_buffer mask, out, bs = {0}; PyObject *pl, *bo; Py_ssize_t nnz; int isz, op, fl; Py_buffer p[MAXP];
+    if (!PyArg_ParseTuple(args, "y*OniiiOw*", &mask, &pl, &nnz, &isz, &op, &fl, &bo, &out)) return NULL;
+    int have_b = bo != Py_None;
+    if (have_b && PyObject_GetBuffer(bo, &bs, PyBUF_C_CONTIGUOUS) < 0) { PyBuffer_Release(&mask); PyBuffer_Release(&out); return NULL; }
+    Py_ssize_t n = isz > 0 ? out.len / isz : 0;
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || nnz < 0 || nnz > n || mask.len < (n + 7) / 8 || out.len % isz
+            || op < -1 || op > 1 || (op >= 0) != have_b || (have_b && bs.len != out.len) || get_planes(pl, p, isz, 0, nnz) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
+        PyBuffer_Release(&mask); PyBuffer_Release(&out); if (have_b) PyBuffer_Release(&bs); return NULL;
+    }
+    uint8_t *tmp = malloc(out.len ? (size_t)out.len : 1);
+    if (!tmp) { release(p, isz); PyBuffer_Release(&mask); PyBuffer_Release(&out); if (have_b) PyBuffer_Release(&bs); return PyErr_NoMemory(); }
+    Py_ssize_t j;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *pb[8];
+    for (int k = 0; k < isz; k++) pb[k] = p[k].buf;
+    j = masked_merge_delta(mask.buf, pb, nnz, n, isz, op, fl, have_b ? bs.buf : NULL, tmp, out.buf);
+    Py_END_ALLOW_THREADS
+    free(tmp); release(p, isz); PyBuffer_Release(&mask); PyBuffer_Release(&out); if (have_b) PyBuffer_Release(&bs);
+    return PyLong_FromSsize_t(j);
+}
+
+/* masked_delta_split(x, base or None, itemsize, op, is_float, mask_out, planes) -> nnz: the masked
+ * split of delta(x, base) (op -1 or base None: of x); planes must hold n bytes each */
+static PyObject *py_masked_delta_split(PyObject *self, PyObject *args) {
+    Py_buffer xs, bs = {0}, mask; int isz, op, fl; PyObject *bo, *pl; Py_buffer p[MAXP];
+    if (!PyArg_ParseTuple(args, "y*Oiiiw*O", &xs, &bo, &isz, &op, &fl, &mask, &pl)) return NULL;
+    int have_b = bo != Py_None;
+    if (have_b && PyObject_GetBuffer(bo, &bs, PyBUF_C_CONTIGUOUS) < 0) { PyBuffer_Release(&xs); PyBuffer_Release(&mask); return NULL; }
+    Py_ssize_t n = isz > 0 ? xs.len / isz : 0;
+    if ((isz != 1 && isz != 2 && isz != 4 && isz != 8) || xs.len % isz || op < -1 || op > 1 || (op >= 0) != have_b
+            || (have_b && bs.len != xs.len) || mask.len < (n + 7) / 8 || get_planes(pl, p, isz, 1, n) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
+        PyBuffer_Release(&xs); PyBuffer_Release(&mask); if (have_b) PyBuffer_Release(&bs); return NULL;
+    }
+    uint8_t *tmp = malloc(xs.len ? (size_t)xs.len : 1);
+    if (!tmp) { release(p, isz); PyBuffer_Release(&xs); PyBuffer_Release(&mask); if (have_b) PyBuffer_Release(&bs); return PyErr_NoMemory(); }
+    Py_ssize_t nnz;
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *pb[8];
+    for (int k = 0; k < isz; k++) pb[k] = p[k].buf;
+    nnz = masked_delta_split(xs.buf, have_b ? bs.buf : NULL, n, isz, op, fl, tmp, mask.buf, pb);
+    Py_END_ALLOW_THREADS
+    free(tmp); release(p, isz); PyBuffer_Release(&xs); PyBuffer_Release(&mask); if (have_b) PyBuffer_Release(&bs);
+    return PyLong_FromSsize_t(nnz);
+}
+
+static PyObject *py_msplit_simd(PyObject *self, PyObject *args) {
+    int flag = -1;
+    if (!PyArg_ParseTuple(args, "|i", &flag)) return NULL;
+    if (flag == 0) msplit_simd = 0;
+    else if (flag == 1) msplit_simd_init();
+    return PyLong_FromLong(msplit_simd);
+}
+
 static int check_bounds(const int64_t *B, Py_ssize_t U, Py_ssize_t len, int isz, Py_ssize_t *maxunit) {
     *maxunit = 0;
     if (B[0] < 0) return -1;
@@ -1801,11 +2048,11 @@ static int enc_run(encjob *j) {
             if (rowwise && !xr) D[u] = xxh64(pl[0], (size_t)len, 0);
             pos += len;
         } else {
-            if (op >= 0) { delta_c(x, bp, tmp, n, isz, op, fl, 0); x = tmp; }
+            if (op >= 0 && kind != 3) { delta_c(x, bp, tmp, n, isz, op, fl, 0); x = tmp; }
             if (kind >= 3) {
                 pl[0] = A + pos; plen[0] = (n + 7) / 8; pos += plen[0];
                 for (int k = 0; k < isz; k++) { pl[1 + k] = A + pos; pos += n; }
-                Py_ssize_t nnz = kind == 3 ? masked_split_c(x, n, isz, pl[0], pl + 1)
+                Py_ssize_t nnz = kind == 3 ? masked_delta_split(x, bp, n, isz, op, fl, tmp, pl[0], pl + 1)
                     : ctxm_unit(j->cW.buf, j->ccum.buf, j->cblk.buf, j->cnblk, j->src.buf, isz,
                                 (uint64_t)(a / isz), (uint64_t)((a + len) / isz), pl[0], pl + 1);
                 if (nnz < 0) { lied = 1; break; }
@@ -1977,9 +2224,11 @@ static int dec_run(decjob *j) {
             else if (len) memcpy(o, pp[0], len);
         } else {
             if (kind == 3) {
-                if (masked_merge_c(pp[0], pp + 1, NZ[u], n, isz, t) != NZ[u]) { j->bad = u; break; }
-            } else merge_c(pp, n, isz, kind == 2 ? j->e : 0, kind == 2 ? j->m : 0, P, t);
-            if (op >= 0) delta_c(t, bp, o, n, isz, op, fl, 1);
+                if (masked_merge_delta(pp[0], pp + 1, NZ[u], n, isz, op, fl, bp, tmp, o) != NZ[u]) { j->bad = u; break; }
+            } else {
+                merge_c(pp, n, isz, kind == 2 ? j->e : 0, kind == 2 ? j->m : 0, P, t);
+                if (op >= 0) delta_c(t, bp, o, n, isz, op, fl, 1);
+            }
         }
         if (j->verify) ((uint64_t *)j->dig.buf)[u] = xxh64(o, (size_t)len, 0);
     }
@@ -2716,6 +2965,9 @@ static PyMethodDef methods[] = {
     {"ctxm", ctxm, METH_VARARGS, "ctxm(x, base, bitmap, vals, itemsize, op, is_float, s, w, nsorted, offsets, counts, row_bytes=0, digests=None, keep=None)"},
     {"ctxm_cum", ctxm_cum, METH_VARARGS, "ctxm_cum(bitmap, nsorted, cum)"},
     {"ctxm_inverse", ctxm_inverse, METH_VARARGS, "ctxm_inverse(base, out, bitmap, vals, cum, itemsize, op, is_float, s, w, nsorted, offsets, counts)"},
+    {"masked_delta_split", py_masked_delta_split, METH_VARARGS, "masked_delta_split(x, base, itemsize, op, is_float, mask_out, planes) -> nnz: the masked split of delta(x, base) in one pass"},
+    {"masked_merge_delta", py_masked_merge_delta, METH_VARARGS, "masked_merge_delta(mask, planes, nnz, itemsize, op, is_float, base, out) -> the mask's set bits: the inverse of masked_delta_split in one pass"},
+    {"msplit_simd", py_msplit_simd, METH_VARARGS, "msplit_simd(flag=-1) -> 1 when the AVX-512 masked delta split is on; 0/1 turns it off/on"},
     {"ctxm_simd", py_ctxm_simd, METH_VARARGS, "ctxm_simd(flag=-1) -> 1 when the AVX-512 ctxm move is on; 0/1 turns it off/on"},
     {"ans_encode", ans_encode, METH_VARARGS, "ans_encode(src, out, L=0, lanes=0, nibbles=False) -> payload size or 0 (L=0: the writer's policy)"},
     {"ans_encode_many", ans_encode_many, METH_VARARGS, "ans_encode_many(planes, out, rec) -> extent used; rec gets (offset, size) per plane, each plane's payload at the offset of the planes before it"},
@@ -2725,4 +2977,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_accel", "mithril CPU fast paths", -1, methods};
 
-PyMODINIT_FUNC PyInit__accel(void) { ans_simd_init(); ctxm_simd_init(); xxh64_simd_init(); ilog2_tab_init(); return PyModule_Create(&mod); }
+PyMODINIT_FUNC PyInit__accel(void) { ans_simd_init(); ctxm_simd_init(); msplit_simd_init(); xxh64_simd_init(); ilog2_tab_init(); return PyModule_Create(&mod); }
