@@ -9,7 +9,7 @@ Importing this package never needs CUDA, CuPy or nvCOMP; torch is imported on fi
 from .api import load, open, save  # noqa: A004
 from .container import VERSION as FORMAT_VERSION
 from .errors import (BackendUnavailableError, BaseConflictError, BaseMismatchError, ChecksumMismatchError, CorruptFileError,
-                     FormatError, IncompleteCheckpointError, MissingBaseError, MithrilError, NotMithrilFileError,
+                     FormatError, GpuError, IncompleteCheckpointError, MissingBaseError, MithrilError, NotMithrilFileError,
                      StateMismatchError, TruncatedFileError, UnsupportedValueError, UnsupportedVersionError)
 from .reader import MthFile
 from . import api, tree  # noqa: F401  (submodules used by tools: tree.encode, api.tensor_bytes)
@@ -20,7 +20,7 @@ __all__ = [
     "save", "load", "open", "MthFile", "FORMAT_VERSION", "MithrilError", "FormatError",
     "NotMithrilFileError", "UnsupportedVersionError", "TruncatedFileError", "CorruptFileError",
     "ChecksumMismatchError", "UnsupportedValueError", "BaseMismatchError", "MissingBaseError", "BaseConflictError",
-    "BackendUnavailableError", "StateMismatchError", "IncompleteCheckpointError", "Checkpointer",
+    "BackendUnavailableError", "GpuError", "StateMismatchError", "IncompleteCheckpointError", "Checkpointer",
 ]
 
 

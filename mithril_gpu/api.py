@@ -61,7 +61,7 @@ def save(obj, path, *, level: int | None = None, threads: int | None = None,
         dt = dtypes.from_torch(t.dtype)
         items.append(EncodeItem(name, dt, tuple(t.shape), source_for(t), default_transform(dt), chunk_elems,
                                 device_tensor=t if t.device.type == "cuda" else None))
-    encoder = backends.choose_encoder(device, [t for _, t in leaves])
+    encoder = backends.choose_encoder(device, [t for _, t in leaves], level)
     with Progress(progress, sum(it.nbytes for it in items), "save") as bar:
         index = write_items(path, items, tree=tree, metadata=metadata, base=base, level=level, threads=threads,
                             progress=bar, encoder=encoder, base_tensors=_base_tensors, mode=_mode, choices=_choices,

@@ -17,14 +17,23 @@ def gpu_status() -> tuple[bool, str]:
     return gpu.status()
 
 
-def choose_encoder(device: str, tensors: list):
-    """The encode function for ``save``: None means the CPU backend."""
+def choose_encoder(device: str, tensors: list, level: int | None = None):
+    """The encode function for ``save``: None means the CPU backend. A zstd ``level`` is the
+    CPU path's alone (nvCOMP's zstd has none): with ``device="auto"`` it keeps the save on the
+    CPU, with a note; ``device="cuda"`` and a level are refused together."""
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if device == "cpu":
         return None
     on_cuda = any(getattr(t, "is_cuda", False) for t in tensors)
     if device == "auto" and not on_cuda:
+        return None
+    if level is not None:
+        if device != "auto":
+            raise ValueError(f"level={level} applies to the CPU path only (nvCOMP's zstd has no level): "
+                             f"give device={device!r} or level, not both")
+        warnings.warn(f"mithril: compressing on the CPU: level={level} applies to the CPU path only "
+                      "(nvCOMP's zstd has no level)", BackendNote, stacklevel=3)
         return None
     ok, why = gpu_status()
     if ok:

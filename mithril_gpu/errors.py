@@ -65,6 +65,11 @@ class BackendUnavailableError(MithrilError):
     """An explicitly requested backend (e.g. device='cuda') cannot run here."""
 
 
+class GpuError(MithrilError):
+    """The GPU backend failed (a CUDA or nvCOMP error: the device, not the data). A save that
+    raises it has written nothing; ``MITHRIL_GPU=0`` codes on the CPU instead."""
+
+
 def short(text, limit: int = 120) -> str:
     """``text`` (a name or path put in an error message) cut to ``limit`` characters, its middle
     elided, and with characters that cannot be printed (lone surrogates, controls) escaped, so a

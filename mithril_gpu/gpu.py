@@ -12,9 +12,12 @@ nothing from CUDA; :func:`status` does, when called.
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 
 from . import checksum, codecs, transforms
-from .errors import MithrilError, short
+from .backends import BackendNote
+from .errors import GpuError, MithrilError, short
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 VALIDATED = False        # set True once tests/test_gpu.py has passed on a real GPU
@@ -22,8 +25,9 @@ THREADS_PER_BLOCK = 256
 MIN_ALIGN = 16           # chunk addresses handed to nvCOMP are aligned to at least this
 
 _modules: dict = {}
-_codecs: dict = {}
-_streams: dict = {}
+_codecs: dict = {}        # (thread, device) -> (codec, alignment): nvCOMP codecs are thread-local
+_streams: dict = {}       # (thread, device) -> the backend's stream for that thread
+peak_pool_bytes = 0       # the most CuPy's memory pool held at the end of a save or load (bench_gpu.py)
 
 
 def status() -> tuple[bool, str]:
@@ -65,35 +69,72 @@ def module(name: str):
 
 
 def stream():
-    """The backend's one CUDA stream on the current device (a CuPy stream, never stream 0).
+    """The backend's CUDA stream for this thread on the current device (a CuPy stream, never
+    stream 0).
 
     Every kernel, copy and nvCOMP call of this backend is queued on it, so each step sees the
     previous one's results by stream order alone. Hand-offs with torch are explicit: work on
     this stream first waits for the tensors' producer (:func:`_after_torch`), and results are
-    handed back only after this stream is synchronised.
+    handed back only after this stream is synchronised. Each thread has its own (a
+    ``Checkpointer(blocking=False)`` saves on its thread while the caller may load).
     """
     import cupy
 
-    dev = cupy.cuda.runtime.getDevice()
-    s = _streams.get(dev)
+    key = (threading.get_ident(), cupy.cuda.runtime.getDevice())
+    s = _streams.get(key)
     if s is None:
-        s = _streams[dev] = cupy.cuda.Stream(non_blocking=True)
+        s = _streams[key] = cupy.cuda.Stream(non_blocking=True)
     return s
 
 
 def zstd_codec():
-    """(nvCOMP zstd RAW codec on :func:`stream`, alignment) for the current device."""
+    """(nvCOMP zstd RAW codec on :func:`stream`, alignment) for this thread and the current
+    device: nvCOMP's codecs are thread-local (their scratch buffers), never shared by threads."""
     import cupy
     from nvidia import nvcomp
 
     dev = cupy.cuda.runtime.getDevice()
-    c = _codecs.get(dev)
+    key = (threading.get_ident(), dev)
+    c = _codecs.get(key)
     if c is None:
         codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, device_id=dev,
                              cuda_stream=stream().ptr)
         align = max(MIN_ALIGN, codec.get_required_compression_alignment(), codec.get_required_decompression_alignment())
-        c = _codecs[dev] = (codec, align)
+        c = _codecs[key] = (codec, align)
     return c
+
+
+def _release_pools() -> None:
+    """Give back what CuPy's pools cached during a save or load (plane buffers, nvCOMP's
+    output, pinned staging): memory the caller's training would otherwise not get back."""
+    global peak_pool_bytes
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    peak_pool_bytes = max(peak_pool_bytes, pool.total_bytes())
+    pool.free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import cupy
+
+    return isinstance(exc, cupy.cuda.memory.OutOfMemoryError)
+
+
+def _gpu_failed(exc: BaseException, what: str) -> GpuError:
+    return GpuError(f"{what}: the GPU backend failed ({type(exc).__name__}: {short(str(exc))}); "
+                    f"MITHRIL_GPU=0 codes on the CPU instead")
+
+
+def _is_cuda_error(exc: BaseException) -> bool:
+    """A CUDA error (the device, not the data): CuPy's runtime and driver errors, and nvCOMP's
+    report of an earlier asynchronous launch's failure."""
+    import cupy
+
+    kinds = tuple(k for k in (getattr(cupy.cuda.runtime, "CUDARuntimeError", None),
+                              getattr(getattr(cupy.cuda, "driver", None), "CUDADriverError", None)) if k)
+    return isinstance(exc, kinds) or "cuda error" in str(exc).lower()
 
 
 def _batch(buffer, offsets, sizes):
@@ -117,9 +158,9 @@ def _after_torch(t) -> None:
         return
     import torch
 
-    ev = cupy.cuda.Event(disable_timing=True)
-    ev.record(cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream))
-    stream().wait_event(ev)
+    # (torch's own API: an event recorded on torch's stream, waited for by ours; CuPy 14
+    # deprecates its ExternalStream)
+    torch.cuda.ExternalStream(stream().ptr, device=t.device).wait_stream(torch.cuda.current_stream(t.device))
 
 
 def _round_up(x: int, a: int) -> int:
@@ -243,57 +284,101 @@ def encode_all(items, write, coder, threads, progress=None):
     """GPU counterpart of :func:`mithril_gpu.cpu.encode_all` (same arguments, same result).
 
     Tensors the GPU path does not handle yet (deltas, masked, host tensors, odd chunk sizes)
-    go through the CPU path; the file is the same either way.
+    go through the CPU path; the file is the same either way. A tensor whose GPU work runs out
+    of device memory is coded on the CPU instead (with a one-line note); any other CUDA or
+    nvCOMP failure raises :class:`GpuError` (the file being replaced stays as it was).
     """
     import cupy
-    import numpy as np
 
     from . import cpu
 
-    codec, align = zstd_codec()
     results: list = [None] * len(items)
-    for i, it in enumerate(items):
-        if it.device_tensor is None or not gpu_handles(it.dtype, it.transform, it.delta_op, it.chunk_elems, align):
-            results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
-            continue
-        dt, n = it.dtype, it.nbytes // it.dtype.itemsize
-        with cupy.cuda.Device(it.device_tensor.device.index):
-            x = _device_bytes(it.device_tensor)        # torch's work (a contiguous copy at most) comes first
-            s = stream()
-            _after_torch(it.device_tensor)
-            with s:
-                digests = row_digests(x, it.chunk_elems * dt.itemsize)
-                stride = plane_stride(n)
-                planes = split_planes(dt, it.transform, x, stride=stride)
-                layout = _chunk_layout(n, transforms.plane_widths(dt, it.transform), it.chunk_elems, it.transform, stride)
-                chunks = []
-                if layout:
-                    comp = codec.encode(_batch(planes, [c[2] for c in layout], [c[3] for c in layout]))
-                    host = comp.cpu()                  # waits for the batch; sizes come with it
-                    for (r, p, off, usize), csize, k in zip(layout, comp.buffer_sizes, range(len(layout))):
-                        if csize >= usize:
-                            payload, codec_id = planes[off:off + usize].get(), codecs.STORED
-                        else:
-                            payload, codec_id = np.asarray(host[k]).view(np.uint8).reshape(-1)[:csize], codecs.ZSTD
-                        data = memoryview(np.ascontiguousarray(payload)).cast("B")
-                        chunks.extend((write(data), len(data), codec_id))
-                # The digests and the planes are two reads of the caller's memory: a kernel on
-                # another stream changing the tensor in between would make a file that fails its
-                # checksums. Hashing it again after the coding catches that (a third read; the
-                # save then fails and the file it replaces stays as it was) without a copy of the
-                # tensor on a device that training keeps full.
-                if row_digests(x, it.chunk_elems * dt.itemsize) != digests:
-                    raise MithrilError(f"tensor {short(it.name)} changed on the GPU while it was being saved (another "
-                                       f"stream or thread wrote to it): nothing was written; save a copy, or "
-                                       f"synchronize first")
-                s.synchronize()                        # nothing of the caller's tensor is read after this
-        if progress:
-            progress(it.nbytes)
-        results[i] = (checksum.combine(digests), chunks, digests)
+    try:
+        for i, it in enumerate(items):
+            if it.device_tensor is None:
+                results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
+                continue
+            with cupy.cuda.Device(it.device_tensor.device.index):     # the tensor's device, its codec and stream
+                codec, align = zstd_codec()
+                if not gpu_handles(it.dtype, it.transform, it.delta_op, it.chunk_elems, align):
+                    results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
+                    continue
+                try:
+                    coded = _encode_on_device(it, codec)
+                except MithrilError:
+                    raise
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        raise _gpu_failed(exc, f"saving tensor {short(it.name)!r}") from exc
+                    warnings.warn(f"mithril: tensor {short(it.name)!r} coded on the CPU: the GPU is out of memory "
+                                  f"({short(str(exc))})", BackendNote, stacklevel=4)
+                    results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
+                    continue
+            digests, planned = coded
+            chunks = []
+            for payload, codec_id in planned:          # written only once all of the tensor's GPU work succeeded
+                data = memoryview(payload).cast("B")
+                chunks.extend((write(data), len(data), codec_id))
+            if progress:
+                progress(it.nbytes)
+            results[i] = (checksum.combine(digests), chunks, digests)
+    finally:
+        _release_pools()
     return results
 
 
+def _encode_on_device(it, codec):
+    """One tensor's GPU work: (row digests, [(payload as host bytes, codec id)] in file order).
+    Nothing is written here, so a failure leaves the file's payloads as they were."""
+    import cupy
+    import numpy as np
+
+    dt, n = it.dtype, it.nbytes // it.dtype.itemsize
+    x = _device_bytes(it.device_tensor)        # torch's work (a contiguous copy at most) comes first
+    s = stream()
+    _after_torch(it.device_tensor)
+    with s:
+        digests = row_digests(x, it.chunk_elems * dt.itemsize)
+        stride = plane_stride(n)
+        planes = split_planes(dt, it.transform, x, stride=stride)
+        layout = _chunk_layout(n, transforms.plane_widths(dt, it.transform), it.chunk_elems, it.transform, stride)
+        planned = []
+        if layout:
+            comp = codec.encode(_batch(planes, [c[2] for c in layout], [c[3] for c in layout]))
+            host = comp.cpu()                  # waits for the batch; sizes come with it
+            for (r, p, off, usize), csize, k in zip(layout, comp.buffer_sizes, range(len(layout))):
+                if csize >= usize:
+                    payload, codec_id = planes[off:off + usize].get(), codecs.STORED
+                else:
+                    payload, codec_id = np.asarray(host[k]).view(np.uint8).reshape(-1)[:csize], codecs.ZSTD
+                planned.append((np.ascontiguousarray(payload), codec_id))
+        # The digests and the planes are two reads of the caller's memory: a kernel on
+        # another stream changing the tensor in between would make a file that fails its
+        # checksums. Hashing it again after the coding catches that (a third read; the
+        # save then fails and the file it replaces stays as it was) without a copy of the
+        # tensor on a device that training keeps full.
+        if row_digests(x, it.chunk_elems * dt.itemsize) != digests:
+            raise MithrilError(f"tensor {short(it.name)} changed on the GPU while it was being saved (another "
+                               f"stream or thread wrote to it): nothing was written; save a copy, or "
+                               f"synchronize first")
+        s.synchronize()                        # nothing of the caller's tensor is read after this
+    return digests, planned
+
+
 # ---------------------------------------------------------------- decoding (issue 4)
+
+class _OnCpu(Exception):
+    """Decode this entry on the CPU path instead (args[0]: a note to give, or "" for none)."""
+
+
+def _decode_on_cpu(f, e, out) -> None:
+    import numpy as np
+    import torch
+
+    host = np.empty(e.nbytes, np.uint8)
+    f.decode_into([e], [host])
+    out.copy_(torch.from_numpy(host))
+
 
 def decode_into_device(f, entries, outs, verify: bool = True) -> None:
     """Decode ``entries`` of MthFile ``f`` into CUDA uint8 tensors ``outs`` (torch, nbytes each).
@@ -301,79 +386,117 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
     Only compressed bytes cross PCIe: a tensor's zstd chunks are staged at aligned offsets in one
     pinned host buffer, copied once, and decompressed by one nvCOMP batch straight into the
     plane buffer; the merge kernel writes the tensor and the checksum kernel verifies it.
-    Deltas, masked tensors, ``ans`` chunks and odd chunk sizes are decoded on the CPU and copied over.
+    Deltas, masked tensors, ``ans`` chunks and odd chunk sizes are decoded on the CPU and copied
+    over; so are tensors whose zstd frames do not declare their size (nvCOMP needs it), and any
+    tensor nvCOMP fails to decode or decodes to bytes that fail the checksum: the CPU path then
+    says whether the file is damaged (its error) or the GPU was wrong (a note, and the right bytes).
     """
     import cupy
-    import numpy as np
-    import torch
 
-    codec, align = zstd_codec()
-    for e, out in zip(entries, outs):
-        if not gpu_handles(e.dtype, e.transform, e.delta, e.chunk_elems, align) or codecs.ANS in e.chunks[2::3]:
-            host = np.empty(e.nbytes, np.uint8)
-            f.decode_into([e], [host])
-            out.copy_(torch.from_numpy(host))
-            continue
-        if e.nbytes == 0:
-            continue
-        _after_torch(out)                              # out was allocated (or last used) on torch's stream
-        with stream():
-            _decode_one(f, e, cupy.from_dlpack(out), codec, align, verify)
+    try:
+        for e, out in zip(entries, outs):
+            with cupy.cuda.Device(out.device.index):
+                codec, align = zstd_codec()
+                if not gpu_handles(e.dtype, e.transform, e.delta, e.chunk_elems, align) or codecs.ANS in e.chunks[2::3]:
+                    _decode_on_cpu(f, e, out)
+                    continue
+                if e.nbytes == 0:
+                    continue
+                try:
+                    _after_torch(out)                  # out was allocated (or last used) on torch's stream
+                    with stream():
+                        _decode_one(f, e, cupy.from_dlpack(out), codec, align, verify)
+                    continue
+                except _OnCpu as why:
+                    note = why.args[0] if why.args else ""
+                except MithrilError:
+                    raise
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        raise _gpu_failed(exc, f"loading tensor {short(e.name)!r}") from exc
+                    note = f"the GPU is out of memory ({short(str(exc))})"
+                try:
+                    _decode_on_cpu(f, e, out)
+                except MithrilError:
+                    raise
+                except Exception as exc:
+                    raise _gpu_failed(exc, f"loading tensor {short(e.name)!r}") from exc
+                if note:
+                    warnings.warn(f"mithril: tensor {short(e.name)!r} decoded on the CPU: {note}", BackendNote, stacklevel=4)
+    finally:
+        _release_pools()
 
 
 def _decode_one(f, e, dev_out, codec, align: int, verify: bool) -> None:
-    """Decode entry ``e`` into CuPy uint8 array ``dev_out`` on the current stream."""
+    """Decode entry ``e`` into CuPy uint8 array ``dev_out`` on the current stream. Raises
+    CorruptFileError for what the index itself shows wrong, _OnCpu where the CPU path must decide."""
     import cupy
     import numpy as np
+    import zstandard
 
-    from .errors import ChecksumMismatchError, CorruptFileError
+    from .errors import CorruptFileError
 
     n = e.count
     stride = plane_stride(n)
     layout = _chunk_layout(n, e.widths, e.chunk_elems, e.transform, stride)
+    staged, total = [], 0
+    for (r, p, dst, usize) in layout:
+        off, csize, codec_id = e.chunk(r, p)
+        if codec_id not in (codecs.STORED, codecs.ZSTD):
+            raise CorruptFileError(f"tensor {short(e.name)!r}: unknown codec id {codec_id}")
+        if codec_id == codecs.STORED and csize != usize:
+            raise CorruptFileError(f"tensor {short(e.name)!r}: a stored chunk holds {csize} bytes, expected {usize}")
+        if codec_id == codecs.ZSTD:
+            # nvCOMP reads a frame's size from its header and calls a damaged frame undefined
+            # behaviour: frames that do not declare exactly their chunk's size go to the CPU,
+            # which decodes frames without a declared size and refuses bad ones with its errors
+            try:
+                declared = zstandard.frame_content_size(f._buf[off:off + csize])
+            except zstandard.ZstdError:
+                declared = None
+            if declared != usize:
+                raise _OnCpu("")
+        staged.append((off, csize, codec_id, dst, usize, total))
+        total = _round_up(total + csize, align)
     if e.transform != "raw":
         target = cupy.empty(stride * len(e.widths), dtype=cupy.uint8)
     elif _address(dev_out) % align == 0:
         target = dev_out                               # raw chunks decode straight into the tensor
     else:
         target = cupy.empty(max(e.nbytes, 1), dtype=cupy.uint8)     # the caller's memory is unaligned: stage
-    staged, total = [], 0
-    for (r, p, dst, usize) in layout:
-        off, csize, codec_id = e.chunk(r, p)
-        if codec_id not in (codecs.STORED, codecs.ZSTD):
-            raise CorruptFileError(f"tensor {short(e.name)!r}: unknown codec id {codec_id}")
-        staged.append((off, csize, codec_id, dst, usize, total))
-        total = _round_up(total + csize, align)
     pinned = cupy.cuda.alloc_pinned_memory(max(total, 1))
-    staging = np.frombuffer(pinned, np.uint8, max(total, 1))
-    for off, csize, _, _, _, at in staged:
-        staging[at:at + csize] = np.frombuffer(f._buf[off:off + csize], np.uint8)
-    comp = cupy.empty(max(total, 1), dtype=cupy.uint8)
-    comp.set(staging)                                  # the one H2D copy, on the current stream
-    zstd = [st for st in staged if st[2] == codecs.ZSTD]
-    for off, csize, codec_id, dst, usize, at in staged:
-        if codec_id == codecs.STORED:
-            if csize != usize:
-                raise CorruptFileError(f"tensor {short(e.name)!r}: a stored chunk holds {csize} bytes, expected {usize}")
-            target[dst:dst + usize] = comp[at:at + csize]
-    if zstd:
-        try:
-            decoded = codec.decode(_batch(comp, [st[5] for st in zstd], [st[1] for st in zstd]),
-                                   out=_batch(target, [st[3] for st in zstd], [st[4] for st in zstd]))
-            got = decoded.buffer_sizes
-        except (RuntimeError, ValueError) as exc:
-            raise CorruptFileError(f"tensor {short(e.name)!r}: a zstd chunk does not decode ({short(exc)})") from None
-        for st, g in zip(zstd, got):
-            if g != st[4]:
-                raise CorruptFileError(f"tensor {short(e.name)!r}: a zstd chunk decoded to {g} bytes, expected {st[4]}")
-    if e.transform != "raw":
-        merge_planes(e.dtype, e.transform, target, dev_out, stride=stride)
-    elif target is not dev_out:
-        dev_out[...] = target[:e.nbytes]
-    ok = not verify or checksum.combine(row_digests(dev_out, e.chunk_elems * e.dtype.itemsize)) == e.checksum
-    stream().synchronize()     # the pinned staging buffer and the output are settled before either is let go
+    try:
+        staging = np.frombuffer(pinned, np.uint8, max(total, 1))
+        for off, csize, _, _, _, at in staged:
+            staging[at:at + csize] = np.frombuffer(f._buf[off:off + csize], np.uint8)
+        comp = cupy.empty(max(total, 1), dtype=cupy.uint8)
+        comp.set(staging)                              # the one H2D copy, on the current stream
+        zstd = [st for st in staged if st[2] == codecs.ZSTD]
+        for off, csize, codec_id, dst, usize, at in staged:
+            if codec_id == codecs.STORED:
+                target[dst:dst + usize] = comp[at:at + csize]
+        if zstd:
+            try:
+                decoded = codec.decode(_batch(comp, [st[5] for st in zstd], [st[1] for st in zstd]),
+                                       out=_batch(target, [st[3] for st in zstd], [st[4] for st in zstd]))
+                got = decoded.buffer_sizes
+            except Exception as exc:
+                if _is_cuda_error(exc) or _is_oom(exc):
+                    raise
+                raise _OnCpu(f"nvCOMP could not decode one of its zstd chunks ({short(str(exc))})") from None
+            if any(g != st[4] for st, g in zip(zstd, got)):
+                raise _OnCpu("nvCOMP decoded a zstd chunk to another size than the chunk's")
+        if e.transform != "raw":
+            merge_planes(e.dtype, e.transform, target, dev_out, stride=stride)
+        elif target is not dev_out:
+            dev_out[...] = target[:e.nbytes]
+        ok = not verify or checksum.combine(row_digests(dev_out, e.chunk_elems * e.dtype.itemsize)) == e.checksum
+    finally:
+        stream().synchronize()     # the pinned staging buffer and the output are settled before either is let go
     if not ok:
-        raise ChecksumMismatchError(f"tensor {short(e.name)!r} does not match its checksum: the file is damaged")
+        # damaged file, or a wrong GPU decode: the CPU path tells which (its ChecksumMismatchError,
+        # or the right bytes and a note that the GPU was wrong)
+        raise _OnCpu("the GPU's decode failed its checksum, the CPU's did not: please report this")
 
 
 def new_device_tensors(f, entries, device) -> list:

@@ -65,7 +65,9 @@ class HostModule:
             for a, t in zip(args, types):
                 if "*" in t:
                     conv.append(None if (isinstance(a, int) and a == 0) else np.asarray(a).ctypes.data)
-                else:
+                else:           # CuPy passes a scalar at its own width: an i64 must be given as int64, an int as int32
+                    want = np.int64 if t == "i64" else np.int32
+                    assert isinstance(a, want), f"{name}: a {t} argument given as {type(a).__name__}"
                     conv.append(int(a))
             Dim3.in_dll(lib, "gridDim").x, Dim3.in_dll(lib, "blockDim").x = GRID, BLOCK
             for b in range(GRID):

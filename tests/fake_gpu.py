@@ -14,13 +14,20 @@ there (read from the nvCOMP 6.0.0.12 wheel's docstrings and its error strings):
   outside the buffer.
 * Streams (the backend's own rule, see gpu.stream): a codec must be made on an explicit
   stream, never stream 0; batches must be tied to the codec's stream; kernels, host<->device
-  copies and codec calls must all be issued while that stream is current.
+  copies and codec calls must all be issued while that stream is current. Each thread has its
+  own current stream, as in CUDA.
+* Devices: a codec is made for the current device and used only while that device is current
+  (the binding's "Codec CUDA stream and device id mismatched"); ``cupy.cuda.Device(i)`` sets the
+  current device of this thread.
+* Threads: a codec is thread-local in nvCOMP's Python API; using one from two threads fails.
+* RAW zstd decode needs the frame to declare its content size (nvCOMP reads it from the header).
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
 import sys
+import threading
 import types
 
 import numpy as np
@@ -33,20 +40,49 @@ COMPRESS_ALIGN, DECOMPRESS_ALIGN = 4, 8     # what nvCOMP 6's zstd reports
 
 # ------------------------------------------------------------------ streams
 
+_tls = threading.local()
+
+
+def _stack() -> list:
+    if not hasattr(_tls, "stack"):
+        _tls.stack = []
+    return _tls.stack
+
+
+def current_device() -> int:
+    return getattr(_tls, "device", 0)
+
+
+class Device:
+    count = 1
+
+    def __init__(self, idx=None):
+        self.idx = current_device() if idx is None else int(idx)
+
+    def __enter__(self):
+        assert 0 <= self.idx < Device.count, f"device {self.idx} does not exist"
+        self.saved = current_device()
+        _tls.device = self.idx
+        return self
+
+    def __exit__(self, *exc):
+        _tls.device = self.saved
+        return False
+
+
 class Stream:
     _ids = itertools.count(0x1000, 0x10)
-    _stack: list = []
 
     def __init__(self, non_blocking=False, ptr=None):
         self.ptr = next(Stream._ids) if ptr is None else ptr
         self.waited: list = []
 
     def __enter__(self):
-        Stream._stack.append(self)
+        _stack().append(self)
         return self
 
     def __exit__(self, *exc):
-        Stream._stack.pop()
+        _stack().pop()
         return False
 
     def synchronize(self):
@@ -61,7 +97,7 @@ NULL = Stream(ptr=0)
 
 
 def current_stream() -> Stream:
-    return Stream._stack[-1] if Stream._stack else NULL
+    return _stack()[-1] if _stack() else NULL
 
 
 def require_stream(what: str) -> Stream:
@@ -78,8 +114,25 @@ class Event:
         self.recorded = stream if stream is not None else current_stream()
 
 
-def ExternalStream(ptr, device_id=-1):  # noqa: N802  (CuPy's name)
-    return Stream(ptr=ptr)
+class OutOfMemoryError(MemoryError):
+    """cupy.cuda.memory.OutOfMemoryError"""
+
+
+class CUDARuntimeError(RuntimeError):
+    """cupy.cuda.runtime.CUDARuntimeError"""
+
+
+class MemoryPool:
+    """CuPy's default (and pinned) memory pool: what the backend gives back after each call."""
+
+    def __init__(self):
+        self.freed = 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        self.freed += 1
 
 
 # ------------------------------------------------------------------ device arrays
@@ -170,7 +223,8 @@ class Codec:
     def __init__(self, algorithm=None, bitstream_kind=None, device_id=0, cuda_stream=None, **kw):
         assert algorithm == "Zstd" and bitstream_kind == "RAW"
         assert cuda_stream, "the codec must run on the backend's explicit stream, not nvCOMP's own or stream 0"
-        self.stream = cuda_stream
+        assert device_id == current_device(), "Codec CUDA stream and device id mismatched"
+        self.stream, self.device, self.thread = cuda_stream, device_id, threading.get_ident()
 
     def get_required_compression_alignment(self):
         return COMPRESS_ALIGN
@@ -184,6 +238,8 @@ class Codec:
                             f"got {type(batch).__name__}")
         assert batch.stream == self.stream, f"{what}: batch tied to stream {batch.stream}, codec runs on {self.stream}"
         assert require_stream(what).ptr == self.stream, f"{what} while another stream than the codec's is current"
+        assert current_device() == self.device, "Codec CUDA stream and device id mismatched"
+        assert threading.get_ident() == self.thread, "an nvCOMP codec used from another thread than its own"
 
     def encode(self, batch):
         self._check(batch, "encode")
@@ -206,6 +262,8 @@ class Codec:
             assert _address(s) % DECOMPRESS_ALIGN == 0, "unaligned compressed chunk given to nvCOMP"
             assert _address(o) % DECOMPRESS_ALIGN == 0, "unaligned output chunk given to nvCOMP"
             try:
+                if zstandard.frame_content_size(np.asarray(s).tobytes()) < 0:
+                    raise RuntimeError("could not determine content size")
                 data = zstandard.ZstdDecompressor().decompress(np.asarray(s).tobytes())
             except zstandard.ZstdError as e:
                 raise RuntimeError(str(e)) from None
@@ -227,10 +285,14 @@ def installed():
     cupy.asarray = lambda a: _dev(np.array(a))
     cupy.from_dlpack = lambda t: _dev(np.from_dlpack(t))
     cupy.RawModule = RawModule
+    pools = (MemoryPool(), MemoryPool())
+    cupy.get_default_memory_pool = lambda: pools[0]
+    cupy.get_default_pinned_memory_pool = lambda: pools[1]
     cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1),
-        Device=lambda idx=None: contextlib.nullcontext(),
-        Stream=Stream, ExternalStream=ExternalStream, Event=Event, get_current_stream=current_stream,
+        runtime=types.SimpleNamespace(getDevice=current_device, getDeviceCount=lambda: Device.count,
+                                      CUDARuntimeError=CUDARuntimeError),
+        memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
+        Device=Device, Stream=Stream, Event=Event, get_current_stream=current_stream,
         alloc_pinned_memory=lambda n: bytearray(n))
     cupy.cuda = cuda
     nvcomp = types.ModuleType("nvidia.nvcomp")
@@ -246,7 +308,9 @@ def installed():
         gpu._modules.clear()
         gpu._codecs.clear()
         gpu._streams.clear()
-        Stream._stack.clear()
+        _stack().clear()
+        _tls.device = 0
+        Device.count = 1
 
     reset()
     Codec.calls.update(encode=0, decode=0)

@@ -18,6 +18,43 @@ pytestmark = pytest.mark.skipif(not OK, reason=f"no usable GPU backend: {WHY}")
 SIZES = [1, 3, 4, 5, 1000, 4099, 131072 + 7]
 
 
+@pytest.fixture
+def nvcomp_calls(monkeypatch):
+    """Counts of nvCOMP encode and decode calls the backend makes: a test that means to run on
+    the GPU checks it did (a tensor the backend quietly sends to the CPU passes everything else)."""
+    calls = {"encode": 0, "decode": 0}
+    real = gpu.zstd_codec
+
+    class Counting:
+        def __init__(self, codec):
+            self._c = codec
+
+        def encode(self, *a, **k):
+            calls["encode"] += 1
+            return self._c.encode(*a, **k)
+
+        def decode(self, *a, **k):
+            calls["decode"] += 1
+            return self._c.decode(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+    def counted():
+        codec, align = real()
+        return Counting(codec), align
+    monkeypatch.setattr(gpu, "zstd_codec", counted)
+    return calls
+
+
+def _weights(dtype, n: int, seed: int):
+    """Values shaped like trained weights (their exponent planes compress: zstd chunks, not stored)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 0.02).to(dtype)
+
+
 def _cupy(a: np.ndarray):
     import cupy
 
@@ -98,20 +135,38 @@ def test_gpu_save_decodes_on_cpu_bit_exact(tmp_path, dtype):
         assert [e.checksum for e in g.index.tensors] == [e.checksum for e in c.index.tensors]
 
 
-def test_gpu_save_of_real_weights_matches_cpu_ratio(tmp_path, minilm_bf16):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_gpu_frames_of_weights_decode_on_cpu_bit_exact(tmp_path, dtype, nvcomp_calls):
+    """nvCOMP's own zstd frames (weight-like planes compress; random ones are stored) read by the
+    CPU path, and read back by the GPU path through nvCOMP."""
+    import torch
+
+    t = _weights(getattr(torch, dtype), 3 * 131072 + 5, seed=3)
+    mithril_gpu.save({"t": t.cuda()}, tmp_path / "g.mth", device="cuda")
+    assert nvcomp_calls["encode"] > 0
+    with mithril_gpu.open(tmp_path / "g.mth") as f:
+        assert 1 in f.entry("t").chunks[2::3]                  # zstd chunks written by nvCOMP
+    assert_same(mithril_gpu.load(tmp_path / "g.mth")["t"], t)
+    assert_same(mithril_gpu.load(tmp_path / "g.mth", device="cuda")["t"].cpu(), t)
+    assert nvcomp_calls["decode"] > 0
+
+
+def test_gpu_save_of_real_weights_matches_cpu_ratio(tmp_path, minilm_bf16, nvcomp_calls):
     sd = {k: v.cuda() for k, v in minilm_bf16.items()}
     mithril_gpu.save(sd, tmp_path / "g.mth", device="cuda")
+    assert nvcomp_calls["encode"] > 0
     mithril_gpu.save(minilm_bf16, tmp_path / "c.mth", device="cpu")
-    g, c = os.path.getsize(tmp_path / "g.mth"), os.path.getsize(tmp_path / "c.mth")
-    assert g <= c * 1.01
-    back = mithril_gpu.load(tmp_path / "g.mth")
+    back = mithril_gpu.load(tmp_path / "g.mth")             # bit-exact first: the ratio check may fail alone
     for k, v in minilm_bf16.items():
         assert_same(back[k], v)
+    g, c = os.path.getsize(tmp_path / "g.mth"), os.path.getsize(tmp_path / "c.mth")
+    assert g <= c * 1.01, f"the GPU file is {100 * (g / c - 1):.2f}% larger than the CPU path's (issue 14's known gap)"
 
 
-def test_cpu_file_loads_onto_the_gpu(tmp_path, minilm_bf16):
+def test_cpu_file_loads_onto_the_gpu(tmp_path, minilm_bf16, nvcomp_calls):
     mithril_gpu.save(minilm_bf16, tmp_path / "c.mth", device="cpu")
     back = mithril_gpu.load(tmp_path / "c.mth", device="cuda")
+    assert nvcomp_calls["decode"] > 0
     for k, v in minilm_bf16.items():
         assert back[k].is_cuda
         assert_same(back[k].cpu(), v)
@@ -196,10 +251,61 @@ def test_big_tensors_survive_stream_hand_offs(tmp_path):
 
     for i in range(3):
         t = torch.randn(96 << 20, device="cuda", dtype=torch.float32).mul_(0.02).to(torch.bfloat16)   # 192 MB
-        t.add_(i)                                              # still queued on torch's stream at save time
+        torch.cuda._sleep(int(5e8))                            # (the GPU busy for a while on torch's stream:
+        t.add_(i)                                              # this is still queued when the save starts)
         mithril_gpu.save({"t": t}, tmp_path / "big.mth", device="cuda")
         back = mithril_gpu.load(tmp_path / "big.mth", device="cuda")["t"]
         assert torch.equal(back.view(torch.int16), t.view(torch.int16))
         out = torch.empty_like(t)
         mithril_gpu.load(tmp_path / "big.mth", device="cuda", into={"t": out})
         assert torch.equal(out.view(torch.int16), t.view(torch.int16))
+
+
+def test_saves_and_loads_on_a_side_stream(tmp_path):
+    """Work made on a non-default torch stream (as DDP and prefetchers do): the backend waits for
+    the stream that is current, and hands results back to it."""
+    import torch
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        t = _weights(torch.bfloat16, 8 << 20, seed=5).cuda()
+        torch.cuda._sleep(int(5e8))
+        t.mul_(2)
+        mithril_gpu.save({"t": t}, tmp_path / "s.mth", device="cuda")
+        back = mithril_gpu.load(tmp_path / "s.mth", device="cuda")["t"]
+        assert torch.equal(back.view(torch.int16), t.view(torch.int16))
+    side.synchronize()
+    assert_same(mithril_gpu.load(tmp_path / "s.mth")["t"], t.cpu())
+
+
+def test_a_tensor_over_2_gib(tmp_path, nvcomp_calls):
+    """64-bit offsets everywhere: a 2.2 GB bf16 tensor saved and loaded on the GPU."""
+    import torch
+
+    n = (1 << 30) + (1 << 26) + 7
+    t = (torch.randn(n, device="cuda", dtype=torch.float32) * 0.02).to(torch.bfloat16)
+    mithril_gpu.save({"t": t}, tmp_path / "big.mth", device="cuda")
+    back = mithril_gpu.load(tmp_path / "big.mth", device="cuda")["t"]
+    assert torch.equal(back.view(torch.int16), t.view(torch.int16))
+    assert nvcomp_calls["encode"] > 0 and nvcomp_calls["decode"] > 0
+
+
+def test_zz_damaged_zstd_frame_is_refused_on_gpu(tmp_path):
+    """Last in the file: nvCOMP calls a damaged frame undefined behaviour. The frame's header
+    stays sound (the body is flipped), so nvCOMP gets it; whatever it does, the load must end in
+    the CPU path's CorruptFileError, never wrong bytes."""
+    import torch
+
+    t = _weights(torch.bfloat16, 2 * 131072, seed=9)
+    path = tmp_path / "z.mth"
+    mithril_gpu.save({"t": t}, path, device="cpu")
+    data = bytearray(path.read_bytes())
+    with mithril_gpu.open(path) as f:
+        off, csize, codec_id = f.entry("t").chunk(0, 0)          # the exponent plane: a zstd frame
+    assert codec_id == 1
+    data[off + csize // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(mithril_gpu.CorruptFileError):
+        mithril_gpu.load(path, device="cpu")
+    with pytest.raises(mithril_gpu.CorruptFileError):
+        mithril_gpu.load(path, device="cuda")

@@ -258,3 +258,125 @@ def test_a_tensor_changed_between_its_digests_and_its_planes_fails_the_save(tmp_
     node, items = _items(state, 4096)
     write_mth(tmp_path / "g.mth", items, tree=node, encode=gpu.encode_all, threads=2)     # unchanged: written
     assert_same(mithril_gpu.load(tmp_path / "g.mth")["w"], state["w"])
+
+
+def test_frames_without_a_declared_size_are_decoded_on_the_cpu(tmp_path, fake, monkeypatch):
+    """FORMAT.md lets a writer leave a zstd frame's content size out; nvCOMP's RAW decoder needs
+    it. Such a tensor is decoded by the CPU path (no note: nothing went wrong), never refused."""
+    import warnings
+
+    import zstandard
+    from mithril_gpu import codecs, cpu
+
+    monkeypatch.setattr(codecs, "zstd_parameters", lambda level: zstandard.ZstdCompressionParameters(
+        strategy=zstandard.STRATEGY_FAST, window_log=17, write_content_size=False, write_checksum=False, threads=0))
+    monkeypatch.setattr(codecs, "_huff_frame", None)
+    monkeypatch.setattr(cpu, "FUSED", False)
+    w = (torch.randn(300000) * 0.02).to(torch.bfloat16)
+    mithril_gpu.save({"w": w}, tmp_path / "c.mth", device="cpu", chunk_elems=4096)
+    with mithril_gpu.open(tmp_path / "c.mth") as f:
+        e = f.entry("w")
+        off, csize, cid = e.chunk(0, 0)
+        assert cid == 1 and zstandard.frame_content_size(bytes(f._buf[off:off + csize])) == -1
+        out = torch.empty(e.nbytes, dtype=torch.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gpu.decode_into_device(f, [e], [out])
+    assert out.numpy().tobytes() == mithril_gpu.api.tensor_bytes(w).tobytes()
+    assert fake_gpu.Codec.calls["decode"] == 0
+
+
+def test_a_wrong_gpu_decode_is_caught_and_the_cpu_gives_the_right_bytes(tmp_path, fake, monkeypatch):
+    """A GPU decode that fails the checksum is decoded again on the CPU: a damaged file then gets
+    the CPU's ChecksumMismatchError (test_gpu_decode_detects_damage); a sound file gets the right
+    bytes and a note that the GPU was wrong."""
+    w = (torch.randn(300000) * 0.02).to(torch.bfloat16)
+    mithril_gpu.save({"w": w}, tmp_path / "c.mth", device="cpu", chunk_elems=4096)
+    real = gpu.merge_planes
+
+    def wrong(dt, transform, planes, out, *a, **k):
+        real(dt, transform, planes, out, *a, **k)
+        out[5] ^= 1                                     # a kernel bug
+    monkeypatch.setattr(gpu, "merge_planes", wrong)
+    with mithril_gpu.open(tmp_path / "c.mth") as f:
+        out = torch.empty(f.entry("w").nbytes, dtype=torch.uint8)
+        with pytest.warns(mithril_gpu.backends.BackendNote, match="failed its checksum, the CPU's did not"):
+            gpu.decode_into_device(f, f.index.tensors, [out])
+    assert out.numpy().tobytes() == mithril_gpu.api.tensor_bytes(w).tobytes()
+
+
+def test_gpu_failures_are_typed_and_out_of_memory_falls_back(tmp_path, fake, monkeypatch):
+    """A CUDA error while saving raises GpuError and writes nothing; running out of device memory
+    codes that tensor on the CPU (with a note); loads alike. CuPy's pools are given back after
+    every call, failed or not."""
+    state = {"w": (torch.randn(64, 4096) * 0.02).to(torch.bfloat16)}
+    mithril_gpu.save({"old": torch.ones(3)}, tmp_path / "g.mth", device="cpu")
+    real = gpu.split_planes
+    import cupy
+
+    def broken(*a, **k):
+        raise cupy.cuda.runtime.CUDARuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+    monkeypatch.setattr(gpu, "split_planes", broken)
+    node, items = _items(state, 4096)
+    with pytest.raises(mithril_gpu.GpuError, match="saving tensor 'w'.*illegal memory access.*MITHRIL_GPU=0"):
+        write_mth(tmp_path / "g.mth", items, tree=node, encode=gpu.encode_all, threads=2)
+    assert list(mithril_gpu.load(tmp_path / "g.mth")) == ["old"]
+    assert cupy.get_default_memory_pool().freed >= 1
+
+    def oom(*a, **k):
+        raise cupy.cuda.memory.OutOfMemoryError("out of memory allocating 1073741824 bytes")
+    monkeypatch.setattr(gpu, "split_planes", oom)
+    node, items = _items(state, 4096)
+    with pytest.warns(mithril_gpu.backends.BackendNote, match="'w' coded on the CPU: the GPU is out of memory"):
+        write_mth(tmp_path / "g.mth", items, tree=node, encode=gpu.encode_all, threads=2)
+    assert_same(mithril_gpu.load(tmp_path / "g.mth")["w"], state["w"])
+    monkeypatch.setattr(gpu, "split_planes", real)
+
+    monkeypatch.setattr(gpu, "merge_planes", broken)
+    with mithril_gpu.open(tmp_path / "g.mth") as f:
+        out = torch.empty(f.entry("w").nbytes, dtype=torch.uint8)
+        with pytest.raises(mithril_gpu.GpuError, match="loading tensor 'w'"):
+            gpu.decode_into_device(f, f.index.tensors, [out])
+        monkeypatch.setattr(gpu, "merge_planes", oom)
+        with pytest.warns(mithril_gpu.backends.BackendNote, match="'w' decoded on the CPU: the GPU is out of memory"):
+            gpu.decode_into_device(f, f.index.tensors, [out])
+    assert out.numpy().tobytes() == mithril_gpu.api.tensor_bytes(state["w"]).tobytes()
+
+
+def test_each_thread_has_its_own_codec_and_stream(tmp_path, fake):
+    """nvCOMP's codecs are thread-local (the stand-in fails a codec used from another thread): a
+    save on a Checkpointer's background thread and one on the caller's do not share one."""
+    import threading
+
+    state = {"w": (torch.randn(64, 4096) * 0.02).to(torch.bfloat16)}
+    node, items = _items(state, 4096)
+    write_mth(tmp_path / "a.mth", items, tree=node, encode=gpu.encode_all, threads=1)
+    errors = []
+
+    def other():
+        try:
+            n2, it2 = _items(state, 4096)
+            write_mth(tmp_path / "b.mth", it2, tree=n2, encode=gpu.encode_all, threads=1)
+        except BaseException as e:          # (reported on the main thread)
+            errors.append(e)
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert len({k[0] for k in gpu._codecs}) == 2 and len({k[0] for k in gpu._streams}) == 2
+    for p in ("a.mth", "b.mth"):
+        assert_same(mithril_gpu.load(tmp_path / p)["w"], state["w"])
+
+
+def test_a_zstd_level_keeps_the_save_on_the_cpu(tmp_path, fake):
+    """nvCOMP's zstd has no level: with device='auto' a level keeps the save on the CPU (a note
+    says why), and device='cuda' with a level is refused rather than the level ignored."""
+    from mithril_gpu import backends
+
+    class Cuda:                                                          # (what choose_encoder looks at)
+        is_cuda = True
+    with pytest.warns(backends.BackendNote, match="level=19 applies to the CPU path only"):
+        assert backends.choose_encoder("auto", [Cuda()], 19) is None
+    assert backends.choose_encoder("auto", [Cuda()]) is gpu.encode_all
+    with pytest.raises(ValueError, match="give device='cuda' or level, not both"):
+        backends.choose_encoder("cuda", [Cuda()], 3)

@@ -16,6 +16,10 @@ def planes_mod():
 
 
 def _split(mod, name, args):
+    """Launch with scalars typed as gpu.py types them (np.int64 for an i64, np.int32 for an int)."""
+    sig = mod.sigs[name]
+    args = tuple(a if "*" in t or not isinstance(a, int) else (np.int64 if t == "i64" else np.int32)(a)
+                 for a, t in zip(args, sig))
     mod.get_function(name)(None, None, args)
 
 
@@ -87,5 +91,5 @@ def test_xxh64_rows_kernel(nbytes):
     rb = 4096
     rows = -(-nbytes // rb)
     d = np.zeros(max(rows, 1), np.uint64)
-    mod.get_function("xxh64_rows")(None, None, (data, nbytes, rb, d))
+    _split(mod, "xxh64_rows", (data, nbytes, rb, d))
     assert d[:rows].tolist() == [xxhash.xxh64_intdigest(data[i:i + rb].tobytes()) for i in range(0, nbytes, rb)]
