@@ -137,6 +137,14 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
         plan.append((os.path.join(dst_root, rel), None, None, False))
         for name in sorted(files):
             src = os.path.join(folder, name)
+            try:                        # (before anything reads it: a FIFO would hang, /dev/zero never end)
+                st = os.stat(src)
+            except OSError as e:
+                raise MithrilError(f"{short(src)} cannot be read ({short(e.strerror or e, 80)}): "
+                                   "remove it from IN, or fix it") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise MithrilError(f"{short(src)} is not a regular file (a pipe, a device or a socket, or a link "
+                                   "to one): remove it from IN; nothing was written")
             dst = convert(src, os.path.join(dst_root, rel, name))
             if dst is SKIP:
                 if not a.quiet:

@@ -17,7 +17,7 @@ import xxhash
 import zstandard
 
 from . import codecs, dtypes, transforms
-from .errors import (CorruptFileError, MithrilError, NotMithrilFileError, TruncatedFileError,
+from .errors import (CorruptFileError, MithrilError, NotMithrilFileError, TruncatedFileError, UnsupportedValueError,
                      UnsupportedVersionError, short)
 
 MAGIC = b"\x89MTH\r\n\x1a\n"          # 8 bytes, PNG-style: catches text-mode and 7-bit damage
@@ -154,7 +154,12 @@ class Index:
 
     def to_bytes(self) -> bytes:
         """The index as stored: one zstd frame holding the UTF-8 JSON."""
-        return zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL, write_content_size=True).compress(self.to_json())
+        raw = self.to_json()
+        if len(raw) > MAX_INDEX_BYTES:       # (a reader would refuse it: never write what cannot be read)
+            raise UnsupportedValueError(f"the checkpoint's index would be {len(raw):,} bytes, more than readers accept "
+                                        f"({MAX_INDEX_BYTES:,}): a string or bytes value of hundreds of MB? store it "
+                                        "as a tensor")
+        return zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL, write_content_size=True).compress(raw)
 
     def to_json(self) -> bytes:
         from . import tree as tree_mod
@@ -220,6 +225,23 @@ def as_current_version(head: bytes) -> bytes:
 
 def _fail(msg: str):
     raise CorruptFileError("corrupt index: " + msg)
+
+
+def shape_problem(shape: tuple, itemsize: int) -> str | None:
+    """Why a shape of non-negative ints cannot be a tensor's in a file (None: it can): the reader's
+    rule, which writers of other formats' input check too, so they never write what no reader opens."""
+    if len(shape) > MAX_RANK:
+        return f"has more than {MAX_RANK} sizes"
+    if any(s > 1 << 62 for s in shape):
+        return "has a size above 2^62"
+    running = 1
+    for s in shape:                       # torch multiplies in order: (2^40, 2^40, 0) overflows it
+        running *= s
+        if running > MAX_SHAPE_PRODUCT:
+            return "overflows a 64-bit element count"
+    if math.prod(shape) * itemsize > MAX_NBYTES:
+        return "is larger than any tensor a file can hold"
+    return None
 
 
 def _int(v, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
@@ -424,13 +446,9 @@ def _parse_tensor(t, i: int, data_end: int, delta_ok: bool, ctx_ok: bool = False
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
         _fail(f"tensor {sname!r}: shape must be a list of at most {MAX_RANK} sizes")
     shape = tuple(_int(s, f"tensor {sname!r} shape entry") for s in shape)
-    running = 1
-    for s in shape:                       # torch multiplies in order: (2^40, 2^40, 0) overflows it
-        running *= s
-        if running > MAX_SHAPE_PRODUCT:
-            _fail(f"tensor {sname!r}: shape {short(shape, 200)} overflows a 64-bit element count")
-    if math.prod(shape) * dt.itemsize > MAX_NBYTES:
-        _fail(f"tensor {sname!r}: shape {short(shape, 200)} is larger than any tensor a file can hold")
+    why = shape_problem(shape, dt.itemsize)
+    if why:
+        _fail(f"tensor {sname!r}: shape {short(shape, 200)} {why}")
     transform = t.get("transform")
     if not isinstance(transform, str) or transform not in transforms.TRANSFORMS \
             or not transforms.valid_for(dt, transform):

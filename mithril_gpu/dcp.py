@@ -465,6 +465,28 @@ class MithrilWriter(StorageWriter):
                 for it, n in zip(items, names)]
 
 
+def _refuse_unsafe_pickle(raw: bytes, fqn: str) -> None:
+    """DCP's planners unpickle a BYTE_IO value with ``torch.load(weights_only=False)``: anything
+    the file holds would run. mithril reads nothing it has not first unpickled with
+    ``weights_only=True`` (torch's allow-list, plus what the caller added with
+    ``torch.serialization.add_safe_globals``); a value that needs more is refused."""
+    import torch
+
+    from .formats import _numpy_safe_globals, _torch_refusal
+
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = _torch_refusal(e)
+        if "Unsupported global" in why or "weights_only" in str(e) or "WeightsUnpickler" in str(e):
+            raise UnsupportedValueError(
+                f"value {short(fqn)!r} needs more than torch's weights_only allow-list to unpickle ({why}): "
+                "refused, nothing in a file is executed; if you trust this checkpoint, allow its classes with "
+                "torch.serialization.add_safe_globals") from None
+        raise CorruptFileError(f"value {short(fqn)!r} does not unpickle ({why}): the rank file is damaged") from None
+
+
 class MithrilReader(StorageReader):
     __doc__ = _READER_DOC
 
@@ -540,7 +562,9 @@ class MithrilReader(StorageReader):
                             "the directory mixes files of two saves")
                     for req, loc in reqs:
                         if req.type == LoadItemType.BYTE_IO:
-                            planner.load_bytes(req, io.BytesIO(f.get_bytes(loc.name).tobytes()))
+                            raw = f.get_bytes(loc.name).tobytes()
+                            _refuse_unsafe_pickle(raw, req.dest_index.fqn)
+                            planner.load_bytes(req, io.BytesIO(raw))
                             continue
                         target = planner.resolve_tensor(req).detach()
                         key = tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths))

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from . import dtypes
+from . import container, dtypes
 from .errors import CorruptFileError, MithrilError, short
 
 SAFETENSORS_MAX_HEADER = 100 << 20
@@ -101,8 +101,18 @@ class SafetensorsFile:
         for name, info in header.items():
             try:
                 dt = dtypes.from_name(info["dtype"])
-                shape = tuple(int(x) for x in info["shape"])
-                b, e = (int(x) for x in info["data_offsets"])
+                shape, offs = info["shape"], info["data_offsets"]
+                # JSON integers only, as the safetensors format has them ("12" and 12.0 are not a
+                # size), and what a .mth index can hold (rank, sizes): never a file no reader opens
+                if type(shape) is not list or type(offs) is not list or len(offs) != 2 \
+                        or not all(type(x) is int for x in shape + offs):
+                    raise ValueError
+                shape = tuple(shape)
+                b, e = offs
+                why = None if any(x < 0 for x in shape) else container.shape_problem(shape, dt.itemsize)
+                if why:
+                    raise InputFormatError(f"{where}: tensor {short(name)}'s shape {short(shape, 80)} {why}: a .mth "
+                                           "file cannot hold it")
             except KeyError:
                 dtype = info.get("dtype") if isinstance(info, dict) else None
                 raise InputFormatError(f"{where}: tensor {short(name)} has unsupported dtype "

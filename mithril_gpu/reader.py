@@ -32,8 +32,13 @@ class MthFile:
     """
 
     def __init__(self, path, *, verify: bool = True, threads: int | None = None, base=None, _depth: int = 0,
-                 _written=None):
+                 _written=None, _want: str | None = None, _chain: frozenset = frozenset()):
         self._closed = False
+        # _want: the identity a delta records for this file as its base (internal): checked from
+        # the trailer before the index is read, so a wrong base (or a chain that loops back on
+        # itself) costs 32 bytes, not a parse. _chain: the (device, inode) of the files of the
+        # chain above this one; meeting one again is a loop.
+        self._want = _want
         # _written: the Index this library wrote to ``path`` (internal: a Checkpointer's next delta
         # opens the file it just wrote as its base). It is taken instead of reading and parsing the
         # index only if the file's trailer names the very index bytes it was written as (its
@@ -49,6 +54,9 @@ class MthFile:
             st = os.stat(self.path)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {self.path}") from None
+        if (st.st_dev, st.st_ino) in _chain and stat.S_ISREG(st.st_mode):
+            raise CorruptFileError("its delta chain loops back to this file")
+        self._chain = _chain | {(st.st_dev, st.st_ino)}
         if not stat.S_ISREG(st.st_mode):    # (opening a FIFO would wait for a writer; a file is read by seeking)
             if stat.S_ISDIR(st.st_mode):
                 inside = sorted(n for n in os.listdir(self.path) if n.endswith(".mth"))[:1] \
@@ -82,6 +90,8 @@ class MthFile:
                     f"the preamble says format version {version}, but the rest is a sound version-"
                     f"{container.VERSION} file: the preamble is damaged") from None
             raise
+        if self._want is not None and f"{digest:016x}" != self._want:
+            raise _NotThatBase(f"{digest:016x}")
         w = self._written
         written = w is not None and getattr(w, "identity", None) == f"{digest:016x}" \
             and getattr(w, "frame", None) == (off, length)
@@ -475,10 +485,20 @@ def _is_regular_file(path) -> bool:
         return False
 
 
+class _NotThatBase(Exception):
+    """A base candidate's trailer names another index than the delta recorded (args[0]: its identity)."""
+
+
 def _open_base_file(found: str, delta: MthFile, depth: int) -> MthFile:
     """Open the base file ``found`` of ``delta``, every failure a typed one-line error naming it."""
+    want = delta.index.base["xxh64"]
     try:
-        return MthFile(found, verify=delta.verify, threads=delta.threads, _depth=depth)
+        return MthFile(found, verify=delta.verify, threads=delta.threads, _depth=depth, _want=want,
+                       _chain=delta._chain)
+    except _NotThatBase as e:
+        raise BaseMismatchError(
+            f"{short(found)} is not the base {short(delta.path)} was written against "
+            f"(identity {e.args[0]}, expected {want}); pass the right base file") from None
     except OSError as e:     # unreadable, or a file that cannot be read like one (/proc/self/mem)
         raise MissingBaseError(
             f"{short(delta.path)} is a delta against {short(found)}, which cannot be read "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dtypes
+from .container import MAX_RANK
 from .errors import MithrilError, UnsupportedValueError, short
 
 
@@ -38,6 +39,8 @@ def check_storable(t) -> None:
         raise UnsupportedValueError("cannot store a quantized tensor")
     if t.device.type == "meta":
         raise UnsupportedValueError("cannot store a tensor on the meta device: it has no data")
+    if t.dim() > MAX_RANK:
+        raise UnsupportedValueError(f"cannot store a tensor of {t.dim()} dimensions (readers accept at most {MAX_RANK})")
 
 
 def tensor_u8(t):

@@ -28,6 +28,7 @@ from . import dtypes
 from .errors import CorruptFileError, UnsupportedValueError, short
 
 MAX_DEPTH = 100
+MAX_NODES = 2_000_000     # values in a checkpoint's structure (a 1000-tensor training state has ~10 000)
 
 #: numpy dtype codes (kind + itemsize) an ``ndarray`` node may name, and the .mth dtype that
 #: stores their elements (little-endian)
@@ -105,10 +106,16 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
         names.add(n)
         return n
 
+    count = [0]
+
     def walk(o, path, depth):
         if depth > MAX_DEPTH:
             raise UnsupportedValueError(f"checkpoint nests deeper than {MAX_DEPTH} levels at "
                                         f"{short('/'.join(path))}")
+        count[0] += 1
+        if count[0] > MAX_NODES:         # (lists that hold one list twice, 40 deep, are 2^40 values)
+            raise UnsupportedValueError(f"the checkpoint holds more than {MAX_NODES:,} values (containers "
+                                        f"shared over and over?), at {short('/'.join(path))}")
         if is_tensor(o):
             i = seen.get(id(o))
             if i is None:

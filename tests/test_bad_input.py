@@ -174,3 +174,67 @@ def test_truncated_file_message_is_one_line(tmp_path, small_file):
     with pytest.raises(TruncatedFileError) as e:
         _load_bytes(tmp_path, data[:-10])
     assert "\n" not in str(e.value) and "truncated" in str(e.value)
+
+
+def test_a_delta_whose_base_is_itself_is_refused_from_its_trailer(tmp_path, monkeypatch):
+    """A small file whose base record names the file itself used to open (and parse) itself 64
+    times before the chain's depth stopped it, holding every parsed index: a hostile 2 KB file
+    with a large index took gigabytes. A base candidate's identity is now checked from its
+    trailer before its index is read."""
+    import mithril_gpu
+
+    mithril_gpu.save({"w": torch.arange(1000, dtype=torch.float32)}, tmp_path / "a.mth")
+    mithril_gpu.save({"w": torch.arange(1000, dtype=torch.float32) + 1}, tmp_path / "b.mth", base=tmp_path / "a.mth")
+    data = (tmp_path / "b.mth").read_bytes()
+    looped = _rewrite_index(data, lambda d: d["base"].update(path="self.mth"))
+    (tmp_path / "self.mth").write_bytes(looped)
+    parsed = []
+    real = container.parse_index
+    monkeypatch.setattr(container, "parse_index", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    with pytest.raises(mithril_gpu.CorruptFileError, match="self.mth: its delta chain loops back to this file"):
+        mithril_gpu.load(tmp_path / "self.mth")
+    assert len(parsed) == 1                         # its own index only, not the base's again
+    (tmp_path / "other.mth").write_bytes(looped)    # another file, the same bytes: the identity tells
+    parsed.clear()
+    with pytest.raises(mithril_gpu.BaseMismatchError, match="is not the base"):
+        mithril_gpu.load(tmp_path / "self.mth", base=tmp_path / "other.mth")
+    assert len(parsed) == 1
+
+
+@pytest.mark.parametrize("info", [
+    {"dtype": "U8", "shape": "12", "data_offsets": [0, 2]},
+    {"dtype": "U8", "shape": [2], "data_offsets": [0.0, 2.0]},
+    {"dtype": "U8", "shape": [2], "data_offsets": ["0", "2"]},
+    {"dtype": "U8", "shape": [True, 2], "data_offsets": [0, 2]},
+    {"dtype": "U8", "shape": {"2": 1}, "data_offsets": [0, 2]},
+    {"dtype": "F32", "shape": [1 << 40, 1 << 40, 0], "data_offsets": [0, 0]},
+    {"dtype": "F32", "shape": [0, 1 << 70], "data_offsets": [0, 0]},
+    {"dtype": "U8", "shape": [1] * 100, "data_offsets": [0, 1]},
+], ids=["shape text", "float offsets", "text offsets", "bool size", "shape dict", "running product overflows",
+        "size above 2^62", "rank 100"])
+def test_safetensors_headers_no_reader_opens_are_refused_at_compress(tmp_path, info):
+    """These compressed with exit 0 into files that no reader would open (or that decompressed to
+    something else): the input is now held to JSON integers and to what a .mth index can hold."""
+    from mithril_gpu import formats
+
+    h = json.dumps({"a": info}).encode()
+    h += b" " * (-len(h) % 8)
+    data = b"xy" if info["data_offsets"][-1] in (2, 2.0, "2") else (b"x" if info["data_offsets"][-1] == 1 else b"")
+    (tmp_path / "a.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + data)
+    with pytest.raises(formats.InputFormatError, match="malformed entry|a .mth file cannot hold it"):
+        formats.SafetensorsFile(tmp_path / "a.safetensors")
+
+
+def test_what_a_reader_refuses_is_never_written(tmp_path, monkeypatch):
+    """A tensor of 70 dimensions, or an index over the readers' limit (a 270 MB string), saved
+    with success into files every reader refused. Both are refused at save, the old file kept."""
+    import mithril_gpu
+
+    mithril_gpu.save({"old": torch.ones(2)}, tmp_path / "x.mth")
+    with pytest.raises(mithril_gpu.UnsupportedValueError, match="70 dimensions"):
+        mithril_gpu.save({"t": torch.zeros([1] * 70)}, tmp_path / "x.mth")
+    monkeypatch.setattr(container, "MAX_INDEX_BYTES", 4000)
+    with pytest.raises(mithril_gpu.UnsupportedValueError, match="index would be .* more than readers accept"):
+        mithril_gpu.save({"t": torch.ones(2), "s": "x" * 5000}, tmp_path / "x.mth")
+    assert list(mithril_gpu.load(tmp_path / "x.mth")) == ["old"]
+    mithril_gpu.save({"t": torch.zeros([1] * 64), "s": "x" * 100}, tmp_path / "x.mth")

@@ -22,7 +22,7 @@ MINILM = os.path.join(FIXTURES, "minilm_l0_bf16.safetensors")
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "mithril_gpu.cli", *map(str, args)], capture_output=True, text=True,
-                          env=subprocess_env())
+                          env=subprocess_env(), timeout=300)
 
 
 def ok(*args):
@@ -278,3 +278,24 @@ def test_a_delta_folder_written_into_a_linked_out_at_another_depth_loads(tmp_pat
         assert f.index.base is not None
     back = mithril_gpu.load(tmp_path / "out" / "m.safetensors.mth")["w"]
     assert torch.equal(back, (w + 1e-3).bfloat16())
+
+
+def test_special_files_in_a_folder_are_refused_before_anything_is_written(tmp_path):
+    """A FIFO named b.pt in IN hung `compress` forever (sniffed by opening it); a link to
+    /dev/zero was copied until the disk was full. Both are refused up front, nothing written."""
+    model = _model_dir(tmp_path / "model")
+    os.mkfifo(model / "b.pt")
+    msg = error("compress", model, tmp_path / "packed")
+    assert "b.pt is not a regular file" in msg
+    assert not (tmp_path / "packed").exists()
+    os.unlink(model / "b.pt")
+    os.symlink("/dev/zero", model / "zero.bin")
+    assert "zero.bin is not a regular file" in error("compress", model, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+    os.unlink(model / "zero.bin")
+    os.symlink(tmp_path / "nowhere", model / "dangling.bin")
+    assert "dangling.bin cannot be read" in error("compress", model, tmp_path / "packed")
+    os.unlink(model / "dangling.bin")
+    ok("compress", model, tmp_path / "packed")
+    os.mkfifo(tmp_path / "packed" / "x.mth")
+    assert "x.mth is not a regular file" in error("decompress", tmp_path / "packed", tmp_path / "restored")

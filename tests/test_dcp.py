@@ -473,3 +473,70 @@ def test_overwrite_false_refuses_a_stock_checkpoint_and_cli_f_leaves_no_other_co
         assert main(["compress", str(tmp_path / "new"), str(tmp_path / "c"), "-f", "-q"]) == 0
         left = sorted(os.listdir(tmp_path / "c"))
         assert ".metadata" not in left and not any(n.endswith(".distcp") for n in left), left
+
+
+class _Marker:
+    """A pickle that would write a file if it were ever unpickled without weights_only."""
+    path = ""
+
+    def __reduce__(self):
+        return (open, (_Marker.path, "w"))
+
+
+class _Plain:
+    def __init__(self, v=0):
+        self.v = v
+
+
+def test_a_pickled_value_runs_nothing_at_load(tmp_path):
+    """DCP's planner unpickles BYTE_IO values with weights_only=False: a rank file whose value is a
+    hostile pickle would run it. MithrilReader unpickles each with weights_only=True first and
+    refuses what needs more; a class the caller allows (add_safe_globals) loads."""
+    import io
+
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import mithril_gpu
+    from mithril_gpu.reader import MthFile
+
+    d = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"w": torch.ones(4), "step": 7, "obj": _Plain(5)}, storage_writer=dcp.MithrilWriter(d), no_dist=True)
+    meta = json.loads((d / dcp.METADATA_NAME).read_text())
+    fname = next(iter(meta["files"]))
+    with MthFile(d / fname) as f:
+        state = {n: f.get_tensor(n) for n in f.keys()}
+    objs = [e["name"] for e in meta["entries"] if e["kind"] == "bytes"]
+    obj_name = next(n for n in objs if n.startswith("obj"))
+
+    def load(into):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp_.load(into, storage_reader=dcp.MithrilReader(d), no_dist=True)
+        return into
+
+    with pytest.raises(CheckpointException) as ei:              # a custom class: not on the allow-list
+        load({"w": torch.zeros(4), "step": 0, "obj": None})
+    errs = [e for e, _ in ei.value.failures.values()]
+    assert any(isinstance(e, UnsupportedValueError) and "add_safe_globals" in str(e) for e in errs), errs
+    with torch.serialization.safe_globals([_Plain]):
+        back = load({"w": torch.zeros(4), "step": 0, "obj": None})
+    assert back["step"] == 7 and back["obj"].v == 5
+
+    _Marker.path = str(tmp_path / "RAN")
+    buf = io.BytesIO()
+    torch.save(_Marker(), buf)
+    state[obj_name] = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    os.remove(d / fname)
+    mithril_gpu.save(state, d / fname)
+    with MthFile(d / fname) as f:
+        meta["files"][fname]["xxh64"] = f.identity
+    (d / dcp.METADATA_NAME).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointException) as ei:
+        with torch.serialization.safe_globals([_Plain]):
+            load({"w": torch.zeros(4), "step": 0, "obj": None})
+    errs = [e for e, _ in ei.value.failures.values()]
+    assert any(isinstance(e, UnsupportedValueError) and "nothing in a file is executed" in str(e) for e in errs), errs
+    assert not (tmp_path / "RAN").exists()

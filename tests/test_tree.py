@@ -180,3 +180,23 @@ def test_torch_values_torch_would_change_are_refused():
             tree.decode(node, lambda i: None)
     assert str(tree.decode({"torch_device": "cuda:3"}, lambda i: None)) == "cuda:3"
     assert tuple(tree.decode({"torch_size": ["2", "-1"]}, lambda i: None)) == (2, -1)
+
+
+def test_containers_shared_over_and_over_are_refused_not_expanded(tmp_path, monkeypatch):
+    """A 2 KB torch file of lists that hold one list twice, 40 deep, is 2^40 values once expanded:
+    `compress` ran until killed. The structure's size is bounded (tree.MAX_NODES)."""
+    import mithril_gpu
+    from mithril_gpu import tree
+
+    assert tree.MAX_NODES == 2_000_000
+    monkeypatch.setattr(tree, "MAX_NODES", 10_000)         # (the default takes ~15 s to reach here)
+    a: list = []
+    for _ in range(40):
+        a = [a, a]
+    with pytest.raises(mithril_gpu.UnsupportedValueError, match="more than 10,000 values"):
+        mithril_gpu.save({"x": a}, tmp_path / "x.mth")
+    assert not (tmp_path / "x.mth").exists()
+    monkeypatch.setattr(tree, "MAX_NODES", 100)
+    mithril_gpu.save({"x": list(range(90))}, tmp_path / "ok.mth")
+    with pytest.raises(mithril_gpu.UnsupportedValueError, match="more than 100 values"):
+        mithril_gpu.save({"x": list(range(110))}, tmp_path / "ok.mth")
