@@ -394,6 +394,9 @@ def cmd_decompress(a) -> int:
             if not _flat_names(f):
                 raise MithrilError(f"{short(a.input)} holds nested values or non-tensor data, which safetensors "
                                    "cannot hold: decompress to a .pt file instead")
+            if "__metadata__" in f:        # (the safetensors header's own key: no tensor can have that name)
+                raise MithrilError(f"{short(a.input)} holds a tensor named '__metadata__', which a safetensors "
+                                   "file cannot name: decompress to a .pt file instead")
             layout = formats.original_safetensors_layout(f.index.source, f.index.tensors)
             header, order = layout if layout else (
                 formats.safetensors_header(f.index.tensors, f.index.metadata), f.index.tensors)

@@ -859,7 +859,9 @@ def decompress_dir(src, dst, *, verify: bool = True, threads=None, progress=None
     used = set()
     for fname in sorted(files, key=lambda n: (files[n].get("rank") is None, files[n].get("rank") or 0, n)):
         rec = files[fname]
-        out_name = rec.get("source") if isinstance(rec.get("source"), str) and _safe_name(rec["source"]) else None
+        # the stock file name it was converted from, where it is one (any other name, ".metadata"
+        # above all, could be overwritten by, or overwrite, another file of the folder)
+        out_name = rec.get("source") if isinstance(rec.get("source"), str) and _STOCK_FILE.match(rec["source"]) else None
         if out_name is None or out_name in used:
             r = rec.get("rank") if type(rec.get("rank")) is int else len(used)
             out_name = f"__{r}_0.distcp"

@@ -53,7 +53,16 @@ def tensor_u8(t):
     t = t.detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
-    t = t.contiguous().reshape(-1)
+    if not t.is_contiguous():
+        try:                 # (a view with a stride of 0 may expand a few bytes to more than memory holds)
+            t = t.contiguous()
+        except (RuntimeError, MemoryError) as e:
+            if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+                raise
+            raise MithrilError(f"not enough memory to lay out a {tuple(t.shape)} {t.dtype} tensor "
+                               f"({t.numel() * t.element_size():,} bytes; it is a view of "
+                               f"{t.untyped_storage().nbytes():,} bytes of storage)") from None
+    t = t.reshape(-1)
     if t.numel() == 1 and t.stride(0) != 1:     # one element is "contiguous" whatever its stride
         t = t.as_strided((1,), (1,))
     if t.dtype == torch.bool:

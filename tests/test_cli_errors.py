@@ -319,3 +319,27 @@ def test_info_and_verify_on_a_folder_name_a_file_to_give_and_verify_q_is_quiet(t
     p = subprocess.run([sys.executable, "-m", "mithril_gpu", "verify", "-q", str(tmp_path / "ck" / "model.safetensors.mth")],
                        capture_output=True, text=True, env=subprocess_env())
     assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
+
+
+def test_a_tensor_named_metadata_is_never_written_to_safetensors(tmp_path):
+    """torch allows a state dict key '__metadata__'; safetensors keeps that key for its header.
+    Decompressing such a file to .safetensors wrote an invalid file with exit 0."""
+    mithril_gpu.save({"__metadata__": torch.ones(3), "w": torch.zeros(2)}, tmp_path / "m.mth")
+    p = run("decompress", tmp_path / "m.mth", tmp_path / "m.safetensors")
+    assert_one_line_error(p)
+    assert "'__metadata__'" in p.stderr and ".pt" in p.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    assert run("decompress", tmp_path / "m.mth", tmp_path / "m.pt").returncode == 0
+
+
+def test_a_stride_0_view_too_large_for_memory_is_a_typed_error(tmp_path):
+    """A 1.5 KB .pt holding torch.ones(1).expand(2**31): weights_only=True rebuilds the view
+    without allocating, and laying it out needs 8 GB. Under a memory limit that was a traceback."""
+    torch.save({"x": torch.ones(1).expand(1 << 31)}, tmp_path / "e.pt")
+    assert os.path.getsize(tmp_path / "e.pt") < 4096
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    p = run("compress", tmp_path / "e.pt", tmp_path / "e.mth", preexec_fn=limit, timeout=300)
+    assert "not enough memory to lay out a (2147483648,) torch.float32 tensor" in assert_one_line_error(p)
+    assert not (tmp_path / "e.mth").exists()

@@ -540,3 +540,27 @@ def test_a_pickled_value_runs_nothing_at_load(tmp_path):
     errs = [e for e, _ in ei.value.failures.values()]
     assert any(isinstance(e, UnsupportedValueError) and "nothing in a file is executed" in str(e) for e in errs), errs
     assert not (tmp_path / "RAN").exists()
+
+
+def test_a_recorded_source_name_other_than_a_stock_file_is_not_used(tmp_path):
+    """The rank file's "source" (the stock file it was converted from) names decompress's output:
+    a hostile ".metadata" there wrote the rank's data over the commit file (exit 0, an output
+    that does not load). Only stock data-file names are taken; any other gets a fresh name."""
+    import torch.distributed.checkpoint as dcp_
+
+    d = tmp_path / "m"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"w": torch.arange(12.).reshape(4, 3), "step": 7}, storage_writer=dcp.MithrilWriter(d), no_dist=True)
+    meta = json.loads((d / dcp.METADATA_NAME).read_text())
+    for rec in meta["files"].values():
+        rec["source"] = ".metadata"
+    (d / dcp.METADATA_NAME).write_text(json.dumps(meta))
+    p = subprocess.run([sys.executable, "-m", "mithril_gpu.cli", "decompress", str(d), str(tmp_path / "out")],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    back = {"w": torch.zeros(4, 3), "step": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.load(back, storage_reader=dcp_.FileSystemReader(tmp_path / "out"), no_dist=True)
+    assert torch.equal(back["w"], torch.arange(12.).reshape(4, 3)) and back["step"] == 7
