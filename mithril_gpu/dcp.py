@@ -150,7 +150,9 @@ def metadata_from_json(d: dict):
                           f"reads version {FORMAT_VERSION}: upgrade mithril-gpu")
     files = d.get("files")
     if not isinstance(files, dict) or not all(isinstance(k, str) and _safe_name(k) and isinstance(v, dict)
-                                              and isinstance(v.get("xxh64"), str) for k, v in files.items()):
+                                              and isinstance(v.get("xxh64"), str)
+                                              and (v.get("rank") is None or type(v.get("rank")) is int)
+                                              for k, v in files.items()):
         raise bad("bad 'files'")
     sdm, storage = {}, {}
     entries = d.get("entries")
@@ -162,7 +164,7 @@ def metadata_from_json(d: dict):
         fqn = e["fqn"]
 
         def loc(x):
-            if x.get("file") not in files or not isinstance(x.get("name"), str):
+            if not isinstance(x.get("file"), str) or x["file"] not in files or not isinstance(x.get("name"), str):
                 raise bad(f"entry {short(fqn)!r} points to a file or name not listed")
             return _Loc(x["file"], x["name"])
 
@@ -196,8 +198,11 @@ def metadata_from_json(d: dict):
     sm = d.get("storage_meta")
     storage_meta = StorageMeta()
     if isinstance(sm, dict):
+        modules = sm.get("modules") or []
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            raise bad("bad 'storage_meta.modules'")
         storage_meta = StorageMeta(checkpoint_id=sm.get("checkpoint_id"), save_id=sm.get("save_id"),
-                                   modules=list(sm.get("modules") or []))
+                                   modules=list(modules))
     md = Metadata(state_dict_metadata=sdm, planner_data=planner, storage_data=storage, storage_meta=storage_meta,
                   version=d.get("dcp_version"))
     return md, files
@@ -704,13 +709,17 @@ def _stock_items(md, src: str) -> dict:
         name = info.relative_path
         if not isinstance(name, str) or not _safe_name(name) or not os.path.isfile(os.path.join(src, name)):
             raise CorruptFileError(f"DCP metadata of {short(src)} refers to a missing data file {short(repr(name))}")
-        if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0:
-            raise CorruptFileError(f"DCP metadata of {short(src)}: bad offset or length for {short(idx.fqn)!r}")
+        if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0 \
+                or info.offset + info.length > os.path.getsize(os.path.join(src, name)):
+            raise CorruptFileError(f"DCP metadata of {short(src)}: bad offset or length for {short(idx.fqn)!r} "
+                                   f"(beyond the end of {short(name)})")
         smd = md.state_dict_metadata.get(idx.fqn)
         if isinstance(smd, BytesStorageMetadata):
             per_file.setdefault(name, []).append((idx, info, None, None))
         elif isinstance(smd, TensorStorageMetadata):
             chunk = next((c for c in smd.chunks if tuple(c.offsets) == tuple(idx.offset or ())), None)
+            if chunk is not None and not all(type(x) is int and x >= 0 for x in tuple(smd.size) + tuple(chunk.sizes)):
+                raise CorruptFileError(f"DCP metadata of {short(src)}: {short(idx.fqn)!r} has a negative size")
             if chunk is None:
                 raise CorruptFileError(f"DCP metadata of {short(src)}: no chunk of {short(idx.fqn)!r} at "
                                        f"{list(idx.offset or ())}")
@@ -922,7 +931,7 @@ def decompress_dir(src, dst, *, verify: bool = True, threads=None, progress=None
 
 def info_dir(path) -> dict:
     """A summary of a DCP checkpoint directory (mithril or stock): ranks, files, tensors, sizes, ratio."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     path = os.fspath(path)
     if is_mithril_dcp_dir(path):
@@ -938,11 +947,13 @@ def info_dir(path) -> dict:
     else:
         md = load_stock_metadata(path)
         kind = "stock"
-        names = sorted({i.relative_path for i in md.storage_data.values()})
+        names = sorted(_stock_items(md, path))          # (every record checked, as a conversion does)
         stored = sum(os.path.getsize(os.path.join(path, n)) for n in names) + \
             os.path.getsize(os.path.join(path, STOCK_METADATA_NAME))
         d = {}
     tensors = {k: v for k, v in md.state_dict_metadata.items() if not isinstance(v, BytesStorageMetadata)}
+    if not all(isinstance(v, TensorStorageMetadata) for v in tensors.values()):
+        raise CorruptFileError(f"DCP metadata of {short(path)}: an entry is neither a tensor's nor a value's")
     nbytes = 0
     dtypes_seen: dict[str, int] = {}
     for v in tensors.values():

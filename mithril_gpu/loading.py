@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import backends, dtypes, torchio, tree as tree_mod
-from .errors import StateMismatchError, short
+from .errors import CorruptFileError, StateMismatchError, short
 from .progress import Progress
 
 
@@ -38,10 +38,17 @@ def _select(tree, subtree: str):
     """(node, name prefix) of the part of the saved object at ``subtree`` ("model", "a/b")."""
     node, path = tree, []
     for key in str(subtree).strip("/").split("/"):
-        pairs = node.get("dict") if isinstance(node, dict) else None
+        pairs = None
+        if isinstance(node, dict) and len(node) == 1:
+            kind = next(iter(node))
+            pairs = node[kind] if kind == "dict" else (node[kind][0] if kind == "odict" and isinstance(node[kind], list)
+                                                        and node[kind] else None)
         if not isinstance(pairs, list):
             raise KeyError(f"subtree {short(subtree)!r}: {short('/'.join(path) or 'the saved object')} is not a dict")
-        found = [v for k, v in pairs if isinstance(k, dict) and (k.get("str") == key or k.get("int") == key)]
+        if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], dict) and len(p[0]) == 1 for p in pairs):
+            raise CorruptFileError(f"corrupt index: a dict of the tree at {short('/'.join(path) or 'the top')!r} "
+                                   "is not a list of [key, value] pairs")
+        found = [v for k, v in pairs if k.get("str") == key or k.get("int") == key]
         if not found:
             keys = [str(next(iter(k.values()))) for k, _ in pairs if isinstance(k, dict)]
             raise KeyError(f"subtree {short(subtree)!r}: no key {short(key)!r} in {short('/'.join(path) or 'the saved object')}"

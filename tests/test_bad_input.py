@@ -238,3 +238,29 @@ def test_what_a_reader_refuses_is_never_written(tmp_path, monkeypatch):
         mithril_gpu.save({"t": torch.ones(2), "s": "x" * 5000}, tmp_path / "x.mth")
     assert list(mithril_gpu.load(tmp_path / "x.mth")) == ["old"]
     mithril_gpu.save({"t": torch.zeros([1] * 64), "s": "x" * 100}, tmp_path / "x.mth")
+
+
+@pytest.mark.parametrize("tree", [
+    {"dict": [[{"str": "a"}, {"tensor": 0}, {"none": None}]]},
+    {"dict": [5]},
+    {"dict": [[{}, {"tensor": 0}]]},
+], ids=["three items", "not a pair", "empty key"])
+def test_load_subtree_of_a_malformed_tree_is_a_typed_error(tmp_path, tree):
+    """load(subtree=) walks the tree before it is checked: malformed pairs gave ValueError,
+    TypeError, StopIteration."""
+    import mithril_gpu
+
+    mithril_gpu.save({"a": torch.ones(3)}, tmp_path / "s.mth")
+    bad = _rewrite_index((tmp_path / "s.mth").read_bytes(), lambda d: d.update(tree=tree))
+    (tmp_path / "s.mth").write_bytes(bad)
+    with pytest.raises(mithril_gpu.CorruptFileError):
+        mithril_gpu.load(tmp_path / "s.mth", subtree="a")
+
+
+def test_load_subtree_enters_an_ordered_dict(tmp_path):
+    from collections import OrderedDict
+
+    import mithril_gpu
+
+    mithril_gpu.save(OrderedDict(a={"w": torch.ones(3)}), tmp_path / "o.mth")
+    assert_same(mithril_gpu.load(tmp_path / "o.mth", subtree="a")["w"], torch.ones(3))

@@ -564,3 +564,56 @@ def test_a_recorded_source_name_other_than_a_stock_file_is_not_used(tmp_path):
         warnings.simplefilter("ignore")
         dcp_.load(back, storage_reader=dcp_.FileSystemReader(tmp_path / "out"), no_dist=True)
     assert torch.equal(back["w"], torch.arange(12.).reshape(4, 3)) and back["step"] == 7
+
+
+def test_hostile_metadata_gives_typed_errors(tmp_path):
+    """Values of the right JSON shape but the wrong types (storage_meta.modules an int, a chunk's
+    file a list, ranks of mixed types), and stock .metadata whose records lie (a length past the
+    file's end, read as a 2^62-byte allocation; a negative size, written into an unreadable
+    checkpoint) gave tracebacks or exit 0. All are CorruptFileError now."""
+    import copy
+    import dataclasses
+
+    import torch.distributed.checkpoint as dcp_
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"w": torch.ones(4, 3), "step": 7}, storage_writer=dcp.MithrilWriter(tmp_path / "m"), no_dist=True)
+        dcp_.save({"w": torch.ones(4, 3), "step": 7}, storage_writer=dcp_.FileSystemWriter(tmp_path / "s"),
+                  no_dist=True)
+    good = json.loads((tmp_path / "m" / dcp.METADATA_NAME).read_text())
+    fname = next(iter(good["files"]))
+
+    def modules(d):
+        d["storage_meta"] = {"modules": 5}
+
+    def file_list(d):
+        for e in d["entries"]:
+            for c in e.get("chunks", [e]):
+                c["file"] = [1]
+
+    def ranks(d):
+        d["files"]["__1_x.mth"] = dict(d["files"][fname])
+        d["files"][fname]["rank"] = "x"
+    for edit in (modules, file_list, ranks):
+        d = copy.deepcopy(good)
+        edit(d)
+        with pytest.raises(CorruptFileError, match="corrupt DCP metadata"):
+            dcp.metadata_from_json(d)
+
+    md = pickle.loads((tmp_path / "s" / ".metadata").read_bytes())
+    for what, change in (("length", lambda idx, info: dataclasses.replace(info, length=1 << 62)),
+                         ("size", None)):
+        m = copy.deepcopy(md)
+        if change is not None:
+            m.storage_data = {idx: change(idx, info) for idx, info in m.storage_data.items()}
+        else:
+            w = m.state_dict_metadata["w"]
+            m.state_dict_metadata["w"] = dataclasses.replace(w, size=torch.Size([-4, 3]))
+        case = tmp_path / f"s_{what}"
+        shutil.copytree(tmp_path / "s", case)
+        (case / ".metadata").write_bytes(pickle.dumps(m))
+        with pytest.raises(CorruptFileError, match="beyond the end|negative size"):
+            dcp.info_dir(case)
+        with pytest.raises(CorruptFileError, match="beyond the end|negative size"):
+            dcp.compress_dir(case, tmp_path / f"out_{what}")
