@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import re
 import struct
 
@@ -368,12 +369,28 @@ class StagedDir:
             raise MithrilError(f"{short(self.path)} appeared while this run was writing it (another run?): "
                                "nothing of it was replaced; pass -f/--force to write into it")
         if not moved:
-            for folder, dirs, files in os.walk(self.tmp):
-                dirs.sort()
-                target = os.path.join(self.path, os.path.relpath(folder, self.tmp))
-                os.makedirs(target, exist_ok=True)
-                for name in sorted(files):
-                    os.replace(os.path.join(folder, name), os.path.join(target, name))
+            # An existing OUT (-f): the stage takes hard links of OUT's other files, then the two
+            # folders are exchanged in one step (renameat2 RENAME_EXCHANGE), so a kill leaves OUT
+            # wholly old or wholly new, never a mix of two runs' files. Where the filesystem
+            # cannot, files are moved in one by one, a checkpoint's commit file last (the old one
+            # removed first): a kill midway leaves an uncommitted folder, never a commit that
+            # names another run's data.
+            if _link_rest(self.path, self.tmp) and _exchange(self.tmp, self.path):
+                pass
+            else:
+                moves = []
+                for folder, dirs, files in os.walk(self.tmp):
+                    dirs.sort()
+                    target = os.path.join(self.path, os.path.relpath(folder, self.tmp))
+                    os.makedirs(target, exist_ok=True)
+                    moves += [(os.path.join(folder, n), os.path.join(target, n)) for n in sorted(files)]
+                last = [(a, b) for a, b in moves if os.path.basename(b) in COMMIT_FILES]
+                for _, b in last:
+                    if os.path.lexists(b):
+                        os.unlink(b)
+                for a, b in [m for m in moves if m not in last] + last:
+                    if os.path.lexists(a):          # (a link of OUT's own file is already there)
+                        os.replace(a, b)
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.done = True
         self._unlock()
@@ -404,6 +421,58 @@ class StagedDir:
         else:
             self.abort()
         return False
+
+
+COMMIT_FILES = (".metadata", "mithril_dcp.json")     # a DCP folder's commit: moved in last
+
+
+def _link_rest(out: str, stage: str) -> bool:
+    """Hard links in ``stage`` of OUT's files that the run did not write (links as links), so
+    that the stage holds what OUT will hold. False where the filesystem refuses hard links."""
+    try:
+        for folder, dirs, files in os.walk(out):
+            rel = os.path.relpath(folder, out)
+            target = stage if rel == "." else os.path.join(stage, rel)
+            if os.path.lexists(target) and not os.path.isdir(target):
+                dirs[:] = []                       # a new file where OUT had a folder: the file wins
+                continue
+            if not os.path.isdir(target):
+                os.makedirs(target)
+                os.chmod(target, stat.S_IMODE(os.stat(folder).st_mode))
+            for name in dirs + files:
+                src, dst = os.path.join(folder, name), os.path.join(target, name)
+                if os.path.lexists(dst):
+                    continue                       # written by this run (or a folder to go into)
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                elif name in files:
+                    os.link(src, dst)
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+        os.chmod(stage, stat.S_IMODE(os.stat(out).st_mode))
+        return True
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap folders ``a`` and ``b`` in one step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or filesystem cannot."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def _locked_stage(parent: str, prefix: str) -> tuple[int | None, str]:

@@ -299,3 +299,56 @@ def test_special_files_in_a_folder_are_refused_before_anything_is_written(tmp_pa
     ok("compress", model, tmp_path / "packed")
     os.mkfifo(tmp_path / "packed" / "x.mth")
     assert "x.mth is not a regular file" in error("decompress", tmp_path / "packed", tmp_path / "restored")
+
+
+def test_a_folder_written_into_with_force_is_swapped_in_whole(tmp_path):
+    """`-f` into an existing OUT moved the new files in one by one: a kill midway left OUT a mix
+    of two runs' files (a Trainer folder's model from one step and optimizer from another, both
+    loading). OUT's other files are now hard-linked into the stage and the two folders exchanged
+    in one step."""
+    from mithril_gpu import formats
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.mth").write_text("old")
+    (out / "keep.txt").write_text("kept")
+    (out / "sub").mkdir()
+    (out / "sub" / "deep.txt").write_text("deep")
+    before, kept = os.stat(out).st_ino, os.stat(out / "keep.txt").st_ino
+    with formats.StagedDir(out, force=True) as st:
+        with open(st.where(str(out / "a.mth")), "w") as fh:
+            fh.write("new")
+    assert (out / "a.mth").read_text() == "new" and (out / "keep.txt").read_text() == "kept"
+    assert (out / "sub" / "deep.txt").read_text() == "deep"
+    assert os.stat(out / "keep.txt").st_ino == kept            # the same file, linked
+    assert os.stat(out).st_ino != before                        # a folder exchanged, not files moved in
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_without_an_exchange_a_checkpoint_commit_file_goes_in_last(tmp_path, monkeypatch):
+    """Where folders cannot be exchanged, files are moved in one by one: the old commit file is
+    removed first and the new one moved in last, so a kill midway leaves an uncommitted folder
+    (an IncompleteCheckpointError), never a commit that names another run's data."""
+    from mithril_gpu import formats
+
+    monkeypatch.setattr(formats, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".metadata").write_text("old commit")
+    (out / "__0_0.distcp").write_text("old data")
+    real, calls = os.replace, []
+
+    def killed(a, b):
+        calls.append(b)
+        if len(calls) == 1 and not str(b).endswith(".metadata"):
+            raise KeyboardInterrupt
+        return real(a, b)
+    with pytest.raises(KeyboardInterrupt):
+        with formats.StagedDir(out, force=True) as st:
+            for n in (".metadata", "__0_0.distcp"):
+                with open(st.where(str(out / n)), "w") as fh:
+                    fh.write("new")
+            monkeypatch.setattr(os, "replace", killed)
+    monkeypatch.setattr(os, "replace", real)
+    assert not (out / ".metadata").exists()                     # uncommitted, not mixed
+    assert (out / "__0_0.distcp").read_text() == "old data"
