@@ -448,8 +448,12 @@ class Checkpointer:
             finally:
                 _unlock_folder(lock)
             return self.path(step)
-        self._pending = cpu.submit(self._executor, run)     # (at interpreter exit: run now)
-        handed.append(True)
+        handed.append(True)           # (before: a Ctrl-C just after the submit would free the lock it holds)
+        try:
+            self._pending = cpu.submit(self._executor, run)     # (at interpreter exit: run now)
+        except BaseException:
+            _unlock_folder(lock)      # not handed after all (or handed and done: released once either way)
+            raise
         self._pending_done = (step, full, leaves)
         _track(self._pending, self.path(step))
         return self._pending
@@ -463,9 +467,15 @@ class Checkpointer:
             return None
         try:
             path = pending.result()
-        finally:
+        except BaseException:
+            if not pending.done():           # interrupted while waiting (Ctrl-C): still pending, its
+                self._pending = pending      # outcome still to be told by the next wait, save or close
+                raise
             _untrack(pending)
             self._settle()
+            raise
+        _untrack(pending)
+        self._settle()
         self._after_write(*self._pending_done)
         return path
 
@@ -540,7 +550,13 @@ class Checkpointer:
             except OSError:
                 pass
         if size < PRUNE_THREAD_BYTES:
-            _unlink_in_order(order)
+            # (the save itself is written: a file that cannot be deleted is a note, as on the
+            # prune thread, never an error that makes a written checkpoint look lost)
+            errors: list = []
+            _unlink_in_order(order, errors)
+            for p, e in errors:
+                warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"),
+                              stacklevel=4)
             return
         self._settle()
         errors: list = []
@@ -548,7 +564,10 @@ class Checkpointer:
         try:
             t.start()
         except RuntimeError:          # no thread to be had: here, then
-            _unlink_in_order(order)
+            _unlink_in_order(order, errors)
+            for p, e in errors:
+                warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"),
+                              stacklevel=4)
             return
         self._pruning = (t, errors)
 
@@ -649,13 +668,30 @@ def _lock_folder(directory: str):
         os.close(fd)
         raise
     _held_folders.add(fd)
-    return fd
+    return _Held(fd)
 
 
-def _unlock_folder(fd) -> None:
-    if fd is not None:
-        _held_folders.discard(fd)
-        os.close(fd)                       # (closing the last descriptor releases the flock)
+class _Held:
+    """A held folder lock: released once, whoever releases it (a Ctrl-C between handing a save to
+    the background thread and noting that it was handed must not have both let it go: the second
+    close would close whatever file had reused the descriptor's number meanwhile)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.released = fd, False
+
+
+_release_guard = threading.Lock()
+
+
+def _unlock_folder(lock) -> None:
+    if lock is None:
+        return
+    with _release_guard:
+        if lock.released:
+            return
+        lock.released = True
+        _held_folders.discard(lock.fd)
+        os.close(lock.fd)                  # (closing the last descriptor releases the flock)
 
 
 if hasattr(os, "register_at_fork"):

@@ -298,8 +298,11 @@ def test_a_pruned_file_that_cannot_be_deleted_is_said_not_lost(tmp_path, monkeyp
     def refuse(p):
         raise PermissionError(13, "Permission denied", p)
     monkeypatch.setattr(checkpointer.os, "unlink", refuse)
-    with pytest.raises(PermissionError):               # small files: on the caller's thread, raised
-        ck.save(_state(1), 1)
+    # small files, on the caller's thread: a note too (it raised, and the save that was written
+    # looked lost: its retry then failed with "step 1 is not after the newest checkpoint")
+    with pytest.warns(checkpointer.CheckpointNote, match="could not delete the pruned"):
+        assert ck.save(_state(1), 1) == ck.path(1)
+    assert ck.steps()[-1] == 1
     monkeypatch.setattr(checkpointer, "PRUNE_THREAD_BYTES", 1)
     with pytest.warns(checkpointer.CheckpointNote, match="could not delete the pruned"):
         ck.save(_state(2), 2)                          # big ones: on a thread, a one-line note
@@ -438,3 +441,41 @@ def test_a_tensor_that_changes_dtype_between_saves_gets_a_choice_of_its_own(tmp_
         saved[step] = st
     for step, st in saved.items():
         assert_tree_same(ck.load(step), st)
+
+
+def test_ctrl_c_while_waiting_keeps_a_failed_background_save_to_tell(tmp_path, monkeypatch):
+    """A Ctrl-C that lands while wait() waits for a background save used to drop the save: its
+    error (here a full disk) was then told by no later wait, save or close, and the process
+    exited 0 with the checkpoint missing."""
+    import threading
+
+    ck = mithril_gpu.Checkpointer(tmp_path, keep=None, full_every=1)
+    ck.save(_state(0), 0)
+    gate = threading.Event()
+    real = checkpointer.api.save
+
+    def slow_then_full(*a, **k):
+        gate.wait(10)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpointer.api, "save", slow_then_full)
+    fut = ck.save(_state(1), 1, blocking=False)
+
+    class Interrupted(KeyboardInterrupt):
+        pass
+    real_result = type(fut).result
+    calls = []
+
+    def interrupted_once(self, *a, **k):
+        if not calls:
+            calls.append(1)
+            raise Interrupted
+        return real_result(self, *a, **k)
+    monkeypatch.setattr(type(fut), "result", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        ck.wait()
+    gate.set()
+    with pytest.raises(OSError, match="No space left"):
+        ck.wait()                                  # still told, once
+    monkeypatch.setattr(checkpointer.api, "save", real)
+    assert ck.wait() is None
+    ck.close()
