@@ -410,7 +410,12 @@ def cmd_decompress(a) -> int:
             with _bar(a, raw, "decompress") as bar:
                 obj = f.load("cpu", bar)
             with AtomicFile(a.output, mode) as out:
-                torch.save(obj, out.file)
+                try:
+                    torch.save(obj, out.file)
+                except BaseException:
+                    if out.file.error is not None:      # the write's own error (a full disk, a Ctrl-C),
+                        raise out.file.error from None  # not torch's account of it
+                    raise
         packed = f.size
     if not a.quiet:
         print(_summary("decompressed", a.input, a.output, raw, packed, time.perf_counter() - t0, packing=False))

@@ -199,13 +199,21 @@ class _FileView(io.RawIOBase):
     def __init__(self, owner: "AtomicFile"):
         super().__init__()
         self._owner = owner
+        #: the first error a write raised (a full disk, a Ctrl-C): torch.save replaces it with
+        #: an error of its own ("unexpected pos ..."), which callers re-raise this instead of
+        self.error: BaseException | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         n = memoryview(b).nbytes
-        self._owner.write(bytes(b))
+        try:
+            self._owner.write(bytes(b))
+        except BaseException as e:
+            if self.error is None:
+                self.error = e
+            raise
         return n
 
     def fileno(self) -> int:

@@ -343,3 +343,25 @@ def test_a_stride_0_view_too_large_for_memory_is_a_typed_error(tmp_path):
     p = run("compress", tmp_path / "e.pt", tmp_path / "e.mth", preexec_fn=limit, timeout=300)
     assert "not enough memory to lay out a (2147483648,) torch.float32 tensor" in assert_one_line_error(p)
     assert not (tmp_path / "e.mth").exists()
+
+
+def test_decompress_to_torch_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """torch.save replaced the write's own error (a full disk, a Ctrl-C) with its own
+    RuntimeError ("unexpected pos ..."), printed as a traceback: the write's error is said."""
+    from mithril_gpu import cli, writer
+
+    mithril_gpu.save({"w": torch.randn(300000)}, tmp_path / "m.mth")
+    real = writer.AtomicFile.write
+    seen = []
+
+    def full(self, data, lent=False):
+        seen.append(len(data))
+        if sum(seen) > 100_000:
+            raise OSError(28, "No space left on device")
+        return real(self, data, lent)
+    monkeypatch.setattr(writer.AtomicFile, "write", full)
+    assert cli.main(["decompress", str(tmp_path / "m.mth"), str(tmp_path / "m.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mithril: error:") and "No space left on device" in err and err.count("\n") == 1, err
+    assert "unexpected pos" not in err
+    assert sorted(os.listdir(tmp_path)) == ["m.mth"]
