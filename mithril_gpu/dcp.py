@@ -388,7 +388,18 @@ class MithrilWriter(StorageWriter):
         if self.base is not None:
             base = os.path.relpath(os.path.abspath(self.base), os.path.abspath(self.path))
         doc = metadata_to_json(metadata, files, locs, base=base)
-        _write_json_atomic(os.path.join(self.path, METADATA_NAME), doc)     # the commit point
+        try:
+            _write_json_atomic(os.path.join(self.path, METADATA_NAME), doc)     # the commit point
+        except BaseException:
+            # not committed (a full disk, most often): this save's rank files are garbage that
+            # would keep the disk full until a later save into this folder; the earlier commit,
+            # if any, and its files stay as they were
+            for name in files:
+                try:
+                    os.unlink(os.path.join(self.path, name))
+                except OSError:
+                    pass
+            raise
         _remove_unlisted(self.path, files)
 
     def storage_meta(self):

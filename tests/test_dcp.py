@@ -617,3 +617,30 @@ def test_hostile_metadata_gives_typed_errors(tmp_path):
             dcp.info_dir(case)
         with pytest.raises(CorruptFileError, match="beyond the end|negative size"):
             dcp.compress_dir(case, tmp_path / f"out_{what}")
+
+
+def test_a_commit_that_fails_leaves_no_rank_file_behind(tmp_path, monkeypatch):
+    """A disk that fills while mithril_dcp.json is written: the error is typed and the earlier
+    checkpoint loads, but the new rank file (as big as the checkpoint) was left, unlisted, keeping
+    the disk full until a later save into the folder. It is removed now."""
+    import torch.distributed.checkpoint as dcp_
+
+    d = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save({"w": torch.ones(64, 64)}, storage_writer=dcp.MithrilWriter(d), no_dist=True)
+        before = sorted(os.listdir(d))
+
+        def full(path, obj):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(dcp, "_write_json_atomic", full)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        with pytest.raises(CheckpointException) as ei:
+            dcp_.save({"w": torch.zeros(64, 64)}, storage_writer=dcp.MithrilWriter(d), no_dist=True)
+        assert any("No space left" in str(e) for e, _ in ei.value.failures.values())
+        monkeypatch.undo()
+        assert sorted(os.listdir(d)) == before
+        back = {"w": torch.zeros(64, 64)}
+        dcp_.load(back, storage_reader=dcp.MithrilReader(d), no_dist=True)
+    assert torch.equal(back["w"], torch.ones(64, 64))
