@@ -152,8 +152,20 @@ def _walk_dir(a, verb: str, convert, base_for) -> int:
                           "the files decompressed from it do not need it)")
                 continue
             plan.append((None, src, dst or os.path.join(dst_root, rel, name), dst is not None))
+    twins = []
+    if verb == "decompressed":
+        # x beside x.mth: an in-place compress (hf.compress_checkpoint, MithrilCallback) killed
+        # between writing x.mth and removing x. x is what x.mth was made from: it is copied as it
+        # is and x.mth left out (they would both be written to x)
+        plain = {src for _, src, _, ck in plan if src is not None and not ck}
+        twins = [p for p in plan if p[3] and p[1].endswith(".mth") and p[1][:-4] in plain]
+        for p in twins:
+            plan.remove(p)
+            if not a.quiet:
+                print(f"  left out {_show(os.path.relpath(p[1], src_root))}: "
+                      f"{_show(os.path.basename(p[1][:-4]))} beside it is the file it was made from")
     n = sum(1 for p in plan if p[3])
-    if n == 0:
+    if n == 0 and not twins:
         what = "checkpoint files (.safetensors or torch)" if verb == "compressed" else ".mth files"
         raise MithrilError(f"no {what} in {short(a.input)}: nothing to {'compress' if verb == 'compressed' else 'decompress'}")
     writes: dict[str, str] = {}

@@ -352,3 +352,17 @@ def test_without_an_exchange_a_checkpoint_commit_file_goes_in_last(tmp_path, mon
     monkeypatch.setattr(os, "replace", real)
     assert not (out / ".metadata").exists()                     # uncommitted, not mixed
     assert (out / "__0_0.distcp").read_text() == "old data"
+
+
+def test_a_file_beside_its_own_mth_from_an_interrupted_in_place_compress_restores(tmp_path):
+    """hf.compress_checkpoint (MithrilCallback) writes x.mth, then removes x: killed in between, the
+    folder held both, and restoring it (`decompress DIR OUT`, restore_checkpoint(out=)) refused
+    ("would both be written"). x is copied as it is and x.mth left out, with a note."""
+    from mithril_gpu import hf
+
+    model = _model_dir(tmp_path / "ckpt")
+    assert hf.compress_checkpoint(model) == ["model.safetensors"]
+    shutil.copy(MINILM, model / "model.safetensors")           # as if killed before its removal
+    out = ok("decompress", model, tmp_path / "restored")
+    assert "left out model.safetensors.mth" in out
+    assert sha(tmp_path / "restored" / "model.safetensors") == sha(MINILM)
