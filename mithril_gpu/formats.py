@@ -64,7 +64,9 @@ def sniff(path) -> str:
             return "safetensors"
     if head[:2] == b"PK" or head[:2] == b"\x80\x02" or head[:1] == b"\x80":
         return "torch"
-    return "safetensors" if st else "unknown"       # (a damaged one: its reader says what is wrong)
+    # a damaged safetensors file (its reader then says what is wrong) only by its name: any file
+    # with "{" at byte 8 (a JSON config such as {"cfg": {...) is not one
+    return "safetensors" if st and os.fsdecode(os.fspath(path)).endswith(".safetensors") else "unknown"
 
 
 class SafetensorsFile:

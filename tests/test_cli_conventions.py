@@ -366,3 +366,14 @@ def test_a_file_beside_its_own_mth_from_an_interrupted_in_place_compress_restore
     out = ok("decompress", model, tmp_path / "restored")
     assert "left out model.safetensors.mth" in out
     assert sha(tmp_path / "restored" / "model.safetensors") == sha(MINILM)
+
+
+def test_a_json_file_with_a_brace_at_byte_8_is_copied_not_taken_for_safetensors(tmp_path):
+    """sniff() called any file whose ninth byte is "{" a (damaged) safetensors file, so a config
+    such as {"cfg": {...}} in a folder made `compress DIR OUT` fail."""
+    model = _model_dir(tmp_path / "model")
+    (model / "trainer.json").write_text('{"cfg": {"lr": 0.1}}')
+    ok("compress", model, tmp_path / "packed")
+    assert (tmp_path / "packed" / "trainer.json").read_text() == '{"cfg": {"lr": 0.1}}'
+    (model / "broken.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    assert "broken.safetensors" in error("compress", "-f", model, tmp_path / "packed")
