@@ -430,17 +430,35 @@ COMMIT_FILES = (".metadata", "mithril_dcp.json")     # a DCP folder's commit: mo
 
 def _link_rest(out: str, stage: str) -> bool:
     """Hard links in ``stage`` of OUT's files that the run did not write (links as links), so
-    that the stage holds what OUT will hold. False where the filesystem refuses hard links."""
+    that the stage holds what OUT will hold, and the stage's folders given OUT's modes. False
+    (then files are moved in one by one) where an exchange would not leave OUT as it was but for
+    the new files: OUT not a folder, owned by another user or group than this run's, carrying
+    extended attributes (ACLs), a folder that cannot be read, a filesystem without hard links."""
     try:
-        for folder, dirs, files in os.walk(out):
+        so, ss = os.stat(out), os.stat(stage)
+        if not stat.S_ISDIR(so.st_mode) or (so.st_uid, so.st_gid) != (ss.st_uid, ss.st_gid):
+            return False
+        if hasattr(os, "listxattr") and os.listxattr(out):
+            return False
+    except OSError:
+        return False
+    made = []                                      # (stage folder, mode): set once all is linked
+
+    def fail(e):
+        raise e
+    try:
+        for folder, dirs, files in os.walk(out, onerror=fail):
             rel = os.path.relpath(folder, out)
             target = stage if rel == "." else os.path.join(stage, rel)
             if os.path.lexists(target) and not os.path.isdir(target):
                 dirs[:] = []                       # a new file where OUT had a folder: the file wins
                 continue
+            st = os.stat(folder)
+            if (st.st_uid, st.st_gid) != (ss.st_uid, ss.st_gid) or (hasattr(os, "listxattr") and os.listxattr(folder)):
+                return False
             if not os.path.isdir(target):
                 os.makedirs(target)
-                os.chmod(target, stat.S_IMODE(os.stat(folder).st_mode))
+                made.append((target, stat.S_IMODE(st.st_mode)))
             for name in dirs + files:
                 src, dst = os.path.join(folder, name), os.path.join(target, name)
                 if os.path.lexists(dst):
@@ -450,10 +468,13 @@ def _link_rest(out: str, stage: str) -> bool:
                 elif name in files:
                     os.link(src, dst)
             dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
-        os.chmod(stage, stat.S_IMODE(os.stat(out).st_mode))
+        for target, mode in reversed(made):        # (deepest first: a read-only folder last)
+            os.chmod(target, mode)
+        os.chmod(stage, stat.S_IMODE(so.st_mode))
         return True
     except OSError as e:
-        if e.errno in (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP):
+        if e.errno in (errno.EPERM, errno.EACCES, errno.EMLINK, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP,
+                       errno.ENOENT):
             return False
         raise
 

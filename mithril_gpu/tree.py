@@ -28,7 +28,7 @@ from . import dtypes
 from .errors import CorruptFileError, UnsupportedValueError, short
 
 MAX_DEPTH = 100
-MAX_NODES = 2_000_000     # values in a checkpoint's structure (a 1000-tensor training state has ~10 000)
+MAX_NODES = 2_000_000     # values a checkpoint's shared containers may repeat (written out again)
 
 #: numpy dtype codes (kind + itemsize) an ``ndarray`` node may name, and the .mth dtype that
 #: stores their elements (little-endian)
@@ -106,16 +106,50 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
         names.add(n)
         return n
 
-    count = [0]
+    count, repeated, sizes = [0], [0], {}
 
     def walk(o, path, depth):
         if depth > MAX_DEPTH:
             raise UnsupportedValueError(f"checkpoint nests deeper than {MAX_DEPTH} levels at "
                                         f"{short('/'.join(path))}")
         count[0] += 1
-        if count[0] > MAX_NODES:         # (lists that hold one list twice, 40 deep, are 2^40 values)
-            raise UnsupportedValueError(f"the checkpoint holds more than {MAX_NODES:,} values (containers "
-                                        f"shared over and over?), at {short('/'.join(path))}")
+        if isinstance(o, (dict, list)) or type(o) is tuple:
+            # A container met again (shared) is written out again in full: lists that hold one
+            # list twice, 40 deep, are 2^40 values from a 2 KB file. What repeats is bounded, by
+            # the sizes its first visits found (so it is refused before it is walked again).
+            size = sizes.get(id(o))
+            if size is not None:
+                repeated[0] += size
+                if repeated[0] > MAX_NODES:
+                    raise UnsupportedValueError(
+                        f"the checkpoint's containers are shared over and over: written out, they repeat "
+                        f"more than {MAX_NODES:,} values (at {short('/'.join(path))})")
+            start = count[0]
+            node = walk_container(o, path, depth)
+            sizes[id(o)] = count[0] - start + 1
+            return node
+        return walk_value(o, path, depth)
+
+    def walk_container(o, path, depth):
+        if isinstance(o, dict):
+            pairs = []
+            for k, v in o.items():
+                if _is_plain_key(k):
+                    if type(k) is str:
+                        _check_text(k, "/".join(path + ["<key>"]))
+                    key = _scalar(k)
+                else:
+                    key = walk(k, path + ["<key>"], depth + 1)
+                pairs.append([key, walk(v, path + [_key_label(k)], depth + 1)])
+            if isinstance(o, OrderedDict):
+                meta = getattr(o, "_metadata", _ABSENT)
+                return {"odict": [pairs, None if meta is _ABSENT else walk(meta, path + ["<_metadata>"], depth + 1)]}
+            return {"dict": pairs}
+        if isinstance(o, list):
+            return {"list": [walk(v, path + [str(i)], depth + 1) for i, v in enumerate(o)]}
+        return {"tuple": [walk(v, path + [str(i)], depth + 1) for i, v in enumerate(o)]}
+
+    def walk_value(o, path, depth):
         if is_tensor(o):
             i = seen.get(id(o))
             if i is None:
@@ -133,24 +167,6 @@ def encode(obj, is_tensor) -> tuple[object, list[tuple[str, object]]]:
         torch_node = _torch_value(o)
         if torch_node is not None:
             return torch_node
-        if isinstance(o, dict):
-            pairs = []
-            for k, v in o.items():
-                if _is_plain_key(k):
-                    if type(k) is str:
-                        _check_text(k, "/".join(path + ["<key>"]))
-                    key = _scalar(k)
-                else:
-                    key = walk(k, path + ["<key>"], depth + 1)
-                pairs.append([key, walk(v, path + [_key_label(k)], depth + 1)])
-            if isinstance(o, OrderedDict):
-                meta = getattr(o, "_metadata", _ABSENT)
-                return {"odict": [pairs, None if meta is _ABSENT else walk(meta, path + ["<_metadata>"], depth + 1)]}
-            return {"dict": pairs}
-        if isinstance(o, list):
-            return {"list": [walk(v, path + [str(i)], depth + 1) for i, v in enumerate(o)]}
-        if isinstance(o, tuple) and type(o) is tuple:
-            return {"tuple": [walk(v, path + [str(i)], depth + 1) for i, v in enumerate(o)]}
         if type(o) is str:
             _check_text(o, "/".join(path) or "<top level>")
         try:

@@ -377,3 +377,24 @@ def test_a_json_file_with_a_brace_at_byte_8_is_copied_not_taken_for_safetensors(
     assert (tmp_path / "packed" / "trainer.json").read_text() == '{"cfg": {"lr": 0.1}}'
     (model / "broken.safetensors").write_bytes(b"\xff" * 8 + b"{}")
     assert "broken.safetensors" in error("compress", "-f", model, tmp_path / "packed")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give OUT another owner")
+def test_an_out_folder_of_another_owner_keeps_its_owner(tmp_path):
+    """Exchanging folders would give OUT the running user's owner and group (a group-shared team
+    folder would lose its group): such an OUT gets its files moved in instead, and keeps its
+    owner, its inode and its other files."""
+    from mithril_gpu import formats
+
+    out = tmp_path / "out"
+    (out / "ro").mkdir(parents=True)
+    (out / "ro" / "notes.txt").write_text("n")
+    os.chown(out, 12345, 12345)
+    before = os.stat(out)
+    with formats.StagedDir(out, force=True) as st:
+        with open(st.where(str(out / "a.mth")), "w") as fh:
+            fh.write("new")
+    after = os.stat(out)
+    assert (after.st_uid, after.st_gid, after.st_ino) == (before.st_uid, before.st_gid, before.st_ino)
+    assert (out / "a.mth").read_text() == "new" and (out / "ro" / "notes.txt").read_text() == "n"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
