@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import concurrent.futures.thread  # noqa: F401  (imported before _at_exit is registered: see there)
 import errno
 import os
@@ -448,15 +449,13 @@ class Checkpointer:
             finally:
                 _unlock_folder(lock)
             return self.path(step)
-        handed.append(True)           # (before: a Ctrl-C just after the submit would free the lock it holds)
-        try:
-            self._pending = cpu.submit(self._executor, run)     # (at interpreter exit: run now)
-        except BaseException:
-            _unlock_folder(lock)      # not handed after all (or handed and done: released once either way)
-            raise
-        self._pending_done = (step, full, leaves)
-        _track(self._pending, self.path(step))
-        return self._pending
+        with _sigint_held():          # (a Ctrl-C in the hand-off would free the lock, or drop the save)
+            pending = cpu.submit(self._executor, run)     # (at interpreter exit: run now)
+            handed.append(True)
+            self._pending = pending
+            self._pending_done = (step, full, leaves)
+            _track(pending, self.path(step))
+        return pending
 
     def wait(self):
         """Finish the pending background save, if any; returns its path (or None), raises its error.
@@ -669,6 +668,23 @@ def _lock_folder(directory: str):
         raise
     _held_folders.add(fd)
     return _Held(fd)
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """SIGINT held back (on the main thread, where Python takes it) for the few statements that
+    hand a save to the background thread: a Ctrl-C then lands after them, as a KeyboardInterrupt
+    that finds the save pending and its lock owned by it."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Held:

@@ -272,12 +272,24 @@ def _refuse_chain_through(base: str, doc: dict, path: str) -> None:
         seen += 1
 
 
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 def _write_json_atomic(path: str, obj) -> None:
     from .writer import AtomicFile
 
-    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     with AtomicFile(path) as out:
-        out.write(data)
+        out.write(_json_bytes(obj))
+
+
+def _holds(path: str, data: bytes) -> bool:
+    """Whether the file at ``path`` holds exactly ``data``."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(data) + 1) == data
+    except OSError:
+        return False
 
 
 def is_mithril_dcp_dir(path) -> bool:
@@ -388,12 +400,16 @@ class MithrilWriter(StorageWriter):
         if self.base is not None:
             base = os.path.relpath(os.path.abspath(self.base), os.path.abspath(self.path))
         doc = metadata_to_json(metadata, files, locs, base=base)
+        mpath = os.path.join(self.path, METADATA_NAME)
         try:
-            _write_json_atomic(os.path.join(self.path, METADATA_NAME), doc)     # the commit point
+            _write_json_atomic(mpath, doc)     # the commit point
         except BaseException:
             # not committed (a full disk, most often): this save's rank files are garbage that
             # would keep the disk full until a later save into this folder; the earlier commit,
-            # if any, and its files stay as they were
+            # if any, and its files stay as they were. (Committed, and interrupted after the
+            # rename, as by a Ctrl-C during the folder's fsync: the files are the checkpoint's.)
+            if _holds(mpath, _json_bytes(doc)):
+                raise
             for name in files:
                 try:
                     os.unlink(os.path.join(self.path, name))
@@ -481,6 +497,29 @@ class MithrilWriter(StorageWriter):
                 for it, n in zip(items, names)]
 
 
+def _plain_value_globals() -> list:
+    """Classes and constructors of plain values training states hold as DCP values, beyond
+    torch's allow-list, that rebuild data and run nothing else: numpy scalars, numpy RNGs
+    (RandomState, Generator and their bit generators), io.BytesIO, datetime values, paths."""
+    import datetime
+    import importlib
+    import pathlib
+
+    out = [io.BytesIO, datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone,
+           pathlib.PosixPath, pathlib.PurePosixPath]
+    for mod, names in (("numpy._core.multiarray", ("scalar",)), ("numpy.core.multiarray", ("scalar",)),
+                       ("numpy.random._pickle", ("__randomstate_ctor", "__generator_ctor", "__bit_generator_ctor")),
+                       ("numpy.random", ("RandomState", "Generator", "MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64",
+                                         "SeedSequence")),
+                       ("numpy.random.bit_generator", ("__pyx_unpickle_SeedSequence",))):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        out += [getattr(m, n) for n in names if hasattr(m, n)]
+    return out
+
+
 def _refuse_unsafe_pickle(raw: bytes, fqn: str) -> None:
     """DCP's planners unpickle a BYTE_IO value with ``torch.load(weights_only=False)``: anything
     the file holds would run. mithril reads nothing it has not first unpickled with
@@ -491,7 +530,7 @@ def _refuse_unsafe_pickle(raw: bytes, fqn: str) -> None:
     from .formats import _numpy_safe_globals, _torch_refusal
 
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(_numpy_safe_globals() + _plain_value_globals()):
             torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
         why = _torch_refusal(e)

@@ -97,6 +97,10 @@ def zstd_codec():
     key = (threading.get_ident(), dev)
     c = _codecs.get(key)
     if c is None:
+        alive = {t.ident for t in threading.enumerate()}
+        for k in [k for k in _codecs if k[0] not in alive]:        # (threads gone: their codecs' scratch too)
+            _codecs.pop(k, None)
+            _streams.pop(k, None)
         codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, device_id=dev,
                              cuda_stream=stream().ptr)
         align = max(MIN_ALIGN, codec.get_required_compression_alignment(), codec.get_required_decompression_alignment())
@@ -105,8 +109,9 @@ def zstd_codec():
 
 
 def _release_pools() -> None:
-    """Give back what CuPy's pools cached during a save or load (plane buffers, nvCOMP's
-    output, pinned staging): memory the caller's training would otherwise not get back."""
+    """Give back what CuPy's pools cached during a save or load (plane buffers, the compressed
+    staging, pinned staging): memory the caller's training would otherwise not get back.
+    (nvCOMP's own scratch belongs to the thread's codec.)"""
     global peak_pool_bytes
     import cupy
 
@@ -117,9 +122,11 @@ def _release_pools() -> None:
 
 
 def _is_oom(exc: BaseException) -> bool:
+    """Out of device memory: CuPy's error, or nvCOMP's (its own allocations: a RuntimeError
+    carrying CUDA's "out of memory")."""
     import cupy
 
-    return isinstance(exc, cupy.cuda.memory.OutOfMemoryError)
+    return isinstance(exc, cupy.cuda.memory.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _gpu_failed(exc: BaseException, what: str) -> GpuError:
@@ -299,7 +306,10 @@ def encode_all(items, write, coder, threads, progress=None):
                 results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
                 continue
             with cupy.cuda.Device(it.device_tensor.device.index):     # the tensor's device, its codec and stream
-                codec, align = zstd_codec()
+                try:
+                    codec, align = zstd_codec()
+                except Exception as exc:
+                    raise _gpu_failed(exc, "starting nvCOMP") from exc
                 if not gpu_handles(it.dtype, it.transform, it.delta_op, it.chunk_elems, align):
                     results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
                     continue
@@ -396,7 +406,10 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
     try:
         for e, out in zip(entries, outs):
             with cupy.cuda.Device(out.device.index):
-                codec, align = zstd_codec()
+                try:
+                    codec, align = zstd_codec()
+                except Exception as exc:
+                    raise _gpu_failed(exc, "starting nvCOMP") from exc
                 if not gpu_handles(e.dtype, e.transform, e.delta, e.chunk_elems, align) or codecs.ANS in e.chunks[2::3]:
                     _decode_on_cpu(f, e, out)
                     continue

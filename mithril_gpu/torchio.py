@@ -57,8 +57,8 @@ def tensor_u8(t):
         try:                 # (a view with a stride of 0 may expand a few bytes to more than memory holds)
             t = t.contiguous()
         except (RuntimeError, MemoryError) as e:
-            if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
-                raise
+            if t.device.type != "cpu" or ("alloc" not in str(e).lower() and not isinstance(e, MemoryError)):
+                raise               # (a device's out of memory is the GPU backend's to handle)
             raise MithrilError(f"not enough memory to lay out a {tuple(t.shape)} {t.dtype} tensor "
                                f"({t.numel() * t.element_size():,} bytes; it is a view of "
                                f"{t.untyped_storage().nbytes():,} bytes of storage)") from None

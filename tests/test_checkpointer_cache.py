@@ -479,3 +479,41 @@ def test_ctrl_c_while_waiting_keeps_a_failed_background_save_to_tell(tmp_path, m
     monkeypatch.setattr(checkpointer.api, "save", real)
     assert ck.wait() is None
     ck.close()
+
+
+_SIGINT_AFTER_SUBMIT = r"""
+import os, signal, sys, tempfile
+import torch, mithril_gpu
+from mithril_gpu import cpu
+d = tempfile.mkdtemp()
+ck = mithril_gpu.Checkpointer(d, keep=None, full_every=1)
+ck.save({"w": torch.ones(10)}, 0)
+real = cpu.submit
+def submit_then_sigint(ex, fn, *a):
+    f = real(ex, fn, *a)
+    os.kill(os.getpid(), signal.SIGINT)      # a Ctrl-C that lands right after the hand-off
+    return f
+cpu.submit = submit_then_sigint
+try:
+    ck.save({"w": torch.zeros(10)}, 1, blocking=False)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted, pending", ck._pending is not None)
+cpu.submit = real
+print("waited", os.path.basename(ck.wait() or "none"), ck.steps())
+ck.close()
+"""
+
+
+def test_ctrl_c_just_after_a_background_save_is_handed_over(tmp_path):
+    """The save was handed to the thread but not yet noted as pending: the lock was freed while the
+    save ran and the future dropped (wait() returned None). SIGINT is held back over the hand-off."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    p = subprocess.run([sys.executable, "-c", _SIGINT_AFTER_SUBMIT], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["interrupted, pending True", "waited step-000000001.mth [0, 1]"], p.stdout

@@ -644,3 +644,52 @@ def test_a_commit_that_fails_leaves_no_rank_file_behind(tmp_path, monkeypatch):
         back = {"w": torch.zeros(64, 64)}
         dcp_.load(back, storage_reader=dcp.MithrilReader(d), no_dist=True)
     assert torch.equal(back["w"], torch.ones(64, 64))
+
+
+def test_an_interrupt_after_the_commit_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after mithril_dcp.json was renamed into place (during the folder's
+    fsync) must not remove the rank files the new commit names."""
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    real = dcp._write_json_atomic
+
+    def committed_then_interrupted(path, obj):
+        real(path, obj)
+        raise KeyboardInterrupt
+    d = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(dcp, "_write_json_atomic", committed_then_interrupted)
+        with pytest.raises((KeyboardInterrupt, CheckpointException)):
+            dcp_.save({"w": torch.ones(64, 64)}, storage_writer=dcp.MithrilWriter(d), no_dist=True)
+        monkeypatch.undo()
+        back = {"w": torch.zeros(64, 64)}
+        dcp_.load(back, storage_reader=dcp.MithrilReader(d), no_dist=True)
+    assert torch.equal(back["w"], torch.ones(64, 64))
+
+
+def test_plain_values_training_states_hold_load_through_mithril_reader(tmp_path):
+    """The weights_only check must not refuse what training states commonly keep as DCP values:
+    numpy scalars and RNGs, io.BytesIO, datetime values, paths (stock DCP loads them). (A deque
+    is refused: torch's weights_only unpickler extends only lists.)"""
+    import datetime
+    import io
+    import pathlib
+
+    import numpy as np
+    import torch.distributed.checkpoint as dcp_
+
+    vals = {"f": np.float64(1.5), "i": np.int64(3), "buf": io.BytesIO(b"abc"), "rs": np.random.RandomState(0),
+            "gen": np.random.default_rng(1), "when": datetime.datetime(2020, 1, 2, 3),
+            "p": pathlib.PosixPath("/a/b"), "d": datetime.date(2020, 1, 1)}
+    d = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_.save(dict(vals), storage_writer=dcp.MithrilWriter(d), no_dist=True)
+        back = {k: None for k in vals}
+        dcp_.load(back, storage_reader=dcp.MithrilReader(d), no_dist=True)
+    assert back["f"] == 1.5 and back["i"] == 3 and back["buf"].getvalue() == b"abc"
+    assert back["rs"].randint(1 << 30) == np.random.RandomState(0).randint(1 << 30)
+    assert back["gen"].integers(1 << 30) == np.random.default_rng(1).integers(1 << 30)
+    assert back["when"] == vals["when"] and back["p"] == vals["p"]
