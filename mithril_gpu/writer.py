@@ -382,6 +382,12 @@ class AtomicFile:
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             raise IsADirectoryError(f"{self.path} is a directory")
+        if not os.path.basename(self.path):        # "" or "dir/": refused now, not after the work
+            raise IsADirectoryError(f"{self.path!r} names no file" + (" (it ends in a '/')" if self.path else ""))
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):               # (said of the path given, not of a temp name)
+            raise FileNotFoundError(errno.ENOENT, f"no folder {parent} to write {os.path.basename(self.path)} in",
+                                    self.path)
         try:
             st = os.stat(self.path)
         except (OSError, ValueError):

@@ -127,3 +127,19 @@ def test_a_filesystem_without_flock_still_takes_saves(tmp_path, monkeypatch):
         ck.save(state, step)
     assert ck.steps() == [1, 2] and torch.equal(ck.load(2)["a"], state["a"])
     assert not [n for n in os.listdir(tmp_path / "ck") if n.endswith(".tmp")]
+
+
+def test_a_path_with_no_file_or_no_folder_is_refused_before_any_work(tmp_path):
+    """An OUT ending in '/', or '', ran the whole compression into a temp in the parent folder
+    before failing at the rename; a missing folder was reported by the temp file's name."""
+    import pytest
+    import torch
+
+    import mithril_gpu
+
+    with pytest.raises(FileNotFoundError, match=f"no folder {tmp_path / 'nope'} to write x.mth in"):
+        mithril_gpu.save({"w": torch.ones(3)}, tmp_path / "nope" / "x.mth")
+    for p in (str(tmp_path / "nope") + "/", ""):
+        with pytest.raises(IsADirectoryError, match="names no file"):
+            mithril_gpu.save({"w": torch.ones(3)}, p)
+    assert os.listdir(tmp_path) == []
