@@ -1674,25 +1674,35 @@ static Py_ssize_t masked_merge_c(const uint8_t *m, const uint8_t *const *pb, Py_
  * and both paths). tmp: room for n elements (the scalar path's deltas). */
 static int msplit_simd = -1;             /* -1: not yet probed; 0: off; 1: on */
 #ifdef CTXM_HAVE_SIMD
+/* delta_c on a vector of EP-bit lanes (SH = EP - 1), d and b in registers; needs op, fl and
+ * the lane constants sb (sign bit), ones and one in scope. Forward: d = delta(d, b). */
+#define VDELTA_FWD(EP, SH, d, bv) do { \
+    __m512i b_ = (bv); \
+    if (op == 0) { d = _mm512_xor_si512(d, b_); break; } \
+    if (fl) {               /* the order-preserving key: x ^ (sign ? all ones : sign bit) */ \
+        d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_srai_epi##EP(d, SH), sb)); \
+        b_ = _mm512_xor_si512(b_, _mm512_or_si512(_mm512_srai_epi##EP(b_, SH), sb)); } \
+    d = _mm512_sub_epi##EP(d, b_); \
+    d = _mm512_xor_si512(_mm512_slli_epi##EP(d, 1), _mm512_srai_epi##EP(d, SH)); } while (0)
+/* Inverse: d = delta^-1(d, b). */
+#define VDELTA_INV(EP, SH, d, bv) do { \
+    __m512i b_ = (bv); \
+    if (op == 0) { d = _mm512_xor_si512(d, b_); break; } \
+    if (fl) b_ = _mm512_xor_si512(b_, _mm512_or_si512(_mm512_srai_epi##EP(b_, SH), sb)); \
+    __m512i dd_ = _mm512_xor_si512(_mm512_srli_epi##EP(d, 1), \
+                                   _mm512_sub_epi##EP(_mm512_setzero_si512(), _mm512_and_si512(d, one))); \
+    d = _mm512_add_epi##EP(b_, dd_); \
+    if (fl) d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_xor_si512(_mm512_srai_epi##EP(d, SH), ones), sb)); } while (0)
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 static Py_ssize_t msplit16_simd(const uint8_t *x8, const uint8_t *b8, Py_ssize_t n, int op, int fl,
                                 uint8_t *m, uint8_t *p0, uint8_t *p1, Py_ssize_t *done) {
     Py_ssize_t nnz = 0, i = 0;
-    const __m512i sb = _mm512_set1_epi16((short)0x8000);
+    const __m512i sb = _mm512_set1_epi16((short)0x8000), ones = _mm512_set1_epi16(-1), one = _mm512_set1_epi16(1);
+    (void)ones; (void)one;
     for (; i + 32 <= n; i += 32) {
         __m512i d = _mm512_loadu_si512(x8 + 2 * i);
-        if (op >= 0) {
-            __m512i b = _mm512_loadu_si512(b8 + 2 * i);
-            if (op == 0) d = _mm512_xor_si512(d, b);
-            else {
-                if (fl) {               /* the order-preserving key: x ^ (sign ? 0xffff : 0x8000) */
-                    d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_srai_epi16(d, 15), sb));
-                    b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi16(b, 15), sb));
-                }
-                d = _mm512_sub_epi16(d, b);
-                d = _mm512_xor_si512(_mm512_slli_epi16(d, 1), _mm512_srai_epi16(d, 15));
-            }
-        }
+        if (op >= 0) VDELTA_FWD(16, 15, d, _mm512_loadu_si512(b8 + 2 * i));
         __mmask32 nz = _mm512_test_epi16_mask(d, d);
         uint32_t bits = (uint32_t)nz;
         memcpy(m + i / 8, &bits, 4);
@@ -1709,21 +1719,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 static Py_ssize_t msplit32_simd(const uint8_t *x8, const uint8_t *b8, Py_ssize_t n, int op, int fl,
                                 uint8_t *m, uint8_t **pb, Py_ssize_t *done) {
     Py_ssize_t nnz = 0, i = 0;
-    const __m512i sb = _mm512_set1_epi32((int)0x80000000u);
+    const __m512i sb = _mm512_set1_epi32((int)0x80000000u), ones = _mm512_set1_epi32(-1), one = _mm512_set1_epi32(1);
+    (void)ones; (void)one;
     for (; i + 16 <= n; i += 16) {
         __m512i d = _mm512_loadu_si512(x8 + 4 * i);
-        if (op >= 0) {
-            __m512i b = _mm512_loadu_si512(b8 + 4 * i);
-            if (op == 0) d = _mm512_xor_si512(d, b);
-            else {
-                if (fl) {
-                    d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_srai_epi32(d, 31), sb));
-                    b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sb));
-                }
-                d = _mm512_sub_epi32(d, b);
-                d = _mm512_xor_si512(_mm512_slli_epi32(d, 1), _mm512_srai_epi32(d, 31));
-            }
-        }
+        if (op >= 0) VDELTA_FWD(32, 31, d, _mm512_loadu_si512(b8 + 4 * i));
         __mmask16 nz = _mm512_test_epi32_mask(d, d);
         uint16_t bits = (uint16_t)nz;
         memcpy(m + i / 8, &bits, 2);
@@ -1786,16 +1786,7 @@ static Py_ssize_t mmerge16_simd(const uint8_t *m, const uint8_t *p0, const uint8
         __m512i w = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, p0 + j)),
                                     _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, p1 + j)), 8));
         __m512i d = _mm512_maskz_expand_epi16((__mmask32)bits, w);
-        if (op >= 0) {
-            __m512i b = _mm512_loadu_si512(b8 + 2 * i);
-            if (op == 0) d = _mm512_xor_si512(d, b);
-            else {
-                if (fl) b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi16(b, 15), sb));
-                __m512i dd = _mm512_xor_si512(_mm512_srli_epi16(d, 1), _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_and_si512(d, one)));
-                d = _mm512_add_epi16(b, dd);
-                if (fl) d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_xor_si512(_mm512_srai_epi16(d, 15), ones), sb));
-            }
-        }
+        if (op >= 0) VDELTA_INV(16, 15, d, _mm512_loadu_si512(b8 + 2 * i));
         _mm512_storeu_si512(o8 + 2 * i, d);
         j += cnt;
     }
@@ -1818,16 +1809,7 @@ static Py_ssize_t mmerge32_simd(const uint8_t *m, const uint8_t *const *pb, Py_s
         w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, pb[2] + j)), 16));
         w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, pb[3] + j)), 24));
         __m512i d = _mm512_maskz_expand_epi32((__mmask16)bits, w);
-        if (op >= 0) {
-            __m512i b = _mm512_loadu_si512(b8 + 4 * i);
-            if (op == 0) d = _mm512_xor_si512(d, b);
-            else {
-                if (fl) b = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sb));
-                __m512i dd = _mm512_xor_si512(_mm512_srli_epi32(d, 1), _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_and_si512(d, one)));
-                d = _mm512_add_epi32(b, dd);
-                if (fl) d = _mm512_xor_si512(d, _mm512_or_si512(_mm512_xor_si512(_mm512_srai_epi32(d, 31), ones), sb));
-            }
-        }
+        if (op >= 0) VDELTA_INV(32, 31, d, _mm512_loadu_si512(b8 + 4 * i));
         _mm512_storeu_si512(o8 + 4 * i, d);
         j += cnt;
     }
