@@ -61,6 +61,14 @@ class CheckpointNote(UserWarning):
     """A one-line note about a file in a Checkpointer's directory that it skips or deletes."""
 
 
+def _note_unpruned(errors: list, stacklevel: int) -> None:
+    """A one-line note for each file a prune could not delete (the next prune tries again);
+    ``stacklevel`` as the caller would give warnings.warn."""
+    for p, e in errors:
+        warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"),
+                      stacklevel=stacklevel + 1)
+
+
 def _stat_key(path: str) -> tuple:
     """What tells one version of a file from another (a file replaced or rewritten changes it)."""
     st = os.stat(path)
@@ -553,9 +561,7 @@ class Checkpointer:
             # prune thread, never an error that makes a written checkpoint look lost)
             errors: list = []
             _unlink_in_order(order, errors)
-            for p, e in errors:
-                warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"),
-                              stacklevel=4)
+            _note_unpruned(errors, 4)
             return
         self._settle()
         errors: list = []
@@ -564,9 +570,7 @@ class Checkpointer:
             t.start()
         except RuntimeError:          # no thread to be had: here, then
             _unlink_in_order(order, errors)
-            for p, e in errors:
-                warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"),
-                              stacklevel=4)
+            _note_unpruned(errors, 4)
             return
         self._pruning = (t, errors)
 
@@ -578,8 +582,7 @@ class Checkpointer:
             return
         t, errors = pruning
         t.join()
-        for p, e in errors:
-            warnings.warn(CheckpointNote(f"mithril: could not delete the pruned {short(p)}: {short(e)}"), stacklevel=3)
+        _note_unpruned(errors, 3)
 
     # ------------------------------------------------------------ loading
 

@@ -752,15 +752,22 @@ def _stock_items(md, src: str) -> dict:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     per_file: dict[str, list] = {}
+    sizes: dict[str, int | None] = {}     # data file -> its size (None: not a regular file), one stat each
+
+    def size_of(name: str):
+        if name not in sizes:
+            p = os.path.join(src, name)
+            sizes[name] = os.path.getsize(p) if os.path.isfile(p) else None
+        return sizes[name]
     for idx, info in md.storage_data.items():
         if not isinstance(info, _StorageInfo):
             raise UnsupportedValueError(f"{short(src)} was not written by FileSystemWriter in its default torch.save "
                                         "format (safetensors or another storage layout): it cannot be converted")
         name = info.relative_path
-        if not isinstance(name, str) or not _safe_name(name) or not os.path.isfile(os.path.join(src, name)):
+        if not isinstance(name, str) or not _safe_name(name) or size_of(name) is None:
             raise CorruptFileError(f"DCP metadata of {short(src)} refers to a missing data file {short(repr(name))}")
         if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0 \
-                or info.offset + info.length > os.path.getsize(os.path.join(src, name)):
+                or info.offset + info.length > size_of(name):
             raise CorruptFileError(f"DCP metadata of {short(src)}: bad offset or length for {short(idx.fqn)!r} "
                                    f"(beyond the end of {short(name)})")
         smd = md.state_dict_metadata.get(idx.fqn)
@@ -768,11 +775,11 @@ def _stock_items(md, src: str) -> dict:
             per_file.setdefault(name, []).append((idx, info, None, None))
         elif isinstance(smd, TensorStorageMetadata):
             chunk = next((c for c in smd.chunks if tuple(c.offsets) == tuple(idx.offset or ())), None)
-            if chunk is not None and not all(type(x) is int and x >= 0 for x in tuple(smd.size) + tuple(chunk.sizes)):
-                raise CorruptFileError(f"DCP metadata of {short(src)}: {short(idx.fqn)!r} has a negative size")
             if chunk is None:
                 raise CorruptFileError(f"DCP metadata of {short(src)}: no chunk of {short(idx.fqn)!r} at "
                                        f"{list(idx.offset or ())}")
+            if not all(type(x) is int and x >= 0 for x in tuple(smd.size) + tuple(chunk.sizes)):
+                raise CorruptFileError(f"DCP metadata of {short(src)}: {short(idx.fqn)!r} has a negative size")
             per_file.setdefault(name, []).append((idx, info, smd.properties.dtype, tuple(chunk.sizes)))
         else:
             raise CorruptFileError(f"DCP metadata of {short(src)}: {short(idx.fqn)!r} is stored but not described")

@@ -377,9 +377,7 @@ class StagedDir:
             # cannot, files are moved in one by one, a checkpoint's commit file last (the old one
             # removed first): a kill midway leaves an uncommitted folder, never a commit that
             # names another run's data.
-            if _link_rest(self.path, self.tmp) and _exchange(self.tmp, self.path):
-                pass
-            else:
+            if not (_link_rest(self.path, self.tmp) and _exchange(self.tmp, self.path)):
                 moves = []
                 for folder, dirs, files in os.walk(self.tmp):
                     dirs.sort()
@@ -436,11 +434,9 @@ def _link_rest(out: str, stage: str) -> bool:
     extended attributes (ACLs), a folder that cannot be read, a filesystem without hard links."""
     try:
         so, ss = os.stat(out), os.stat(stage)
-        if not stat.S_ISDIR(so.st_mode) or (so.st_uid, so.st_gid) != (ss.st_uid, ss.st_gid):
-            return False
-        if hasattr(os, "listxattr") and os.listxattr(out):
-            return False
     except OSError:
+        return False
+    if not stat.S_ISDIR(so.st_mode):
         return False
     made = []                                      # (stage folder, mode): set once all is linked
 
@@ -453,8 +449,8 @@ def _link_rest(out: str, stage: str) -> bool:
             if os.path.lexists(target) and not os.path.isdir(target):
                 dirs[:] = []                       # a new file where OUT had a folder: the file wins
                 continue
-            st = os.stat(folder)
-            if (st.st_uid, st.st_gid) != (ss.st_uid, ss.st_gid) or (hasattr(os, "listxattr") and os.listxattr(folder)):
+            st = os.stat(folder)            # (OUT itself first: its owner, group and attributes too)
+            if (st.st_uid, st.st_gid) != (ss.st_uid, ss.st_gid) or _has_xattrs(folder):
                 return False
             if not os.path.isdir(target):
                 os.makedirs(target)
@@ -477,6 +473,17 @@ def _link_rest(out: str, stage: str) -> bool:
                        errno.ENOENT):
             return False
         raise
+
+
+def _has_xattrs(path: str) -> bool:
+    """Whether a folder carries extended attributes (ACLs) an exchange would not carry over (True
+    where that cannot be told)."""
+    if not hasattr(os, "listxattr"):
+        return False
+    try:
+        return bool(os.listxattr(path))
+    except OSError:
+        return True
 
 
 def _exchange(a: str, b: str) -> bool:

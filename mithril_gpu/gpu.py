@@ -134,6 +134,25 @@ def _gpu_failed(exc: BaseException, what: str) -> GpuError:
                     f"MITHRIL_GPU=0 codes on the CPU instead")
 
 
+def _codec_here():
+    """:func:`zstd_codec` for the current device, a failure to start nvCOMP a :class:`GpuError`."""
+    try:
+        return zstd_codec()
+    except Exception as exc:
+        raise _gpu_failed(exc, "starting nvCOMP") from exc
+
+
+def _oom_note(exc: BaseException, what: str) -> str:
+    """For an exception out of a tensor's GPU work: the note to give when it is the device's
+    memory (that tensor then goes to the CPU); raised again as it is when it is mithril's own
+    (typed already), as a :class:`GpuError` otherwise."""
+    if isinstance(exc, MithrilError):
+        raise exc
+    if not _is_oom(exc):
+        raise _gpu_failed(exc, what) from exc
+    return f"the GPU is out of memory ({short(str(exc))})"
+
+
 def _is_cuda_error(exc: BaseException) -> bool:
     """A CUDA error (the device, not the data): CuPy's runtime and driver errors, and nvCOMP's
     report of an earlier asynchronous launch's failure."""
@@ -306,22 +325,16 @@ def encode_all(items, write, coder, threads, progress=None):
                 results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
                 continue
             with cupy.cuda.Device(it.device_tensor.device.index):     # the tensor's device, its codec and stream
-                try:
-                    codec, align = zstd_codec()
-                except Exception as exc:
-                    raise _gpu_failed(exc, "starting nvCOMP") from exc
-                if not gpu_handles(it.dtype, it.transform, it.delta_op, it.chunk_elems, align):
-                    results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
-                    continue
-                try:
-                    coded = _encode_on_device(it, codec)
-                except MithrilError:
-                    raise
-                except Exception as exc:
-                    if not _is_oom(exc):
-                        raise _gpu_failed(exc, f"saving tensor {short(it.name)!r}") from exc
-                    warnings.warn(f"mithril: tensor {short(it.name)!r} coded on the CPU: the GPU is out of memory "
-                                  f"({short(str(exc))})", BackendNote, stacklevel=4)
+                codec, align = _codec_here()
+                coded = None
+                if gpu_handles(it.dtype, it.transform, it.delta_op, it.chunk_elems, align):
+                    try:
+                        coded = _encode_on_device(it, codec)
+                    except Exception as exc:
+                        note = _oom_note(exc, f"saving tensor {short(it.name)!r}")
+                        warnings.warn(f"mithril: tensor {short(it.name)!r} coded on the CPU: {note}", BackendNote,
+                                      stacklevel=4)
+                if coded is None:
                     results[i] = cpu.encode_all([it], write, coder, threads, progress)[0]
                     continue
             digests, planned = coded
@@ -406,10 +419,7 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
     try:
         for e, out in zip(entries, outs):
             with cupy.cuda.Device(out.device.index):
-                try:
-                    codec, align = zstd_codec()
-                except Exception as exc:
-                    raise _gpu_failed(exc, "starting nvCOMP") from exc
+                codec, align = _codec_here()
                 if not gpu_handles(e.dtype, e.transform, e.delta, e.chunk_elems, align) or codecs.ANS in e.chunks[2::3]:
                     _decode_on_cpu(f, e, out)
                     continue
@@ -422,12 +432,8 @@ def decode_into_device(f, entries, outs, verify: bool = True) -> None:
                     continue
                 except _OnCpu as why:
                     note = why.args[0] if why.args else ""
-                except MithrilError:
-                    raise
                 except Exception as exc:
-                    if not _is_oom(exc):
-                        raise _gpu_failed(exc, f"loading tensor {short(e.name)!r}") from exc
-                    note = f"the GPU is out of memory ({short(str(exc))})"
+                    note = _oom_note(exc, f"loading tensor {short(e.name)!r}")
                 try:
                     _decode_on_cpu(f, e, out)
                 except MithrilError:

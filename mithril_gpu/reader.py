@@ -163,9 +163,7 @@ class MthFile:
         if bf.identity != want:
             if bf is not base:
                 bf.close()
-            raise BaseMismatchError(
-                f"{short(bf.path)} is not the base {short(self.path)} was written against "
-                f"(identity {bf.identity}, expected {want}); pass the right base file")
+            raise _not_the_base(bf.path, self, bf.identity)
         return bf
 
     # ------------------------------------------------------------ inspection
@@ -489,6 +487,11 @@ class _NotThatBase(Exception):
     """A base candidate's trailer names another index than the delta recorded (args[0]: its identity)."""
 
 
+def _not_the_base(path, delta: MthFile, identity: str) -> BaseMismatchError:
+    return BaseMismatchError(f"{short(path)} is not the base {short(delta.path)} was written against "
+                             f"(identity {identity}, expected {delta.index.base['xxh64']}); pass the right base file")
+
+
 def _open_base_file(found: str, delta: MthFile, depth: int) -> MthFile:
     """Open the base file ``found`` of ``delta``, every failure a typed one-line error naming it."""
     want = delta.index.base["xxh64"]
@@ -496,9 +499,7 @@ def _open_base_file(found: str, delta: MthFile, depth: int) -> MthFile:
         return MthFile(found, verify=delta.verify, threads=delta.threads, _depth=depth, _want=want,
                        _chain=delta._chain)
     except _NotThatBase as e:
-        raise BaseMismatchError(
-            f"{short(found)} is not the base {short(delta.path)} was written against "
-            f"(identity {e.args[0]}, expected {want}); pass the right base file") from None
+        raise _not_the_base(found, delta, e.args[0]) from None
     except OSError as e:     # unreadable, or a file that cannot be read like one (/proc/self/mem)
         raise MissingBaseError(
             f"{short(delta.path)} is a delta against {short(found)}, which cannot be read "

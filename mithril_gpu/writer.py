@@ -384,9 +384,9 @@ class AtomicFile:
             raise IsADirectoryError(f"{self.path} is a directory")
         if not os.path.basename(self.path):        # "" or "dir/": refused now, not after the work
             raise IsADirectoryError(f"{self.path!r} names no file" + (" (it ends in a '/')" if self.path else ""))
-        parent = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(parent):               # (said of the path given, not of a temp name)
-            raise FileNotFoundError(errno.ENOENT, f"no folder {parent} to write {os.path.basename(self.path)} in",
+        self._dir = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(self._dir):            # (said of the path given, not of a temp name)
+            raise FileNotFoundError(errno.ENOENT, f"no folder {self._dir} to write {os.path.basename(self.path)} in",
                                     self.path)
         try:
             st = os.stat(self.path)
@@ -397,7 +397,6 @@ class AtomicFile:
             raise MithrilError(f"{short(self.path)} is not a regular file (a device, a pipe or a socket): mithril "
                                f"replaces its output atomically, by renaming a finished file over it; write to a "
                                f"file instead")
-        self._dir = os.path.dirname(os.path.abspath(self.path))
         remove_stale_temps(self._dir)
         release_cache([self.path])
         self._prefix = "." + os.path.basename(self.path)[:200] + TEMP_MARK
